@@ -1,0 +1,5 @@
+//! The Tenet operator as a library: the policy language, and the admin
+//! commands the `tenet` binary exposes. `main.rs` only parses arguments.
+
+pub mod cli;
+pub mod policy;

@@ -1,0 +1,255 @@
+//! CEL as Tenet uses it: one shared environment, the variables a terminal
+//! exposes to expressions, the functions Tenet adds (version comparison),
+//! and the check that rejects expressions that cannot work before they are
+//! ever run on a terminal.
+//!
+//! Variables: `terminal` (name), `labels` (map), `facts` (map: `os`,
+//! `site`, `hardware`, `extra`), `inventory` (the whole inventory:
+//! `packages`, `services`, `files` as lists of maps) and `packages` (map of
+//! installed package name to version).
+//!
+//! Functions: `dpkgCompare(a, b)` and `semverCompare(a, b)` return -1, 0 or 1,
+//! because CEL compares strings as strings (`"9.0" > "120.0"`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+
+use cel::{Context, ExecutionError, Program, Value};
+use tenet_protocol::inventory::{Inventory, Package};
+
+use super::version::{compare_dpkg, compare_semver};
+
+/// The names an expression may refer to.
+pub const VARIABLES: [&str; 5] = ["terminal", "labels", "facts", "inventory", "packages"];
+
+static ENV: LazyLock<Arc<cel::Env>> = LazyLock::new(|| Arc::new(cel::Env::stdlib()));
+
+/// A compiled CEL expression with its source, compiled once per policy
+/// generation.
+#[derive(Debug, Clone)]
+pub struct Expression {
+    pub source: String,
+    program: Arc<Program>,
+}
+
+/// Why an expression is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CelError {
+    #[error("CEL syntax error at column {column}: {message}")]
+    Syntax { column: usize, message: String },
+    #[error("CEL type error: {0}")]
+    Type(String),
+    #[error("CEL expression must be a bool, but it gives {0}")]
+    NotBool(String),
+}
+
+impl Expression {
+    /// Compile `source` and check it against sample terminals, so that
+    /// misspelt variables, type errors and non-bool results are refused when
+    /// the policy is loaded rather than on every terminal.
+    pub fn compile(source: &str) -> Result<Expression, CelError> {
+        let program = ENV.compile(source).map_err(|errors| {
+            let first = errors.errors.first();
+            CelError::Syntax {
+                column: first.map_or(1, |e| usize::try_from(e.pos.1).unwrap_or(0) + 1),
+                message: first.map_or_else(|| errors.to_string(), |e| e.msg.clone()),
+            }
+        })?;
+        let expr = Expression {
+            source: source.to_string(),
+            program: Arc::new(program),
+        };
+        for sample in samples() {
+            let ctx = TerminalContext::new(sample);
+            match expr.evaluate(&ctx) {
+                Ok(Value::Bool(_)) => {}
+                Ok(other) => return Err(CelError::NotBool(type_name(&other).to_string())),
+                Err(e) if is_type_error(&e) => return Err(CelError::Type(describe(&e))),
+                // Missing keys, out-of-range indexes and the like depend on
+                // the terminal: they are runtime results, not policy errors.
+                Err(_) => {}
+            }
+        }
+        Ok(expr)
+    }
+
+    pub fn evaluate(&self, ctx: &TerminalContext) -> Result<Value, ExecutionError> {
+        self.program.execute(&ctx.root)
+    }
+
+    /// Evaluate to a bool; an error or a non-bool is a readable reason.
+    pub fn evaluate_bool(&self, ctx: &TerminalContext) -> Result<bool, String> {
+        match self.evaluate(ctx) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("gave {} instead of a bool", type_name(&other))),
+            Err(e) => Err(describe(&e)),
+        }
+    }
+}
+
+/// The CEL variables of one terminal, built once per terminal and shared by
+/// every expression evaluated against it.
+pub struct TerminalContext {
+    root: Context<'static, 'static>,
+}
+
+impl TerminalContext {
+    pub fn new(inventory: &Inventory) -> TerminalContext {
+        let mut root = Context::with_env(ENV.clone());
+        root.add_variable_from_value("terminal", inventory.terminal.clone());
+        root.add_variable_from_value("labels", to_cel(&inventory.labels));
+        root.add_variable_from_value("facts", to_cel(&inventory.facts));
+        root.add_variable_from_value("inventory", to_cel(inventory));
+        let packages: HashMap<String, Value> = inventory
+            .packages
+            .iter()
+            .map(|p: &Package| (p.name.clone(), Value::from(p.version.clone())))
+            .collect();
+        root.add_variable_from_value("packages", packages);
+        register_functions(&mut root);
+        TerminalContext { root }
+    }
+}
+
+/// Inventory data as CEL values. Numbers become CEL `int` (not `uint`), so
+/// that `facts.hardware.memoryMib >= 4096` works as people write it.
+fn to_cel<T: serde::Serialize>(value: &T) -> Value {
+    fn convert(v: serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => Value::from(s),
+            serde_json::Value::Array(items) => {
+                Value::List(Arc::new(items.into_iter().map(convert).collect()))
+            }
+            serde_json::Value::Object(map) => {
+                let map: HashMap<String, Value> =
+                    map.into_iter().map(|(k, v)| (k, convert(v))).collect();
+                Value::from(map)
+            }
+        }
+    }
+    // The inventory types always serialise (plain structs, string keys).
+    convert(serde_json::to_value(value).unwrap_or(serde_json::Value::Null))
+}
+
+fn register_functions(ctx: &mut Context<'static, 'static>) {
+    fn ordering(
+        name: &'static str,
+        cmp: fn(&str, &str) -> Option<std::cmp::Ordering>,
+    ) -> impl Fn(Arc<String>, Arc<String>) -> Result<Value, ExecutionError> + Send + Sync + 'static
+    {
+        move |a: Arc<String>, b: Arc<String>| match cmp(&a, &b) {
+            Some(o) => Ok(Value::Int(o as i64)),
+            None => Err(ExecutionError::function_error(
+                name,
+                format!("cannot compare {a:?} with {b:?}: not valid versions"),
+            )),
+        }
+    }
+    // Both names are Tenet's own, so they cannot collide with the standard
+    // library; a collision would be a programming error caught by the tests.
+    let _ = ctx.add_function("dpkgCompare", ordering("dpkgCompare", compare_dpkg));
+    let _ = ctx.add_function("semverCompare", ordering("semverCompare", compare_semver));
+}
+
+fn is_type_error(e: &ExecutionError) -> bool {
+    matches!(
+        e,
+        ExecutionError::NoSuchOverload(_)
+            | ExecutionError::UnsupportedBinaryOperator(..)
+            | ExecutionError::ValuesNotComparable(..)
+            | ExecutionError::UnexpectedType { .. }
+            | ExecutionError::UnsupportedTargetType { .. }
+            | ExecutionError::NotSupportedAsMethod { .. }
+            | ExecutionError::UnsupportedKeyType(_)
+            | ExecutionError::UnsupportedIndex(..)
+            | ExecutionError::InvalidArgumentCount { .. }
+            | ExecutionError::UndeclaredReference(_)
+    )
+}
+
+/// A one-line description of an evaluation error, without Rust debug
+/// noise where a better word exists.
+fn describe(e: &ExecutionError) -> String {
+    match e {
+        ExecutionError::UndeclaredReference(name) => format!(
+            "unknown name '{name}' (the variables are {})",
+            VARIABLES.join(", ")
+        ),
+        ExecutionError::NoSuchKey(key) => format!("no such key '{key}'"),
+        ExecutionError::ValuesNotComparable(a, b) => {
+            format!("cannot compare {} with {}", type_name(a), type_name(b))
+        }
+        ExecutionError::UnsupportedBinaryOperator(op, a, b) => format!(
+            "operator '{op}' does not apply to {} and {}",
+            type_name(a),
+            type_name(b)
+        ),
+        other => other.to_string(),
+    }
+}
+
+pub fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::List(_) => "list",
+        Value::Map(_) => "map",
+        Value::Int(_) => "int",
+        Value::UInt(_) => "uint",
+        Value::Float(_) => "double",
+        Value::String(_) => "string",
+        Value::Bytes(_) => "bytes",
+        Value::Bool(_) => "bool",
+        Value::Null => "null",
+        _ => "value",
+    }
+}
+
+/// Terminals an expression is tried on when it is compiled: one with
+/// nothing, one with a little of everything.
+fn samples() -> &'static [Inventory] {
+    static SAMPLES: LazyLock<Vec<Inventory>> = LazyLock::new(|| {
+        use tenet_protocol::inventory::*;
+        let full = Inventory {
+            terminal: "sample".into(),
+            labels: [("site".to_string(), "sample".to_string())].into(),
+            facts: Facts {
+                os: OsFacts {
+                    family: "debian".into(),
+                    distribution: "debian".into(),
+                    version: "12".into(),
+                    kernel: "6.1.0".into(),
+                },
+                site: Some("sample".into()),
+                hardware: HardwareFacts {
+                    model: "sample".into(),
+                    cpu_cores: 4,
+                    memory_mib: 8192,
+                    tpm: true,
+                },
+                extra: [("sample".to_string(), "sample".to_string())].into(),
+            },
+            packages: vec![Package {
+                name: "sample".into(),
+                version: "1.0-1".into(),
+                manager: PackageManager::Dpkg,
+            }],
+            services: vec![Service {
+                name: "sample".into(),
+                state: ServiceState::Running,
+                enabled: true,
+            }],
+            files: vec![FileEntry {
+                path: "/sample".into(),
+                sha256: "0".repeat(64),
+                size: 1,
+            }],
+        };
+        vec![Inventory::default(), full]
+    });
+    &SAMPLES
+}

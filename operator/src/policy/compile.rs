@@ -1,0 +1,467 @@
+//! Turning a `TerminalPolicy` into something that evaluates fast and cannot
+//! fail for reasons the author could have been told about: every CEL program
+//! compiled and checked, every version constraint parsed and satisfiable,
+//! and the rules the CRD schema states for the API server checked here too,
+//! so that standalone mode refuses exactly what Kubernetes refuses.
+
+use std::sync::Arc;
+
+use tenet_crds::TerminalPolicy;
+use tenet_crds::policy::{Capability, DesiredServiceState, Requirement, TerminalPolicySpec};
+
+use super::cel::Expression;
+use super::version::Constraint;
+
+/// One error in a policy, located by its field path
+/// (`spec.requirements[0].package.version`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+    /// Column offset inside the field's value (for CEL syntax errors), 0-based.
+    pub offset: Option<usize>,
+}
+
+impl FieldError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+            offset: None,
+        }
+    }
+}
+
+/// A policy ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub spec: Arc<TerminalPolicySpec>,
+    pub match_labels: Vec<(String, String)>,
+    pub selector: Option<Expression>,
+    pub requirements: Vec<CompiledRequirement>,
+}
+
+impl CompiledPolicy {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledRequirement {
+    /// How the requirement is named in reasons: its `name`, or a description.
+    pub label: String,
+    pub check: Check,
+}
+
+/// What one requirement checks.
+#[derive(Debug, Clone)]
+pub enum Check {
+    PackagePresent {
+        name: String,
+        constraint: Option<Constraint>,
+    },
+    PackageAbsent {
+        name: String,
+    },
+    File {
+        path: String,
+        sha256: Option<String>,
+        absent: bool,
+    },
+    Service {
+        name: String,
+        state: DesiredServiceState,
+        enabled: Option<bool>,
+    },
+    Expression {
+        expr: Expression,
+        message: Option<String>,
+    },
+}
+
+/// Compile a policy, or list every error in it.
+pub fn compile(policy: &TerminalPolicy) -> Result<CompiledPolicy, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let spec = &policy.spec;
+
+    let selector = spec
+        .selector
+        .expression
+        .as_deref()
+        .and_then(|src| compile_cel(src, "spec.selector.expression", &mut errors));
+
+    let mut requirements = Vec::with_capacity(spec.requirements.len());
+    let mut labels = std::collections::HashSet::new();
+    for (i, req) in spec.requirements.iter().enumerate() {
+        let path = format!("spec.requirements[{i}]");
+        if let Some(r) = compile_requirement(req, &path, &mut errors) {
+            if !labels.insert(r.label.clone()) {
+                errors.push(FieldError::new(
+                    format!("{path}.name"),
+                    format!(
+                        "two requirements are named {:?}; give each its own name",
+                        r.label
+                    ),
+                ));
+            }
+            requirements.push(r);
+        }
+    }
+    if spec.requirements.is_empty() && spec.certificate.is_none() {
+        errors.push(FieldError::new(
+            "spec.requirements",
+            "a policy needs at least one requirement (or a certificate section)",
+        ));
+    }
+    check_remediation(spec, &mut errors);
+    check_rollout(spec, &mut errors);
+    check_certificate(spec, &mut errors);
+    if spec.security_weight > 100 {
+        errors.push(FieldError::new(
+            "spec.securityWeight",
+            "must be between 0 and 100",
+        ));
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(CompiledPolicy {
+        namespace: policy
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: policy.metadata.name.clone().unwrap_or_default(),
+        generation: policy.metadata.generation.unwrap_or(1),
+        spec: Arc::new(spec.clone()),
+        match_labels: spec
+            .selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        selector,
+        requirements,
+    })
+}
+
+fn compile_cel(src: &str, path: &str, errors: &mut Vec<FieldError>) -> Option<Expression> {
+    match Expression::compile(src) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            let offset = match &e {
+                super::cel::CelError::Syntax { column, .. } => Some(column.saturating_sub(1)),
+                _ => None,
+            };
+            errors.push(FieldError {
+                path: path.to_string(),
+                message: e.to_string(),
+                offset,
+            });
+            None
+        }
+    }
+}
+
+fn compile_requirement(
+    req: &Requirement,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<CompiledRequirement> {
+    let set = [
+        req.package.is_some(),
+        req.file.is_some(),
+        req.service.is_some(),
+        req.expression.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    if set != 1 {
+        errors.push(FieldError::new(
+            path,
+            format!(
+                "a requirement sets exactly one of package, file, service, expression (this one sets {set})"
+            ),
+        ));
+        return None;
+    }
+    let (default_label, check) = if let Some(p) = &req.package {
+        let path = format!("{path}.package");
+        if p.name.trim().is_empty() {
+            errors.push(FieldError::new(
+                format!("{path}.name"),
+                "package name is empty",
+            ));
+        }
+        if p.absent {
+            if p.version.is_some() {
+                errors.push(FieldError::new(
+                    format!("{path}.version"),
+                    "a package that must be absent has no version constraint",
+                ));
+                return None;
+            }
+            (
+                format!("package {} absent", p.name),
+                Check::PackageAbsent {
+                    name: p.name.clone(),
+                },
+            )
+        } else {
+            let constraint = match p.version.as_deref().map(|v| Constraint::parse(p.scheme, v)) {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err(e)) => {
+                    errors.push(FieldError::new(format!("{path}.version"), e.to_string()));
+                    return None;
+                }
+            };
+            (
+                format!("package {}", p.name),
+                Check::PackagePresent {
+                    name: p.name.clone(),
+                    constraint,
+                },
+            )
+        }
+    } else if let Some(f) = &req.file {
+        let path = format!("{path}.file");
+        if !f.path.starts_with('/') {
+            errors.push(FieldError::new(
+                format!("{path}.path"),
+                format!("{:?} is not an absolute path", f.path),
+            ));
+        }
+        if let Some(d) = &f.sha256 {
+            if d.len() != 64
+                || !d
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                errors.push(FieldError::new(
+                    format!("{path}.sha256"),
+                    "must be 64 lower-case hex digits",
+                ));
+            }
+            if f.absent {
+                errors.push(FieldError::new(
+                    format!("{path}.sha256"),
+                    "a file that must be absent has no sha256",
+                ));
+            }
+        }
+        (
+            format!("file {}", f.path),
+            Check::File {
+                path: f.path.clone(),
+                sha256: f.sha256.clone(),
+                absent: f.absent,
+            },
+        )
+    } else if let Some(s) = &req.service {
+        if s.name.trim().is_empty() {
+            errors.push(FieldError::new(
+                format!("{path}.service.name"),
+                "service name is empty",
+            ));
+        }
+        (
+            format!("service {}", s.name),
+            Check::Service {
+                name: s.name.clone(),
+                state: s.state,
+                enabled: s.enabled,
+            },
+        )
+    } else {
+        let e = req.expression.as_ref()?;
+        let expr = compile_cel(&e.cel, &format!("{path}.expression.cel"), errors)?;
+        (
+            format!("expression {}", e.cel),
+            Check::Expression {
+                expr,
+                message: e.message.clone(),
+            },
+        )
+    };
+    Some(CompiledRequirement {
+        label: req.name.clone().unwrap_or(default_label),
+        check,
+    })
+}
+
+fn check_remediation(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
+    let Some(r) = &spec.remediation else { return };
+    let digest_ok = r.payload.digest.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if !digest_ok {
+        errors.push(FieldError::new(
+            "spec.remediation.payload.digest",
+            format!(
+                "{:?} is not sha256: and 64 lower-case hex digits",
+                r.payload.digest
+            ),
+        ));
+    }
+    if r.payload.name.trim().is_empty() {
+        errors.push(FieldError::new(
+            "spec.remediation.payload.name",
+            "payload name is empty",
+        ));
+    }
+    if r.capabilities.contains(&Capability::WriteFiles) && r.write_paths.is_empty() {
+        errors.push(FieldError::new(
+            "spec.remediation.writePaths",
+            "the write-files capability needs at least one writePaths prefix",
+        ));
+    }
+    for (i, p) in r.write_paths.iter().enumerate() {
+        if !p.starts_with('/') || p.split('/').any(|seg| seg == "..") {
+            errors.push(FieldError::new(
+                format!("spec.remediation.writePaths[{i}]"),
+                format!("{p:?} must be an absolute path without '..'"),
+            ));
+        }
+    }
+    if !(1..=100).contains(&r.max_attempts) {
+        errors.push(FieldError::new(
+            "spec.remediation.maxAttempts",
+            "must be between 1 and 100",
+        ));
+    }
+    if !(1..=86400).contains(&r.timeout_seconds) {
+        errors.push(FieldError::new(
+            "spec.remediation.timeoutSeconds",
+            "must be between 1 and 86400",
+        ));
+    }
+}
+
+fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
+    let r = &spec.rollout;
+    if r.max_in_flight.is_some() && r.max_in_flight_percent.is_some() {
+        errors.push(FieldError::new(
+            "spec.rollout",
+            "set maxInFlight or maxInFlightPercent, not both",
+        ));
+    }
+    if r.max_in_flight == Some(0) {
+        errors.push(FieldError::new(
+            "spec.rollout.maxInFlight",
+            "must be at least 1",
+        ));
+    }
+    if let Some(p) = r.max_in_flight_percent {
+        if !(1..=100).contains(&p) {
+            errors.push(FieldError::new(
+                "spec.rollout.maxInFlightPercent",
+                format!("{p} is not a percentage between 1 and 100"),
+            ));
+        }
+    }
+    if r.halt_on_failure_percent > 100 {
+        errors.push(FieldError::new(
+            "spec.rollout.haltOnFailurePercent",
+            format!(
+                "{} is not a percentage between 0 and 100",
+                r.halt_on_failure_percent
+            ),
+        ));
+    }
+    if r.canary == Some(0) {
+        errors.push(FieldError::new("spec.rollout.canary", "must be at least 1"));
+    }
+    if let (Some(c), Some(m)) = (r.canary, r.max_in_flight) {
+        if c > m {
+            errors.push(FieldError::new(
+                "spec.rollout.canary",
+                format!("canary ({c}) must not be larger than maxInFlight ({m})"),
+            ));
+        }
+    }
+}
+
+fn check_certificate(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
+    let Some(c) = &spec.certificate else { return };
+    let validity = parse_duration(&c.validity)
+        .map_err(|e| errors.push(FieldError::new("spec.certificate.validity", e)))
+        .ok();
+    let renew = parse_duration(&c.renew_before)
+        .map_err(|e| errors.push(FieldError::new("spec.certificate.renewBefore", e)))
+        .ok();
+    if let (Some(v), Some(r)) = (validity, renew) {
+        if r >= v {
+            errors.push(FieldError::new(
+                "spec.certificate.renewBefore",
+                "renewBefore must be shorter than validity",
+            ));
+        }
+    }
+    if c.minimum_level > 100 {
+        errors.push(FieldError::new(
+            "spec.certificate.minimumLevel",
+            "must be between 0 and 100",
+        ));
+    }
+}
+
+/// A duration as Kubernetes CEL's `duration()` reads it: a sequence of
+/// number-unit pairs (`1h30m`, `90s`, `500ms`). Returns seconds.
+pub fn parse_duration(text: &str) -> Result<f64, String> {
+    let bad = || format!("{text:?} is not a duration such as 1h, 30m or 1h30m");
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_end == 0 {
+            return Err(bad());
+        }
+        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
+        rest = &rest[num_end..];
+        let (unit, len) = [
+            ("ms", 0.001),
+            ("us", 1e-6),
+            ("ns", 1e-9),
+            ("h", 3600.0),
+            ("m", 60.0),
+            ("s", 1.0),
+        ]
+        .iter()
+        .find(|(u, _)| rest.starts_with(u))
+        .map(|(u, f)| (*f, u.len()))
+        .ok_or_else(bad)?;
+        total += n * unit;
+        rest = &rest[len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h"), Ok(3600.0));
+        assert_eq!(parse_duration("1h30m"), Ok(5400.0));
+        assert_eq!(parse_duration("15m"), Ok(900.0));
+        assert!(parse_duration("1 hour").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("10").is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! Evaluating compiled policies against one terminal's inventory: a pure
+//! function from (policy, inventory) to which requirements fail and why.
+
+use std::cell::OnceCell;
+use std::collections::HashMap;
+
+use serde::Serialize;
+use tenet_crds::policy::{DesiredServiceState, VersionScheme};
+use tenet_protocol::inventory::{FileEntry, Inventory, Package, Service, ServiceState};
+
+use super::cel::TerminalContext;
+use super::compile::{Check, CompiledPolicy};
+use super::version::Version;
+
+/// One terminal's inventory, indexed for evaluation. Build it once per
+/// inventory report and evaluate every policy against it.
+pub struct TerminalView<'a> {
+    pub inventory: &'a Inventory,
+    packages: HashMap<&'a str, PackageView<'a>>,
+    services: HashMap<&'a str, &'a Service>,
+    files: HashMap<&'a str, &'a FileEntry>,
+    cel: OnceCell<TerminalContext>,
+}
+
+struct PackageView<'a> {
+    package: &'a Package,
+    dpkg: OnceCell<Option<Version>>,
+    semver: OnceCell<Option<Version>>,
+}
+
+impl<'a> PackageView<'a> {
+    /// The installed version in `scheme`, parsed on first use.
+    fn version(&self, scheme: VersionScheme) -> Option<&Version> {
+        let cell = match scheme {
+            VersionScheme::Dpkg => &self.dpkg,
+            VersionScheme::Semver => &self.semver,
+        };
+        cell.get_or_init(|| Version::parse(scheme, &self.package.version).ok())
+            .as_ref()
+    }
+}
+
+impl<'a> TerminalView<'a> {
+    pub fn new(inventory: &'a Inventory) -> TerminalView<'a> {
+        let mut packages = HashMap::with_capacity(inventory.packages.len());
+        for p in &inventory.packages {
+            packages.entry(p.name.as_str()).or_insert(PackageView {
+                package: p,
+                dpkg: OnceCell::new(),
+                semver: OnceCell::new(),
+            });
+        }
+        TerminalView {
+            inventory,
+            packages,
+            services: inventory
+                .services
+                .iter()
+                .map(|s| (s.name.as_str(), s))
+                .collect(),
+            files: inventory
+                .files
+                .iter()
+                .map(|f| (f.path.as_str(), f))
+                .collect(),
+            cel: OnceCell::new(),
+        }
+    }
+
+    /// The CEL variables, built only when an expression needs them.
+    fn cel(&self) -> &TerminalContext {
+        self.cel
+            .get_or_init(|| TerminalContext::new(self.inventory))
+    }
+}
+
+/// The verdict of one requirement on one terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequirementResult<'p> {
+    pub requirement: &'p str,
+    pub passed: bool,
+    /// Why it fails, for a person; empty when it passes.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// The verdict of one policy on one terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Evaluation<'p> {
+    pub selected: bool,
+    /// Why the policy does not select the terminal, when the selector could
+    /// not be evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector_error: Option<String>,
+    pub results: Vec<RequirementResult<'p>>,
+}
+
+/// The failing requirements of a selected terminal.
+pub type Drift<'e, 'p> = Vec<&'e RequirementResult<'p>>;
+
+impl<'p> Evaluation<'p> {
+    /// Selected and every requirement holds.
+    pub fn compliant(&self) -> bool {
+        self.selected && self.results.iter().all(|r| r.passed)
+    }
+
+    pub fn drift(&self) -> Drift<'_, 'p> {
+        self.results.iter().filter(|r| !r.passed).collect()
+    }
+}
+
+/// Evaluate `policy` on the terminal in `view`.
+pub fn evaluate<'p>(policy: &'p CompiledPolicy, view: &TerminalView<'_>) -> Evaluation<'p> {
+    let labels = &view.inventory.labels;
+    let labels_match = policy
+        .match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let not_selected = |selector_error| Evaluation {
+        selected: false,
+        selector_error,
+        results: Vec::new(),
+    };
+    if !labels_match {
+        return not_selected(None);
+    }
+    if let Some(sel) = &policy.selector {
+        match sel.evaluate_bool(view.cel()) {
+            Ok(true) => {}
+            Ok(false) => return not_selected(None),
+            Err(e) => return not_selected(Some(format!("selector expression failed: {e}"))),
+        }
+    }
+    let results = policy
+        .requirements
+        .iter()
+        .map(|r| {
+            let failure = check(&r.check, view);
+            RequirementResult {
+                requirement: &r.label,
+                passed: failure.is_none(),
+                reason: failure.unwrap_or_default(),
+            }
+        })
+        .collect();
+    Evaluation {
+        selected: true,
+        selector_error: None,
+        results,
+    }
+}
+
+/// `None` when the check passes, otherwise why it fails.
+fn check(check: &Check, view: &TerminalView<'_>) -> Option<String> {
+    match check {
+        Check::PackagePresent { name, constraint } => {
+            let Some(pv) = view.packages.get(name.as_str()) else {
+                return Some(match constraint {
+                    Some(c) => format!("{name} is not installed (needs {c})"),
+                    None => format!("{name} is not installed"),
+                });
+            };
+            let c = constraint.as_ref()?;
+            let installed = &pv.package.version;
+            match pv.version(c.scheme) {
+                None => Some(format!(
+                    "{name} {installed} is not a valid {} version, so it cannot satisfy {c}",
+                    scheme_name(c.scheme)
+                )),
+                Some(v) if c.matches(v) => None,
+                Some(_) => Some(format!("{name} {installed} does not satisfy {c}")),
+            }
+        }
+        Check::PackageAbsent { name } => view.packages.get(name.as_str()).map(|pv| {
+            format!(
+                "{name} {} is installed but must be absent",
+                pv.package.version
+            )
+        }),
+        Check::File {
+            path,
+            sha256,
+            absent,
+        } => match (view.files.get(path.as_str()), absent) {
+            (None, true) => None,
+            (Some(_), true) => Some(format!("{path} exists but must be absent")),
+            (None, false) => Some(format!("{path} is missing")),
+            (Some(f), false) => match sha256 {
+                Some(want) if !f.sha256.eq_ignore_ascii_case(want) => Some(format!(
+                    "{path} has sha256 {} instead of {}",
+                    short(&f.sha256),
+                    short(want)
+                )),
+                _ => None,
+            },
+        },
+        Check::Service {
+            name,
+            state,
+            enabled,
+        } => {
+            let Some(s) = view.services.get(name.as_str()) else {
+                return Some(match state {
+                    DesiredServiceState::Running => format!("service {name} is not installed"),
+                    // A service that does not exist is not running.
+                    DesiredServiceState::Stopped => return None,
+                });
+            };
+            let want = match state {
+                DesiredServiceState::Running => ServiceState::Running,
+                DesiredServiceState::Stopped => ServiceState::Stopped,
+            };
+            let running = s.state == ServiceState::Running;
+            if (want == ServiceState::Running) != running {
+                return Some(format!(
+                    "service {name} is {}, must be {}",
+                    s.state.as_str(),
+                    want.as_str()
+                ));
+            }
+            match enabled {
+                Some(true) if !s.enabled => Some(format!("service {name} is not enabled at boot")),
+                Some(false) if s.enabled => {
+                    Some(format!("service {name} is enabled at boot, must not be"))
+                }
+                _ => None,
+            }
+        }
+        Check::Expression { expr, message } => match expr.evaluate_bool(view.cel()) {
+            Ok(true) => None,
+            Ok(false) => Some(
+                message
+                    .clone()
+                    .unwrap_or_else(|| format!("expression is false: {}", expr.source)),
+            ),
+            Err(e) => Some(format!("expression failed: {e}")),
+        },
+    }
+}
+
+fn scheme_name(s: VersionScheme) -> &'static str {
+    match s {
+        VersionScheme::Dpkg => "Debian",
+        VersionScheme::Semver => "semantic",
+    }
+}
+
+/// The first 12 hex digits of a digest, enough for a person to compare.
+fn short(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
