@@ -21,6 +21,10 @@ use super::yamlpos::{self, DocPositions, Pos};
 /// documents of a few KiB; etcd refuses objects over 1.5 MiB.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
+/// Deeper flow nesting (`[[[...`) is refused before the YAML parser sees
+/// it: libyaml takes time quadratic in that depth (30,000 levels: 3 s).
+pub const MAX_FLOW_DEPTH: usize = 64;
+
 /// One error in one file, as a person reads it:
 /// `policies/browser.yaml:12:18: spec.requirements[0].package.version: ...`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -83,19 +87,17 @@ struct PolicyDocument {
 }
 
 /// Read every `.yaml` and `.yml` file under `dir` (recursively, in name
-/// order, skipping hidden files and folders such as `.git`), and compile
-/// every `TerminalPolicy` in them.
+/// order, skipping hidden files and folders such as `.git`), or the one
+/// file `dir` names, and compile every `TerminalPolicy` in them.
 pub fn load_dir(dir: &Path) -> PolicySet {
     let mut set = PolicySet::default();
-    let mut files = Vec::new();
-    if let Err(e) = collect_files(dir, &mut files) {
-        set.errors.push(file_error(
-            dir,
-            format!("cannot read the policy directory: {e}"),
-        ));
-        return set;
-    }
-    files.sort();
+    let files = match yaml_files(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            set.errors.push(e);
+            return set;
+        }
+    };
     set.files = files.len();
     let mut seen: HashMap<(String, String), (PathBuf, Pos)> = HashMap::new();
     for file in files {
@@ -106,6 +108,10 @@ pub fn load_dir(dir: &Path) -> PolicySet {
                 continue;
             }
         };
+        if let Err(e) = check_flow_depth(&file, &text) {
+            set.errors.push(e);
+            continue;
+        }
         let mut positions: Option<Vec<DocPositions>> = None;
         let mut pos_of = |doc: usize, field: &str, key: bool| -> Pos {
             let docs = positions.get_or_insert_with(|| yamlpos::index(&text));
@@ -183,7 +189,7 @@ pub fn load_dir(dir: &Path) -> PolicySet {
             let name_pos = pos_of(doc_index, "metadata.name", false);
             let Some(name) = parsed.metadata.name.clone() else {
                 set.errors.push(located(
-                    pos_of(doc_index, "metadata", false),
+                    pos_of(doc_index, "metadata", true),
                     Some("metadata.name"),
                     "missing field `name`".into(),
                 ));
@@ -286,6 +292,21 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The YAML files of a directory, sorted, or the path itself when it is a
+/// file.
+fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    collect_files(path, &mut files)
+        .map_err(|e| file_error(path, format!("cannot read the directory: {e}")))?;
+    files.sort();
+    Ok(files)
+}
+
 fn file_error(file: &Path, message: String) -> LoadError {
     LoadError {
         file: file.to_path_buf(),
@@ -338,14 +359,49 @@ fn read_text(file: &Path) -> Result<String, LoadError> {
     })
 }
 
+/// Refuse flow collections nested deeper than [`MAX_FLOW_DEPTH`], in one
+/// linear pass. Brackets are counted everywhere but in comments, quoted
+/// strings included: that errs on the side of refusing, and no quoting
+/// trick can hide a deep nest from the count.
+fn check_flow_depth(file: &Path, text: &str) -> Result<(), LoadError> {
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut comment = false;
+    let mut prev = '\n';
+    for c in text.chars() {
+        column += 1;
+        match c {
+            '\n' => {
+                line += 1;
+                column = 0;
+                comment = false;
+            }
+            _ if comment => {}
+            '#' if prev.is_whitespace() => comment = true,
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Err(LoadError {
+                        file: file.to_path_buf(),
+                        line,
+                        column,
+                        field: None,
+                        message: format!(
+                            "invalid YAML: nested more than {MAX_FLOW_DEPTH} levels deep"
+                        ),
+                    });
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
 fn yaml_error(file: &Path, e: &serde_yaml::Error) -> LoadError {
     let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-    let message = e.to_string();
-    // serde_yaml appends " at line L column C"; the prefix already says it.
-    let message = match message.find(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message,
-    };
+    let message = strip_first_location(&e.to_string());
     LoadError {
         file: file.to_path_buf(),
         line,
@@ -355,17 +411,30 @@ fn yaml_error(file: &Path, e: &serde_yaml::Error) -> LoadError {
     }
 }
 
+/// serde_yaml says where the error is (" at line L column C"); the
+/// `FILE:LINE:COL` prefix already does, so drop the first such phrase and
+/// keep any further context ("while scanning a quoted scalar at line 7").
+fn strip_first_location(message: &str) -> String {
+    let Some(start) = message.find(" at line ") else {
+        return message.to_string();
+    };
+    let after = &message[start..];
+    let end = after
+        .find(" column ")
+        .map(|c| {
+            let digits = after[c + 8..]
+                .find(|ch: char| !ch.is_ascii_digit())
+                .unwrap_or(after.len() - c - 8);
+            start + c + 8 + digits
+        })
+        .unwrap_or(message.len());
+    format!("{}{}", &message[..start], &message[end..])
+}
+
 /// Read terminal inventories from a file (one or more YAML documents) or
 /// from every `.yaml`/`.yml` file of a directory.
 pub fn load_inventories(path: &Path) -> Result<Vec<Inventory>, Vec<LoadError>> {
-    let mut files = Vec::new();
-    if path.is_dir() {
-        collect_files(path, &mut files)
-            .map_err(|e| vec![file_error(path, format!("cannot read the directory: {e}"))])?;
-        files.sort();
-    } else {
-        files.push(path.to_path_buf());
-    }
+    let files = yaml_files(path).map_err(|e| vec![e])?;
     let mut inventories = Vec::new();
     let mut errors = Vec::new();
     for file in files {
@@ -376,6 +445,10 @@ pub fn load_inventories(path: &Path) -> Result<Vec<Inventory>, Vec<LoadError>> {
                 continue;
             }
         };
+        if let Err(e) = check_flow_depth(&file, &text) {
+            errors.push(e);
+            continue;
+        }
         for doc in serde_yaml::Deserializer::from_str(&text) {
             match serde_path_to_error::deserialize::<_, Option<Inventory>>(doc) {
                 Ok(Some(inv)) => inventories.push(inv),
@@ -383,7 +456,14 @@ pub fn load_inventories(path: &Path) -> Result<Vec<Inventory>, Vec<LoadError>> {
                 Err(e) => {
                     let field = e.path().to_string();
                     let mut err = yaml_error(&file, e.inner());
-                    err.message = err.message.trim_start_matches("invalid YAML: ").to_string();
+                    let message = err.message.trim_start_matches("invalid YAML: ");
+                    // serde_yaml starts its message with the path (of the
+                    // enclosing mapping) too.
+                    let message = match message.split_once(": ") {
+                        Some((prefix, rest)) if field.starts_with(prefix) => rest,
+                        _ => message,
+                    };
+                    err.message = message.to_string();
                     if field != "." {
                         err.field = Some(field);
                     }

@@ -206,7 +206,8 @@ impl Constraint {
                 clause: clause.to_string(),
             })?;
             let rest = rest.trim();
-            if rest.is_empty() {
+            // `=> 120` would otherwise read as `=` and a version `> 120`.
+            if rest.is_empty() || rest.starts_with(['<', '>', '=', '!']) {
                 return Err(VersionError::BadClause {
                     clause: clause.to_string(),
                 });

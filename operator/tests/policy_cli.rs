@@ -1,0 +1,336 @@
+//! `tenet policy check` and `tenet policy plan` run as a person runs them:
+//! the real binary, real files, exact output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("operator/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// Run `tenet ARGS` from the workspace root with the address space capped
+/// at 1 GiB, so a parser that expanded without bound would fail here.
+fn tenet(args: &[&str]) -> Output {
+    let mut script = String::from("ulimit -v 1048576; exec \"$0\"");
+    for i in 0..args.len() {
+        script.push_str(&format!(" \"${}\"", i + 1));
+    }
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_tenet"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("tenet runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Each committed broken policy and the exact line a person sees.
+const BROKEN: &[(&str, &str)] = &[
+    (
+        "unknown-field.yaml",
+        "9:9: spec.requirements[0].package.verison: unknown field `verison`, expected one of `name`, `version`, `absent`, `scheme`",
+    ),
+    (
+        "wrong-type.yaml",
+        "11:18: spec.rollout.maxInFlight: invalid type: string \"ten\", expected u32",
+    ),
+    (
+        "duplicate-name.yaml",
+        "12:9: metadata.name: duplicate TerminalPolicy default/browser: first defined at tests/policies/broken/duplicate-name.yaml:4:9",
+    ),
+    (
+        "cel-syntax.yaml",
+        "7:48: spec.selector.expression: CEL syntax error at column 32: Syntax error: mismatched input '<EOF>' expecting {'[', '{', '(', '.', '-', '!', 'true', 'false', 'null', NUM_FLOAT, NUM_INT, NUM_UINT, STRING, BYTES, IDENTIFIER}",
+    ),
+    (
+        "cel-type.yaml",
+        "7:17: spec.selector.expression: CEL type error: found no matching overload for '_>_' applied to '(int, string)'",
+    ),
+    (
+        "cel-unknown-variable.yaml",
+        "8:14: spec.requirements[0].expression.cel: CEL type error: unknown name 'fact' (the variables are terminal, labels, facts, inventory, packages)",
+    ),
+    (
+        "cel-not-bool.yaml",
+        "8:14: spec.requirements[0].expression.cel: CEL expression must be a bool, but it gives int",
+    ),
+    (
+        "impossible-version.yaml",
+        "9:18: spec.requirements[0].package.version: \">= 130, < 120\" can never be satisfied: >= 130 and < 120 leave no version",
+    ),
+    (
+        "bad-version-constraint.yaml",
+        "9:18: spec.requirements[0].package.version: \"=> 120\" is not a comparison: write an operator (=, !=, <, <=, >, >=) and a version, e.g. \">= 120.0\"",
+    ),
+    ("empty.yaml", "1:1: the file holds no YAML document"),
+    (
+        "wrong-kind.yaml",
+        "2:7: kind: expected apiVersion tenet.dev/v1alpha1 and kind TerminalPolicy, found apiVersion \"apps/v1\" and kind \"Deployment\"",
+    ),
+    (
+        "yaml-syntax.yaml",
+        "8:1: invalid YAML: found unexpected end of stream, while scanning a quoted scalar at line 7 column 24",
+    ),
+    (
+        "two-kinds-in-one-requirement.yaml",
+        "7:14: spec.requirements[0]: a requirement sets exactly one of package, file, service, expression (this one sets 2)",
+    ),
+    (
+        "canary-larger-than-batch.yaml",
+        "9:13: spec.rollout.canary: canary (20) must not be larger than maxInFlight (5)",
+    ),
+    (
+        "percentage-out-of-range.yaml",
+        "9:25: spec.rollout.maxInFlightPercent: 150 is not a percentage between 1 and 100",
+    ),
+    (
+        "missing-name.yaml",
+        "3:1: metadata.name: missing field `name`",
+    ),
+];
+
+#[test]
+fn each_broken_policy_gets_its_exact_error() {
+    let mut failures = Vec::new();
+    for (file, expected) in BROKEN {
+        let path = format!("tests/policies/broken/{file}");
+        let out = tenet(&["policy", "check", &path]);
+        let want = format!("{path}:{expected}\n");
+        if out.status.code() != Some(1) || stdout(&out) != want {
+            failures.push(format!(
+                "{file}: exit {:?}\n  got:  {}  want: {want}",
+                out.status.code(),
+                stdout(&out)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_case_in_the_corpus_has_an_expected_message() {
+    let dir = root().join("tests/policies/broken");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("corpus exists")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = BROKEN.iter().map(|(f, _)| f.to_string()).collect();
+    listed.sort();
+    assert_eq!(files, listed);
+}
+
+#[test]
+fn one_bad_file_never_hides_the_errors_of_the_others() {
+    let out = tenet(&["policy", "check", "tests/policies/broken"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    for (file, expected) in BROKEN {
+        let line = format!("tests/policies/broken/{file}:{expected}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert_eq!(
+        text.lines().count(),
+        BROKEN.len(),
+        "one error per case:\n{text}"
+    );
+}
+
+#[test]
+fn the_example_policies_are_valid() {
+    let out = tenet(&["policy", "check", "policies"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(stdout(&out), "");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("5 valid policies, 0 error(s)"), "{err}");
+}
+
+#[test]
+fn check_json_lists_policies_and_errors() {
+    let ok = tenet(&["policy", "check", "policies", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("json");
+    assert_eq!(v["policies"].as_array().map(Vec::len), Some(5));
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0));
+
+    let bad = tenet(&[
+        "policy",
+        "check",
+        "tests/policies/broken/impossible-version.yaml",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&bad.stdout).expect("json");
+    let e = &v["errors"][0];
+    assert_eq!(e["line"], 9);
+    assert_eq!(e["column"], 18);
+    assert_eq!(e["field"], "spec.requirements[0].package.version");
+}
+
+/// Broken files too large or too strange to commit, made here.
+#[test]
+fn hostile_files_are_refused_with_bounded_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let header =
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: x\nspec:\n";
+
+    let mut not_utf8 = header.as_bytes().to_vec();
+    not_utf8.extend_from_slice(b"  description: caf\xe9\n");
+    std::fs::write(d.join("not-utf8.yaml"), not_utf8).expect("write");
+
+    let big = std::fs::File::create(d.join("huge.yaml")).expect("create");
+    big.set_len(50 * 1024 * 1024).expect("50 MB sparse file");
+
+    let depth = 100_000;
+    let deep = format!(
+        "{header}  description: {}{}\n",
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    std::fs::write(d.join("deep.yaml"), deep).expect("write");
+
+    let mut deep_block = format!("{header}  description:\n");
+    for i in 0..2000 {
+        deep_block.push_str(&format!("{}- \n", " ".repeat(4 + i)));
+    }
+    std::fs::write(d.join("deep-block.yaml"), deep_block).expect("write");
+
+    // The "billion laughs": nine levels of nine aliases each.
+    let mut bomb = String::from("a0: &a0 [\"lol\"]\n");
+    for i in 1..10 {
+        let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+        bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    std::fs::write(d.join("anchors.yaml"), bomb).expect("write");
+
+    let path = |f: &str| d.join(f).display().to_string();
+    let cases = [
+        (
+            "not-utf8.yaml",
+            "6:19: the file is not valid UTF-8".to_string(),
+        ),
+        (
+            "huge.yaml",
+            "1:1: the file is 52428800 bytes, over the limit of 4194304 bytes".to_string(),
+        ),
+        (
+            "deep.yaml",
+            "6:80: invalid YAML: nested more than 64 levels deep".to_string(),
+        ),
+        (
+            "deep-block.yaml",
+            "133:131: invalid YAML: recursion limit exceeded".to_string(),
+        ),
+        (
+            "anchors.yaml",
+            "1:1: invalid YAML: repetition limit exceeded".to_string(),
+        ),
+    ];
+    for (file, expected) in cases {
+        let out = tenet(&["policy", "check", &path(file)]);
+        assert_eq!(
+            (out.status.code(), stdout(&out)),
+            (Some(1), format!("{}:{expected}\n", path(file))),
+            "{file}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn plan_shows_each_terminals_drift_with_reasons() {
+    let out = tenet(&[
+        "policy",
+        "plan",
+        "policies",
+        "--inventory",
+        "examples/inventories",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    for line in [
+        "nagoya-ward3-01: 5 policies select it, 2 drifted",
+        "  DRIFT  hospital-it/browser-a-minimum",
+        "           browser-a: browser-a 118.0.2-1 does not satisfy >= 120.0",
+        "           package telnetd absent: telnetd 0.17+2.4-2+deb12u1 is installed but must be absent",
+        "nagoya-reception-02: 4 policies select it, 2 drifted",
+        "           clamav-running: service clamav-daemon is stopped, must be running",
+        "           openssl-fixed: openssl is older than 3.0.15-1~deb12u1",
+        "osaka-visiting-nurse-07: 4 policies select it, 1 drifted",
+        "  -      hospital-it/browser-a-minimum: not selected",
+        "           firewall-active: the host firewall is not active",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+}
+
+#[test]
+fn plan_json_names_the_payload_that_would_be_dispatched() {
+    let out = tenet(&[
+        "policy",
+        "plan",
+        "policies",
+        "--inventory",
+        "examples/inventories/nagoya-ward3-01.yaml",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let policies = v[0]["policies"].as_array().expect("policies");
+    let browser = policies
+        .iter()
+        .find(|p| p["policy"] == "hospital-it/browser-a-minimum")
+        .expect("browser policy");
+    assert_eq!(browser["selected"], true);
+    assert_eq!(browser["compliant"], false);
+    assert_eq!(browser["dispatch"]["payload"], "install-browser-a");
+    assert_eq!(
+        browser["drift"][0]["reason"],
+        "browser-a 118.0.2-1 does not satisfy >= 120.0"
+    );
+}
+
+#[test]
+fn plan_refuses_a_broken_inventory_with_its_position() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inv = dir.path().join("inv.yaml");
+    std::fs::write(
+        &inv,
+        "terminal: t1\npackages:\n  - { name: a, versoin: '1' }\n",
+    )
+    .expect("write");
+    let out = tenet(&[
+        "policy",
+        "plan",
+        "policies",
+        "--inventory",
+        &inv.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":3:16: packages[0].versoin: unknown field `versoin`, expected one of `name`, `version`, `manager`"),
+        "{err}"
+    );
+}
