@@ -18,6 +18,7 @@ use crate::common::Condition;
     shortname = "scert",
     category = "tenet",
     namespaced,
+    doc = "The short-lived security certificate of one terminal; expiry is revocation.",
     status = "SecurityCertificateStatus",
     printcolumn = r#"{"name":"Terminal","type":"string","jsonPath":".spec.terminal"}"#,
     printcolumn = r#"{"name":"Level","type":"integer","jsonPath":".status.level"}"#,

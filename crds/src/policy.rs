@@ -22,6 +22,7 @@ use crate::common::Condition;
     shortname = "tpol",
     category = "tenet",
     namespaced,
+    doc = "The desired state of a set of terminals: which, what must hold, how to remediate and roll out.",
     status = "TerminalPolicyStatus",
     printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selected"}"#,
     printcolumn = r#"{"name":"Compliant","type":"integer","jsonPath":".status.compliant"}"#,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
     shortname = "rem",
     category = "tenet",
     namespaced,
+    doc = "One dispatch attempt of a policy's payload to one terminal.",
     status = "RemediationStatus",
     printcolumn = r#"{"name":"Terminal","type":"string","jsonPath":".spec.terminal"}"#,
     printcolumn = r#"{"name":"Policy","type":"string","jsonPath":".spec.policy"}"#,

@@ -20,6 +20,7 @@ use crate::common::Condition;
     shortname = "term",
     category = "tenet",
     namespaced,
+    doc = "An enrolled endpoint terminal, its identity key and what the operator knows of it.",
     status = "TerminalStatus",
     printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.site"}"#,
     printcolumn = r#"{"name":"Connected","type":"boolean","jsonPath":".status.connected"}"#,

@@ -253,3 +253,53 @@ fn samples() -> &'static [Inventory] {
     });
     &SAMPLES
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compile_refuses_what_cannot_work() {
+        assert!(matches!(
+            Expression::compile("1 +"),
+            Err(CelError::Syntax { .. })
+        ));
+        assert_eq!(
+            Expression::compile("facts.hardware.memoryMib > '4096'").err(),
+            Some(CelError::Type(
+                "found no matching overload for '_>_' applied to '(int, string)'".into()
+            ))
+        );
+        assert_eq!(
+            Expression::compile("size(packages)").err(),
+            Some(CelError::NotBool("int".into()))
+        );
+        assert!(
+            matches!(Expression::compile("nope == 1"), Err(CelError::Type(m)) if m.contains("unknown name 'nope'"))
+        );
+        // A key that a terminal may lack is a runtime matter, not an error.
+        assert!(Expression::compile("labels.site == 'nagoya'").is_ok());
+    }
+
+    #[test]
+    fn version_functions_compare_as_versions() {
+        let inv = Inventory::default();
+        let ctx = TerminalContext::new(&inv);
+        let eval = |src: &str| {
+            Expression::compile(src)
+                .expect("compiles")
+                .evaluate_bool(&ctx)
+        };
+        assert_eq!(eval("dpkgCompare('9.0', '120.0') < 0"), Ok(true));
+        assert_eq!(
+            eval("'9.0' > '120.0'"),
+            Ok(true),
+            "CEL alone compares strings"
+        );
+        assert_eq!(eval("semverCompare('1.10.0', '1.9') > 0"), Ok(true));
+        assert_eq!(
+            eval("dpkgCompare('x', '1') == 0"),
+            Err("Error executing function 'dpkgCompare': cannot compare \"x\" with \"1\": not valid versions".into())
+        );
+    }
+}

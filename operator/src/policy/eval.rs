@@ -249,3 +249,189 @@ fn scheme_name(s: VersionScheme) -> &'static str {
 fn short(digest: &str) -> &str {
     digest.get(..12).unwrap_or(digest)
 }
+
+#[cfg(test)]
+mod tests {
+    use tenet_crds::TerminalPolicy;
+    use tenet_protocol::inventory::*;
+
+    use super::*;
+    use crate::policy::compile;
+
+    fn policy(spec_yaml: &str) -> CompiledPolicy {
+        let doc = format!(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: t\nspec:\n{spec_yaml}"
+        );
+        let p: TerminalPolicy = serde_yaml::from_str(&doc).expect("test policy parses");
+        compile(&p).expect("test policy compiles")
+    }
+
+    fn terminal() -> Inventory {
+        Inventory {
+            terminal: "ward-01".into(),
+            labels: [("site".to_string(), "nagoya".to_string())].into(),
+            facts: Facts {
+                os: OsFacts {
+                    family: "debian".into(),
+                    ..Default::default()
+                },
+                hardware: HardwareFacts {
+                    memory_mib: 8192,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            packages: vec![
+                Package {
+                    name: "browser-a".into(),
+                    version: "118.0.2-1".into(),
+                    manager: PackageManager::Dpkg,
+                },
+                Package {
+                    name: "agent-x".into(),
+                    version: "2.10.0".into(),
+                    manager: PackageManager::Other,
+                },
+                Package {
+                    name: "weird".into(),
+                    version: "not a version".into(),
+                    manager: PackageManager::Dpkg,
+                },
+            ],
+            services: vec![Service {
+                name: "clamav-daemon".into(),
+                state: ServiceState::Stopped,
+                enabled: false,
+            }],
+            files: vec![FileEntry {
+                path: "/etc/motd".into(),
+                sha256: "ab".repeat(32),
+                size: 10,
+            }],
+        }
+    }
+
+    /// The failure reasons of a policy on the test terminal.
+    fn reasons(spec_yaml: &str) -> Vec<String> {
+        let p = policy(spec_yaml);
+        let inv = terminal();
+        let view = TerminalView::new(&inv);
+        let e = evaluate(&p, &view);
+        assert!(e.selected, "the policy should select the terminal");
+        e.drift().iter().map(|r| r.reason.clone()).collect()
+    }
+
+    #[test]
+    fn package_versions() {
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: browser-a, version: '>= 120.0' }\n"),
+            ["browser-a 118.0.2-1 does not satisfy >= 120.0"]
+        );
+        assert!(
+            reasons(
+                "  requirements:\n    - package: { name: browser-a, version: '>= 118, < 119' }\n"
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: browser-b, version: '>= 1' }\n"),
+            ["browser-b is not installed (needs >= 1)"]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: weird, version: '>= 1' }\n"),
+            ["weird not a version is not a valid Debian version, so it cannot satisfy >= 1"]
+        );
+        // 2.10.0 > 2.9 in semver, and in Debian order too; as strings it is not.
+        assert!(reasons("  requirements:\n    - package: { name: agent-x, version: '>= 2.9', scheme: semver }\n").is_empty());
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: browser-a, absent: true }\n"),
+            ["browser-a 118.0.2-1 is installed but must be absent"]
+        );
+    }
+
+    #[test]
+    fn files_and_services() {
+        let motd = "ab".repeat(32);
+        assert!(
+            reasons(&format!(
+                "  requirements:\n    - file: {{ path: /etc/motd, sha256: {motd} }}\n"
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            reasons(&format!(
+                "  requirements:\n    - file: {{ path: /etc/motd, sha256: {} }}\n",
+                "cd".repeat(32)
+            )),
+            ["/etc/motd has sha256 abababababab instead of cdcdcdcdcdcd"]
+        );
+        assert_eq!(
+            reasons(
+                "  requirements:\n    - file: { path: /etc/issue }\n    - file: { path: /etc/motd, absent: true }\n"
+            ),
+            [
+                "/etc/issue is missing",
+                "/etc/motd exists but must be absent"
+            ]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - service: { name: clamav-daemon }\n"),
+            ["service clamav-daemon is stopped, must be running"]
+        );
+        assert_eq!(
+            reasons(
+                "  requirements:\n    - service: { name: clamav-daemon, state: stopped, enabled: true }\n"
+            ),
+            ["service clamav-daemon is not enabled at boot"]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - service: { name: sshd }\n"),
+            ["service sshd is not installed"]
+        );
+    }
+
+    #[test]
+    fn expressions() {
+        assert!(
+            reasons(
+                "  requirements:\n    - expression: { cel: 'facts.hardware.memoryMib >= 4096' }\n"
+            )
+            .is_empty()
+        );
+        assert!(reasons("  requirements:\n    - expression: { cel: 'dpkgCompare(packages[\"browser-a\"], \"120\") < 0' }\n").is_empty());
+        assert_eq!(
+            reasons(
+                "  requirements:\n    - expression: { cel: 'size(inventory.services) > 5', message: too few services }\n"
+            ),
+            ["too few services"]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - expression: { cel: 'labels.role == \"ward\"' }\n"),
+            ["expression failed: no such key 'role'"]
+        );
+    }
+
+    #[test]
+    fn selection() {
+        let inv = terminal();
+        let view = TerminalView::new(&inv);
+        let other_site = policy(
+            "  selector:\n    matchLabels: { site: osaka }\n  requirements:\n    - package: { name: x }\n",
+        );
+        assert!(!evaluate(&other_site, &view).selected);
+        let by_cel = policy(
+            "  selector:\n    expression: facts.os.family == 'debian'\n  requirements:\n    - package: { name: x }\n",
+        );
+        assert!(evaluate(&by_cel, &view).selected);
+        let broken = policy(
+            "  selector:\n    expression: labels.role == 'ward'\n  requirements:\n    - package: { name: x }\n",
+        );
+        let e = evaluate(&broken, &view);
+        assert!(!e.selected);
+        assert_eq!(
+            e.selector_error.as_deref(),
+            Some("selector expression failed: no such key 'role'")
+        );
+        assert!(!e.compliant());
+    }
+}

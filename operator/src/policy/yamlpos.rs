@@ -196,3 +196,41 @@ pub fn index(text: &str) -> Vec<DocPositions> {
     let _ = parser.load(&mut indexer, true);
     indexer.docs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_positions() {
+        let text = "a: 1\nspec:\n  list:\n    - x: 1\n      y: [1, {z: 2}]\n  ? [complex]\n  : v\n  after: 3\n---\nb: 2\n";
+        let docs = index(text);
+        assert_eq!(docs.len(), 2);
+        let d = &docs[0];
+        assert_eq!(d.value("a"), Some(Pos { line: 1, column: 4 }));
+        assert_eq!(d.key("spec.list[0].x"), Some(Pos { line: 4, column: 7 }));
+        assert_eq!(
+            d.value("spec.list[0].y[1].z"),
+            Some(Pos {
+                line: 5,
+                column: 18
+            })
+        );
+        assert_eq!(
+            d.value("spec.after"),
+            Some(Pos {
+                line: 8,
+                column: 10
+            })
+        );
+        // A path that does not exist falls back to its nearest parent.
+        assert_eq!(d.value("spec.list[0].missing"), d.value("spec.list[0]"));
+        assert_eq!(
+            docs[1].value("b"),
+            Some(Pos {
+                line: 10,
+                column: 4
+            })
+        );
+    }
+}
