@@ -12,10 +12,13 @@
 //! because CEL compares strings as strings (`"9.0" > "120.0"`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
+use cel::common::types::{CelMap, CelMapKey, CelNull as NullVal, CelString};
+use cel::common::value::{CowVal, Val};
+use cel::context::VariableResolver;
 use cel::{Context, ExecutionError, Program, Value};
-use tenet_protocol::inventory::{Inventory, Package};
+use tenet_protocol::inventory::Inventory;
 
 use super::version::{compare_dpkg, compare_semver};
 
@@ -60,8 +63,8 @@ impl Expression {
             program: Arc::new(program),
         };
         for sample in samples() {
-            let ctx = TerminalContext::new(sample);
-            match expr.evaluate(&ctx) {
+            let vars = TerminalVars::new(sample);
+            match expr.evaluate(&vars) {
                 Ok(Value::Bool(_)) => {}
                 Ok(other) => return Err(CelError::NotBool(type_name(&other).to_string())),
                 Err(e) if is_type_error(&e) => return Err(CelError::Type(describe(&e))),
@@ -73,13 +76,16 @@ impl Expression {
         Ok(expr)
     }
 
-    pub fn evaluate(&self, ctx: &TerminalContext) -> Result<Value, ExecutionError> {
-        self.program.execute(&ctx.root)
+    pub fn evaluate(&self, vars: &TerminalVars<'_>) -> Result<Value, ExecutionError> {
+        let root: &Context<'_, '_> = &ROOT;
+        let mut scope = root.new_inner_scope();
+        scope.set_variable_resolver(vars);
+        self.program.execute(&scope)
     }
 
     /// Evaluate to a bool; an error or a non-bool is a readable reason.
-    pub fn evaluate_bool(&self, ctx: &TerminalContext) -> Result<bool, String> {
-        match self.evaluate(ctx) {
+    pub fn evaluate_bool(&self, vars: &TerminalVars<'_>) -> Result<bool, String> {
+        match self.evaluate(vars) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("gave {} instead of a bool", type_name(&other))),
             Err(e) => Err(describe(&e)),
@@ -87,29 +93,64 @@ impl Expression {
     }
 }
 
-/// The CEL variables of one terminal, built once per terminal and shared by
-/// every expression evaluated against it.
-pub struct TerminalContext {
-    root: Context<'static, 'static>,
+/// The CEL variables of one terminal. Each is built on first use and then
+/// shared by every expression evaluated against this terminal: a terminal
+/// with 1,500 packages pays for the `packages` map only when a policy reads
+/// it.
+pub struct TerminalVars<'a> {
+    inventory: &'a Inventory,
+    built: [OnceLock<Box<dyn Val + 'a>>; VARIABLES.len()],
 }
 
-impl TerminalContext {
-    pub fn new(inventory: &Inventory) -> TerminalContext {
-        let mut root = Context::with_env(ENV.clone());
-        root.add_variable_from_value("terminal", inventory.terminal.clone());
-        root.add_variable_from_value("labels", to_cel(&inventory.labels));
-        root.add_variable_from_value("facts", to_cel(&inventory.facts));
-        root.add_variable_from_value("inventory", to_cel(inventory));
-        let packages: HashMap<String, Value> = inventory
-            .packages
-            .iter()
-            .map(|p: &Package| (p.name.clone(), Value::from(p.version.clone())))
-            .collect();
-        root.add_variable_from_value("packages", packages);
-        register_functions(&mut root);
-        TerminalContext { root }
+impl<'a> TerminalVars<'a> {
+    pub fn new(inventory: &'a Inventory) -> TerminalVars<'a> {
+        TerminalVars {
+            inventory,
+            built: Default::default(),
+        }
+    }
+
+    fn build(&self, index: usize) -> Box<dyn Val + 'a> {
+        let inv = self.inventory;
+        let value = match VARIABLES[index] {
+            "terminal" => Value::from(inv.terminal.clone()),
+            "labels" => to_cel(&inv.labels),
+            "facts" => to_cel(&inv.facts),
+            "inventory" => to_cel(inv),
+            _ => {
+                // The largest variable on a real terminal (thousands of
+                // packages): borrow names and versions, copy nothing.
+                let map: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = inv
+                    .packages
+                    .iter()
+                    .map(|p| {
+                        let version: Box<dyn Val + 'a> =
+                            Box::new(CelString::from(p.version.as_str()));
+                        (CelMapKey::String(CelString::from(p.name.as_str())), version)
+                    })
+                    .collect();
+                return Box::new(CelMap::from(map));
+            }
+        };
+        // Plain data always converts; null stands in for the impossible.
+        Box::<dyn Val>::try_from(value).unwrap_or_else(|_| Box::new(NullVal))
     }
 }
+
+impl VariableResolver for TerminalVars<'_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<CowVal<'b, 'b>> {
+        let index = VARIABLES.iter().position(|v| *v == variable)?;
+        let val = self.built[index].get_or_init(|| self.build(index));
+        Some(CowVal::Borrowed(val.as_ref()))
+    }
+}
+
+/// The functions Tenet adds, registered once per process.
+static ROOT: LazyLock<Context<'static, 'static>> = LazyLock::new(|| {
+    let mut root = Context::with_env(ENV.clone());
+    register_functions(&mut root);
+    root
+});
 
 /// Inventory data as CEL values. Numbers become CEL `int` (not `uint`), so
 /// that `facts.hardware.memoryMib >= 4096` works as people write it.
@@ -284,11 +325,11 @@ mod tests {
     #[test]
     fn version_functions_compare_as_versions() {
         let inv = Inventory::default();
-        let ctx = TerminalContext::new(&inv);
+        let vars = TerminalVars::new(&inv);
         let eval = |src: &str| {
             Expression::compile(src)
                 .expect("compiles")
-                .evaluate_bool(&ctx)
+                .evaluate_bool(&vars)
         };
         assert_eq!(eval("dpkgCompare('9.0', '120.0') < 0"), Ok(true));
         assert_eq!(

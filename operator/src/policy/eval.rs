@@ -8,7 +8,7 @@ use serde::Serialize;
 use tenet_crds::policy::{DesiredServiceState, VersionScheme};
 use tenet_protocol::inventory::{FileEntry, Inventory, Package, Service, ServiceState};
 
-use super::cel::TerminalContext;
+use super::cel::TerminalVars;
 use super::compile::{Check, CompiledPolicy};
 use super::version::Version;
 
@@ -19,7 +19,7 @@ pub struct TerminalView<'a> {
     packages: HashMap<&'a str, PackageView<'a>>,
     services: HashMap<&'a str, &'a Service>,
     files: HashMap<&'a str, &'a FileEntry>,
-    cel: OnceCell<TerminalContext>,
+    cel: TerminalVars<'a>,
 }
 
 struct PackageView<'a> {
@@ -63,14 +63,13 @@ impl<'a> TerminalView<'a> {
                 .iter()
                 .map(|f| (f.path.as_str(), f))
                 .collect(),
-            cel: OnceCell::new(),
+            cel: TerminalVars::new(inventory),
         }
     }
 
-    /// The CEL variables, built only when an expression needs them.
-    fn cel(&self) -> &TerminalContext {
-        self.cel
-            .get_or_init(|| TerminalContext::new(self.inventory))
+    /// The CEL variables; each is built when an expression first reads it.
+    fn cel(&self) -> &TerminalVars<'a> {
+        &self.cel
     }
 }
 

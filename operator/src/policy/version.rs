@@ -6,7 +6,6 @@
 
 use std::cmp::Ordering;
 use std::fmt;
-use std::str::FromStr;
 
 use tenet_crds::policy::VersionScheme;
 
@@ -69,17 +68,17 @@ pub fn parse_dpkg(text: &str) -> Result<debversion::Version, VersionError> {
     if text.chars().any(char::is_whitespace) {
         return Err(bad("it contains white space"));
     }
-    let rest = match text.split_once(':') {
+    let (epoch, rest) = match text.split_once(':') {
         Some((epoch, rest)) => {
             if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("the epoch before ':' must be a number"));
             }
-            if epoch.parse::<u32>().map_or(true, |e| e > i32::MAX as u32) {
-                return Err(bad("the epoch is too large"));
+            match epoch.parse::<u32>() {
+                Ok(e) if e <= i32::MAX as u32 => (Some(e), rest),
+                _ => return Err(bad("the epoch is too large")),
             }
-            rest
         }
-        None => text,
+        None => (None, text),
     };
     let (upstream, revision) = match rest.rsplit_once('-') {
         Some((u, r)) => (u, Some(r)),
@@ -108,7 +107,13 @@ pub fn parse_dpkg(text: &str) -> Result<debversion::Version, VersionError> {
             return Err(bad("the revision may hold only letters, digits and + . ~"));
         }
     }
-    debversion::Version::from_str(text).map_err(|_| bad("it does not parse"))
+    // Checked above as dpkg checks; build the value without the crate's
+    // regex, which cost a fifth of a policy evaluation.
+    Ok(debversion::Version {
+        epoch,
+        upstream_version: upstream.to_string(),
+        debian_revision: revision.map(str::to_string),
+    })
 }
 
 /// Semantic versions; `120` and `120.1` are read as `120.0.0` and `120.1.0`,
