@@ -361,13 +361,13 @@ fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
             "must be at least 1",
         ));
     }
-    if let Some(p) = r.max_in_flight_percent {
-        if !(1..=100).contains(&p) {
-            errors.push(FieldError::new(
-                "spec.rollout.maxInFlightPercent",
-                format!("{p} is not a percentage between 1 and 100"),
-            ));
-        }
+    if let Some(p) = r.max_in_flight_percent
+        && !(1..=100).contains(&p)
+    {
+        errors.push(FieldError::new(
+            "spec.rollout.maxInFlightPercent",
+            format!("{p} is not a percentage between 1 and 100"),
+        ));
     }
     if r.halt_on_failure_percent > 100 {
         errors.push(FieldError::new(
@@ -381,13 +381,13 @@ fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     if r.canary == Some(0) {
         errors.push(FieldError::new("spec.rollout.canary", "must be at least 1"));
     }
-    if let (Some(c), Some(m)) = (r.canary, r.max_in_flight) {
-        if c > m {
-            errors.push(FieldError::new(
-                "spec.rollout.canary",
-                format!("canary ({c}) must not be larger than maxInFlight ({m})"),
-            ));
-        }
+    if let (Some(c), Some(m)) = (r.canary, r.max_in_flight)
+        && c > m
+    {
+        errors.push(FieldError::new(
+            "spec.rollout.canary",
+            format!("canary ({c}) must not be larger than maxInFlight ({m})"),
+        ));
     }
 }
 
@@ -399,13 +399,13 @@ fn check_certificate(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     let renew = parse_duration(&c.renew_before)
         .map_err(|e| errors.push(FieldError::new("spec.certificate.renewBefore", e)))
         .ok();
-    if let (Some(v), Some(r)) = (validity, renew) {
-        if r >= v {
-            errors.push(FieldError::new(
-                "spec.certificate.renewBefore",
-                "renewBefore must be shorter than validity",
-            ));
-        }
+    if let (Some(v), Some(r)) = (validity, renew)
+        && r >= v
+    {
+        errors.push(FieldError::new(
+            "spec.certificate.renewBefore",
+            "renewBefore must be shorter than validity",
+        ));
     }
     if c.minimum_level > 100 {
         errors.push(FieldError::new(
