@@ -34,12 +34,12 @@ pub struct Facts {
     #[serde(default)]
     pub os: OsFacts,
     /// The site the terminal belongs to, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub site: Option<String>,
     #[serde(default)]
     pub hardware: HardwareFacts,
     /// Anything else the agent or the admin adds, as strings.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub extra: BTreeMap<String, String>,
 }
 
@@ -128,4 +128,55 @@ pub struct FileEntry {
     pub sha256: String,
     #[serde(default)]
     pub size: u64,
+}
+
+/// Bounds on what one inventory may hold.
+pub const MAX_PACKAGES: usize = 20_000;
+pub const MAX_SERVICES: usize = 2_000;
+pub const MAX_FILES: usize = 5_000;
+const MAX_TEXT: usize = 1024;
+
+impl Inventory {
+    /// Refuse an inventory too large to be real (endless data).
+    pub fn check(&self) -> Result<(), crate::reject::Rejection> {
+        use crate::wire::limit;
+        limit("the package list", self.packages.len(), MAX_PACKAGES)?;
+        limit("the service list", self.services.len(), MAX_SERVICES)?;
+        limit("the file list", self.files.len(), MAX_FILES)?;
+        limit("the label list", self.labels.len(), 256)?;
+        limit("the extra facts", self.facts.extra.len(), 256)?;
+        let longest = self
+            .packages
+            .iter()
+            .flat_map(|p| [p.name.len(), p.version.len()])
+            .chain(self.services.iter().map(|s| s.name.len()))
+            .chain(self.files.iter().map(|f| f.path.len()))
+            .max()
+            .unwrap_or(0);
+        limit("a name in the inventory", longest, MAX_TEXT)
+    }
+}
+
+/// An agent's signed inventory, sent on start, on change and periodically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReport {
+    pub terminal: String,
+    /// Per terminal, strictly increasing: an older report never overwrites a newer one.
+    pub sequence: u64,
+    pub collected_at_ms: u64,
+    pub inventory: Inventory,
+}
+
+impl crate::wire::Message for InventoryReport {
+    const KIND: crate::wire::Kind = crate::wire::Kind::InventoryReport;
+
+    fn check(&self) -> Result<(), crate::reject::Rejection> {
+        if self.inventory.terminal != self.terminal {
+            return Err(crate::reject::Rejection::WrongTerminal {
+                expected: self.terminal.clone(),
+                found: self.inventory.terminal.clone(),
+            });
+        }
+        self.inventory.check()
+    }
 }

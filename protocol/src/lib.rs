@@ -1,5 +1,19 @@
 //! Tenet's wire protocol: the messages that cross between the operator, the
-//! agents and their peers. This crate depends on neither kube nor tokio, so
-//! the agent and any third-party verifier can use it alone.
+//! agents and their peers, their canonical encoding, and how each is signed
+//! and verified. This crate depends on neither kube nor tokio, so the agent
+//! and any third-party verifier can use it alone; it reads no clock (callers
+//! pass `now`), so every check is a pure function.
 
+pub mod bundle;
+pub mod certificate;
+pub mod enrol;
+pub mod envelope;
 pub mod inventory;
+pub mod keys;
+pub mod reject;
+pub mod report;
+pub mod wire;
+
+pub use keys::{Algorithm, Fingerprint, KeyPair, PublicKey, Signer};
+pub use reject::Rejection;
+pub use wire::{Kind, Message, SignedMessage};

@@ -1,0 +1,114 @@
+//! Enrolment: a terminal proves it holds its new identity key and presents a
+//! bootstrap token; the operator answers with the keys the terminal will
+//! trust from then on (pinned), and its mTLS client certificate.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::MAX_NAME;
+use crate::keys::PublicKey;
+use crate::reject::Rejection;
+use crate::wire::{Kind, Message, SignedMessage, limit};
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentRequest {
+    /// The one-time bootstrap token an admin gave the terminal. Secret.
+    pub token: String,
+    pub terminal: String,
+    pub labels: BTreeMap<String, String>,
+    pub identity: PublicKey,
+    /// Whether the identity key is held in a TPM.
+    pub tpm: bool,
+    pub requested_at_ms: u64,
+}
+
+impl fmt::Debug for EnrolmentRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrolmentRequest")
+            .field("token", &"<redacted>")
+            .field("terminal", &self.terminal)
+            .field("labels", &self.labels)
+            .field("identity", &self.identity)
+            .field("tpm", &self.tpm)
+            .field("requested_at_ms", &self.requested_at_ms)
+            .finish()
+    }
+}
+
+pub const MAX_LABELS: usize = 64;
+pub const MAX_PEM: usize = 16 * 1024;
+
+impl Message for EnrolmentRequest {
+    const KIND: Kind = Kind::EnrolmentRequest;
+
+    fn check(&self) -> Result<(), Rejection> {
+        limit("the token", self.token.len(), 256)?;
+        limit("the terminal name", self.terminal.len(), MAX_NAME * 2)?;
+        limit("the label list", self.labels.len(), MAX_LABELS)?;
+        for (k, v) in &self.labels {
+            limit("a label", k.len() + v.len(), MAX_NAME * 4)?;
+        }
+        Ok(())
+    }
+}
+
+/// Verify an enrolment request: signed by the identity key it presents
+/// (proof of possession). The token is checked by the operator.
+pub fn verify_enrolment_request(bytes: &[u8]) -> Result<EnrolmentRequest, Rejection> {
+    let frame = SignedMessage::decode(bytes, Kind::EnrolmentRequest)?;
+    // The key is inside the body: read it, then check the body's signature
+    // with it before trusting anything else in it.
+    let request: EnrolmentRequest = frame.open()?;
+    frame.verify_by(&request.identity)?;
+    Ok(request)
+}
+
+/// The keys an enrolled terminal trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnchors {
+    /// Keys that sign payload bundles.
+    pub admin_keys: Vec<PublicKey>,
+    /// How many of them must sign a bundle.
+    pub admin_threshold: u8,
+    /// The operator's dispatch key (envelopes).
+    pub dispatch_key: PublicKey,
+    /// The certificate issuer's key.
+    pub issuer_key: PublicKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentResponse {
+    pub terminal: String,
+    pub trust: TrustAnchors,
+    /// The terminal's mTLS client certificate, PEM, from the operator's CA.
+    pub client_certificate_pem: String,
+    /// The CA that signs the gateway's and the clients' certificates.
+    pub ca_certificate_pem: String,
+    pub issued_at_ms: u64,
+}
+
+impl Message for EnrolmentResponse {
+    const KIND: Kind = Kind::EnrolmentResponse;
+
+    fn check(&self) -> Result<(), Rejection> {
+        limit("the terminal name", self.terminal.len(), MAX_NAME * 2)?;
+        limit("the admin key list", self.trust.admin_keys.len(), 32)?;
+        limit(
+            "the client certificate",
+            self.client_certificate_pem.len(),
+            MAX_PEM,
+        )?;
+        limit("the CA certificate", self.ca_certificate_pem.len(), MAX_PEM)?;
+        let t = &self.trust;
+        if t.admin_threshold == 0 || usize::from(t.admin_threshold) > t.admin_keys.len() {
+            return Err(Rejection::Malformed(format!(
+                "admin threshold {} of {} keys",
+                t.admin_threshold,
+                t.admin_keys.len()
+            )));
+        }
+        Ok(())
+    }
+}
