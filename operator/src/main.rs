@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tenet::cli::{self, Output};
+use tenet::cli::{self, Output, payload};
+use tenet_protocol::Algorithm;
 
 /// Tenet keeps a fleet of endpoint terminals in the state its admins
 /// declared, and proves that they are.
@@ -13,7 +14,7 @@ use tenet::cli::{self, Output};
 /// apply` takes). Start with `tenet policy check policies/` and `tenet
 /// policy plan policies/ --inventory examples/inventories/`.
 #[derive(Parser)]
-#[command(name = "tenet", version, propagate_version = true)]
+#[command(name = "tenet", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +25,80 @@ enum Command {
     /// Check and dry-run policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Make a signing key: KEY (private, PKCS#8 PEM, mode 0600) and KEY.pub.
+    Keygen {
+        /// Where to write the private key; the public key goes to OUT.pub.
+        /// An existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// ed25519 (admins, the operator) or ecdsa-p256 (what a TPM holds).
+        #[arg(long, default_value = "ed25519", value_parser = parse_algorithm)]
+        algorithm: Algorithm,
+    },
+    /// Build, sign, verify and inspect signed payload bundles.
+    #[command(subcommand)]
+    Payload(PayloadCommand),
+}
+
+fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    Algorithm::parse(s).ok_or_else(|| format!("{s:?}: use ed25519 or ecdsa-p256"))
+}
+
+#[derive(Subcommand)]
+enum PayloadCommand {
+    /// Build an unsigned bundle from a WASM module (.wat or .wasm) and artifacts.
+    Build {
+        /// The module: WebAssembly text (.wat) or binary (.wasm).
+        #[arg(long)]
+        module: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "1.0.0")]
+        version: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A capability the module needs (repeat): run-artifact, read-inventory, write-files, log.
+        #[arg(long = "capability")]
+        capabilities: Vec<String>,
+        /// A file shipped with the module, digest-pinned (repeat).
+        #[arg(long = "artifact")]
+        artifacts: Vec<PathBuf>,
+        /// How long the bundle may be run: 30d, 12h, 90m.
+        #[arg(long, default_value = "30d")]
+        expires_in: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a signature with an admin key. The bundle's digest does not change.
+    Sign {
+        bundle: PathBuf,
+        /// The admin's private key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Write the signed bundle here instead of in place.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify signatures (k of n trusted keys), digest and expiry. Exits 0
+    /// when the bundle verifies; otherwise 1 with the reason.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted admin public key (repeat).
+        #[arg(long = "trust")]
+        trust: Vec<PathBuf>,
+        /// How many of the trusted keys must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// The digest a policy pins (sha256:...); the bundle must have it.
+        #[arg(long)]
+        digest: Option<String>,
+    },
+    /// Show what a bundle holds (signatures are listed, not checked).
+    Inspect {
+        bundle: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -50,6 +125,21 @@ enum PolicyCommand {
     },
 }
 
+/// A command that prints its result and fails with a reason.
+fn done(r: Result<(), payload::CliError>) -> std::io::Result<i32> {
+    report(r.map(|()| 0))
+}
+
+fn report(r: Result<i32, payload::CliError>) -> std::io::Result<i32> {
+    match r {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("tenet: {e}");
+            Ok(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = &mut std::io::stdout().lock();
@@ -63,6 +153,49 @@ fn main() -> ExitCode {
             inventory,
             output,
         }) => cli::policy::plan(&dir, &inventory, output, stdout, stderr),
+        Command::Keygen { out, algorithm } => done(payload::keygen(&out, algorithm, stdout)),
+        Command::Payload(cmd) => match cmd {
+            PayloadCommand::Build {
+                module,
+                name,
+                version,
+                description,
+                capabilities,
+                artifacts,
+                expires_in,
+                out,
+            } => done(payload::build(
+                &payload::BuildArgs {
+                    module,
+                    name,
+                    version,
+                    description,
+                    capabilities,
+                    artifacts,
+                    expires_in,
+                    out,
+                },
+                stdout,
+            )),
+            PayloadCommand::Sign { bundle, key, out } => {
+                done(payload::sign(&bundle, &key, out.as_deref(), stdout))
+            }
+            PayloadCommand::Verify {
+                bundle,
+                trust,
+                threshold,
+                digest,
+            } => report(payload::verify(
+                &bundle,
+                &trust,
+                threshold,
+                digest.as_deref(),
+                stdout,
+            )),
+            PayloadCommand::Inspect { bundle, output } => {
+                done(payload::inspect(&bundle, output, stdout))
+            }
+        },
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -70,5 +203,14 @@ fn main() -> ExitCode {
             eprintln!("tenet: cannot write the output: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

@@ -179,13 +179,13 @@ pub fn verify_bundle(
 ) -> Result<VerifiedBundle, Rejection> {
     let frame = SignedMessage::decode(bytes, Kind::PayloadBundle)?;
     let digest = frame.body_digest();
-    if let Some(expected) = expected_digest {
-        if *expected != digest {
-            return Err(Rejection::WrongPayloadDigest {
-                expected: digest_string(expected),
-                found: digest_string(&digest),
-            });
-        }
+    if let Some(expected) = expected_digest
+        && *expected != digest
+    {
+        return Err(Rejection::WrongPayloadDigest {
+            expected: digest_string(expected),
+            found: digest_string(&digest),
+        });
     }
     let signers = frame.verify_threshold(&trust.admin_keys, trust.threshold)?;
     let bundle: PayloadBundle = frame.open()?;

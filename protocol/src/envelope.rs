@@ -141,14 +141,14 @@ impl EnvelopeState {
                 got: envelope.sequence,
             });
         }
-        if let Some(seen) = self.policy_generations.get(&envelope.policy) {
-            if envelope.policy_generation < *seen {
-                return Err(Rejection::Rollback {
-                    what: "policy generation",
-                    seen: *seen,
-                    got: envelope.policy_generation,
-                });
-            }
+        if let Some(seen) = self.policy_generations.get(&envelope.policy)
+            && envelope.policy_generation < *seen
+        {
+            return Err(Rejection::Rollback {
+                what: "policy generation",
+                seen: *seen,
+                got: envelope.policy_generation,
+            });
         }
         Ok(VerifiedEnvelope {
             digest: frame.body_digest(),

@@ -1,0 +1,361 @@
+//! `tenet keygen` and `tenet payload build|sign|verify|inspect`: making and
+//! checking signed payload bundles from the command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tenet_protocol::bundle::{
+    Artifact, BundleTrust, Capability, Manifest, PayloadBundle, safe_file_name, verify_bundle,
+};
+use tenet_protocol::keys::public_key_path;
+use tenet_protocol::wire::{digest_string, parse_digest, sha256};
+use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, SignedMessage, Signer};
+
+use super::Output;
+
+/// A command failed for a reason a person can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] tenet_protocol::keys::KeyError),
+    #[error("{path}: {message}")]
+    Bundle { path: String, message: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A unix time in milliseconds as RFC 3339 (UTC).
+pub fn rfc3339(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(|| format!("{ms} ms"), |t| t.to_string())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `tenet keygen --out KEY`: a new private key (0600) and `KEY.pub`.
+pub fn keygen(out_path: &Path, algorithm: Algorithm, out: &mut dyn Write) -> Result<(), CliError> {
+    let key = KeyPair::generate(algorithm)?;
+    key.write_files(out_path)?;
+    let _ = writeln!(
+        out,
+        "wrote {} (private, mode 0600) and {}\n{} key {}",
+        out_path.display(),
+        public_key_path(out_path).display(),
+        algorithm,
+        key.public_key().fingerprint()
+    );
+    Ok(())
+}
+
+/// Arguments of `tenet payload build`.
+pub struct BuildArgs {
+    pub module: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub capabilities: Vec<String>,
+    pub artifacts: Vec<PathBuf>,
+    pub expires_in: String,
+    pub out: PathBuf,
+}
+
+/// `30d`, `12h`, `90m`: how long a bundle stays runnable.
+fn parse_lifetime(text: &str) -> Result<u64, CliError> {
+    let bad = || {
+        CliError::Usage(format!(
+            "--expires-in {text:?}: write a number and d, h, m or s, e.g. 30d"
+        ))
+    };
+    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs * 1000).ok_or_else(bad)
+}
+
+pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    // `.wat` text or a `.wasm` binary: the wat crate passes binaries through.
+    let module = wat::parse_file(&args.module).map_err(|e| CliError::Bundle {
+        path: args.module.display().to_string(),
+        message: format!("not a valid WebAssembly module: {e}"),
+    })?;
+    let capabilities = args
+        .capabilities
+        .iter()
+        .map(|c| {
+            Capability::parse(c).ok_or_else(|| {
+                let known: Vec<&str> = Capability::ALL.iter().map(|c| c.name()).collect();
+                CliError::Usage(format!(
+                    "unknown capability {c:?}; known: {}",
+                    known.join(", ")
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut artifacts = Vec::new();
+    for path in &args.artifacts {
+        let data = std::fs::read(path).map_err(io(path))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !safe_file_name(&name) {
+            return Err(CliError::Usage(format!(
+                "{}: artifact file names may hold only letters, digits and . _ + - ~",
+                path.display()
+            )));
+        }
+        artifacts.push(Artifact {
+            sha256: sha256(&data),
+            size: data.len() as u64,
+            name,
+            data,
+        });
+    }
+    let now = now_ms();
+    let bundle = PayloadBundle {
+        manifest: Manifest {
+            name: args.name.clone(),
+            version: args.version.clone(),
+            description: args.description.clone(),
+            capabilities,
+            created_ms: now,
+            expires_ms: now.saturating_add(parse_lifetime(&args.expires_in)?),
+        },
+        module,
+        artifacts,
+    };
+    use tenet_protocol::Message;
+    bundle.check().map_err(|e| CliError::Bundle {
+        path: args.out.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let frame = SignedMessage::new(&bundle);
+    write_atomically(&args.out, &frame.encode())?;
+    let _ = writeln!(
+        out,
+        "wrote {} (unsigned; sign it with `tenet payload sign`)\ndigest {}",
+        args.out.display(),
+        digest_string(&frame.body_digest())
+    );
+    Ok(())
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn read_frame(path: &Path) -> Result<SignedMessage, CliError> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    SignedMessage::decode(&bytes, Kind::PayloadBundle).map_err(|e| CliError::Bundle {
+        path: path.display().to_string(),
+        message: format!("refused: {e} ({})", e.reason()),
+    })
+}
+
+/// `tenet payload sign BUNDLE --key KEY`: add a signature (in place, or to
+/// `--out`). The digest does not change.
+pub fn sign(
+    bundle: &Path,
+    key: &Path,
+    out_path: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let key = KeyPair::read_file(key)?;
+    let mut frame = read_frame(bundle)?;
+    frame.sign(&key)?;
+    let dest = out_path.unwrap_or(bundle);
+    write_atomically(dest, &frame.encode())?;
+    let _ = writeln!(
+        out,
+        "signed {} with {}\ndigest {} ({} signature(s))",
+        dest.display(),
+        key.public_key().fingerprint(),
+        digest_string(&frame.body_digest()),
+        frame.signatures.len()
+    );
+    Ok(())
+}
+
+/// `tenet payload verify`: exit 0 when the bundle verifies against the
+/// trusted keys; otherwise 1 and the reason.
+pub fn verify(
+    bundle: &Path,
+    trust: &[PathBuf],
+    threshold: usize,
+    digest: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<i32, CliError> {
+    if trust.is_empty() {
+        return Err(CliError::Usage(
+            "name at least one trusted public key with --trust".into(),
+        ));
+    }
+    let admin_keys = trust
+        .iter()
+        .map(|p| PublicKey::read_pem_file(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let expected = match digest {
+        Some(d) => Some(parse_digest(d).ok_or_else(|| {
+            CliError::Usage(format!("--digest {d:?} is not sha256:<64 hex digits>"))
+        })?),
+        None => None,
+    };
+    let bytes = std::fs::read(bundle).map_err(io(bundle))?;
+    let trust = BundleTrust {
+        admin_keys,
+        threshold,
+    };
+    match verify_bundle(&bytes, &trust, expected.as_ref(), now_ms()) {
+        Ok(v) => {
+            let signers: Vec<String> = v.signers.iter().map(|f| f.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "verified: {} {} {}\nsigned by {} of {} trusted key(s), {} required: {}",
+                v.bundle.manifest.name,
+                v.bundle.manifest.version,
+                digest_string(&v.digest),
+                v.signers.len(),
+                trust.admin_keys.len(),
+                threshold.max(1),
+                signers.join(", ")
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            let _ = writeln!(out, "{}: refused: {e} ({})", bundle.display(), e.reason());
+            Ok(1)
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Inspection {
+    digest: String,
+    verified: bool,
+    name: String,
+    version: String,
+    description: String,
+    capabilities: Vec<&'static str>,
+    created_ms: u64,
+    expires_ms: u64,
+    module_bytes: usize,
+    artifacts: Vec<ArtifactInfo>,
+    signatures: Vec<SignatureInfo>,
+}
+
+#[derive(Serialize)]
+struct ArtifactInfo {
+    name: String,
+    sha256: String,
+    size: u64,
+}
+
+#[derive(Serialize)]
+struct SignatureInfo {
+    key: String,
+    algorithm: &'static str,
+}
+
+/// `tenet payload inspect`: what a bundle holds. Signatures are listed,
+/// not checked: use `verify` for that.
+pub fn inspect(bundle: &Path, output: Output, out: &mut dyn Write) -> Result<(), CliError> {
+    let frame = read_frame(bundle)?;
+    let b: PayloadBundle = frame.open().map_err(|e| CliError::Bundle {
+        path: bundle.display().to_string(),
+        message: format!("refused: {e} ({})", e.reason()),
+    })?;
+    let info = Inspection {
+        digest: digest_string(&frame.body_digest()),
+        verified: false,
+        name: b.manifest.name,
+        version: b.manifest.version,
+        description: b.manifest.description,
+        capabilities: b.manifest.capabilities.iter().map(|c| c.name()).collect(),
+        created_ms: b.manifest.created_ms,
+        expires_ms: b.manifest.expires_ms,
+        module_bytes: b.module.len(),
+        artifacts: b
+            .artifacts
+            .iter()
+            .map(|a| ArtifactInfo {
+                name: a.name.clone(),
+                sha256: digest_string(&a.sha256),
+                size: a.size,
+            })
+            .collect(),
+        signatures: frame
+            .signatures
+            .iter()
+            .map(|s| SignatureInfo {
+                key: s.key.to_string(),
+                algorithm: s.algorithm.name(),
+            })
+            .collect(),
+    };
+    let _ = match output {
+        Output::Json => serde_json::to_writer_pretty(&mut *out, &info)
+            .map_err(std::io::Error::from)
+            .and_then(|_| writeln!(out)),
+        Output::Text => {
+            let mut t = format!(
+                "bundle       {} {}\ndigest       {}\ndescription  {}\ncapabilities {}\ncreated      {}\nexpires      {}\nmodule       {} bytes\n",
+                info.name,
+                info.version,
+                info.digest,
+                info.description,
+                info.capabilities.join(", "),
+                rfc3339(info.created_ms),
+                rfc3339(info.expires_ms),
+                info.module_bytes
+            );
+            for a in &info.artifacts {
+                t.push_str(&format!(
+                    "artifact     {} {} bytes {}\n",
+                    a.name, a.size, a.sha256
+                ));
+            }
+            if info.signatures.is_empty() {
+                t.push_str("signatures   none\n");
+            }
+            for s in &info.signatures {
+                t.push_str(&format!(
+                    "signature    {} {} (not checked; use `tenet payload verify`)\n",
+                    s.algorithm, s.key
+                ));
+            }
+            out.write_all(t.as_bytes())
+        }
+    };
+    Ok(())
+}
