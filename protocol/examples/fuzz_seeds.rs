@@ -13,7 +13,11 @@ use tenet_protocol::wire::{encode, sha256};
 use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
+    let root = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "fuzz/corpus".into()),
+    );
     let key = KeyPair::from_seed(Algorithm::Ed25519, [3; 32]).ok_or("key")?;
     let tkey = KeyPair::from_seed(Algorithm::EcdsaP256, [4; 32]).ok_or("key")?;
     let data = b"artifact".to_vec();
@@ -27,7 +31,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             expires_ms: u64::MAX,
         },
         module: b"\0asm\x01\0\0\0".to_vec(),
-        artifacts: vec![Artifact { name: "a.deb".into(), sha256: sha256(&data), size: 8, data }],
+        artifacts: vec![Artifact {
+            name: "a.deb".into(),
+            sha256: sha256(&data),
+            size: 8,
+            data,
+        }],
     };
     let env = DispatchEnvelope {
         terminal: "t".into(),
@@ -44,7 +53,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let inv = Inventory {
         terminal: "t".into(),
-        packages: vec![Package { name: "a".into(), version: "1.0".into(), manager: PackageManager::Dpkg }],
+        packages: vec![Package {
+            name: "a".into(),
+            version: "1.0".into(),
+            manager: PackageManager::Dpkg,
+        }],
         ..Inventory::default()
     };
     let report = ExecutionReport {
@@ -77,17 +90,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tpm: true,
         requested_at_ms: 1,
     };
-    let inv_report = InventoryReport { terminal: "t".into(), sequence: 1, collected_at_ms: 1, inventory: inv };
+    let inv_report = InventoryReport {
+        terminal: "t".into(),
+        sequence: 1,
+        collected_at_ms: 1,
+        inventory: inv,
+    };
     let seeds: Vec<(&str, Vec<Vec<u8>>)> = vec![
-        ("bundle", vec![SignedMessage::signed(&bundle, &key)?.encode(), encode(&bundle)]),
-        ("envelope", vec![SignedMessage::signed(&env, &key)?.encode(), encode(&env)]),
-        ("report", vec![SignedMessage::signed(&report, &tkey)?.encode(), encode(&report)]),
-        ("certificate", vec![SignedMessage::signed(&cert, &key)?.encode(), encode(&cert)]),
+        (
+            "bundle",
+            vec![
+                SignedMessage::signed(&bundle, &key)?.encode(),
+                encode(&bundle),
+            ],
+        ),
+        (
+            "envelope",
+            vec![SignedMessage::signed(&env, &key)?.encode(), encode(&env)],
+        ),
+        (
+            "report",
+            vec![
+                SignedMessage::signed(&report, &tkey)?.encode(),
+                encode(&report),
+            ],
+        ),
+        (
+            "certificate",
+            vec![SignedMessage::signed(&cert, &key)?.encode(), encode(&cert)],
+        ),
         (
             "enrolment",
-            vec![SignedMessage::signed(&enrol, &tkey)?.encode(), encode(&enrol), encode(&inv_report)],
+            vec![
+                SignedMessage::signed(&enrol, &tkey)?.encode(),
+                encode(&enrol),
+                encode(&inv_report),
+            ],
         ),
-        ("frame", vec![SignedMessage::signed(&env, &key)?.encode(), SignedMessage::signed(&report, &tkey)?.encode()]),
+        (
+            "frame",
+            vec![
+                SignedMessage::signed(&env, &key)?.encode(),
+                SignedMessage::signed(&report, &tkey)?.encode(),
+            ],
+        ),
     ];
     for (target, inputs) in seeds {
         let dir = root.join(target);
