@@ -1,11 +1,192 @@
-//! `tenet-agent`: the resident client on each terminal. Enrolment, inventory,
-//! sandboxed execution and signed reports arrive with the agent issue; for
-//! now it only says what it is.
+//! `tenet-agent`: the terminal agent. `main` parses arguments and calls the
+//! library.
 
-fn main() {
-    println!(
-        "tenet-agent {}: the terminal agent is not built yet (see the agent issue)",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(2);
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tenet_agent::config::AgentConfig;
+use tenet_agent::dispatch::{Dispatcher, LoadRequest, LoadResponse, exe_path};
+use tenet_agent::exec::{Limits, Loader};
+use tenet_agent::store::Store;
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::wire::{decode, encode};
+use tenet_protocol::{PublicKey, Signer};
+
+/// The Tenet terminal agent: reports what the terminal holds, and runs
+/// signed remediation payloads in a sandbox, proving each run with a
+/// signed report that carries the dispatch's evidence.
+#[derive(Parser)]
+#[command(name = "tenet-agent", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print this terminal's inventory as YAML.
+    Inventory {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Pin the keys this agent trusts, by hand (enrolment does this too).
+    Pin {
+        #[arg(long)]
+        config: PathBuf,
+        /// The operator's dispatch public key (PEM).
+        #[arg(long)]
+        dispatch_key: PathBuf,
+        /// An admin public key that signs payload bundles (repeat).
+        #[arg(long = "admin-key", required = true)]
+        admin_keys: Vec<PathBuf>,
+        /// How many admins must sign a bundle.
+        #[arg(long, default_value_t = 1)]
+        threshold: u8,
+        /// The certificate issuer's public key (defaults to the dispatch key).
+        #[arg(long)]
+        issuer_key: Option<PathBuf>,
+    },
+    /// Verify and run one dispatch from files, through a loader process, as
+    /// if the operator had pushed it; queue and print the signed report.
+    Dispatch {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        envelope: PathBuf,
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Also write the signed report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// The loader process (started by the agent, one per dispatch): reads
+    /// the dispatch on stdin, writes the signed report on stdout.
+    #[command(hide = true)]
+    Load {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        run_id: u64,
+    },
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tenet-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inventory { config } => {
+            let c = AgentConfig::read(&config)?;
+            let inv = c.inventory_source().collect()?;
+            print!("{}", serde_yaml::to_string(&inv)?);
+        }
+        Command::Pin {
+            config,
+            dispatch_key,
+            admin_keys,
+            threshold,
+            issuer_key,
+        } => {
+            let c = AgentConfig::read(&config)?;
+            let store = Store::open(&c.data)?;
+            let dispatch_key = PublicKey::read_pem_file(&dispatch_key)?;
+            let admin_keys = admin_keys
+                .iter()
+                .map(|p| PublicKey::read_pem_file(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let issuer_key = match issuer_key {
+                Some(p) => PublicKey::read_pem_file(&p)?,
+                None => dispatch_key.clone(),
+            };
+            if threshold == 0 || usize::from(threshold) > admin_keys.len() {
+                anyhow::bail!(
+                    "--threshold {threshold} with {} admin key(s)",
+                    admin_keys.len()
+                );
+            }
+            store.set_trust(&TrustAnchors {
+                admin_keys,
+                admin_threshold: threshold,
+                dispatch_key,
+                issuer_key,
+            })?;
+            let identity = store.file_identity()?;
+            println!(
+                "pinned; this terminal's identity key is {}",
+                identity.public_key().fingerprint()
+            );
+        }
+        Command::Dispatch {
+            config,
+            envelope,
+            bundle,
+            report,
+        } => {
+            let c = AgentConfig::read(&config)?;
+            let store = Store::open(&c.data)?;
+            let identity = store.file_identity()?;
+            let envelope =
+                std::fs::read(&envelope).with_context(|| envelope.display().to_string())?;
+            let bundle = std::fs::read(&bundle).with_context(|| bundle.display().to_string())?;
+            let d = Dispatcher::new(exe_path(), config.clone(), c.terminal.clone());
+            let done = d.dispatch(&store, &identity, &envelope, &bundle, now_ms())?;
+            if let Some(path) = report {
+                std::fs::write(&path, &done.report).with_context(|| path.display().to_string())?;
+            }
+            println!("{:?}\nqueued {}", done.outcome, done.queued.display());
+        }
+        Command::Load { config, run_id } => {
+            let c = AgentConfig::read(&config)?;
+            let store = Store::open(&c.data)?;
+            let identity = store.file_identity()?;
+            let trust = store.trust()?;
+            let mut input = Vec::new();
+            std::io::stdin().read_to_end(&mut input)?;
+            let request: LoadRequest =
+                decode(&input).map_err(|e| anyhow::anyhow!("bad load request: {e}"))?;
+            let work_dir = store.run_dir(run_id)?;
+            let loader = Loader {
+                terminal: &c.terminal,
+                trust: &trust,
+                identity: &identity,
+                root: &c.root,
+                work_dir: &work_dir,
+                inventory: c.inventory_source(),
+                limits: Limits::default(),
+                now_ms,
+            };
+            let result = loader.run(&request.envelope, &request.bundle, &request.state)?;
+            let _ = std::fs::remove_dir_all(&work_dir);
+            std::io::stdout().write_all(&encode(&LoadResponse {
+                report: result.report,
+            }))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,113 @@
+//! The agent's configuration file (YAML).
+//!
+//! ```yaml
+//! terminal: nagoya-ward3-01        # the Terminal resource name
+//! data: /var/lib/tenet-agent       # keys, pinned trust, state, outbox (0700)
+//! root: /                          # the terminal's root file system
+//! labels: { site: nagoya }
+//! facts: { os: { family: debian } }
+//! inventory:
+//!   dpkg: { watchedFiles: [/etc/hospital-ca.pem] }   # or: file: inventory.yaml
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tenet_protocol::inventory::Facts;
+
+use crate::inventory::{DpkgInventory, FileInventory, InventorySource};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    pub terminal: String,
+    pub data: PathBuf,
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub facts: Facts,
+    pub inventory: InventoryConfig,
+}
+
+fn default_root() -> PathBuf {
+    PathBuf::from("/")
+}
+
+/// Where the inventory comes from: exactly one of `dpkg` and `file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InventoryConfig {
+    #[serde(default)]
+    pub dpkg: Option<DpkgConfig>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DpkgConfig {
+    /// Files (absolute paths inside the root) whose digest is reported.
+    #[serde(default)]
+    pub watched_files: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl AgentConfig {
+    pub fn read(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut c: AgentConfig = serde_yaml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        // Relative paths are relative to the config file; all become absolute,
+        // since loaders run artifacts from their own working directory.
+        let absolute = std::path::absolute(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
+        c.data = base.join(&c.data);
+        c.root = base.join(&c.root);
+        if let Some(p) = &mut c.inventory.file {
+            *p = base.join(&*p);
+        }
+        if c.inventory.dpkg.is_some() == c.inventory.file.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                message: "inventory: set exactly one of dpkg and file".into(),
+            });
+        }
+        Ok(c)
+    }
+
+    pub fn inventory_source(&self) -> Arc<dyn InventorySource> {
+        match (&self.inventory.file, &self.inventory.dpkg) {
+            (Some(path), _) => Arc::new(FileInventory { path: path.clone() }),
+            (None, dpkg) => Arc::new(DpkgInventory {
+                terminal: self.terminal.clone(),
+                root: self.root.clone(),
+                labels: self.labels.clone(),
+                facts: self.facts.clone(),
+                watched_files: dpkg.clone().unwrap_or_default().watched_files,
+            }),
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! The loader: the first paper's separate loader process. It verifies a
+//! dispatch completely (the operator's signature, this terminal, freshness,
+//! sequence, the admins' signatures on the bundle, its digest, the
+//! capabilities), runs the WASM module from memory (never from disk) in
+//! wasmtime with a time limit, a memory limit and only the granted host
+//! functions, and signs a report that carries the dispatch's nonce back.
+//!
+//! # Host API for payload authors
+//!
+//! A payload is a WASM module exporting `memory` and `run: () -> i32` (its
+//! exit code, 0 for success). It may import these functions from module
+//! `tenet`; importing one whose capability the envelope does not grant gets
+//! the dispatch refused before anything runs.
+//!
+//! | import | signature | capability | what it does |
+//! |---|---|---|---|
+//! | `arg_count` | `() -> i32` | none | number of envelope arguments |
+//! | `arg` | `(index, buf, buf_len) -> i32` | none | copies argument `index` into `buf`; returns its length (nothing copied when longer than `buf_len`), -1 when there is no such argument |
+//! | `log` | `(ptr, len)` | `log` | appends a line to the output the report carries |
+//! | `run_artifact` | `(name, name_len, args, args_len) -> i32` | `run-artifact` | writes the bundle's artifacts to a private 0700 directory, re-checks the named one's digest, runs it with the NUL-separated `args`, its working directory that directory and `TENET_ROOT` the terminal's root; returns its exit code |
+//! | `read_inventory` | `(buf, buf_len) -> i32` | `read-inventory` | the terminal's inventory as JSON; returns its length (nothing copied when longer than `buf_len`) |
+//! | `write_file` | `(path, path_len, data, data_len) -> i32` | `write-files` | writes a file under one of the envelope's write paths (inside the terminal root); 0 on success |
+//!
+//! Negative results: -1 bad argument (out-of-bounds memory, not UTF-8, no
+//! such argument), -2 no such artifact, -3 artifact digest mismatch (nothing
+//! run), -4 could not start, -5 killed (time limit or signal), -6 path not
+//! granted, -7 I/O error.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tenet_protocol::bundle::{Artifact, BundleTrust, Capability, verify_bundle};
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::envelope::{EnvelopeState, VerifiedEnvelope, check_bundle_against_envelope};
+use tenet_protocol::report::{ExecutionReport, MAX_OUTPUT_TAIL, Outcome};
+use tenet_protocol::wire::sha256;
+use tenet_protocol::{Kind, Rejection, SignedMessage, Signer};
+use wasmtime::{
+    Caller, Config, Engine, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
+};
+
+use crate::inventory::InventorySource;
+use crate::inventory::dpkg::inside;
+
+/// Bounds on one payload run.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Linear memory a module may grow to.
+    pub memory_bytes: usize,
+    /// Wall-clock time a run may take (the envelope's deadline may cut it shorter).
+    pub max_run: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 * 1024 * 1024,
+            max_run: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Everything a loader needs besides the dispatch itself.
+pub struct Loader<'a> {
+    pub terminal: &'a str,
+    pub trust: &'a TrustAnchors,
+    pub identity: &'a dyn Signer,
+    /// The terminal's root file system (`/` on a real terminal).
+    pub root: &'a Path,
+    /// A private 0700 working directory for this run.
+    pub work_dir: &'a Path,
+    pub inventory: Arc<dyn InventorySource>,
+    pub limits: Limits,
+    pub now_ms: fn() -> u64,
+}
+
+/// The result of a dispatch: the signed report, and the envelope to record
+/// as used when it verified (even if the payload then failed).
+pub struct LoadResult {
+    pub report: Vec<u8>,
+    pub outcome: Outcome,
+    pub accepted: Option<VerifiedEnvelope>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("cannot sign the report: {0}")]
+    Sign(#[from] tenet_protocol::keys::KeyError),
+}
+
+const TICK: Duration = Duration::from_millis(10);
+
+impl Loader<'_> {
+    /// Verify and run one dispatch. Every refusal is a signed report too.
+    pub fn run(
+        &self,
+        envelope: &[u8],
+        bundle: &[u8],
+        state: &EnvelopeState,
+    ) -> Result<LoadResult, LoaderError> {
+        let started = (self.now_ms)();
+        let verified = match state.verify(envelope, &self.trust.dispatch_key, started) {
+            Ok(v) => v,
+            Err(r) => {
+                // Name the envelope by its digest only: nothing in an
+                // unverified envelope is trusted.
+                let digest = SignedMessage::decode(envelope, Kind::DispatchEnvelope)
+                    .map(|f| f.body_digest())
+                    .unwrap_or_else(|_| sha256(envelope));
+                let report = ExecutionReport {
+                    terminal: self.terminal.to_string(),
+                    envelope_digest: digest,
+                    nonce: [0; 32],
+                    payload_digest: [0; 32],
+                    outcome: refused(&r),
+                    output_tail: Vec::new(),
+                    observed: None,
+                    started_at_ms: started,
+                    finished_at_ms: (self.now_ms)(),
+                };
+                return self.finish(report, None);
+            }
+        };
+        let (outcome, output) = match self.verify_and_execute(&verified, bundle, started) {
+            Ok(done) => done,
+            Err(r) => (refused(&r), Vec::new()),
+        };
+        let env = &verified.envelope;
+        let report = ExecutionReport {
+            terminal: self.terminal.to_string(),
+            envelope_digest: verified.digest,
+            nonce: env.nonce,
+            payload_digest: env.payload_digest,
+            outcome,
+            output_tail: output,
+            observed: self.inventory.collect().ok(),
+            started_at_ms: started,
+            finished_at_ms: (self.now_ms)(),
+        };
+        self.finish(report, Some(verified))
+    }
+
+    fn finish(
+        &self,
+        report: ExecutionReport,
+        accepted: Option<VerifiedEnvelope>,
+    ) -> Result<LoadResult, LoaderError> {
+        let outcome = report.outcome.clone();
+        let bytes = SignedMessage::signed(&report, self.identity)?.encode();
+        Ok(LoadResult {
+            report: bytes,
+            outcome,
+            accepted,
+        })
+    }
+
+    fn verify_and_execute(
+        &self,
+        verified: &VerifiedEnvelope,
+        bundle: &[u8],
+        started_ms: u64,
+    ) -> Result<(Outcome, Vec<u8>), Rejection> {
+        let env = &verified.envelope;
+        let trust = BundleTrust {
+            admin_keys: self.trust.admin_keys.clone(),
+            threshold: usize::from(self.trust.admin_threshold),
+        };
+        let vb = verify_bundle(bundle, &trust, Some(&env.payload_digest), started_ms)?;
+        check_bundle_against_envelope(&vb.digest, &vb.bundle, env)?;
+
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine =
+            Engine::new(&config).map_err(|e| Rejection::Malformed(format!("wasm engine: {e}")))?;
+        let module = Module::new(&engine, &vb.bundle.module)
+            .map_err(|e| Rejection::Malformed(format!("the module does not compile: {e:#}")))?;
+        for import in module.imports() {
+            let capability =
+                import_capability(import.module(), import.name()).ok_or_else(|| {
+                    Rejection::Malformed(format!(
+                        "unknown import {}.{}",
+                        import.module(),
+                        import.name()
+                    ))
+                })?;
+            if let Some(c) = capability {
+                if !env.capabilities.contains(&c) {
+                    return Err(Rejection::CapabilityNotGranted(c.name().into()));
+                }
+            }
+        }
+
+        let budget_ms = env.deadline_ms.saturating_sub(started_ms);
+        let budget = self.limits.max_run.min(Duration::from_millis(budget_ms));
+        let host = Host {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .instances(1)
+                .tables(4)
+                .memories(1)
+                .build(),
+            args: env.args.clone(),
+            write_paths: env.write_paths.clone(),
+            artifacts: vb.bundle.artifacts,
+            artifacts_written: false,
+            root: self.root.to_path_buf(),
+            work_dir: self.work_dir.to_path_buf(),
+            output: Vec::new(),
+            inventory: self.inventory.clone(),
+            deadline: Instant::now() + budget,
+        };
+        let mut store = Store::new(&engine, host);
+        store.limiter(|h| &mut h.limits);
+        store.set_epoch_deadline((budget.as_millis() / TICK.as_millis()).max(1) as u64);
+        store.epoch_deadline_trap();
+
+        let linker =
+            linker(&engine).map_err(|e| Rejection::Malformed(format!("host functions: {e}")))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+        };
+        let outcome = match linker
+            .instantiate(&mut store, &module)
+            .and_then(|i| i.get_typed_func::<(), i32>(&mut store, "run"))
+        {
+            Err(e) => Outcome::Trapped {
+                message: truncate(&format!("cannot start the payload: {e:#}")),
+            },
+            Ok(run) => match run.call(&mut store, ()) {
+                Ok(code) => Outcome::Exited { code },
+                Err(e) if matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)) => {
+                    Outcome::TimedOut
+                }
+                Err(e) => Outcome::Trapped {
+                    message: truncate(&format!("{e:#}")),
+                },
+            },
+        };
+        stop.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        Ok((outcome, std::mem::take(&mut store.data_mut().output)))
+    }
+}
+
+fn refused(r: &Rejection) -> Outcome {
+    Outcome::Refused {
+        reason: r.reason().to_string(),
+        message: truncate(&r.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    let mut end = s.len().min(4000);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// The capability an import needs: `Some(None)` for none, `None` for an
+/// unknown import.
+fn import_capability(module: &str, name: &str) -> Option<Option<Capability>> {
+    if module != "tenet" {
+        return None;
+    }
+    match name {
+        "arg_count" | "arg" => Some(None),
+        "log" => Some(Some(Capability::Log)),
+        "run_artifact" => Some(Some(Capability::RunArtifact)),
+        "read_inventory" => Some(Some(Capability::ReadInventory)),
+        "write_file" => Some(Some(Capability::WriteFiles)),
+        _ => None,
+    }
+}
+
+struct Host {
+    limits: StoreLimits,
+    args: Vec<String>,
+    write_paths: Vec<String>,
+    artifacts: Vec<Artifact>,
+    artifacts_written: bool,
+    root: PathBuf,
+    work_dir: PathBuf,
+    output: Vec<u8>,
+    inventory: Arc<dyn InventorySource>,
+    deadline: Instant,
+}
+
+impl Host {
+    fn append_output(&mut self, bytes: &[u8]) {
+        self.output.extend_from_slice(bytes);
+        if self.output.len() > MAX_OUTPUT_TAIL {
+            let cut = self.output.len() - MAX_OUTPUT_TAIL;
+            self.output.drain(..cut);
+        }
+    }
+}
+
+const E_ARG: i32 = -1;
+const E_NO_ARTIFACT: i32 = -2;
+const E_DIGEST: i32 = -3;
+const E_LAUNCH: i32 = -4;
+const E_KILLED: i32 = -5;
+const E_PATH: i32 = -6;
+const E_IO: i32 = -7;
+
+/// The largest buffer a host call reads from guest memory.
+const MAX_GUEST_READ: usize = 16 * 1024 * 1024;
+
+fn read_guest(caller: &mut Caller<'_, Host>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let mem = caller.get_export("memory")?.into_memory()?;
+    let (ptr, len) = (usize::try_from(ptr).ok()?, usize::try_from(len).ok()?);
+    if len > MAX_GUEST_READ {
+        return None;
+    }
+    let data = mem.data(&*caller);
+    data.get(ptr..ptr.checked_add(len)?).map(<[u8]>::to_vec)
+}
+
+fn write_guest(caller: &mut Caller<'_, Host>, ptr: i32, bytes: &[u8]) -> bool {
+    let Some(mem) = caller.get_export("memory").and_then(|e| e.into_memory()) else {
+        return false;
+    };
+    usize::try_from(ptr).is_ok_and(|p| mem.write(&mut *caller, p, bytes).is_ok())
+}
+
+/// Copy `bytes` to the guest when it fits; the length either way.
+fn give(caller: &mut Caller<'_, Host>, buf: i32, buf_len: i32, bytes: &[u8]) -> i32 {
+    let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+    if usize::try_from(buf_len).is_ok_and(|l| bytes.len() <= l) && !write_guest(caller, buf, bytes)
+    {
+        return E_ARG;
+    }
+    len
+}
+
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
+    let mut l: Linker<Host> = Linker::new(engine);
+    l.func_wrap("tenet", "arg_count", |c: Caller<'_, Host>| {
+        c.data().args.len() as i32
+    })?;
+    l.func_wrap(
+        "tenet",
+        "arg",
+        |mut c: Caller<'_, Host>, index: i32, buf: i32, buf_len: i32| {
+            let Some(arg) = usize::try_from(index)
+                .ok()
+                .and_then(|i| c.data().args.get(i).cloned())
+            else {
+                return E_ARG;
+            };
+            give(&mut c, buf, buf_len, arg.as_bytes())
+        },
+    )?;
+    l.func_wrap(
+        "tenet",
+        "log",
+        |mut c: Caller<'_, Host>, ptr: i32, len: i32| {
+            if let Some(mut line) = read_guest(&mut c, ptr, len) {
+                line.push(b'\n');
+                c.data_mut().append_output(&line);
+            }
+        },
+    )?;
+    l.func_wrap(
+        "tenet",
+        "read_inventory",
+        |mut c: Caller<'_, Host>, buf: i32, buf_len: i32| {
+            let Ok(inv) = c.data().inventory.collect() else {
+                return E_IO;
+            };
+            let Ok(json) = serde_json::to_vec(&inv) else {
+                return E_IO;
+            };
+            give(&mut c, buf, buf_len, &json)
+        },
+    )?;
+    l.func_wrap(
+        "tenet",
+        "write_file",
+        |mut c: Caller<'_, Host>, path: i32, path_len: i32, data: i32, data_len: i32| {
+            let (Some(path), Some(data)) = (
+                read_guest(&mut c, path, path_len),
+                read_guest(&mut c, data, data_len),
+            ) else {
+                return E_ARG;
+            };
+            let Ok(path) = String::from_utf8(path) else {
+                return E_ARG;
+            };
+            let host = c.data();
+            if !path_granted(&path, &host.write_paths) {
+                return E_PATH;
+            }
+            let target = inside(&host.root, &path);
+            let ok = target
+                .parent()
+                .is_some_and(|p| std::fs::create_dir_all(p).is_ok())
+                && crate::store::write_atomically(&target, &data, 0o644).is_ok();
+            if ok { 0 } else { E_IO }
+        },
+    )?;
+    l.func_wrap(
+        "tenet",
+        "run_artifact",
+        |mut c: Caller<'_, Host>, name: i32, name_len: i32, args: i32, args_len: i32| {
+            let (Some(name), Some(args)) = (
+                read_guest(&mut c, name, name_len),
+                read_guest(&mut c, args, args_len),
+            ) else {
+                return E_ARG;
+            };
+            let (Ok(name), Ok(args)) = (String::from_utf8(name), String::from_utf8(args)) else {
+                return E_ARG;
+            };
+            let args: Vec<&str> = args.split('\0').filter(|a| !a.is_empty()).collect();
+            let (code, output) = run_artifact(c.data_mut(), &name, &args);
+            c.data_mut().append_output(&output);
+            code
+        },
+    )?;
+    Ok(l)
+}
+
+/// Whether `path` is absolute, clean, and under one of `granted`.
+pub fn path_granted(path: &str, granted: &[String]) -> bool {
+    let clean = path.starts_with('/') && !path.split('/').any(|s| s == ".." || s == ".");
+    clean
+        && granted.iter().any(|g| {
+            let g = g.trim_end_matches('/');
+            path == g
+                || path
+                    .strip_prefix(g)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+}
+
+/// Write the artifacts, re-check the digest of the one to run just before
+/// launching it, run it as its own process until it ends or time runs out.
+fn run_artifact(host: &mut Host, name: &str, args: &[&str]) -> (i32, Vec<u8>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(artifact) = host.artifacts.iter().find(|a| a.name == name) else {
+        return (
+            E_NO_ARTIFACT,
+            format!("no artifact named {name:?} in the bundle\n").into_bytes(),
+        );
+    };
+    let expected = artifact.sha256;
+    if !host.artifacts_written {
+        for a in &host.artifacts {
+            let path = host.work_dir.join(&a.name);
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o700)
+                .open(&path)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, &a.data).and_then(|()| f.sync_all())
+                });
+            if written.is_err() {
+                return (
+                    E_IO,
+                    format!("cannot write artifact {}\n", a.name).into_bytes(),
+                );
+            }
+        }
+        host.artifacts_written = true;
+    }
+    let path = host.work_dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) if sha256(&bytes) == expected => {}
+        _ => {
+            return (
+                E_DIGEST,
+                format!("artifact {name} does not match its digest; not run\n").into_bytes(),
+            );
+        }
+    }
+    let log_path = host.work_dir.join(format!(".{name}.output"));
+    let Ok(log) = std::fs::File::create(&log_path) else {
+        return (E_IO, b"cannot create the output file\n".to_vec());
+    };
+    let Ok(log2) = log.try_clone() else {
+        return (E_IO, Vec::new());
+    };
+    let child = std::process::Command::new(&path)
+        .args(args)
+        .current_dir(&host.work_dir)
+        .env("TENET_ROOT", &host.root)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (E_LAUNCH, format!("cannot start {name}: {e}\n").into_bytes()),
+    };
+    // Supervise: the process ends, or the run's time runs out.
+    let code = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.code().unwrap_or(E_KILLED),
+            Ok(None) if Instant::now() >= host.deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break E_KILLED;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(_) => break E_LAUNCH,
+        }
+    };
+    let mut output = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(&log_path) {
+        let _ = f.read_to_end(&mut output);
+    }
+    if output.len() > MAX_OUTPUT_TAIL {
+        output.drain(..output.len() - MAX_OUTPUT_TAIL);
+    }
+    (code, output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_paths_stay_inside_their_grant() {
+        let g = vec!["/etc/tenet/".to_string()];
+        assert!(path_granted("/etc/tenet/motd", &g));
+        assert!(path_granted("/etc/tenet/a/b", &g));
+        assert!(!path_granted("/etc/tenetx/motd", &g));
+        assert!(!path_granted("/etc/tenet/../passwd", &g));
+        assert!(!path_granted("etc/tenet/motd", &g));
+        assert!(!path_granted("/etc/passwd", &g));
+    }
+}

@@ -1,0 +1,11 @@
+//! The Tenet terminal agent: the resident client of the first paper. It
+//! reports the terminal's inventory, and runs each dispatch in a separate
+//! loader process that verifies everything, runs the payload in wasmtime
+//! with only the granted capabilities, and signs a report carrying the
+//! dispatch's evidence. It never depends on kube.
+
+pub mod config;
+pub mod dispatch;
+pub mod exec;
+pub mod inventory;
+pub mod store;

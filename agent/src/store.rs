@@ -1,0 +1,184 @@
+//! The agent's data directory: its identity key, the keys it pinned at
+//! enrolment, what it remembers of envelopes (so replays and rollbacks are
+//! refused across restarts), and the outbox of signed reports not yet
+//! acknowledged (so none is lost across reconnects or restarts).
+//!
+//! ```text
+//! DATA/identity.key      private key, PKCS#8 PEM, 0600 (when not in a TPM)
+//! DATA/identity.key.pub
+//! DATA/trust             pinned TrustAnchors (canonical encoding)
+//! DATA/envelope-state    EnvelopeState
+//! DATA/outbox/NNNN.report signed reports waiting for the operator
+//! DATA/run/              private 0700 working directories of loaders
+//! ```
+//! Every file is replaced atomically (write, fsync, rename).
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::envelope::EnvelopeState;
+use tenet_protocol::keys::KeyError;
+use tenet_protocol::wire::{decode, encode};
+use tenet_protocol::{Algorithm, KeyPair};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: the file is corrupt ({message}); it was left as it is")]
+    Corrupt { path: String, message: String },
+    #[error("{path}: missing; enrol the agent first")]
+    NotEnrolled { path: String },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Replace `path` with `bytes`: a crash leaves the old or the new file, never
+/// a mix.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(parent) = path.parent() {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Open (creating, mode 0700) a data directory.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        for d in [dir.to_path_buf(), dir.join("outbox"), dir.join("run")] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(io(&d))?;
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file identity key, created on first use.
+    pub fn file_identity(&self) -> Result<KeyPair, StoreError> {
+        let path = self.dir.join("identity.key");
+        if !path.exists() {
+            KeyPair::generate(Algorithm::Ed25519)?.write_files(&path)?;
+        }
+        Ok(KeyPair::read_file(&path)?)
+    }
+
+    fn read_decoded<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => decode(&bytes).map(Some).map_err(|e| StoreError::Corrupt {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    pub fn trust(&self) -> Result<TrustAnchors, StoreError> {
+        self.read_decoded("trust")?
+            .ok_or_else(|| StoreError::NotEnrolled {
+                path: self.dir.join("trust").display().to_string(),
+            })
+    }
+
+    pub fn set_trust(&self, trust: &TrustAnchors) -> Result<(), StoreError> {
+        write_atomically(&self.dir.join("trust"), &encode(trust), 0o600)
+    }
+
+    /// What the agent remembers of envelopes; fresh for `terminal` on first use.
+    pub fn envelope_state(&self, terminal: &str) -> Result<EnvelopeState, StoreError> {
+        Ok(self
+            .read_decoded("envelope-state")?
+            .unwrap_or_else(|| EnvelopeState::new(terminal)))
+    }
+
+    pub fn save_envelope_state(&self, state: &EnvelopeState) -> Result<(), StoreError> {
+        write_atomically(&self.dir.join("envelope-state"), &encode(state), 0o600)
+    }
+
+    /// Queue a signed report; it stays until [`Store::acknowledge`].
+    pub fn push_report(&self, sequence: u64, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = self
+            .dir
+            .join("outbox")
+            .join(format!("{sequence:020}.report"));
+        write_atomically(&path, bytes, 0o600)?;
+        Ok(path)
+    }
+
+    /// Reports waiting, oldest first.
+    pub fn pending_reports(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
+        let dir = self.dir.join("outbox");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "report"))
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|p| std::fs::read(&p).map(|b| (p.clone(), b)).map_err(io(&p)))
+            .collect()
+    }
+
+    pub fn acknowledge(&self, path: &Path) -> Result<(), StoreError> {
+        std::fs::remove_file(path).map_err(io(path))
+    }
+
+    /// A fresh private working directory for one run (mode 0700).
+    pub fn run_dir(&self, sequence: u64) -> Result<PathBuf, StoreError> {
+        let d = self.dir.join("run").join(format!("{sequence:020}"));
+        if d.exists() {
+            std::fs::remove_dir_all(&d).map_err(io(&d))?;
+        }
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&d)
+            .map_err(io(&d))?;
+        Ok(d)
+    }
+}
