@@ -186,10 +186,10 @@ impl Loader<'_> {
                         import.name()
                     ))
                 })?;
-            if let Some(c) = capability {
-                if !env.capabilities.contains(&c) {
-                    return Err(Rejection::CapabilityNotGranted(c.name().into()));
-                }
+            if let Some(c) = capability
+                && !env.capabilities.contains(&c)
+            {
+                return Err(Rejection::CapabilityNotGranted(c.name().into()));
             }
         }
 
@@ -201,6 +201,7 @@ impl Loader<'_> {
                 .instances(1)
                 .tables(4)
                 .memories(1)
+                .trap_on_grow_failure(true)
                 .build(),
             args: env.args.clone(),
             write_paths: env.write_paths.clone(),

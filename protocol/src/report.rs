@@ -81,6 +81,10 @@ pub fn nonce_commitment(nonce: &[u8; 32]) -> [u8; 32] {
     sha256(&input)
 }
 
+/// The envelope's deadline bounds the run; its report may take this much
+/// longer to arrive (a payload stopped at its deadline still reports).
+pub const REPORT_GRACE_MS: u64 = 60_000;
+
 /// What the operator keeps of a dispatch until its report arrives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DispatchRecord {
@@ -142,9 +146,10 @@ pub fn check_report(
             "a report for this dispatch was already accepted".into(),
         ));
     }
-    if now_ms > record.deadline_ms {
+    let last_call = record.deadline_ms.saturating_add(REPORT_GRACE_MS);
+    if now_ms > last_call {
         return Err(Rejection::Expired {
-            deadline_ms: record.deadline_ms,
+            deadline_ms: last_call,
             now_ms,
         });
     }

@@ -311,7 +311,7 @@ fn expired_and_not_yet_valid() {
             &rep,
             &f.terminal.public_key(),
             &record(&env, [9; 32]),
-            env.deadline_ms + 1
+            env.deadline_ms + tenet_protocol::report::REPORT_GRACE_MS + 1
         )),
         "Expired"
     );
