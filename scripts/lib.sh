@@ -17,6 +17,9 @@ DEBIAN_PACKAGES=(
   dpkg          # the package manager terminals run; its ordering is tested against ours
   pkg-config
   gcc           # the linker driver for Rust
+  libtss2-dev   # tss-esapi: the agent's TPM-held identity key
+  swtpm         # a software TPM for the TPM tests
+  swtpm-tools
 )
 
 ensure_debian_packages() {

@@ -8,6 +8,8 @@
 //! facts: { os: { family: debian } }
 //! inventory:
 //!   dpkg: { watchedFiles: [/etc/hospital-ca.pem] }   # or: file: inventory.yaml
+//! identity:
+//!   tpm: { tcti: "device:/dev/tpmrm0" }              # omit for a file key
 //! ```
 
 use std::collections::BTreeMap;
@@ -17,7 +19,19 @@ use std::sync::Arc;
 use serde::Deserialize;
 use tenet_protocol::inventory::Facts;
 
+use tenet_protocol::Signer;
+
 use crate::inventory::{DpkgInventory, FileInventory, InventorySource};
+use crate::store::{Store, StoreError};
+use crate::tpm::{TpmError, TpmIdentity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    Tpm(#[from] TpmError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -31,6 +45,25 @@ pub struct AgentConfig {
     #[serde(default)]
     pub facts: Facts,
     pub inventory: InventoryConfig,
+    /// Where the identity key lives: in a TPM when configured, otherwise in
+    /// `DATA/identity.key` (mode 0600).
+    #[serde(default)]
+    pub identity: IdentityConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityConfig {
+    #[serde(default)]
+    pub tpm: Option<TpmConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TpmConfig {
+    /// The TSS TCTI, e.g. `device:/dev/tpmrm0`. The environment variable
+    /// `TENET_TPM_TCTI` overrides it.
+    pub tcti: String,
 }
 
 fn default_root() -> PathBuf {
@@ -96,6 +129,27 @@ impl AgentConfig {
             });
         }
         Ok(c)
+    }
+
+    /// The identity key: the TPM's when configured, otherwise the file key
+    /// (created on first use). The public key is written to
+    /// `DATA/identity.key.pub` either way.
+    pub fn identity(&self, store: &Store) -> Result<Box<dyn Signer>, IdentityError> {
+        let signer: Box<dyn Signer> = match &self.identity.tpm {
+            Some(tpm) => {
+                let tcti = std::env::var("TENET_TPM_TCTI").unwrap_or_else(|_| tpm.tcti.clone());
+                let t = TpmIdentity::open(&tcti)?;
+                let pub_path = store.dir().join("identity.key.pub");
+                crate::store::write_atomically(
+                    &pub_path,
+                    t.public_key().to_pem().as_bytes(),
+                    0o644,
+                )?;
+                Box::new(t)
+            }
+            None => Box::new(store.file_identity()?),
+        };
+        Ok(signer)
     }
 
     pub fn inventory_source(&self) -> Arc<dyn InventorySource> {

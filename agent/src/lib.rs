@@ -9,3 +9,4 @@ pub mod dispatch;
 pub mod exec;
 pub mod inventory;
 pub mod store;
+pub mod tpm;

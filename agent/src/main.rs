@@ -12,9 +12,9 @@ use tenet_agent::config::AgentConfig;
 use tenet_agent::dispatch::{Dispatcher, LoadRequest, LoadResponse, exe_path};
 use tenet_agent::exec::{Limits, Loader};
 use tenet_agent::store::Store;
+use tenet_protocol::PublicKey;
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::wire::{decode, encode};
-use tenet_protocol::{PublicKey, Signer};
 
 /// The Tenet terminal agent: reports what the terminal holds, and runs
 /// signed remediation payloads in a sandbox, proving each run with a
@@ -127,10 +127,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dispatch_key,
                 issuer_key,
             })?;
-            let identity = store.file_identity()?;
+            let identity = c.identity(&store)?;
+            let public = identity.public_key();
             println!(
-                "pinned; this terminal's identity key is {}",
-                identity.public_key().fingerprint()
+                "pinned; this terminal's identity key is {} {}",
+                public.algorithm(),
+                public.fingerprint()
             );
         }
         Command::Dispatch {
@@ -141,12 +143,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let c = AgentConfig::read(&config)?;
             let store = Store::open(&c.data)?;
-            let identity = store.file_identity()?;
+            let identity = c.identity(&store)?;
             let envelope =
                 std::fs::read(&envelope).with_context(|| envelope.display().to_string())?;
             let bundle = std::fs::read(&bundle).with_context(|| bundle.display().to_string())?;
             let d = Dispatcher::new(exe_path(), config.clone(), c.terminal.clone());
-            let done = d.dispatch(&store, &identity, &envelope, &bundle, now_ms())?;
+            let done = d.dispatch(&store, identity.as_ref(), &envelope, &bundle, now_ms())?;
             if let Some(path) = report {
                 std::fs::write(&path, &done.report).with_context(|| path.display().to_string())?;
             }
@@ -155,7 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Load { config, run_id } => {
             let c = AgentConfig::read(&config)?;
             let store = Store::open(&c.data)?;
-            let identity = store.file_identity()?;
+            let identity = c.identity(&store)?;
             let trust = store.trust()?;
             let mut input = Vec::new();
             std::io::stdin().read_to_end(&mut input)?;
@@ -165,7 +167,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let loader = Loader {
                 terminal: &c.terminal,
                 trust: &trust,
-                identity: &identity,
+                identity: identity.as_ref(),
                 root: &c.root,
                 work_dir: &work_dir,
                 inventory: c.inventory_source(),

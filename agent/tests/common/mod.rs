@@ -82,6 +82,11 @@ pub struct Terminal {
 
 impl Terminal {
     pub fn new(name: &str) -> Terminal {
+        Terminal::build(name, "")
+    }
+
+    /// A terminal whose agent configuration has `extra` appended.
+    pub fn build(name: &str, extra: &str) -> Terminal {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
         for d in [
@@ -98,7 +103,7 @@ impl Terminal {
         std::fs::write(
             &config,
             format!(
-                "terminal: {name}\ndata: data\nroot: root\nlabels: {{ site: nagoya }}\nfacts: {{ os: {{ family: debian, distribution: debian, version: '12' }} }}\ninventory:\n  dpkg: {{ watchedFiles: [/etc/hospital/motd] }}\n"
+                "terminal: {name}\ndata: data\nroot: root\nlabels: {{ site: nagoya }}\nfacts: {{ os: {{ family: debian, distribution: debian, version: '12' }} }}\ninventory:\n  dpkg: {{ watchedFiles: [/etc/hospital/motd] }}\n{extra}"
             ),
         )
         .expect("config");
@@ -119,7 +124,17 @@ impl Terminal {
             admin,
             operator,
         };
-        let out = t.agent(&[
+        let out = t.pin();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t
+    }
+
+    pub fn pin(&self) -> Output {
+        self.agent(&[
             "pin",
             "--config",
             "agent.yaml",
@@ -127,13 +142,7 @@ impl Terminal {
             "operator.pub",
             "--admin-key",
             "admin.pub",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t
+        ])
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -298,5 +307,73 @@ impl Terminal {
         f.verify_by(&self.identity())
             .expect("signed by the terminal");
         f.open().expect("report")
+    }
+}
+
+/// A software TPM (swtpm) on loopback, started by the test and stopped
+/// when dropped.
+pub struct Swtpm {
+    child: std::process::Child,
+    _state: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Swtpm {
+    /// `None` (with a message) when swtpm is not installed; under CI it must be.
+    pub fn start() -> Option<Swtpm> {
+        if Command::new("swtpm").arg("--version").output().is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "swtpm is required under CI (scripts/lib.sh installs it)"
+            );
+            eprintln!("skipping: swtpm is not installed (scripts/test installs it)");
+            return None;
+        }
+        let state = tempfile::tempdir().expect("tempdir");
+        // The swtpm TCTI expects the control port right after the server
+        // port: find two adjacent free ports, held until swtpm binds them.
+        let (port, ctrl) = loop {
+            let a = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+            let p = a.local_addr().expect("addr").port();
+            if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break (p, p + 1);
+            }
+        };
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.path().display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("swtpm starts");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "swtpm did not listen on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Some(Swtpm {
+            child,
+            _state: state,
+            port,
+        })
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
