@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(encode(&r), data);
         let _ = r.check();
     }
-    let key = KeyPair::from_seed(Algorithm::EcdsaP256, [4; 32]).expect("key");
+    let key = KeyPair::from_seed(Algorithm::EcdsaP256, [0x78; 32]).expect("key");
     let record = DispatchRecord {
         terminal: "t".into(),
         envelope_digest: [1; 32],
