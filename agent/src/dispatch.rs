@@ -1,8 +1,13 @@
 //! The agent's side of a dispatch: check the envelope, record it as used
 //! before anything runs (so a replay is refused even while the first run
-//! goes on), start a separate loader process (killing one still running
-//! for the same policy), hand it the dispatch, and queue the signed report
-//! it returns.
+//! goes on), start a separate loader process, hand it the dispatch, and
+//! queue the signed report it returns. A refused envelope never reaches a
+//! loader: the agent signs the refusal itself.
+//!
+//! [`prepare`] and [`finish`] are the synchronous halves; the loader runs
+//! in between, waited for by [`Dispatcher::dispatch`] (blocking) or by the
+//! connection loop (asynchronously, so that a newer dispatch for the same
+//! policy can kill it).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -58,7 +63,113 @@ pub struct Dispatched {
     pub queued: PathBuf,
 }
 
-/// Runs loaders, one process per dispatch.
+/// A verified envelope, recorded as used, ready for a loader.
+pub struct Prepared {
+    pub policy: String,
+    pub sequence: u64,
+    /// The encoded [`LoadRequest`] for the loader's stdin.
+    pub request: Vec<u8>,
+}
+
+/// Verify `envelope` against the pinned dispatch key and the remembered
+/// state; record it as used. A refusal comes back signed and queued.
+pub fn prepare(
+    store: &Store,
+    identity: &dyn Signer,
+    terminal: &str,
+    envelope: &[u8],
+    bundle: &[u8],
+    now_ms: u64,
+) -> Result<Result<Prepared, Dispatched>, DispatchError> {
+    let trust = store.trust()?;
+    let before = store.envelope_state(terminal)?;
+    let verified = match before.verify(envelope, &trust.dispatch_key, now_ms) {
+        Ok(v) => v,
+        Err(r) => return refuse(store, identity, terminal, envelope, &r, now_ms).map(Err),
+    };
+    let mut after = before.clone();
+    after.accept(&verified);
+    store.save_envelope_state(&after)?;
+    Ok(Ok(Prepared {
+        policy: verified.envelope.policy.clone(),
+        sequence: verified.envelope.sequence,
+        request: encode(&LoadRequest {
+            envelope: envelope.to_vec(),
+            bundle: bundle.to_vec(),
+            state: before,
+        }),
+    }))
+}
+
+/// Read the loader's answer and queue its report.
+pub fn finish(store: &Store, sequence: u64, stdout: &[u8]) -> Result<Dispatched, DispatchError> {
+    let response: LoadResponse =
+        decode(stdout).map_err(|e| DispatchError::Loader(format!("unreadable answer: {e}")))?;
+    let frame = SignedMessage::decode(&response.report, Kind::ExecutionReport)
+        .map_err(|e| DispatchError::Loader(format!("unreadable report: {e}")))?;
+    let report: ExecutionReport = frame
+        .open()
+        .map_err(|e| DispatchError::Loader(format!("unreadable report: {e}")))?;
+    let queued = store.push_report(sequence, &response.report)?;
+    Ok(Dispatched {
+        report: response.report,
+        outcome: report.outcome,
+        queued,
+    })
+}
+
+fn refuse(
+    store: &Store,
+    identity: &dyn Signer,
+    terminal: &str,
+    envelope: &[u8],
+    r: &Rejection,
+    now_ms: u64,
+) -> Result<Dispatched, DispatchError> {
+    // Name the envelope by its digest only: nothing in it is trusted.
+    let digest = SignedMessage::decode(envelope, Kind::DispatchEnvelope)
+        .map(|f| f.body_digest())
+        .unwrap_or_else(|_| sha256(envelope));
+    let outcome = Outcome::Refused {
+        reason: r.reason().to_string(),
+        message: r.to_string(),
+    };
+    let report = ExecutionReport {
+        terminal: terminal.to_string(),
+        envelope_digest: digest,
+        nonce: [0; 32],
+        payload_digest: [0; 32],
+        outcome: outcome.clone(),
+        output_tail: Vec::new(),
+        observed: None,
+        started_at_ms: now_ms,
+        finished_at_ms: now_ms,
+    };
+    let bytes = SignedMessage::signed(&report, identity)?.encode();
+    // Refusals queue after everything else, keyed by time.
+    let queued = store.push_report(u64::MAX / 2 + now_ms, &bytes)?;
+    Ok(Dispatched {
+        report: bytes,
+        outcome,
+        queued,
+    })
+}
+
+/// The loader command for one run.
+pub fn loader_command(exe: &Path, config: &Path, sequence: u64) -> Command {
+    let mut c = Command::new(exe);
+    c.arg("load")
+        .arg("--config")
+        .arg(config)
+        .arg("--run-id")
+        .arg(sequence.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    c
+}
+
+/// Runs loaders, one process per dispatch, waiting for each.
 pub struct Dispatcher {
     /// The `tenet-agent` binary (the loader is its `load` subcommand).
     pub exe: PathBuf,
@@ -85,38 +196,18 @@ impl Dispatcher {
         bundle: &[u8],
         now_ms: u64,
     ) -> Result<Dispatched, DispatchError> {
-        let trust = store.trust()?;
-        let before = store.envelope_state(&self.terminal)?;
-        let verified = match before.verify(envelope, &trust.dispatch_key, now_ms) {
-            Ok(v) => v,
-            Err(r) => return self.refuse(store, identity, envelope, &r, now_ms),
+        let prepared = match prepare(store, identity, &self.terminal, envelope, bundle, now_ms)? {
+            Ok(p) => p,
+            Err(refused) => return Ok(refused),
         };
-        // Used from now on, whatever happens next.
-        let mut after = before.clone();
-        after.accept(&verified);
-        store.save_envelope_state(&after)?;
-
-        let request = LoadRequest {
-            envelope: envelope.to_vec(),
-            bundle: bundle.to_vec(),
-            state: before,
-        };
-        let mut child = Command::new(&self.exe)
-            .arg("load")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--run-id")
-            .arg(verified.envelope.sequence.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        let mut child = loader_command(&self.exe, &self.config, prepared.sequence)
             .spawn()
             .map_err(|source| DispatchError::Spawn {
                 exe: self.exe.display().to_string(),
                 source,
             })?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(&encode(&request)).map_err(|e| {
+            stdin.write_all(&prepared.request).map_err(|e| {
                 DispatchError::Loader(format!("cannot hand over the dispatch: {e}"))
             })?;
         }
@@ -126,57 +217,7 @@ impl Dispatcher {
         if !out.status.success() {
             return Err(DispatchError::Loader(format!("exited with {}", out.status)));
         }
-        let response: LoadResponse = decode(&out.stdout)
-            .map_err(|e| DispatchError::Loader(format!("unreadable answer: {e}")))?;
-        let frame = SignedMessage::decode(&response.report, Kind::ExecutionReport)
-            .map_err(|e| DispatchError::Loader(format!("unreadable report: {e}")))?;
-        let report: ExecutionReport = frame
-            .open()
-            .map_err(|e| DispatchError::Loader(format!("unreadable report: {e}")))?;
-        let queued = store.push_report(verified.envelope.sequence, &response.report)?;
-        Ok(Dispatched {
-            report: response.report,
-            outcome: report.outcome,
-            queued,
-        })
-    }
-
-    /// A refused envelope never reaches a loader: the agent signs the
-    /// refusal itself. The report names the envelope only by digest.
-    fn refuse(
-        &self,
-        store: &Store,
-        identity: &dyn Signer,
-        envelope: &[u8],
-        r: &Rejection,
-        now_ms: u64,
-    ) -> Result<Dispatched, DispatchError> {
-        let digest = SignedMessage::decode(envelope, Kind::DispatchEnvelope)
-            .map(|f| f.body_digest())
-            .unwrap_or_else(|_| sha256(envelope));
-        let outcome = Outcome::Refused {
-            reason: r.reason().to_string(),
-            message: r.to_string(),
-        };
-        let report = ExecutionReport {
-            terminal: self.terminal.clone(),
-            envelope_digest: digest,
-            nonce: [0; 32],
-            payload_digest: [0; 32],
-            outcome: outcome.clone(),
-            output_tail: Vec::new(),
-            observed: None,
-            started_at_ms: now_ms,
-            finished_at_ms: now_ms,
-        };
-        let bytes = SignedMessage::signed(&report, identity)?.encode();
-        // Refusals queue after everything else, keyed by time.
-        let queued = store.push_report(u64::MAX / 2 + now_ms, &bytes)?;
-        Ok(Dispatched {
-            report: bytes,
-            outcome,
-            queued,
-        })
+        finish(store, prepared.sequence, &out.stdout)
     }
 }
 

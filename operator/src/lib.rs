@@ -2,4 +2,6 @@
 //! commands the `tenet` binary exposes. `main.rs` only parses arguments.
 
 pub mod cli;
+pub mod gateway;
+pub mod pki;
 pub mod policy;

@@ -88,6 +88,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         labels: [("site".to_string(), "nagoya".to_string())].into(),
         identity: tkey.public_key(),
         tpm: true,
+        tls_csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n"
+            .into(),
         requested_at_ms: 1,
     };
     let inv_report = InventoryReport {

@@ -21,6 +21,9 @@ pub struct EnrolmentRequest {
     pub identity: PublicKey,
     /// Whether the identity key is held in a TPM.
     pub tpm: bool,
+    /// A PKCS#10 request (PEM) for the mTLS client certificate; its key is
+    /// the agent's transport key, kept apart from the identity key.
+    pub tls_csr_pem: String,
     pub requested_at_ms: u64,
 }
 
@@ -32,6 +35,7 @@ impl fmt::Debug for EnrolmentRequest {
             .field("labels", &self.labels)
             .field("identity", &self.identity)
             .field("tpm", &self.tpm)
+            .field("tls_csr_pem", &self.tls_csr_pem.len())
             .field("requested_at_ms", &self.requested_at_ms)
             .finish()
     }
@@ -47,6 +51,7 @@ impl Message for EnrolmentRequest {
         limit("the token", self.token.len(), 256)?;
         limit("the terminal name", self.terminal.len(), MAX_NAME * 2)?;
         limit("the label list", self.labels.len(), MAX_LABELS)?;
+        limit("the certificate request", self.tls_csr_pem.len(), MAX_PEM)?;
         for (k, v) in &self.labels {
             limit("a label", k.len() + v.len(), MAX_NAME * 4)?;
         }

@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod keys;
 pub mod reject;
 pub mod report;
+pub mod session;
 pub mod wire;
 
 pub use keys::{Algorithm, Fingerprint, KeyPair, PublicKey, Signer};

@@ -80,6 +80,11 @@ impl Kind {
 
     /// The largest whole frame of this kind that is read at all.
     pub fn max_frame_bytes(self) -> usize {
+        self.max_frame_bytes_const()
+    }
+
+    /// [`Kind::max_frame_bytes`], usable in constants.
+    pub const fn max_frame_bytes_const(self) -> usize {
         match self {
             // A module and its artifacts (installers, packages).
             Kind::PayloadBundle => 256 * 1024 * 1024,

@@ -1,0 +1,212 @@
+//! The agent gateway: agents dial in over mutual TLS and hold the
+//! connection, so the operator can push dispatches. The first message says
+//! what the connection is for: `Enrol` (allowed without a client
+//! certificate: a bootstrap token and a self-signed request), or `Hello`
+//! (the client certificate must name the terminal). Then reports and
+//! inventories flow up, dispatches and acknowledgements down.
+//!
+//! What the operator does with each message is behind [`Fleet`], so the
+//! standalone store and the Kubernetes store share this code.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tenet_protocol::enrol::{
+    EnrolmentRequest, EnrolmentResponse, TrustAnchors, verify_enrolment_request,
+};
+use tenet_protocol::session::{ToAgent, ToOperator, frame, frame_length, unframe};
+use tenet_protocol::wire::sha256;
+use tenet_protocol::{KeyPair, Rejection, SignedMessage};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::pki::Ca;
+
+/// What the operator does with what agents send.
+pub trait Fleet: Send + Sync + 'static {
+    /// Check the bootstrap token and register the terminal and its identity
+    /// key; `Err` is the reason given to the agent.
+    fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String>;
+    /// A terminal connected; `to_agent` reaches it until it disconnects.
+    fn connected(&self, terminal: &str, to_agent: mpsc::Sender<ToAgent>);
+    fn disconnected(&self, terminal: &str);
+    /// A signed execution report; `Ok` means it is stored (and acknowledged).
+    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection>;
+    /// A signed inventory report; `Ok` means it is stored.
+    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection>;
+}
+
+pub struct Gateway {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub ca: Arc<Ca>,
+    pub trust: TrustAnchors,
+    pub dispatch_key: Arc<KeyPair>,
+    pub fleet: Arc<dyn Fleet>,
+    /// Validity of the client certificates issued at enrolment.
+    pub client_cert_validity: Duration,
+    pub now_ms: fn() -> u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("TLS: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Protocol(#[from] Rejection),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Read one frame, refusing one over `limit`.
+pub async fn read_frame<R: AsyncRead + Unpin, T: serde::Serialize + serde::de::DeserializeOwned>(
+    r: &mut R,
+    limit: usize,
+) -> Result<T, GatewayError> {
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header).await?;
+    let len = frame_length(header, limit)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(unframe(&body)?)
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
+    w: &mut W,
+    message: &T,
+) -> std::io::Result<()> {
+    w.write_all(&frame(message)).await?;
+    w.flush().await
+}
+
+/// Messages from agents are small but for reports with an inventory.
+const MAX_FROM_AGENT: usize = 16 * 1024 * 1024;
+
+impl Gateway {
+    /// Accept connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let gw = self.clone();
+            tokio::spawn(async move {
+                // A connection's failure ends that connection only.
+                let _ = gw.handle(stream).await;
+            });
+        }
+    }
+
+    async fn handle(&self, stream: tokio::net::TcpStream) -> Result<(), GatewayError> {
+        let mut tls = self.acceptor.accept(stream).await?;
+        let first: ToOperator = read_frame(&mut tls, MAX_FROM_AGENT).await?;
+        match first {
+            ToOperator::Enrol(bytes) => {
+                let answer = match self.enrol(&bytes) {
+                    Ok(response) => ToAgent::Enrolled(response),
+                    Err(reason) => ToAgent::EnrolmentRefused { reason },
+                };
+                write_frame(&mut tls, &answer).await?;
+                tls.shutdown().await?;
+                Ok(())
+            }
+            ToOperator::Hello { terminal, .. } => {
+                let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                if !cert_names(certs.first(), &terminal) {
+                    return Err(GatewayError::Refused(format!(
+                        "the client certificate does not name terminal {terminal:?}"
+                    )));
+                }
+                self.session(tls, terminal).await
+            }
+            _ => Err(GatewayError::Refused(
+                "a connection starts with Hello or Enrol".into(),
+            )),
+        }
+    }
+
+    fn enrol(&self, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        let request = verify_enrolment_request(bytes).map_err(|e| e.to_string())?;
+        self.fleet.enrol(&request)?;
+        let cert = self
+            .ca
+            .issue_client(
+                &request.tls_csr_pem,
+                &request.terminal,
+                self.client_cert_validity,
+            )
+            .map_err(|e| e.to_string())?;
+        let response = EnrolmentResponse {
+            terminal: request.terminal,
+            trust: self.trust.clone(),
+            client_certificate_pem: cert,
+            ca_certificate_pem: self.ca.cert_pem.clone(),
+            issued_at_ms: (self.now_ms)(),
+        };
+        SignedMessage::signed(&response, self.dispatch_key.as_ref())
+            .map(|m| m.encode())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn session<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        &self,
+        tls: S,
+        terminal: String,
+    ) -> Result<(), GatewayError> {
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        let (tx, mut rx) = mpsc::channel::<ToAgent>(64);
+        self.fleet.connected(&terminal, tx.clone());
+        let writer_task = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if write_frame(&mut writer, &m).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let result = loop {
+            let message: ToOperator = match read_frame(&mut reader, MAX_FROM_AGENT).await {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
+            let ack = match &message {
+                ToOperator::Report(bytes) => {
+                    self.fleet.report(&terminal, bytes).map(|()| sha256(bytes))
+                }
+                ToOperator::Inventory(bytes) => self
+                    .fleet
+                    .inventory(&terminal, bytes)
+                    .map(|()| sha256(bytes)),
+                ToOperator::Pong => continue,
+                _ => {
+                    break Err(GatewayError::Refused(
+                        "unexpected message in a session".into(),
+                    ));
+                }
+            };
+            // A refused report is acknowledged too: it was counted by reason,
+            // and sending it again would not make it verify.
+            let digest = match ack {
+                Ok(d) => d,
+                Err(_) => match &message {
+                    ToOperator::Report(b) | ToOperator::Inventory(b) => sha256(b),
+                    _ => continue,
+                },
+            };
+            if tx.send(ToAgent::Ack { digest }).await.is_err() {
+                break Ok(());
+            }
+        };
+        self.fleet.disconnected(&terminal);
+        drop(tx);
+        writer_task.abort();
+        result
+    }
+}
+
+/// Whether the (already CA-verified) client certificate is valid for `terminal`.
+fn cert_names(cert: Option<&CertificateDer<'_>>, terminal: &str) -> bool {
+    let (Some(cert), Ok(name)) = (cert, ServerName::try_from(terminal)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert)
+        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+}

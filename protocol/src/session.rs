@@ -1,0 +1,107 @@
+//! The held connection between an agent and the operator's gateway: the
+//! messages each side sends, and the framing that carries them over a TLS
+//! stream. Each frame is a 4-byte big-endian length and a canonical
+//! encoding of one message; a frame over the limit, or one that does not
+//! decode, ends the connection (the agent reconnects; nothing is lost,
+//! since reports stay queued until acknowledged).
+//!
+//! The signed payloads inside (envelopes, bundles, reports, inventories)
+//! are verified by their receivers as usual: the session adds no trust.
+
+use serde::{Deserialize, Serialize};
+
+use crate::reject::Rejection;
+use crate::wire::{Kind, decode, encode};
+
+/// What an agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToOperator {
+    /// First message on every connection.
+    Hello {
+        terminal: String,
+        agent_version: String,
+    },
+    /// A signed `EnrolmentRequest` (the only message allowed without a
+    /// client certificate).
+    Enrol(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A signed `InventoryReport`.
+    Inventory(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A signed `ExecutionReport`.
+    Report(#[serde(with = "serde_bytes")] Vec<u8>),
+    Pong,
+}
+
+/// What the gateway sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// A signed `EnrolmentResponse`, or why enrolment was refused.
+    Enrolled(#[serde(with = "serde_bytes")] Vec<u8>),
+    EnrolmentRefused {
+        reason: String,
+    },
+    /// Run this: a signed envelope and the signed bundle it names.
+    Dispatch {
+        #[serde(with = "serde_bytes")]
+        envelope: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        bundle: Vec<u8>,
+    },
+    /// The report (or inventory) with this SHA-256 over its bytes is stored;
+    /// the agent may drop it from its outbox.
+    Ack {
+        digest: [u8; 32],
+    },
+    /// Send an inventory now.
+    InventoryWanted,
+    Ping,
+}
+
+/// The largest frame either side reads: a bundle and an envelope.
+pub const MAX_SESSION_FRAME: usize = Kind::PayloadBundle.max_frame_bytes_const() + 1024 * 1024;
+
+/// One message as a frame.
+pub fn frame<T: Serialize>(message: &T) -> Vec<u8> {
+    let body = encode(message);
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The length announced by a frame header, refused when over `limit`.
+pub fn frame_length(header: [u8; 4], limit: usize) -> Result<usize, Rejection> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > limit {
+        return Err(Rejection::SizeLimitExceeded {
+            what: "a session frame",
+            limit,
+            actual: len,
+        });
+    }
+    Ok(len)
+}
+
+/// Decode a frame's body.
+pub fn unframe<T: Serialize + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Rejection> {
+    decode(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_refuse_oversize() {
+        let m = ToAgent::Dispatch {
+            envelope: vec![1, 2, 3],
+            bundle: vec![4; 100],
+        };
+        let f = frame(&m);
+        let len =
+            frame_length(f[..4].try_into().expect("header"), MAX_SESSION_FRAME).expect("fits");
+        assert_eq!(len, f.len() - 4);
+        assert_eq!(unframe::<ToAgent>(&f[4..]).expect("decodes"), m);
+        assert!(frame_length([0xff; 4], 1024).is_err());
+        assert!(unframe::<ToAgent>(&[0xff, 0xff]).is_err());
+    }
+}
