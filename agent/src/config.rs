@@ -10,6 +10,8 @@
 //!   dpkg: { watchedFiles: [/etc/hospital-ca.pem] }   # or: file: inventory.yaml
 //! identity:
 //!   tpm: { tcti: "device:/dev/tpmrm0" }              # omit for a file key
+//! operator: { address: "tenet.example:7443" }        # the gateway
+//! inventoryIntervalSeconds: 60
 //! ```
 
 use std::collections::BTreeMap;
@@ -49,6 +51,26 @@ pub struct AgentConfig {
     /// `DATA/identity.key` (mode 0600).
     #[serde(default)]
     pub identity: IdentityConfig,
+    /// The operator's gateway.
+    #[serde(default)]
+    pub operator: Option<OperatorConfig>,
+    /// How often the inventory is collected; it is sent when it changed.
+    #[serde(default = "default_inventory_interval")]
+    pub inventory_interval_seconds: u64,
+}
+
+fn default_inventory_interval() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// `host:port` of the gateway.
+    pub address: String,
+    /// The name the gateway's certificate must carry; defaults to the host.
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

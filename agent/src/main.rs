@@ -63,6 +63,25 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Enrol with the operator: present a bootstrap token, pin the keys it
+    /// answers with, and get an mTLS client certificate.
+    Enrol {
+        #[arg(long)]
+        config: PathBuf,
+        /// The one-time bootstrap token an admin issued for this terminal.
+        #[arg(long, env = "TENET_BOOTSTRAP_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The SHA-256 of the operator's CA certificate (sha256:...), given
+        /// with the token; the gateway must present that CA.
+        #[arg(long)]
+        ca_fingerprint: String,
+    },
+    /// Run the agent: hold a connection to the operator, report the
+    /// inventory, run what it dispatches, send the signed reports.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// The loader process (started by the agent, one per dispatch): reads
     /// the dispatch on stdin, writes the signed report on stdout.
     #[command(hide = true)]
@@ -78,6 +97,19 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Agent> {
+    let c = AgentConfig::read(config)?;
+    let store = Store::open(&c.data)?;
+    let identity = c.identity(&store)?;
+    Ok(tenet_agent::connection::Agent {
+        config: c,
+        config_path: std::path::absolute(config)?,
+        store,
+        identity,
+        exe: exe_path(),
+    })
 }
 
 fn main() -> ExitCode {
@@ -153,6 +185,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&path, &done.report).with_context(|| path.display().to_string())?;
             }
             println!("{:?}\nqueued {}", done.outcome, done.queued.display());
+        }
+        Command::Enrol {
+            config,
+            token,
+            ca_fingerprint,
+        } => {
+            let agent = agent(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let response = runtime.block_on(agent.enrol(&token, &ca_fingerprint))?;
+            println!(
+                "enrolled as {}; pinned dispatch key {}, {} admin key(s) ({} required), issuer key {}",
+                response.terminal,
+                response.trust.dispatch_key.fingerprint(),
+                response.trust.admin_keys.len(),
+                response.trust.admin_threshold,
+                response.trust.issuer_key.fingerprint()
+            );
+        }
+        Command::Run { config } => {
+            let agent = agent(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(agent.run());
         }
         Command::Load { config, run_id } => {
             let c = AgentConfig::read(&config)?;

@@ -38,6 +38,7 @@ pub enum StoreError {
     Key(#[from] KeyError),
 }
 
+#[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
 }

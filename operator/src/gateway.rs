@@ -24,6 +24,8 @@ use tokio::sync::mpsc;
 
 use crate::pki::Ca;
 
+pub use tokio_rustls::TlsAcceptor;
+
 /// What the operator does with what agents send.
 pub trait Fleet: Send + Sync + 'static {
     /// Check the bootstrap token and register the terminal and its identity

@@ -30,6 +30,8 @@ pub enum PkiError {
     BadCsr(String),
 }
 
+pub use rustls::ServerConfig;
+
 pub struct Ca {
     pub cert_pem: String,
     pub cert_der: CertificateDer<'static>,

@@ -1,1 +1,219 @@
-//! Helpers for the end-to-end tests in `tests/tests/`.
+//! Helpers for the end-to-end tests in `tests/tests/`: where the real
+//! binaries are, a gateway with an in-memory fleet, and real .deb files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use tenet::gateway::{Fleet, Gateway};
+use tenet::pki::Ca;
+use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
+use tenet_protocol::session::ToAgent;
+use tenet_protocol::{KeyPair, Kind, PublicKey, Rejection, SignedMessage};
+
+/// A binary of the workspace, built by `cargo test --workspace` (the agent
+/// and operator packages have integration tests, so cargo builds their
+/// binaries first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo test --workspace` (scripts/test)",
+        path.display()
+    );
+    path
+}
+
+/// What the fleet saw, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Enrolled(String),
+    Connected(String),
+    Disconnected(String),
+    Report(Vec<u8>),
+    Inventory(Vec<u8>),
+}
+
+/// A fleet held in memory: one bootstrap token, the registered identity
+/// keys, the connected terminals, and every event on a channel.
+pub struct MemoryFleet {
+    pub token: String,
+    pub identities: Mutex<HashMap<String, PublicKey>>,
+    pub senders: Mutex<HashMap<String, tokio::sync::mpsc::Sender<ToAgent>>>,
+    pub events: Mutex<mpsc::Sender<Event>>,
+}
+
+impl MemoryFleet {
+    fn emit(&self, e: Event) {
+        if let Ok(tx) = self.events.lock() {
+            let _ = tx.send(e);
+        }
+    }
+
+    fn verify(&self, terminal: &str, kind: Kind, bytes: &[u8]) -> Result<(), Rejection> {
+        let key = self
+            .identities
+            .lock()
+            .map_err(|_| Rejection::Malformed("poisoned".into()))?
+            .get(terminal)
+            .cloned()
+            .ok_or_else(|| Rejection::Malformed(format!("{terminal} is not enrolled")))?;
+        SignedMessage::decode(bytes, kind)?.verify_by(&key)
+    }
+
+    /// Push a message to a connected terminal.
+    pub fn send(&self, terminal: &str, m: ToAgent) -> bool {
+        let tx = self
+            .senders
+            .lock()
+            .ok()
+            .and_then(|s| s.get(terminal).cloned());
+        tx.is_some_and(|tx| tx.blocking_send(m).is_ok())
+    }
+}
+
+impl Fleet for MemoryFleet {
+    fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String> {
+        if request.token != self.token {
+            return Err("the bootstrap token is not valid".into());
+        }
+        let mut ids = self.identities.lock().map_err(|_| "poisoned")?;
+        if ids.contains_key(&request.terminal) {
+            return Err(format!("{} is already enrolled", request.terminal));
+        }
+        ids.insert(request.terminal.clone(), request.identity.clone());
+        drop(ids);
+        self.emit(Event::Enrolled(request.terminal.clone()));
+        Ok(())
+    }
+
+    fn connected(&self, terminal: &str, to_agent: tokio::sync::mpsc::Sender<ToAgent>) {
+        if let Ok(mut s) = self.senders.lock() {
+            s.insert(terminal.to_string(), to_agent);
+        }
+        self.emit(Event::Connected(terminal.to_string()));
+    }
+
+    fn disconnected(&self, terminal: &str) {
+        if let Ok(mut s) = self.senders.lock() {
+            s.remove(terminal);
+        }
+        self.emit(Event::Disconnected(terminal.to_string()));
+    }
+
+    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        self.verify(terminal, Kind::ExecutionReport, bytes)?;
+        self.emit(Event::Report(bytes.to_vec()));
+        Ok(())
+    }
+
+    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        self.verify(terminal, Kind::InventoryReport, bytes)?;
+        self.emit(Event::Inventory(bytes.to_vec()));
+        Ok(())
+    }
+}
+
+/// A gateway on loopback, in a runtime of its own so that stopping it
+/// closes every connection at once.
+pub struct TestGateway {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub address: std::net::SocketAddr,
+}
+
+impl TestGateway {
+    pub fn start(
+        address: &str,
+        ca: Arc<Ca>,
+        trust: TrustAnchors,
+        dispatch_key: Arc<KeyPair>,
+        fleet: Arc<MemoryFleet>,
+    ) -> TestGateway {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let tls = ca
+            .server_config(&["127.0.0.1".into()])
+            .expect("server config");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(address))
+            .expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let gw = Arc::new(Gateway {
+            acceptor: tokio_rustls_acceptor(tls),
+            ca,
+            trust,
+            dispatch_key,
+            fleet,
+            client_cert_validity: Duration::from_secs(3600),
+            now_ms,
+        });
+        runtime.spawn(gw.serve(listener));
+        TestGateway {
+            runtime: Some(runtime),
+            address,
+        }
+    }
+
+    /// Stop accepting and drop every connection.
+    pub fn stop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tokio_rustls_acceptor(config: tenet::pki::ServerConfig) -> tenet::gateway::TlsAcceptor {
+    tenet::gateway::TlsAcceptor::from(Arc::new(config))
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A real .deb of an empty package with one file, built with dpkg-deb.
+pub fn build_deb(dir: &Path, name: &str, version: &str) -> PathBuf {
+    let tree = dir.join(format!("{name}_{version}"));
+    std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
+    std::fs::create_dir_all(tree.join(format!("usr/lib/{name}"))).expect("mkdir");
+    std::fs::write(
+        tree.join("DEBIAN/control"),
+        format!("Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: Tenet Tests <tests@tenet.invalid>\nDescription: a package for Tenet's tests\n"),
+    )
+    .expect("control");
+    std::fs::write(
+        tree.join(format!("usr/lib/{name}/VERSION")),
+        format!("{name} {version}\n"),
+    )
+    .expect("file");
+    let deb = dir.join(format!("{name}_{version}_all.deb"));
+    let out = Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-b"])
+        .arg(&tree)
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    deb
+}

@@ -1,0 +1,376 @@
+//! The agent and the gateway as real processes over real mutual TLS on
+//! loopback: enrolment with a bootstrap token and a pinned CA, the held
+//! connection, inventories, a pushed dispatch that installs a package
+//! through real dpkg, acknowledgements emptying the outbox, and a report
+//! queued while the operator was away delivered when it comes back.
+
+use std::path::Path;
+use std::process::{Child, Command, Output};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tenet::pki::Ca;
+use tenet_e2e::{Event, MemoryFleet, TestGateway, binary, build_deb, now_ms};
+use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::envelope::DispatchEnvelope;
+use tenet_protocol::inventory::InventoryReport;
+use tenet_protocol::keys::random_bytes;
+use tenet_protocol::report::{DispatchRecord, Outcome, nonce_commitment, verify_report};
+use tenet_protocol::session::ToAgent;
+use tenet_protocol::wire::sha256;
+use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, SignedMessage, Signer};
+
+struct Running(Child);
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The next event that `pick` accepts, within `limit`.
+fn wait_for<T>(
+    events: &Receiver<Event>,
+    limit: Duration,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(e) => {
+                if let Some(t) = pick(&e) {
+                    return t;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => panic!("no such event within {limit:?}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("the fleet is gone"),
+        }
+    }
+}
+
+/// Wait until `done` holds, checking every 20 ms, at most `limit`.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn agent(dir: &Path, args: &[&str]) -> Output {
+    Command::new(binary("tenet-agent"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("tenet-agent runs")
+}
+
+fn browser_version(bytes: &[u8]) -> Option<String> {
+    let report: InventoryReport = SignedMessage::decode(bytes, Kind::InventoryReport)
+        .and_then(|f| f.open())
+        .expect("inventory");
+    report
+        .inventory
+        .packages
+        .into_iter()
+        .find(|p| p.name == "browser-a")
+        .map(|p| p.version)
+}
+
+fn outbox_len(data: &Path) -> usize {
+    std::fs::read_dir(data.join("outbox")).map_or(0, |d| d.count())
+}
+
+fn example(path: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/payloads")
+        .join(path)
+}
+
+#[test]
+fn enrol_connect_dispatch_acknowledge_and_reconnect() {
+    if Command::new("dpkg-deb").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "dpkg-deb is required under CI"
+        );
+        eprintln!("skipping: dpkg-deb is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let ca = Arc::new(Ca::load_or_create(dir).expect("ca"));
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    let operator = Arc::new(KeyPair::generate(Algorithm::Ed25519).expect("key"));
+    let trust = TrustAnchors {
+        admin_keys: vec![admin.public_key()],
+        admin_threshold: 1,
+        dispatch_key: operator.public_key(),
+        issuer_key: operator.public_key(),
+    };
+    let (tx, events) = std::sync::mpsc::channel();
+    let fleet = Arc::new(MemoryFleet {
+        token: "bootstrap-7f3a".into(),
+        identities: Mutex::default(),
+        senders: Mutex::default(),
+        events: Mutex::new(tx),
+    });
+    let mut gateway = TestGateway::start(
+        "127.0.0.1:0",
+        ca.clone(),
+        trust.clone(),
+        operator.clone(),
+        fleet.clone(),
+    );
+    let address = gateway.address;
+
+    // A terminal root with browser-a 118, installed by dpkg.
+    let root = dir.join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").expect("status");
+    let old = build_deb(dir, "browser-a", "118.0.2-1");
+    let new = build_deb(dir, "browser-a", "120.0-1");
+    let st = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["--log=/dev/null", "-i"])
+        .arg(&old)
+        .output()
+        .expect("dpkg");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::write(
+        dir.join("agent.yaml"),
+        format!(
+            "terminal: nagoya-ward3-01\ndata: data\nroot: root\nlabels: {{ site: nagoya }}\ninventory:\n  dpkg: {{}}\noperator: {{ address: \"{address}\" }}\ninventoryIntervalSeconds: 1\n"
+        ),
+    )
+    .expect("config");
+
+    // Enrolment: a wrong token and a wrong CA are refused with reasons.
+    let fp = ca.fingerprint();
+    let wrong_token = agent(
+        dir,
+        &[
+            "enrol",
+            "--config",
+            "agent.yaml",
+            "--token",
+            "guess",
+            "--ca-fingerprint",
+            &fp,
+        ],
+    );
+    assert_eq!(wrong_token.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&wrong_token.stderr),
+        "tenet-agent: enrolment refused by the operator: the bootstrap token is not valid\n"
+    );
+    let other_ca = format!("sha256:{}", "ab".repeat(32));
+    let wrong_ca = agent(
+        dir,
+        &[
+            "enrol",
+            "--config",
+            "agent.yaml",
+            "--token",
+            "bootstrap-7f3a",
+            "--ca-fingerprint",
+            &other_ca,
+        ],
+    );
+    assert_eq!(wrong_ca.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&wrong_ca.stderr);
+    assert!(
+        err.contains("the gateway's CA is not the pinned one"),
+        "{err}"
+    );
+    let ok = agent(
+        dir,
+        &[
+            "enrol",
+            "--config",
+            "agent.yaml",
+            "--token",
+            "bootstrap-7f3a",
+            "--ca-fingerprint",
+            &fp,
+        ],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&ok.stdout)
+            .starts_with("enrolled as nagoya-ward3-01; pinned dispatch key")
+    );
+    wait_for(&events, Duration::from_secs(5), |e| {
+        matches!(e, Event::Enrolled(_)).then_some(())
+    });
+    let data = dir.join("data");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(data.join("tls.key"))
+        .expect("tls key")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let identity = PublicKey::read_pem_file(&data.join("identity.key.pub")).expect("identity");
+
+    // The held connection and the first inventory.
+    let _agent = Running(
+        Command::new(binary("tenet-agent"))
+            .args(["run", "--config", "agent.yaml"])
+            .current_dir(dir)
+            .spawn()
+            .expect("agent"),
+    );
+    wait_for(&events, Duration::from_secs(10), |e| {
+        matches!(e, Event::Connected(_)).then_some(())
+    });
+    let v = wait_for(&events, Duration::from_secs(10), |e| match e {
+        Event::Inventory(b) => Some(browser_version(b)),
+        _ => None,
+    });
+    assert_eq!(v.as_deref(), Some("118.0.2-1"));
+
+    // Push a dispatch that installs 120 through dpkg.
+    let caps = vec![Capability::RunArtifact, Capability::Log];
+    let artifacts = [
+        (
+            "install-deb.sh",
+            std::fs::read(example("install-deb.sh")).expect("script"),
+        ),
+        (
+            "browser-a_120.0-1_all.deb",
+            std::fs::read(&new).expect("deb"),
+        ),
+    ];
+    let bundle = PayloadBundle {
+        manifest: Manifest {
+            name: "install-browser-a".into(),
+            version: "1".into(),
+            description: String::new(),
+            capabilities: caps.clone(),
+            created_ms: now_ms(),
+            expires_ms: now_ms() + 3_600_000,
+        },
+        module: wat::parse_file(example("install-deb.wat")).expect("wat"),
+        artifacts: artifacts
+            .iter()
+            .map(|(n, d)| Artifact {
+                name: n.to_string(),
+                sha256: sha256(d),
+                size: d.len() as u64,
+                data: d.clone(),
+            })
+            .collect(),
+    };
+    let bundle = SignedMessage::signed(&bundle, &admin).expect("sign");
+    let envelope = |sequence: u64| DispatchEnvelope {
+        terminal: "nagoya-ward3-01".into(),
+        policy: "hospital-it/browser-a-minimum".into(),
+        policy_generation: 1,
+        payload_digest: bundle.body_digest(),
+        nonce: random_bytes().expect("rng"),
+        issued_at_ms: now_ms(),
+        deadline_ms: now_ms() + 60_000,
+        sequence,
+        args: vec!["browser-a_120.0-1_all.deb".into()],
+        capabilities: caps.clone(),
+        write_paths: vec![],
+    };
+    let env = envelope(1);
+    let env_frame = SignedMessage::signed(&env, operator.as_ref()).expect("sign");
+    assert!(fleet.send(
+        "nagoya-ward3-01",
+        ToAgent::Dispatch {
+            envelope: env_frame.encode(),
+            bundle: bundle.encode()
+        }
+    ));
+    let report = wait_for(&events, Duration::from_secs(30), |e| match e {
+        Event::Report(b) => Some(b.clone()),
+        _ => None,
+    });
+    let record = DispatchRecord {
+        terminal: env.terminal.clone(),
+        envelope_digest: env_frame.body_digest(),
+        nonce_commitment: nonce_commitment(&env.nonce),
+        payload_digest: env.payload_digest,
+        deadline_ms: env.deadline_ms,
+        consumed: false,
+    };
+    let verified =
+        verify_report(&report, &identity, &record, now_ms()).expect("the report verifies");
+    assert_eq!(verified.outcome, Outcome::Exited { code: 0 });
+    // The next inventory shows 120, and the acknowledged report left the outbox.
+    wait_for(&events, Duration::from_secs(10), |e| match e {
+        Event::Inventory(b) if browser_version(b).as_deref() == Some("120.0-1") => Some(()),
+        _ => None,
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the acknowledged report leaves the outbox",
+        || outbox_len(&data) == 0,
+    );
+
+    // The operator goes away; a report is queued meanwhile (a dispatch run
+    // from files); when the operator comes back the agent reconnects and
+    // delivers it.
+    gateway.stop();
+    let env2 = envelope(2);
+    let env2_frame = SignedMessage::signed(&env2, operator.as_ref()).expect("sign");
+    std::fs::write(dir.join("envelope"), env2_frame.encode()).expect("write");
+    std::fs::write(dir.join("bundle"), bundle.encode()).expect("write");
+    let offline = agent(
+        dir,
+        &[
+            "dispatch",
+            "--config",
+            "agent.yaml",
+            "--envelope",
+            "envelope",
+            "--bundle",
+            "bundle",
+        ],
+    );
+    assert!(
+        offline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
+    assert_eq!(outbox_len(&data), 1);
+    let _gateway2 = TestGateway::start(
+        &address.to_string(),
+        ca.clone(),
+        trust,
+        operator.clone(),
+        fleet.clone(),
+    );
+    let delivered = wait_for(&events, Duration::from_secs(60), |e| match e {
+        Event::Report(b) => Some(b.clone()),
+        _ => None,
+    });
+    let record2 = DispatchRecord {
+        envelope_digest: env2_frame.body_digest(),
+        nonce_commitment: nonce_commitment(&env2.nonce),
+        deadline_ms: env2.deadline_ms,
+        ..record
+    };
+    verify_report(&delivered, &identity, &record2, now_ms()).expect("the queued report verifies");
+    wait_until(
+        Duration::from_secs(10),
+        "the delivered report leaves the outbox",
+        || outbox_len(&data) == 0,
+    );
+}
