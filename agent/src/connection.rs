@@ -363,6 +363,12 @@ impl Agent {
         if let Some(inv) = &last_inventory {
             write_frame(writer, &ToOperator::Inventory(inv.clone())).await?;
         }
+        // A renewal in flight: the new transport key, until the certificate comes.
+        let mut renewing: Option<rcgen::KeyPair> = None;
+        let mut ticks: u64 = 0;
+        if self.certificate_due() {
+            renewing = self.request_renewal(writer).await?;
+        }
         let interval = Duration::from_secs(self.config.inventory_interval_seconds.max(1));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let (done_tx, mut done_rx) = mpsc::channel::<Result<Dispatched, String>>(16);
@@ -412,6 +418,18 @@ impl Agent {
                             }
                         }
                         ToAgent::Ping => write_frame(writer, &ToOperator::Pong).await?,
+                        ToAgent::Certificate { pem } => {
+                            if let Some(key) = renewing.take() {
+                                // Used from the next connection on.
+                                let dir = self.store.dir();
+                                write_atomically(&dir.join("tls.key"), key.serialize_pem().as_bytes(), 0o600)?;
+                                write_atomically(&dir.join("tls.crt"), pem.as_bytes(), 0o644)?;
+                            }
+                        }
+                        ToAgent::RenewalRefused { reason } => {
+                            renewing = None;
+                            eprintln!("tenet-agent: certificate renewal refused: {reason}");
+                        }
                         ToAgent::Enrolled(_) | ToAgent::EnrolmentRefused { .. } => {}
                     }
                 }
@@ -426,10 +444,14 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
+                    ticks += 1;
+                    if renewing.is_none() && self.certificate_due() {
+                        renewing = self.request_renewal(writer).await?;
+                    }
                     // On change, and at least every tenth interval.
                     if let Ok(inv) = self.inventory_report() {
                         let changed = last_inventory.as_ref().is_none_or(|last| inventory_changed(last, &inv));
-                        if changed {
+                        if changed || ticks % 10 == 0 {
                             write_frame(writer, &ToOperator::Inventory(inv.clone())).await?;
                             last_inventory = Some(inv);
                         }
@@ -437,6 +459,40 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+impl Agent {
+    /// Whether less than half of the client certificate's validity is left.
+    fn certificate_due(&self) -> bool {
+        let Ok(pem) = std::fs::read(self.store.dir().join("tls.crt")) else {
+            return false;
+        };
+        let Ok(der) = CertificateDer::from_pem_slice(&pem) else {
+            return false;
+        };
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+            return false;
+        };
+        let v = cert.validity();
+        let (start, end) = (v.not_before.timestamp(), v.not_after.timestamp());
+        let now = (now_ms() / 1000) as i64;
+        now >= start + (end - start) / 2
+    }
+
+    /// Ask for a new client certificate for a fresh transport key.
+    async fn request_renewal<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+    ) -> Result<Option<rcgen::KeyPair>, ConnError> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+        let csr_pem = rcgen::CertificateParams::new(vec![self.config.terminal.clone()])
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|r| r.pem())
+            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+        write_frame(writer, &ToOperator::RenewCertificate { csr_pem }).await?;
+        Ok(Some(key))
     }
 }
 

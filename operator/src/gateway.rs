@@ -177,10 +177,27 @@ impl Gateway {
                     .fleet
                     .inventory(&terminal, bytes)
                     .map(|()| sha256(bytes)),
+                ToOperator::RenewCertificate { csr_pem } => {
+                    // The session's certificate already names this terminal.
+                    let answer =
+                        match self
+                            .ca
+                            .issue_client(csr_pem, &terminal, self.client_cert_validity)
+                        {
+                            Ok(pem) => ToAgent::Certificate { pem },
+                            Err(e) => ToAgent::RenewalRefused {
+                                reason: e.to_string(),
+                            },
+                        };
+                    if tx.send(answer).await.is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
                 ToOperator::Pong => continue,
-                _ => {
+                ToOperator::Hello { .. } | ToOperator::Enrol(_) => {
                     break Err(GatewayError::Refused(
-                        "unexpected message in a session".into(),
+                        "Hello and Enrol come first, once".into(),
                     ));
                 }
             };

@@ -28,6 +28,11 @@ pub enum ToOperator {
     Inventory(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A signed `ExecutionReport`.
     Report(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A PKCS#10 request (PEM) for a new client certificate, before the
+    /// current one expires. Allowed only on an authenticated session.
+    RenewCertificate {
+        csr_pem: String,
+    },
     Pong,
 }
 
@@ -53,6 +58,13 @@ pub enum ToAgent {
     },
     /// Send an inventory now.
     InventoryWanted,
+    /// The renewed client certificate (PEM), or why it was not renewed.
+    Certificate {
+        pem: String,
+    },
+    RenewalRefused {
+        reason: String,
+    },
     Ping,
 }
 

@@ -136,6 +136,25 @@ impl TestGateway {
         dispatch_key: Arc<KeyPair>,
         fleet: Arc<MemoryFleet>,
     ) -> TestGateway {
+        TestGateway::start_with(
+            address,
+            ca,
+            trust,
+            dispatch_key,
+            fleet,
+            Duration::from_secs(3600),
+        )
+    }
+
+    /// Like [`TestGateway::start`], issuing client certificates valid for `validity`.
+    pub fn start_with(
+        address: &str,
+        ca: Arc<Ca>,
+        trust: TrustAnchors,
+        dispatch_key: Arc<KeyPair>,
+        fleet: Arc<MemoryFleet>,
+        validity: Duration,
+    ) -> TestGateway {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -154,7 +173,7 @@ impl TestGateway {
             trust,
             dispatch_key,
             fleet,
-            client_cert_validity: Duration::from_secs(3600),
+            client_cert_validity: validity,
             now_ms,
         });
         runtime.spawn(gw.serve(listener));
@@ -216,4 +235,75 @@ pub fn build_deb(dir: &Path, name: &str, version: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     deb
+}
+
+/// A child process killed when dropped.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The next event that `pick` accepts, within `limit`.
+pub fn wait_for<T>(
+    events: &mpsc::Receiver<Event>,
+    limit: Duration,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match events.recv_timeout(left) {
+            Ok(e) => {
+                if let Some(t) = pick(&e) {
+                    return t;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no such event within {limit:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the fleet is gone"),
+        }
+    }
+}
+
+/// Wait until `done` holds, checking every 20 ms, at most `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `tenet-agent ARGS` in `dir`.
+pub fn agent(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary("tenet-agent"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("tenet-agent runs")
+}
+
+/// A file of `examples/payloads/`.
+pub fn example(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/payloads")
+        .join(path)
+}
+
+/// The processes whose command line holds every one of `words`.
+pub fn processes_with(words: &[&str]) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| {
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            words.iter().all(|w| args.contains(&w.as_bytes()))
+        })
+        .count()
 }

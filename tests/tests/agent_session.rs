@@ -5,13 +5,15 @@
 //! queued while the operator was away delivered when it comes back.
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tenet::pki::Ca;
-use tenet_e2e::{Event, MemoryFleet, TestGateway, binary, build_deb, now_ms};
+use tenet_e2e::{
+    Event, MemoryFleet, Running, TestGateway, agent, binary, build_deb, example, now_ms, wait_for,
+    wait_until,
+};
 use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::envelope::DispatchEnvelope;
@@ -21,52 +23,6 @@ use tenet_protocol::report::{DispatchRecord, Outcome, nonce_commitment, verify_r
 use tenet_protocol::session::ToAgent;
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, SignedMessage, Signer};
-
-struct Running(Child);
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The next event that `pick` accepts, within `limit`.
-fn wait_for<T>(
-    events: &Receiver<Event>,
-    limit: Duration,
-    mut pick: impl FnMut(&Event) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match events.recv_timeout(left) {
-            Ok(e) => {
-                if let Some(t) = pick(&e) {
-                    return t;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => panic!("no such event within {limit:?}"),
-            Err(RecvTimeoutError::Disconnected) => panic!("the fleet is gone"),
-        }
-    }
-}
-
-/// Wait until `done` holds, checking every 20 ms, at most `limit`.
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn agent(dir: &Path, args: &[&str]) -> Output {
-    Command::new(binary("tenet-agent"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("tenet-agent runs")
-}
 
 fn browser_version(bytes: &[u8]) -> Option<String> {
     let report: InventoryReport = SignedMessage::decode(bytes, Kind::InventoryReport)
@@ -82,12 +38,6 @@ fn browser_version(bytes: &[u8]) -> Option<String> {
 
 fn outbox_len(data: &Path) -> usize {
     std::fs::read_dir(data.join("outbox")).map_or(0, |d| d.count())
-}
-
-fn example(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/payloads")
-        .join(path)
 }
 
 #[test]
