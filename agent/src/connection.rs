@@ -451,7 +451,7 @@ impl Agent {
                     // On change, and at least every tenth interval.
                     if let Ok(inv) = self.inventory_report() {
                         let changed = last_inventory.as_ref().is_none_or(|last| inventory_changed(last, &inv));
-                        if changed || ticks % 10 == 0 {
+                        if changed || ticks.is_multiple_of(10) {
                             write_frame(writer, &ToOperator::Inventory(inv.clone())).await?;
                             last_inventory = Some(inv);
                         }
