@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use tenet::gateway::{Fleet, Gateway};
 use tenet::pki::Ca;
+use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
+use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::session::ToAgent;
-use tenet_protocol::{KeyPair, Kind, PublicKey, Rejection, SignedMessage};
+use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, Rejection, SignedMessage, Signer};
 
 /// A binary of the workspace, built by `cargo test --workspace` (the agent
 /// and operator packages have integration tests, so cargo builds their
@@ -306,4 +308,144 @@ pub fn processes_with(words: &[&str]) -> usize {
             words.iter().all(|w| args.contains(&w.as_bytes()))
         })
         .count()
+}
+
+/// One operator side (CA, keys, an in-memory fleet) and the directory of
+/// one terminal `t1` whose inventory is a file.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+    pub ca: Arc<Ca>,
+    pub admin: KeyPair,
+    pub operator: Arc<KeyPair>,
+    pub trust: TrustAnchors,
+    pub fleet: Arc<MemoryFleet>,
+    pub events: std::sync::mpsc::Receiver<Event>,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ca = Arc::new(Ca::load_or_create(tmp.path()).expect("ca"));
+        let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+        let operator = Arc::new(KeyPair::generate(Algorithm::Ed25519).expect("key"));
+        let trust = TrustAnchors {
+            admin_keys: vec![admin.public_key()],
+            admin_threshold: 1,
+            dispatch_key: operator.public_key(),
+            issuer_key: operator.public_key(),
+        };
+        let (tx, events) = std::sync::mpsc::channel();
+        let fleet = Arc::new(MemoryFleet {
+            token: "token".into(),
+            identities: Mutex::default(),
+            senders: Mutex::default(),
+            events: Mutex::new(tx),
+        });
+        std::fs::write(tmp.path().join("inventory.yaml"), "terminal: t1\n").expect("inventory");
+        Fixture {
+            tmp,
+            ca,
+            admin,
+            operator,
+            trust,
+            fleet,
+            events,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn gateway(&self, address: &str, validity: Duration) -> TestGateway {
+        TestGateway::start_with(
+            address,
+            self.ca.clone(),
+            self.trust.clone(),
+            self.operator.clone(),
+            self.fleet.clone(),
+            validity,
+        )
+    }
+
+    /// Configure and enrol terminal `t1` against `address`.
+    pub fn enrol(&self, address: &str) {
+        std::fs::write(
+            self.dir().join("agent.yaml"),
+            format!(
+                "terminal: t1\ndata: data\ninventory:\n  file: inventory.yaml\noperator: {{ address: \"{address}\", serverName: 127.0.0.1 }}\ninventoryIntervalSeconds: 1\n"
+            ),
+        )
+        .expect("config");
+        let out = agent(
+            self.dir(),
+            &[
+                "enrol",
+                "--config",
+                "agent.yaml",
+                "--token",
+                "token",
+                "--ca-fingerprint",
+                &self.ca.fingerprint(),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn run_agent(&self) -> Running {
+        Running(
+            Command::new(binary("tenet-agent"))
+                .args(["run", "--config", "agent.yaml"])
+                .current_dir(self.dir())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("agent"),
+        )
+    }
+
+    pub fn connected(&self) {
+        wait_for(&self.events, Duration::from_secs(30), |e| {
+            matches!(e, Event::Connected(_)).then_some(())
+        });
+    }
+
+    /// A signed bundle of `wat` and a signed envelope for it in policy `ns/p`.
+    pub fn dispatch(&self, wat: &str, sequence: u64) -> ToAgent {
+        let bundle = PayloadBundle {
+            manifest: Manifest {
+                name: "test".into(),
+                version: "1".into(),
+                description: String::new(),
+                capabilities: vec![],
+                created_ms: now_ms(),
+                expires_ms: now_ms() + 3_600_000,
+            },
+            module: wat::parse_str(wat).expect("wat"),
+            artifacts: vec![],
+        };
+        let bundle = SignedMessage::signed(&bundle, &self.admin).expect("sign");
+        let env = DispatchEnvelope {
+            terminal: "t1".into(),
+            policy: "ns/p".into(),
+            policy_generation: 1,
+            payload_digest: bundle.body_digest(),
+            nonce: [sequence as u8; 32],
+            issued_at_ms: now_ms(),
+            deadline_ms: now_ms() + 60_000,
+            sequence,
+            args: vec![],
+            capabilities: vec![],
+            write_paths: vec![],
+        };
+        ToAgent::Dispatch {
+            envelope: SignedMessage::signed(&env, self.operator.as_ref())
+                .expect("sign")
+                .encode(),
+            bundle: bundle.encode(),
+        }
+    }
 }

@@ -4,162 +4,16 @@
 //! expires and the renewed one is what the agent connects with; a newer
 //! dispatch for the same policy kills the loader still running.
 
-use std::path::Path;
-use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tenet::pki::Ca;
-use tenet_e2e::{
-    Event, MemoryFleet, Running, TestGateway, agent, binary, now_ms, processes_with, wait_for,
-    wait_until,
-};
-use tenet_protocol::bundle::{Manifest, PayloadBundle};
-use tenet_protocol::enrol::TrustAnchors;
-use tenet_protocol::envelope::DispatchEnvelope;
+use tenet_e2e::{Event, Fixture, now_ms, processes_with, wait_for, wait_until};
 use tenet_protocol::report::{ExecutionReport, Outcome};
-use tenet_protocol::session::{ToAgent, ToOperator};
-use tenet_protocol::{Algorithm, KeyPair, Kind, SignedMessage, Signer};
+use tenet_protocol::session::ToOperator;
+use tenet_protocol::{Kind, SignedMessage};
 use tokio::io::AsyncWriteExt;
-
-struct Fixture {
-    tmp: tempfile::TempDir,
-    ca: Arc<Ca>,
-    admin: KeyPair,
-    operator: Arc<KeyPair>,
-    trust: TrustAnchors,
-    fleet: Arc<MemoryFleet>,
-    events: std::sync::mpsc::Receiver<Event>,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let ca = Arc::new(Ca::load_or_create(tmp.path()).expect("ca"));
-        let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
-        let operator = Arc::new(KeyPair::generate(Algorithm::Ed25519).expect("key"));
-        let trust = TrustAnchors {
-            admin_keys: vec![admin.public_key()],
-            admin_threshold: 1,
-            dispatch_key: operator.public_key(),
-            issuer_key: operator.public_key(),
-        };
-        let (tx, events) = std::sync::mpsc::channel();
-        let fleet = Arc::new(MemoryFleet {
-            token: "token".into(),
-            identities: Mutex::default(),
-            senders: Mutex::default(),
-            events: Mutex::new(tx),
-        });
-        std::fs::write(tmp.path().join("inventory.yaml"), "terminal: t1\n").expect("inventory");
-        Fixture {
-            tmp,
-            ca,
-            admin,
-            operator,
-            trust,
-            fleet,
-            events,
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn gateway(&self, address: &str, validity: Duration) -> TestGateway {
-        TestGateway::start_with(
-            address,
-            self.ca.clone(),
-            self.trust.clone(),
-            self.operator.clone(),
-            self.fleet.clone(),
-            validity,
-        )
-    }
-
-    /// Configure and enrol terminal `t1` against `address`.
-    fn enrol(&self, address: &str) {
-        std::fs::write(
-            self.dir().join("agent.yaml"),
-            format!(
-                "terminal: t1\ndata: data\ninventory:\n  file: inventory.yaml\noperator: {{ address: \"{address}\", serverName: 127.0.0.1 }}\ninventoryIntervalSeconds: 1\n"
-            ),
-        )
-        .expect("config");
-        let out = agent(
-            self.dir(),
-            &[
-                "enrol",
-                "--config",
-                "agent.yaml",
-                "--token",
-                "token",
-                "--ca-fingerprint",
-                &self.ca.fingerprint(),
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn run_agent(&self) -> Running {
-        Running(
-            Command::new(binary("tenet-agent"))
-                .args(["run", "--config", "agent.yaml"])
-                .current_dir(self.dir())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("agent"),
-        )
-    }
-
-    fn connected(&self) {
-        wait_for(&self.events, Duration::from_secs(30), |e| {
-            matches!(e, Event::Connected(_)).then_some(())
-        });
-    }
-
-    /// A signed bundle of `wat` and a signed envelope for it in policy `ns/p`.
-    fn dispatch(&self, wat: &str, sequence: u64) -> ToAgent {
-        let bundle = PayloadBundle {
-            manifest: Manifest {
-                name: "test".into(),
-                version: "1".into(),
-                description: String::new(),
-                capabilities: vec![],
-                created_ms: now_ms(),
-                expires_ms: now_ms() + 3_600_000,
-            },
-            module: wat::parse_str(wat).expect("wat"),
-            artifacts: vec![],
-        };
-        let bundle = SignedMessage::signed(&bundle, &self.admin).expect("sign");
-        let env = DispatchEnvelope {
-            terminal: "t1".into(),
-            policy: "ns/p".into(),
-            policy_generation: 1,
-            payload_digest: bundle.body_digest(),
-            nonce: [sequence as u8; 32],
-            issued_at_ms: now_ms(),
-            deadline_ms: now_ms() + 60_000,
-            sequence,
-            args: vec![],
-            capabilities: vec![],
-            write_paths: vec![],
-        };
-        ToAgent::Dispatch {
-            envelope: SignedMessage::signed(&env, self.operator.as_ref())
-                .expect("sign")
-                .encode(),
-            bundle: bundle.encode(),
-        }
-    }
-}
 
 /// A gateway that answers every Hello with a frame announcing 4 GiB.
 fn start_corrupting_gateway(
