@@ -322,6 +322,12 @@ pub struct Fixture {
     pub events: std::sync::mpsc::Receiver<Event>,
 }
 
+impl Default for Fixture {
+    fn default() -> Fixture {
+        Fixture::new()
+    }
+}
+
 impl Fixture {
     pub fn new() -> Fixture {
         let tmp = tempfile::tempdir().expect("tempdir");
