@@ -272,3 +272,31 @@ fn write_files_stays_under_its_granted_paths() {
     assert_eq!(run("/etc/hospital/../passwd"), Outcome::Exited { code: -6 });
     assert!(!t.root.join("etc/passwd").exists());
 }
+
+#[test]
+fn a_payload_reads_the_inventory_and_logs_it() {
+    let Some((t, _, _)) = setup() else { return };
+    let reader = r#"(module
+        (import "tenet" "read_inventory" (func $inv (param i32 i32) (result i32)))
+        (import "tenet" "log" (func $log (param i32 i32)))
+        (memory (export "memory") 2)
+        (func (export "run") (result i32)
+          (local $len i32)
+          (local.set $len (call $inv (i32.const 1024) (i32.const 100000)))
+          (if (i32.lt_s (local.get $len) (i32.const 0)) (then (return (i32.const 1))))
+          (call $log (i32.const 1024) (local.get $len))
+          (i32.const 0)))"#;
+    let caps = [Capability::ReadInventory, Capability::Log];
+    let (b, d) = t.bundle(reader, &[], &caps);
+    let env = t.envelope(d, 1, &[], &caps);
+    let bytes = t.sign(&env);
+    let (_, r) = t.dispatch(&bytes, &b);
+    let report = t.verify(&r, &env, &bytes).expect("verifies");
+    assert_eq!(report.outcome, Outcome::Exited { code: 0 });
+    let logged = String::from_utf8_lossy(&report.output_tail);
+    let inv: serde_json::Value =
+        serde_json::from_str(logged.trim()).expect("the inventory as JSON");
+    assert_eq!(inv["terminal"], "nagoya-ward3-01");
+    assert_eq!(inv["packages"][0]["name"], "browser-a");
+    assert_eq!(inv["packages"][0]["version"], "118.0.2-1");
+}

@@ -15,7 +15,8 @@ use tenet_protocol::session::ToOperator;
 use tenet_protocol::{Kind, SignedMessage};
 use tokio::io::AsyncWriteExt;
 
-/// A gateway that answers every Hello with a frame announcing 4 GiB.
+/// A gateway that answers every Hello with a broken frame, in turn: one
+/// announcing 4 GiB, one cut short, one whose body is not a message.
 fn start_corrupting_gateway(
     ca: &Ca,
     connections: Arc<AtomicUsize>,
@@ -40,9 +41,14 @@ fn start_corrupting_gateway(
             if let Ok(ToOperator::Hello { .. }) =
                 tenet::gateway::read_frame(&mut tls, 1 << 20).await
             {
-                connections.fetch_add(1, Ordering::SeqCst);
-                let _ = tls.write_all(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).await;
+                let bad: &[u8] = match connections.fetch_add(1, Ordering::SeqCst) % 3 {
+                    0 => &[0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+                    1 => &[0, 0, 0, 10, 1, 2, 3],
+                    _ => &[0, 0, 0, 4, 0xee, 0xee, 0xee, 0xee],
+                };
+                let _ = tls.write_all(bad).await;
                 let _ = tls.flush().await;
+                let _ = tls.shutdown().await;
             }
         }
     });
@@ -65,8 +71,8 @@ fn a_corrupted_frame_drops_the_connection_and_the_agent_reconnects() {
     )
     .expect("config");
     let mut running = f.run_agent();
-    wait_until(Duration::from_secs(30), "three corrupted sessions", || {
-        connections.load(Ordering::SeqCst) >= 3
+    wait_until(Duration::from_secs(60), "four corrupted sessions", || {
+        connections.load(Ordering::SeqCst) >= 4
     });
     assert!(
         running.0.try_wait().expect("status").is_none(),

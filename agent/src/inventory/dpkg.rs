@@ -48,6 +48,9 @@ impl DpkgInventory {
     }
 
     fn services(&self) -> Vec<Service> {
+        if self.root == Path::new("/") {
+            return systemd_services();
+        }
         let dir = self.root.join("var/lib/tenet/services");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
@@ -87,6 +90,71 @@ impl DpkgInventory {
             })
             .collect()
     }
+}
+
+/// Services of the running system, from systemd: whether each is active
+/// (`systemctl list-units`) and enabled (`systemctl list-unit-files`). A
+/// system without systemd reports none.
+fn systemd_services() -> Vec<Service> {
+    let run = |args: &[&str]| {
+        Command::new("systemctl")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    parse_systemctl(
+        &run(&[
+            "list-units",
+            "--type=service",
+            "--all",
+            "--no-legend",
+            "--plain",
+        ]),
+        &run(&[
+            "list-unit-files",
+            "--type=service",
+            "--no-legend",
+            "--plain",
+        ]),
+    )
+}
+
+/// Merge `systemctl list-units` (UNIT LOAD ACTIVE SUB ...) and
+/// `systemctl list-unit-files` (UNIT STATE ...) output; names lose `.service`.
+pub fn parse_systemctl(units: &str, unit_files: &str) -> Vec<Service> {
+    let name = |unit: &str| unit.strip_suffix(".service").map(str::to_string);
+    let enabled: std::collections::HashSet<String> = unit_files
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (unit, state) = (f.next()?, f.next()?);
+            (state == "enabled").then(|| name(unit)).flatten()
+        })
+        .collect();
+    let mut services: Vec<Service> = units
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (unit, _load, active, sub) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            let name = name(unit)?;
+            let state = match (active, sub) {
+                ("active", "running") => ServiceState::Running,
+                ("failed", _) => ServiceState::Failed,
+                _ => ServiceState::Stopped,
+            };
+            Some(Service {
+                enabled: enabled.contains(&name),
+                name,
+                state,
+            })
+        })
+        .collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    services.dedup_by(|a, b| a.name == b.name);
+    services
 }
 
 /// `path` (absolute on the terminal) under `root`.
@@ -134,6 +202,25 @@ impl InventorySource for DpkgInventory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn systemd_states() {
+        let units = "clamav-daemon.service loaded active running ClamAV daemon\ncups.service loaded inactive dead CUPS\nbad.service loaded failed failed Bad\nx.socket loaded active listening X\n";
+        let files = "clamav-daemon.service enabled enabled\ncups.service disabled enabled\n";
+        let got = parse_systemctl(units, files);
+        let summary: Vec<(String, ServiceState, bool)> = got
+            .into_iter()
+            .map(|s| (s.name, s.state, s.enabled))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("bad".to_string(), ServiceState::Failed, false),
+                ("clamav-daemon".to_string(), ServiceState::Running, true),
+                ("cups".to_string(), ServiceState::Stopped, false),
+            ]
+        );
+    }
 
     #[test]
     fn only_installed_packages_count() {
