@@ -5,3 +5,4 @@ pub mod cli;
 pub mod gateway;
 pub mod pki;
 pub mod policy;
+pub mod reconcile;

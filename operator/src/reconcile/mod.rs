@@ -1,0 +1,7 @@
+//! The reconciler's decisions, as pure functions of state, event and time:
+//! where a (terminal, policy) pair stands ([`state`]), how many drifted
+//! terminals a policy's rollout may start now ([`rollout`]). The I/O that
+//! feeds them (inventories, reports, the store, the gateway) sits outside.
+
+pub mod rollout;
+pub mod state;
