@@ -488,7 +488,8 @@ fn run_artifact(host: &mut Host, name: &str, args: &[&str]) -> (i32, Vec<u8>) {
             );
         }
     }
-    let log_path = host.work_dir.join(format!(".{name}.output"));
+    // '@' is not allowed in artifact names, so this never collides with one.
+    let log_path = host.work_dir.join(format!("{name}@output"));
     let Ok(log) = std::fs::File::create(&log_path) else {
         return (E_IO, b"cannot create the output file\n".to_vec());
     };

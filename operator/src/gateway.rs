@@ -82,6 +82,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
     w.flush().await
 }
 
+/// How long a new connection has to finish TLS and send its first message.
+const OPENING_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Messages from agents are small but for reports with an inventory.
 const MAX_FROM_AGENT: usize = 16 * 1024 * 1024;
 
@@ -99,8 +102,18 @@ impl Gateway {
     }
 
     async fn handle(&self, stream: tokio::net::TcpStream) -> Result<(), GatewayError> {
-        let mut tls = self.acceptor.accept(stream).await?;
-        let first: ToOperator = read_frame(&mut tls, MAX_FROM_AGENT).await?;
+        // A client that does not finish its handshake and first message in
+        // time is dropped, so idle sockets cannot pile up.
+        let opening = async {
+            let mut tls = self.acceptor.accept(stream).await?;
+            let first: ToOperator = read_frame(&mut tls, MAX_FROM_AGENT).await?;
+            Ok::<_, GatewayError>((tls, first))
+        };
+        let (mut tls, first) = tokio::time::timeout(OPENING_TIMEOUT, opening)
+            .await
+            .map_err(|_| {
+                GatewayError::Refused("no handshake and first message in time".into())
+            })??;
         match first {
             ToOperator::Enrol(bytes) => {
                 let answer = match self.enrol(&bytes) {
