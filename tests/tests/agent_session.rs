@@ -6,23 +6,20 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tenet::pki::Ca;
 use tenet_e2e::{
-    Event, MemoryFleet, Running, TestGateway, agent, binary, build_deb, example, now_ms, wait_for,
+    Event, Fixture, Running, TestGateway, agent, binary, build_deb, example, now_ms, wait_for,
     wait_until,
 };
 use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
-use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::inventory::InventoryReport;
 use tenet_protocol::keys::random_bytes;
 use tenet_protocol::report::{DispatchRecord, Outcome, nonce_commitment, verify_report};
 use tenet_protocol::session::ToAgent;
 use tenet_protocol::wire::sha256;
-use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, SignedMessage, Signer};
+use tenet_protocol::{Kind, PublicKey, SignedMessage};
 
 fn browser_version(bytes: &[u8]) -> Option<String> {
     let report: InventoryReport = SignedMessage::decode(bytes, Kind::InventoryReport)
@@ -50,24 +47,10 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
         eprintln!("skipping: dpkg-deb is not installed");
         return;
     }
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path();
-    let ca = Arc::new(Ca::load_or_create(dir).expect("ca"));
-    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
-    let operator = Arc::new(KeyPair::generate(Algorithm::Ed25519).expect("key"));
-    let trust = TrustAnchors {
-        admin_keys: vec![admin.public_key()],
-        admin_threshold: 1,
-        dispatch_key: operator.public_key(),
-        issuer_key: operator.public_key(),
-    };
-    let (tx, events) = std::sync::mpsc::channel();
-    let fleet = Arc::new(MemoryFleet {
-        token: "bootstrap-7f3a".into(),
-        identities: Mutex::default(),
-        senders: Mutex::default(),
-        events: Mutex::new(tx),
-    });
+    let f = Fixture::new();
+    let dir = f.dir();
+    let (ca, admin, operator, trust, fleet, events) =
+        (&f.ca, &f.admin, &f.operator, &f.trust, &f.fleet, &f.events);
     let mut gateway = TestGateway::start(
         "127.0.0.1:0",
         ca.clone(),
@@ -131,7 +114,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
             "--config",
             "agent.yaml",
             "--token",
-            "bootstrap-7f3a",
+            "token",
             "--ca-fingerprint",
             &other_ca,
         ],
@@ -149,7 +132,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
             "--config",
             "agent.yaml",
             "--token",
-            "bootstrap-7f3a",
+            "token",
             "--ca-fingerprint",
             &fp,
         ],
@@ -163,7 +146,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
         String::from_utf8_lossy(&ok.stdout)
             .starts_with("enrolled as nagoya-ward3-01; pinned dispatch key")
     );
-    wait_for(&events, Duration::from_secs(5), |e| {
+    wait_for(events, Duration::from_secs(5), |e| {
         matches!(e, Event::Enrolled(_)).then_some(())
     });
     let data = dir.join("data");
@@ -184,10 +167,10 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
             .spawn()
             .expect("agent"),
     );
-    wait_for(&events, Duration::from_secs(10), |e| {
+    wait_for(events, Duration::from_secs(10), |e| {
         matches!(e, Event::Connected(_)).then_some(())
     });
-    let v = wait_for(&events, Duration::from_secs(10), |e| match e {
+    let v = wait_for(events, Duration::from_secs(10), |e| match e {
         Event::Inventory(b) => Some(browser_version(b)),
         _ => None,
     });
@@ -225,7 +208,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
             })
             .collect(),
     };
-    let bundle = SignedMessage::signed(&bundle, &admin).expect("sign");
+    let bundle = SignedMessage::signed(&bundle, admin).expect("sign");
     let envelope = |sequence: u64| DispatchEnvelope {
         terminal: "nagoya-ward3-01".into(),
         policy: "hospital-it/browser-a-minimum".into(),
@@ -248,7 +231,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
             bundle: bundle.encode()
         }
     ));
-    let report = wait_for(&events, Duration::from_secs(30), |e| match e {
+    let report = wait_for(events, Duration::from_secs(30), |e| match e {
         Event::Report(b) => Some(b.clone()),
         _ => None,
     });
@@ -264,7 +247,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
         verify_report(&report, &identity, &record, now_ms()).expect("the report verifies");
     assert_eq!(verified.outcome, Outcome::Exited { code: 0 });
     // The next inventory shows 120, and the acknowledged report left the outbox.
-    wait_for(&events, Duration::from_secs(10), |e| match e {
+    wait_for(events, Duration::from_secs(10), |e| match e {
         Event::Inventory(b) if browser_version(b).as_deref() == Some("120.0-1") => Some(()),
         _ => None,
     });
@@ -303,11 +286,11 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
     let _gateway2 = TestGateway::start(
         &address.to_string(),
         ca.clone(),
-        trust,
+        trust.clone(),
         operator.clone(),
         fleet.clone(),
     );
-    let delivered = wait_for(&events, Duration::from_secs(60), |e| match e {
+    let delivered = wait_for(events, Duration::from_secs(60), |e| match e {
         Event::Report(b) => Some(b.clone()),
         _ => None,
     });
