@@ -6,3 +6,4 @@ pub mod gateway;
 pub mod pki;
 pub mod policy;
 pub mod reconcile;
+pub mod store;
