@@ -25,6 +25,7 @@ const TERMINALS: TableDefinition<&str, &[u8]> = TableDefinition::new("terminals"
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
 const DISPATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("dispatches");
+const INVENTORIES: TableDefinition<&str, &[u8]> = TableDefinition::new("inventories");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -102,7 +103,7 @@ impl Store {
         let db = Database::create(path).map_err(open_err)?;
         // Create the tables, so readers never meet a missing one.
         let tx = db.begin_write().map_err(err)?;
-        for t in [TERMINALS, TOKENS, PAIRS, DISPATCHES] {
+        for t in [TERMINALS, TOKENS, PAIRS, DISPATCHES, INVENTORIES] {
             tx.open_table(t).map_err(err)?;
         }
         tx.commit().map_err(err)?;
@@ -310,6 +311,64 @@ impl Store {
                 .map_err(err)?;
         }
         tx.commit().map_err(err)
+    }
+
+    /// Keep a terminal's verified inventory report unless a newer one is
+    /// stored already; whether it was kept.
+    pub fn put_inventory(
+        &self,
+        terminal: &str,
+        sequence: u64,
+        signed: &[u8],
+    ) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let kept = {
+            let mut t = tx.open_table(INVENTORIES).map_err(err)?;
+            let newer = match t.get(terminal).map_err(err)? {
+                Some(v) => {
+                    let (seq, _): (u64, serde_bytes::ByteBuf) =
+                        decode(v.value()).map_err(|e| StoreError::Corrupt {
+                            key: terminal.into(),
+                            message: e.to_string(),
+                        })?;
+                    seq >= sequence
+                }
+                None => false,
+            };
+            if !newer {
+                let value = encode(&(sequence, serde_bytes::Bytes::new(signed)));
+                t.insert(terminal, value.as_slice()).map_err(err)?;
+            }
+            !newer
+        };
+        tx.commit().map_err(err)?;
+        Ok(kept)
+    }
+
+    /// The latest verified inventory report of a terminal (signed bytes).
+    pub fn inventory(&self, terminal: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let v: Option<(u64, serde_bytes::ByteBuf)> = self.get(INVENTORIES, terminal)?;
+        Ok(v.map(|(_, b)| b.into_vec()))
+    }
+
+    /// The live dispatches of one terminal, by policy.
+    pub fn dispatches_of(&self, terminal: &str) -> Result<Vec<(String, LiveDispatch)>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(DISPATCHES).map_err(err)?;
+        let prefix = format!("{terminal}\u{0}");
+        let mut out = Vec::new();
+        for item in t.range(prefix.as_str()..).map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            let Some(policy) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            let live: LiveDispatch = decode(v.value()).map_err(|e| StoreError::Corrupt {
+                key: k.value().to_string(),
+                message: e.to_string(),
+            })?;
+            out.push((policy.to_string(), live));
+        }
+        Ok(out)
     }
 
     /// Every pair's record (for status and for resuming after a restart).

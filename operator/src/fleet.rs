@@ -1,0 +1,475 @@
+//! The standalone operator's side of the gateway: what happens to what the
+//! agents send. Enrolment spends a bootstrap token in the embedded store;
+//! inventories are verified against the terminal's registered identity key
+//! and kept (newest only); execution reports are verified against the live
+//! dispatch they answer (the evidence, the payload, the deadline, no replay)
+//! and move the (terminal, policy) state machine. Verification failures are
+//! counted by reason. Every change is announced on a channel for the
+//! reconcile loop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tenet_protocol::enrol::EnrolmentRequest;
+use tenet_protocol::inventory::InventoryReport;
+use tenet_protocol::report::{ExecutionReport, Outcome, check_report};
+use tenet_protocol::session::ToAgent;
+use tenet_protocol::{Kind, Rejection, SignedMessage};
+use tokio::sync::mpsc;
+
+use crate::gateway::Fleet;
+use crate::reconcile::state::{Event, PairState, Retry, next};
+use crate::store::{PairRecord, Store, StoreError};
+
+/// Something the reconcile loop should look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Connected(String),
+    Disconnected(String),
+    Inventory(String),
+    Report { terminal: String, policy: String },
+}
+
+pub struct StandaloneFleet {
+    pub store: Arc<Store>,
+    pub retry: Retry,
+    pub now_ms: fn() -> u64,
+    pub jitter: fn() -> f64,
+    connected: Mutex<HashMap<String, mpsc::Sender<ToAgent>>>,
+    /// Reports and inventories refused, by reason.
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+fn store_err(e: StoreError) -> Rejection {
+    Rejection::Malformed(format!("the operator's store failed: {e}"))
+}
+
+/// The event a verified report means for its pair.
+pub fn report_event(outcome: &Outcome, output_tail: &[u8]) -> Event {
+    let tail = || {
+        let text = String::from_utf8_lossy(output_tail);
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        if last.is_empty() {
+            String::new()
+        } else {
+            format!(": {last}")
+        }
+    };
+    match outcome {
+        Outcome::Exited { code: 0 } => Event::Succeeded,
+        Outcome::Exited { code } => Event::Failed {
+            reason: format!("the payload exited with {code}{}", tail()),
+        },
+        Outcome::Trapped { message } => Event::Failed {
+            reason: format!("the payload trapped: {message}"),
+        },
+        Outcome::TimedOut => Event::Failed {
+            reason: "the payload ran out of time".into(),
+        },
+        Outcome::Refused { reason, message } => Event::Failed {
+            reason: format!("the terminal refused the dispatch: {message} ({reason})"),
+        },
+    }
+}
+
+impl StandaloneFleet {
+    pub fn new(
+        store: Arc<Store>,
+        retry: Retry,
+        now_ms: fn() -> u64,
+        jitter: fn() -> f64,
+    ) -> (StandaloneFleet, mpsc::UnboundedReceiver<Change>) {
+        let (changes, rx) = mpsc::unbounded_channel();
+        (
+            StandaloneFleet {
+                store,
+                retry,
+                now_ms,
+                jitter,
+                connected: Mutex::default(),
+                refused: Mutex::default(),
+                changes,
+            },
+            rx,
+        )
+    }
+
+    /// Refusals counted by reason, for metrics and status.
+    pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
+        self.refused.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The sender of a connected terminal.
+    pub fn sender(&self, terminal: &str) -> Option<mpsc::Sender<ToAgent>> {
+        self.connected.lock().ok()?.get(terminal).cloned()
+    }
+
+    fn count(&self, r: &Rejection) {
+        if let Ok(mut m) = self.refused.lock() {
+            *m.entry(r.reason()).or_insert(0) += 1;
+        }
+    }
+
+    /// Decode a signed message and check it was signed by `terminal`'s
+    /// registered identity key.
+    fn verified_frame(
+        &self,
+        terminal: &str,
+        kind: Kind,
+        bytes: &[u8],
+    ) -> Result<SignedMessage, Rejection> {
+        let record = self
+            .store
+            .terminal(terminal)
+            .map_err(store_err)?
+            .ok_or_else(|| Rejection::Malformed(format!("{terminal} is not enrolled")))?;
+        let frame = SignedMessage::decode(bytes, kind)?;
+        frame.verify_by(&record.identity)?;
+        Ok(frame)
+    }
+
+    fn take_report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        let frame = self.verified_frame(terminal, Kind::ExecutionReport, bytes)?;
+        let report: ExecutionReport = frame.open()?;
+        let now = (self.now_ms)();
+        let (policy, live) = self
+            .store
+            .dispatches_of(terminal)
+            .map_err(store_err)?
+            .into_iter()
+            .find(|(_, d)| d.record.envelope_digest == report.envelope_digest)
+            .ok_or_else(|| {
+                Rejection::Replay("the report answers no dispatch of this terminal".into())
+            })?;
+        let pair = self.store.pair(terminal, &policy).map_err(store_err)?;
+        let state = pair
+            .as_ref()
+            .map_or(PairState::Unknown, |p| p.state.clone());
+        let generation = pair
+            .as_ref()
+            .map_or(live.policy_generation, |p| p.generation);
+        let (event, result) = match check_report(&report, &live.record, now) {
+            Ok(()) => (report_event(&report.outcome, &report.output_tail), Ok(())),
+            // A replay changes nothing; any other failure fails the attempt.
+            Err(r @ Rejection::Replay(_)) => return Err(r),
+            Err(r) => (
+                Event::Failed {
+                    reason: format!("the report was refused: {r}"),
+                },
+                Err(r),
+            ),
+        };
+        let record = PairRecord {
+            generation,
+            state: next(&state, &event, &self.retry, now, (self.jitter)()),
+            updated_ms: now,
+        };
+        self.store
+            .consume_dispatch(terminal, &policy, &record)
+            .map_err(store_err)?;
+        let _ = self.changes.send(Change::Report {
+            terminal: terminal.to_string(),
+            policy,
+        });
+        result
+    }
+
+    fn take_inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        let frame = self.verified_frame(terminal, Kind::InventoryReport, bytes)?;
+        let report: InventoryReport = frame.open()?;
+        if report.terminal != terminal {
+            return Err(Rejection::WrongTerminal {
+                expected: terminal.to_string(),
+                found: report.terminal,
+            });
+        }
+        if self
+            .store
+            .put_inventory(terminal, report.sequence, bytes)
+            .map_err(store_err)?
+        {
+            let _ = self.changes.send(Change::Inventory(terminal.to_string()));
+        }
+        Ok(())
+    }
+}
+
+impl Fleet for StandaloneFleet {
+    fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String> {
+        self.store
+            .enrol(request, (self.now_ms)())
+            .map_err(|e| format!("the operator's store failed: {e}"))?
+    }
+
+    fn connected(&self, terminal: &str, to_agent: mpsc::Sender<ToAgent>) {
+        if let Ok(mut c) = self.connected.lock() {
+            c.insert(terminal.to_string(), to_agent);
+        }
+        let _ = self.changes.send(Change::Connected(terminal.to_string()));
+    }
+
+    fn disconnected(&self, terminal: &str) {
+        if let Ok(mut c) = self.connected.lock() {
+            c.remove(terminal);
+        }
+        let _ = self
+            .changes
+            .send(Change::Disconnected(terminal.to_string()));
+    }
+
+    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        self.take_report(terminal, bytes)
+            .inspect_err(|r| self.count(r))
+    }
+
+    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        self.take_inventory(terminal, bytes)
+            .inspect_err(|r| self.count(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LiveDispatch, TokenRecord};
+    use tenet_protocol::report::{DispatchRecord, nonce_commitment};
+    use tenet_protocol::{Algorithm, KeyPair, Signer};
+
+    const NOW: u64 = 1_790_000_000_000;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        fleet: StandaloneFleet,
+        changes: mpsc::UnboundedReceiver<Change>,
+        terminal: KeyPair,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
+        store
+            .add_token(
+                "tok",
+                &TokenRecord {
+                    terminal: None,
+                    expires_ms: u64::MAX,
+                    used: false,
+                },
+            )
+            .expect("token");
+        let (fleet, changes) = StandaloneFleet::new(store, Retry::default(), || NOW, || 0.0);
+        let terminal = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
+        let request = EnrolmentRequest {
+            token: "tok".into(),
+            terminal: "ward-01".into(),
+            labels: BTreeMap::new(),
+            identity: terminal.public_key(),
+            tpm: true,
+            tls_csr_pem: String::new(),
+            requested_at_ms: NOW,
+        };
+        assert_eq!(fleet.enrol(&request), Ok(()));
+        assert_eq!(
+            fleet.enrol(&request),
+            Err("the bootstrap token was already used".into())
+        );
+        Setup {
+            _dir: dir,
+            fleet,
+            changes,
+            terminal,
+        }
+    }
+
+    fn live(s: &Setup, nonce: [u8; 32]) -> DispatchRecord {
+        let record = DispatchRecord {
+            terminal: "ward-01".into(),
+            envelope_digest: [7; 32],
+            nonce_commitment: nonce_commitment(&nonce),
+            payload_digest: [9; 32],
+            deadline_ms: NOW + 60_000,
+            consumed: false,
+        };
+        let pair = PairRecord {
+            generation: 1,
+            state: PairState::Dispatched {
+                attempt: 1,
+                sequence: 1,
+                deadline_ms: NOW + 60_000,
+            },
+            updated_ms: NOW,
+        };
+        s.fleet
+            .store
+            .start_dispatch(
+                "ward-01",
+                "ns/browser",
+                &LiveDispatch {
+                    policy_generation: 1,
+                    sequence: 1,
+                    record: record.clone(),
+                },
+                &pair,
+            )
+            .expect("dispatch");
+        record
+    }
+
+    fn report(nonce: [u8; 32], outcome: Outcome) -> ExecutionReport {
+        ExecutionReport {
+            terminal: "ward-01".into(),
+            envelope_digest: [7; 32],
+            nonce,
+            payload_digest: [9; 32],
+            outcome,
+            output_tail: b"dpkg: error processing archive\n".to_vec(),
+            observed: None,
+            started_at_ms: NOW,
+            finished_at_ms: NOW + 10,
+        }
+    }
+
+    fn state(s: &Setup) -> PairState {
+        s.fleet
+            .store
+            .pair("ward-01", "ns/browser")
+            .expect("db")
+            .expect("pair")
+            .state
+    }
+
+    #[test]
+    fn a_verified_report_moves_the_pair_to_verifying_once() {
+        let mut s = setup();
+        live(&s, [1; 32]);
+        let bytes =
+            SignedMessage::signed(&report([1; 32], Outcome::Exited { code: 0 }), &s.terminal)
+                .expect("sign")
+                .encode();
+        assert_eq!(s.fleet.report("ward-01", &bytes), Ok(()));
+        assert_eq!(
+            state(&s),
+            PairState::Verifying {
+                attempt: 1,
+                since_ms: NOW
+            }
+        );
+        assert_eq!(
+            s.changes.try_recv(),
+            Ok(Change::Report {
+                terminal: "ward-01".into(),
+                policy: "ns/browser".into()
+            })
+        );
+        // The same report again is a replay, and changes nothing.
+        assert_eq!(
+            s.fleet.report("ward-01", &bytes).map_err(|r| r.reason()),
+            Err("Replay")
+        );
+        assert_eq!(
+            state(&s),
+            PairState::Verifying {
+                attempt: 1,
+                since_ms: NOW
+            }
+        );
+        assert_eq!(s.fleet.refusals().get("Replay"), Some(&1));
+    }
+
+    #[test]
+    fn a_wrong_nonce_fails_the_attempt_with_the_reason() {
+        let s = setup();
+        live(&s, [1; 32]);
+        let bytes =
+            SignedMessage::signed(&report([2; 32], Outcome::Exited { code: 0 }), &s.terminal)
+                .expect("sign")
+                .encode();
+        assert_eq!(
+            s.fleet.report("ward-01", &bytes),
+            Err(Rejection::NonceMismatch)
+        );
+        match state(&s) {
+            PairState::Drifted {
+                attempts: 1,
+                reason,
+                ..
+            } => assert_eq!(
+                reason,
+                "the report was refused: the evidence (nonce) does not match the dispatch"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.fleet.refusals().get("NonceMismatch"), Some(&1));
+    }
+
+    #[test]
+    fn a_failed_payload_fails_the_attempt_with_its_output() {
+        let s = setup();
+        live(&s, [1; 32]);
+        let bytes =
+            SignedMessage::signed(&report([1; 32], Outcome::Exited { code: 2 }), &s.terminal)
+                .expect("sign")
+                .encode();
+        assert_eq!(s.fleet.report("ward-01", &bytes), Ok(()));
+        assert!(
+            matches!(state(&s), PairState::Drifted { attempts: 1, ref reason, .. } if reason == "the payload exited with 2: dpkg: error processing archive"),
+            "{:?}",
+            state(&s)
+        );
+    }
+
+    #[test]
+    fn reports_and_inventories_signed_by_another_key_are_refused() {
+        let s = setup();
+        live(&s, [1; 32]);
+        let other = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
+        let bytes = SignedMessage::signed(&report([1; 32], Outcome::Exited { code: 0 }), &other)
+            .expect("sign")
+            .encode();
+        assert_eq!(
+            s.fleet.report("ward-01", &bytes).map_err(|r| r.reason()),
+            Err("UnknownKey")
+        );
+        let garbage = s.fleet.report("ward-01", b"\x01\x03garbage");
+        assert_eq!(garbage.map_err(|r| r.reason()), Err("Malformed"));
+        assert!(matches!(state(&s), PairState::Dispatched { .. }));
+        assert_eq!(s.fleet.refusals().get("UnknownKey"), Some(&1));
+    }
+
+    #[test]
+    fn only_the_newest_inventory_is_kept() {
+        let mut s = setup();
+        let inv = |seq| {
+            let r = InventoryReport {
+                terminal: "ward-01".into(),
+                sequence: seq,
+                collected_at_ms: seq,
+                inventory: tenet_protocol::inventory::Inventory {
+                    terminal: "ward-01".into(),
+                    ..Default::default()
+                },
+            };
+            SignedMessage::signed(&r, &s.terminal)
+                .expect("sign")
+                .encode()
+        };
+        let (new, old) = (inv(20), inv(10));
+        assert_eq!(s.fleet.inventory("ward-01", &new), Ok(()));
+        assert_eq!(s.fleet.inventory("ward-01", &old), Ok(()));
+        assert_eq!(s.fleet.store.inventory("ward-01").expect("db"), Some(new));
+        assert_eq!(
+            s.changes.try_recv(),
+            Ok(Change::Inventory("ward-01".into()))
+        );
+        assert!(
+            s.changes.try_recv().is_err(),
+            "the older one announces nothing"
+        );
+    }
+}
