@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::gateway::Fleet;
 use crate::reconcile::state::{Event, PairState, Retry, next};
-use crate::store::{PairRecord, Store, StoreError};
+use crate::store::{PairRecord, Store, StoreError, StoredInventory};
 
 /// Something the reconcile loop should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +173,17 @@ impl StandaloneFleet {
         self.store
             .consume_dispatch(terminal, &policy, &record)
             .map_err(store_err)?;
+        // What the terminal observed after a verified run is its newest inventory.
+        if let (Ok(()), Some(inventory)) = (&result, report.observed) {
+            let stored = StoredInventory {
+                sequence: report.finished_at_ms,
+                received_ms: now,
+                inventory,
+            };
+            self.store
+                .put_inventory(terminal, &stored)
+                .map_err(store_err)?;
+        }
         let _ = self.changes.send(Change::Report {
             terminal: terminal.to_string(),
             policy,
@@ -189,9 +200,14 @@ impl StandaloneFleet {
                 found: report.terminal,
             });
         }
+        let stored = StoredInventory {
+            sequence: report.sequence,
+            received_ms: (self.now_ms)(),
+            inventory: report.inventory,
+        };
         if self
             .store
-            .put_inventory(terminal, report.sequence, bytes)
+            .put_inventory(terminal, &stored)
             .map_err(store_err)?
         {
             let _ = self.changes.send(Change::Inventory(terminal.to_string()));
@@ -460,9 +476,17 @@ mod tests {
                 .encode()
         };
         let (new, old) = (inv(20), inv(10));
+        let _ = &new;
         assert_eq!(s.fleet.inventory("ward-01", &new), Ok(()));
         assert_eq!(s.fleet.inventory("ward-01", &old), Ok(()));
-        assert_eq!(s.fleet.store.inventory("ward-01").expect("db"), Some(new));
+        assert_eq!(
+            s.fleet
+                .store
+                .inventory("ward-01")
+                .expect("db")
+                .map(|i| i.sequence),
+            Some(20)
+        );
         assert_eq!(
             s.changes.try_recv(),
             Ok(Change::Inventory("ward-01".into()))

@@ -16,6 +16,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tenet_protocol::PublicKey;
 use tenet_protocol::enrol::EnrolmentRequest;
+use tenet_protocol::inventory::Inventory;
 use tenet_protocol::report::DispatchRecord;
 use tenet_protocol::wire::{decode, encode, sha256};
 
@@ -67,6 +68,16 @@ pub struct LiveDispatch {
     pub policy_generation: u64,
     pub sequence: u64,
     pub record: DispatchRecord,
+}
+
+/// A terminal's latest verified inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInventory {
+    /// The agent's sequence (its collection time): newer replaces older.
+    pub sequence: u64,
+    /// When the operator received it (its own clock).
+    pub received_ms: u64,
+    pub inventory: Inventory,
 }
 
 /// The reconcile state of a pair, with the generation it applies to.
@@ -313,31 +324,29 @@ impl Store {
         tx.commit().map_err(err)
     }
 
-    /// Keep a terminal's verified inventory report unless a newer one is
-    /// stored already; whether it was kept.
+    /// Keep a terminal's verified inventory unless a newer one (by the
+    /// agent's sequence) is stored already; whether it was kept.
     pub fn put_inventory(
         &self,
         terminal: &str,
-        sequence: u64,
-        signed: &[u8],
+        stored: &StoredInventory,
     ) -> Result<bool, StoreError> {
         let tx = self.db.begin_write().map_err(err)?;
         let kept = {
             let mut t = tx.open_table(INVENTORIES).map_err(err)?;
             let newer = match t.get(terminal).map_err(err)? {
                 Some(v) => {
-                    let (seq, _): (u64, serde_bytes::ByteBuf) =
+                    let old: StoredInventory =
                         decode(v.value()).map_err(|e| StoreError::Corrupt {
                             key: terminal.into(),
                             message: e.to_string(),
                         })?;
-                    seq >= sequence
+                    old.sequence >= stored.sequence
                 }
                 None => false,
             };
             if !newer {
-                let value = encode(&(sequence, serde_bytes::Bytes::new(signed)));
-                t.insert(terminal, value.as_slice()).map_err(err)?;
+                t.insert(terminal, encode(stored).as_slice()).map_err(err)?;
             }
             !newer
         };
@@ -345,10 +354,20 @@ impl Store {
         Ok(kept)
     }
 
-    /// The latest verified inventory report of a terminal (signed bytes).
-    pub fn inventory(&self, terminal: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let v: Option<(u64, serde_bytes::ByteBuf)> = self.get(INVENTORIES, terminal)?;
-        Ok(v.map(|(_, b)| b.into_vec()))
+    /// The latest verified inventory of a terminal.
+    pub fn inventory(&self, terminal: &str) -> Result<Option<StoredInventory>, StoreError> {
+        self.get(INVENTORIES, terminal)
+    }
+
+    /// Every enrolled terminal's name.
+    pub fn terminal_names(&self) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(TERMINALS).map_err(err)?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(err)? {
+            out.push(item.map_err(err)?.0.value().to_string());
+        }
+        Ok(out)
     }
 
     /// The live dispatches of one terminal, by policy.
