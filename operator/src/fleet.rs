@@ -169,6 +169,7 @@ impl StandaloneFleet {
             generation,
             state: next(&state, &event, &self.retry, now, (self.jitter)()),
             updated_ms: now,
+            remediated: pair.as_ref().is_some_and(|p| p.remediated),
         };
         self.store
             .consume_dispatch(terminal, &policy, &record)
@@ -320,6 +321,7 @@ mod tests {
                 deadline_ms: NOW + 60_000,
             },
             updated_ms: NOW,
+            remediated: false,
         };
         s.fleet
             .store

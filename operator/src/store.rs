@@ -86,6 +86,9 @@ pub struct PairRecord {
     pub generation: u64,
     pub state: PairState,
     pub updated_ms: u64,
+    /// Converged through a verified remediation in this generation (what a
+    /// rollout counts as a success).
+    pub remediated: bool,
 }
 
 pub struct Store {
@@ -486,6 +489,7 @@ mod tests {
                 generation: 3,
                 state: PairState::Compliant,
                 updated_ms: 5,
+                remediated: false,
             };
             s.set_pair("ward-01", "ns/p", &pair).expect("pair");
         }

@@ -176,11 +176,12 @@ pub fn next(
             retry_at_ms: now_ms,
             reason: reason.clone(),
         },
+        // After a failed attempt the reason says why it failed; before, what drifts.
         (
             S::Drifted {
                 attempts,
                 retry_at_ms,
-                ..
+                reason: last,
             },
             Event::Inventory {
                 drift: Some(reason),
@@ -188,7 +189,11 @@ pub fn next(
         ) => S::Drifted {
             attempts: *attempts,
             retry_at_ms: *retry_at_ms,
-            reason: reason.clone(),
+            reason: if *attempts == 0 {
+                reason.clone()
+            } else {
+                last.clone()
+            },
         },
         (
             S::Drifted { attempts, .. },

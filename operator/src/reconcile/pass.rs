@@ -1,0 +1,573 @@
+//! One reconcile pass: for every policy and every enrolled terminal with a
+//! verified inventory, evaluate the policy, move the pair's state machine
+//! (policy changes, expired dispatches, fresh inventories), count the
+//! rollout, and start the dispatches it allows: a fresh nonce, the next
+//! sequence number (committed first), a signed envelope, and the live
+//! dispatch recorded with only the nonce's commitment before anything is
+//! sent. Offline terminals wait; they get a fresh envelope once online.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use tenet_protocol::bundle::Capability;
+use tenet_protocol::envelope::DispatchEnvelope;
+use tenet_protocol::keys::random_bytes;
+use tenet_protocol::report::{DispatchRecord, REPORT_GRACE_MS, nonce_commitment};
+use tenet_protocol::wire::{digest_string, parse_digest};
+use tenet_protocol::{SignedMessage, Signer};
+
+use super::rollout::{Counts, Step, step};
+use super::state::{Event, PairState, Retry, next};
+use crate::policy::{CompiledPolicy, TerminalView, evaluate};
+use crate::store::{LiveDispatch, PairRecord, Store, StoreError};
+
+/// A signed bundle the operator can dispatch.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub digest: [u8; 32],
+    pub bytes: Vec<u8>,
+}
+
+/// What to push to a terminal.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub terminal: String,
+    pub envelope: Vec<u8>,
+    pub bundle: Vec<u8>,
+}
+
+/// A policy's status after a pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyStatus {
+    pub policy: String,
+    pub generation: i64,
+    pub selected: u32,
+    pub compliant: u32,
+    pub drifted: u32,
+    pub remediating: u32,
+    pub failed: u32,
+    /// Why nothing is dispatched, when something stops it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot sign an envelope: {0}")]
+    Sign(#[from] tenet_protocol::keys::KeyError),
+}
+
+pub struct Pass<'a> {
+    pub store: &'a Store,
+    pub policies: &'a [CompiledPolicy],
+    /// Signed bundles by name.
+    pub bundles: &'a HashMap<String, Bundle>,
+    pub dispatch_key: &'a dyn Signer,
+    pub online: &'a dyn Fn(&str) -> bool,
+    pub retry: Retry,
+    pub now_ms: u64,
+    pub jitter: f64,
+}
+
+fn capability(c: tenet_crds::policy::Capability) -> Capability {
+    use tenet_crds::policy::Capability as C;
+    match c {
+        C::RunArtifact => Capability::RunArtifact,
+        C::ReadInventory => Capability::ReadInventory,
+        C::WriteFiles => Capability::WriteFiles,
+        C::Log => Capability::Log,
+    }
+}
+
+impl Pass<'_> {
+    pub fn run(&self) -> Result<(Vec<Outgoing>, Vec<PolicyStatus>), PassError> {
+        let mut inventories = Vec::new();
+        for name in self.store.terminal_names()? {
+            if let Some(inv) = self.store.inventory(&name)? {
+                inventories.push((name, inv));
+            }
+        }
+        let views: Vec<(&str, u64, TerminalView<'_>)> = inventories
+            .iter()
+            .map(|(name, inv)| {
+                (
+                    name.as_str(),
+                    inv.received_ms,
+                    TerminalView::new(&inv.inventory),
+                )
+            })
+            .collect();
+        let mut outgoing = Vec::new();
+        let mut statuses = Vec::new();
+        for policy in self.policies {
+            let (status, out) = self.policy(policy, &views)?;
+            statuses.push(status);
+            outgoing.extend(out);
+        }
+        Ok((outgoing, statuses))
+    }
+
+    fn policy(
+        &self,
+        policy: &CompiledPolicy,
+        views: &[(&str, u64, TerminalView<'_>)],
+    ) -> Result<(PolicyStatus, Vec<Outgoing>), PassError> {
+        let key = policy.key();
+        let generation = policy.generation.max(0) as u64;
+        let mut status = PolicyStatus {
+            policy: key.clone(),
+            generation: policy.generation,
+            ..PolicyStatus::default()
+        };
+        let mut counts = Counts::default();
+        let mut ready: Vec<(&str, PairRecord)> = Vec::new();
+        for (terminal, received_ms, view) in views {
+            let eval = evaluate(policy, view);
+            if !eval.selected {
+                continue;
+            }
+            counts.selected += 1;
+            let before = self.store.pair(terminal, &key)?;
+            let mut record = before.clone().unwrap_or(PairRecord {
+                generation,
+                state: PairState::Unknown,
+                updated_ms: self.now_ms,
+                remediated: false,
+            });
+            let step = |s: &PairState, e: Event| next(s, &e, &self.retry, self.now_ms, self.jitter);
+            if record.generation != generation {
+                record.state = step(&record.state, Event::PolicyChanged);
+                record.generation = generation;
+                record.remediated = false;
+            }
+            if let PairState::Dispatched { deadline_ms, .. } = record.state
+                && self.now_ms > deadline_ms.saturating_add(REPORT_GRACE_MS)
+            {
+                record.state = step(&record.state, Event::Expired);
+            }
+            // Verifying waits for an inventory received after the report.
+            let fresh = match record.state {
+                PairState::Verifying { since_ms, .. } => *received_ms > since_ms,
+                _ => true,
+            };
+            if fresh {
+                let drift: Vec<String> = eval
+                    .drift()
+                    .iter()
+                    .map(|r| format!("{}: {}", r.requirement, r.reason))
+                    .collect();
+                let was_verifying = matches!(record.state, PairState::Verifying { .. });
+                let drift = (!drift.is_empty()).then(|| drift.join("; "));
+                record.state = step(&record.state, Event::Inventory { drift });
+                if was_verifying && record.state == PairState::Compliant {
+                    record.remediated = true;
+                }
+            }
+            match &record.state {
+                PairState::Compliant => {
+                    status.compliant += 1;
+                    if record.remediated {
+                        counts.succeeded += 1;
+                    }
+                }
+                PairState::Drifted { .. } | PairState::Unknown => status.drifted += 1,
+                PairState::Dispatched { .. } | PairState::Verifying { .. } => {
+                    status.remediating += 1;
+                    counts.in_flight += 1;
+                }
+                PairState::Failed { .. } => {
+                    status.failed += 1;
+                    counts.failed += 1;
+                }
+            }
+            if before.as_ref() != Some(&record) {
+                record.updated_ms = self.now_ms;
+                self.store.set_pair(terminal, &key, &record)?;
+            }
+            if record.state.ready(self.now_ms) && (self.online)(terminal) {
+                ready.push((terminal, record));
+            }
+        }
+        status.selected = counts.selected as u32;
+        counts.ready = ready.len();
+
+        let Some(remediation) = policy.spec.remediation.as_ref() else {
+            return Ok((status, Vec::new()));
+        };
+        if policy.spec.suspend {
+            status.held = Some("the policy is suspended".into());
+            return Ok((status, Vec::new()));
+        }
+        let count = match step(&policy.spec.rollout, &counts) {
+            Step::Halted { reason } => {
+                status.held = Some(format!("rollout halted: {reason}"));
+                return Ok((status, Vec::new()));
+            }
+            Step::Start { count, .. } => count,
+        };
+        if count == 0 {
+            return Ok((status, Vec::new()));
+        }
+        let want = parse_digest(&remediation.payload.digest);
+        let bundle = match self.bundles.get(&remediation.payload.name) {
+            Some(b) if Some(b.digest) == want => b,
+            Some(b) => {
+                status.held = Some(format!(
+                    "bundle {} has digest {}, the policy pins {}",
+                    remediation.payload.name,
+                    digest_string(&b.digest),
+                    remediation.payload.digest
+                ));
+                return Ok((status, Vec::new()));
+            }
+            None => {
+                status.held = Some(format!("bundle {} is missing", remediation.payload.name));
+                return Ok((status, Vec::new()));
+            }
+        };
+        let mut out = Vec::new();
+        ready.sort_by(|a, b| a.0.cmp(b.0));
+        for (terminal, record) in ready.into_iter().take(count) {
+            let Some(sequence) = self.store.next_sequence(terminal)? else {
+                continue;
+            };
+            let nonce = random_bytes()?;
+            let deadline_ms = self.now_ms + u64::from(remediation.timeout_seconds) * 1000;
+            let envelope = DispatchEnvelope {
+                terminal: terminal.to_string(),
+                policy: key.clone(),
+                policy_generation: generation,
+                payload_digest: bundle.digest,
+                nonce,
+                issued_at_ms: self.now_ms,
+                deadline_ms,
+                sequence,
+                args: remediation.args.clone(),
+                capabilities: remediation
+                    .capabilities
+                    .iter()
+                    .map(|c| capability(*c))
+                    .collect(),
+                write_paths: remediation.write_paths.clone(),
+            };
+            let frame = SignedMessage::signed(&envelope, self.dispatch_key)?;
+            let live = LiveDispatch {
+                policy_generation: generation,
+                sequence,
+                record: DispatchRecord {
+                    terminal: terminal.to_string(),
+                    envelope_digest: frame.body_digest(),
+                    nonce_commitment: nonce_commitment(&nonce),
+                    payload_digest: bundle.digest,
+                    deadline_ms,
+                    consumed: false,
+                },
+            };
+            let started = PairRecord {
+                state: next(
+                    &record.state,
+                    &Event::Started {
+                        sequence,
+                        deadline_ms,
+                    },
+                    &self.retry,
+                    self.now_ms,
+                    self.jitter,
+                ),
+                updated_ms: self.now_ms,
+                ..record
+            };
+            // Recorded before it is sent: a crash now reissues, never duplicates.
+            self.store.start_dispatch(terminal, &key, &live, &started)?;
+            status.drifted = status.drifted.saturating_sub(1);
+            status.remediating += 1;
+            out.push(Outgoing {
+                terminal: terminal.to_string(),
+                envelope: frame.encode(),
+                bundle: bundle.bytes.clone(),
+            });
+        }
+        Ok((status, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tenet_crds::TerminalPolicy;
+    use tenet_protocol::enrol::EnrolmentRequest;
+    use tenet_protocol::envelope::EnvelopeState;
+    use tenet_protocol::inventory::{Inventory, Package, PackageManager};
+    use tenet_protocol::{Algorithm, KeyPair};
+
+    use super::*;
+    use crate::store::{StoredInventory, TokenRecord};
+
+    const NOW: u64 = 1_790_000_000_000;
+
+    struct World {
+        _dir: tempfile::TempDir,
+        store: Store,
+        operator: KeyPair,
+        policy: CompiledPolicy,
+        bundles: HashMap<String, Bundle>,
+    }
+
+    fn policy(rollout: &str, digest: &str) -> CompiledPolicy {
+        let yaml = format!(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: browser, namespace: it, generation: 2 }}\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= 120' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{digest}' }}\n    args: [browser-a.deb]\n    capabilities: [run-artifact, log]\n    timeoutSeconds: 60\n  rollout: {rollout}\n"
+        );
+        let p: TerminalPolicy = serde_yaml::from_str(&yaml).expect("policy");
+        crate::policy::compile(&p).expect("compiles")
+    }
+
+    fn world(terminals: &[(&str, &str)], rollout: &str) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("store");
+        for (name, version) in terminals {
+            let token = format!("token-{name}");
+            store
+                .add_token(
+                    &token,
+                    &TokenRecord {
+                        terminal: None,
+                        expires_ms: u64::MAX,
+                        used: false,
+                    },
+                )
+                .expect("token");
+            let req = EnrolmentRequest {
+                token,
+                terminal: name.to_string(),
+                labels: BTreeMap::new(),
+                identity: KeyPair::generate(Algorithm::Ed25519)
+                    .expect("key")
+                    .public_key(),
+                tpm: false,
+                tls_csr_pem: String::new(),
+                requested_at_ms: NOW,
+            };
+            assert_eq!(store.enrol(&req, NOW).expect("db"), Ok(()));
+            set_inventory(&store, name, version, 1, NOW);
+        }
+        let bundle = Bundle {
+            digest: [0xab; 32],
+            bytes: b"bundle".to_vec(),
+        };
+        let policy = policy(rollout, &digest_string(&bundle.digest));
+        World {
+            _dir: dir,
+            store,
+            operator: KeyPair::generate(Algorithm::Ed25519).expect("key"),
+            policy,
+            bundles: [("install-browser-a".to_string(), bundle)].into(),
+        }
+    }
+
+    fn set_inventory(store: &Store, name: &str, version: &str, sequence: u64, received_ms: u64) {
+        let inventory = Inventory {
+            terminal: name.into(),
+            labels: [("site".to_string(), "nagoya".to_string())].into(),
+            packages: vec![Package {
+                name: "browser-a".into(),
+                version: version.into(),
+                manager: PackageManager::Dpkg,
+            }],
+            ..Inventory::default()
+        };
+        store
+            .put_inventory(
+                name,
+                &StoredInventory {
+                    sequence,
+                    received_ms,
+                    inventory,
+                },
+            )
+            .expect("inventory");
+    }
+
+    fn pass(
+        w: &World,
+        now_ms: u64,
+        online: &dyn Fn(&str) -> bool,
+    ) -> (Vec<Outgoing>, PolicyStatus) {
+        let policies = [w.policy.clone()];
+        let p = Pass {
+            store: &w.store,
+            policies: &policies,
+            bundles: &w.bundles,
+            dispatch_key: &w.operator,
+            online,
+            retry: Retry::default(),
+            now_ms,
+            jitter: 0.0,
+        };
+        let (out, mut statuses) = p.run().expect("pass");
+        (out, statuses.remove(0))
+    }
+
+    fn state(w: &World, terminal: &str) -> PairState {
+        w.store
+            .pair(terminal, "it/browser")
+            .expect("db")
+            .expect("pair")
+            .state
+    }
+
+    #[test]
+    fn dispatches_within_the_rollout_limit_with_verifiable_envelopes() {
+        let w = world(
+            &[("a", "118.0-1"), ("b", "119.0-1"), ("c", "120.1-1")],
+            "{ maxInFlight: 1 }",
+        );
+        let (out, status) = pass(&w, NOW, &|_| true);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].terminal, "a");
+        assert_eq!(
+            (
+                status.selected,
+                status.compliant,
+                status.drifted,
+                status.remediating,
+                status.failed
+            ),
+            (3, 1, 1, 1, 0)
+        );
+        // The envelope verifies on the terminal, and the operator kept only
+        // the nonce's commitment.
+        let v = EnvelopeState::new("a")
+            .verify(&out[0].envelope, &w.operator.public_key(), NOW)
+            .expect("verifies");
+        assert_eq!(v.envelope.sequence, 1);
+        assert_eq!(v.envelope.policy_generation, 2);
+        assert_eq!(
+            v.envelope.capabilities,
+            vec![Capability::RunArtifact, Capability::Log]
+        );
+        let live = w
+            .store
+            .dispatch("a", "it/browser")
+            .expect("db")
+            .expect("live");
+        assert_eq!(
+            live.record.nonce_commitment,
+            nonce_commitment(&v.envelope.nonce)
+        );
+        assert!(matches!(
+            state(&w, "a"),
+            PairState::Dispatched {
+                attempt: 1,
+                sequence: 1,
+                ..
+            }
+        ));
+        // One in flight: nothing more until it resolves.
+        let (out, _) = pass(&w, NOW + 1, &|_| true);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn offline_terminals_wait() {
+        let w = world(&[("a", "118.0-1")], "{}");
+        let (out, status) = pass(&w, NOW, &|_| false);
+        assert!(out.is_empty());
+        assert_eq!(status.drifted, 1);
+        let (out, _) = pass(&w, NOW + 1, &|_| true);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn an_expired_dispatch_is_retried_after_backoff() {
+        let w = world(&[("a", "118.0-1")], "{}");
+        assert_eq!(pass(&w, NOW, &|_| true).0.len(), 1);
+        let late = NOW + 60_000 + REPORT_GRACE_MS + 1;
+        let (out, _) = pass(&w, late, &|_| true);
+        assert!(out.is_empty(), "not before the backoff");
+        match state(&w, "a") {
+            PairState::Drifted {
+                attempts: 1,
+                retry_at_ms,
+                reason,
+            } => {
+                assert_eq!(retry_at_ms, late + 10_000);
+                assert_eq!(reason, "no verified report before the deadline");
+            }
+            other => panic!("{other:?}"),
+        }
+        let (out, _) = pass(&w, late + 10_000, &|_| true);
+        assert_eq!(out.len(), 1);
+        let v = EnvelopeState::new("a")
+            .verify(&out[0].envelope, &w.operator.public_key(), late + 10_000)
+            .expect("verifies");
+        assert_eq!(
+            v.envelope.sequence, 2,
+            "a fresh envelope, never the stale one"
+        );
+    }
+
+    #[test]
+    fn verifying_converges_only_on_an_inventory_received_after_the_report() {
+        let w = world(&[("a", "118.0-1")], "{}");
+        pass(&w, NOW, &|_| true);
+        let rec = w.store.pair("a", "it/browser").expect("db").expect("pair");
+        let verifying = PairRecord {
+            state: PairState::Verifying {
+                attempt: 1,
+                since_ms: NOW + 5,
+            },
+            ..rec
+        };
+        w.store
+            .set_pair("a", "it/browser", &verifying)
+            .expect("set");
+        // The old inventory (received before) changes nothing.
+        pass(&w, NOW + 6, &|_| true);
+        assert!(matches!(state(&w, "a"), PairState::Verifying { .. }));
+        set_inventory(&w.store, "a", "120.0-1", 2, NOW + 7);
+        let (_, status) = pass(&w, NOW + 8, &|_| true);
+        assert_eq!(state(&w, "a"), PairState::Compliant);
+        assert_eq!(status.compliant, 1);
+        assert!(
+            w.store
+                .pair("a", "it/browser")
+                .expect("db")
+                .expect("pair")
+                .remediated
+        );
+    }
+
+    #[test]
+    fn a_missing_or_different_bundle_holds_the_policy() {
+        let mut w = world(&[("a", "118.0-1")], "{}");
+        w.bundles.clear();
+        let (out, status) = pass(&w, NOW, &|_| true);
+        assert!(out.is_empty());
+        assert_eq!(
+            status.held.as_deref(),
+            Some("bundle install-browser-a is missing")
+        );
+        w.bundles.insert(
+            "install-browser-a".into(),
+            Bundle {
+                digest: [1; 32],
+                bytes: vec![],
+            },
+        );
+        let (_, status) = pass(&w, NOW, &|_| true);
+        assert!(
+            status
+                .held
+                .as_deref()
+                .is_some_and(|h| h.starts_with("bundle install-browser-a has digest sha256:0101")),
+            "{status:?}"
+        );
+        assert!(matches!(
+            state(&w, "a"),
+            PairState::Drifted { attempts: 0, .. }
+        ));
+    }
+}
