@@ -17,7 +17,7 @@ use tenet_protocol::session::ToAgent;
 use tenet_protocol::{Kind, Rejection, SignedMessage};
 use tokio::sync::mpsc;
 
-use crate::gateway::Fleet;
+use crate::gateway::{Fleet, FleetError};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoreError, StoredInventory};
 
@@ -41,8 +41,10 @@ pub struct StandaloneFleet {
     changes: mpsc::UnboundedSender<Change>,
 }
 
-fn store_err(e: StoreError) -> Rejection {
-    Rejection::Malformed(format!("the operator's store failed: {e}"))
+/// A store failure is the operator's problem, not the agent's: the message
+/// is not acknowledged and comes again.
+fn store_err(e: StoreError) -> FleetError {
+    FleetError::Unavailable(e.to_string())
 }
 
 /// The event a verified report means for its pair.
@@ -110,8 +112,8 @@ impl StandaloneFleet {
         self.connected.lock().ok()?.get(terminal).cloned()
     }
 
-    fn count(&self, r: &Rejection) {
-        if let Ok(mut m) = self.refused.lock() {
+    fn count(&self, e: &FleetError) {
+        if let (FleetError::Refused(r), Ok(mut m)) = (e, self.refused.lock()) {
             *m.entry(r.reason()).or_insert(0) += 1;
         }
     }
@@ -123,7 +125,7 @@ impl StandaloneFleet {
         terminal: &str,
         kind: Kind,
         bytes: &[u8],
-    ) -> Result<SignedMessage, Rejection> {
+    ) -> Result<SignedMessage, FleetError> {
         let record = self
             .store
             .terminal(terminal)
@@ -134,7 +136,7 @@ impl StandaloneFleet {
         Ok(frame)
     }
 
-    fn take_report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+    fn take_report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         let frame = self.verified_frame(terminal, Kind::ExecutionReport, bytes)?;
         let report: ExecutionReport = frame.open()?;
         let now = (self.now_ms)();
@@ -157,7 +159,7 @@ impl StandaloneFleet {
         let (event, result) = match check_report(&report, &live.record, now) {
             Ok(()) => (report_event(&report.outcome, &report.output_tail), Ok(())),
             // A replay changes nothing; any other failure fails the attempt.
-            Err(r @ Rejection::Replay(_)) => return Err(r),
+            Err(r @ Rejection::Replay(_)) => return Err(r.into()),
             Err(r) => (
                 Event::Failed {
                     reason: format!("the report was refused: {r}"),
@@ -171,9 +173,17 @@ impl StandaloneFleet {
             updated_ms: now,
             remediated: pair.as_ref().is_some_and(|p| p.remediated),
         };
-        self.store
-            .consume_dispatch(terminal, &policy, &record)
+        let consumed = self
+            .store
+            .consume_dispatch(terminal, &policy, &report.envelope_digest, &record)
             .map_err(store_err)?;
+        if !consumed {
+            // Another copy of this report got there first.
+            return Err(Rejection::Replay(
+                "a report for this dispatch was already accepted".into(),
+            )
+            .into());
+        }
         // What the terminal observed after a verified run is its newest inventory.
         if let (Ok(()), Some(inventory)) = (&result, report.observed) {
             let stored = StoredInventory {
@@ -189,17 +199,18 @@ impl StandaloneFleet {
             terminal: terminal.to_string(),
             policy,
         });
-        result
+        result.map_err(FleetError::from)
     }
 
-    fn take_inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+    fn take_inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         let frame = self.verified_frame(terminal, Kind::InventoryReport, bytes)?;
         let report: InventoryReport = frame.open()?;
         if report.terminal != terminal {
             return Err(Rejection::WrongTerminal {
                 expected: terminal.to_string(),
                 found: report.terminal,
-            });
+            }
+            .into());
         }
         let stored = StoredInventory {
             sequence: report.sequence,
@@ -240,12 +251,12 @@ impl Fleet for StandaloneFleet {
             .send(Change::Disconnected(terminal.to_string()));
     }
 
-    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         self.take_report(terminal, bytes)
             .inspect_err(|r| self.count(r))
     }
 
-    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         self.take_inventory(terminal, bytes)
             .inspect_err(|r| self.count(r))
     }
@@ -410,7 +421,7 @@ mod tests {
                 .encode();
         assert_eq!(
             s.fleet.report("ward-01", &bytes),
-            Err(Rejection::NonceMismatch)
+            Err(FleetError::Refused(Rejection::NonceMismatch))
         );
         match state(&s) {
             PairState::Drifted {

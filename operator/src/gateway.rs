@@ -26,6 +26,28 @@ use crate::pki::Ca;
 
 pub use tokio_rustls::TlsAcceptor;
 
+/// Why a report or inventory was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    /// It does not verify: counted, acknowledged, never retried.
+    #[error("{0}")]
+    Refused(#[from] Rejection),
+    /// The operator could not store it now: not acknowledged, so the agent
+    /// sends it again on its next connection.
+    #[error("the operator cannot take it now: {0}")]
+    Unavailable(String),
+}
+
+impl FleetError {
+    /// The CamelCase word of the refusal (`Unavailable` for the operator's own failures).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FleetError::Refused(r) => r.reason(),
+            FleetError::Unavailable(_) => "Unavailable",
+        }
+    }
+}
+
 /// What the operator does with what agents send.
 pub trait Fleet: Send + Sync + 'static {
     /// Check the bootstrap token and register the terminal and its identity
@@ -35,9 +57,9 @@ pub trait Fleet: Send + Sync + 'static {
     fn connected(&self, terminal: &str, to_agent: mpsc::Sender<ToAgent>);
     fn disconnected(&self, terminal: &str);
     /// A signed execution report; `Ok` means it is stored (and acknowledged).
-    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection>;
+    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
     /// A signed inventory report; `Ok` means it is stored.
-    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection>;
+    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
 }
 
 pub struct Gateway {
@@ -215,13 +237,14 @@ impl Gateway {
                 }
             };
             // A refused report is acknowledged too: it was counted by reason,
-            // and sending it again would not make it verify.
-            let digest = match ack {
-                Ok(d) => d,
-                Err(_) => match &message {
-                    ToOperator::Report(b) | ToOperator::Inventory(b) => sha256(b),
-                    _ => continue,
-                },
+            // and sending it again would not make it verify. One the operator
+            // could not store is not: the agent sends it again.
+            let digest = match (ack, &message) {
+                (Ok(d), _) => d,
+                (Err(FleetError::Refused(_)), ToOperator::Report(b) | ToOperator::Inventory(b)) => {
+                    sha256(b)
+                }
+                (Err(_), _) => continue,
             };
             if tx.send(ToAgent::Ack { digest }).await.is_err() {
                 break Ok(());

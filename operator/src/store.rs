@@ -302,29 +302,47 @@ impl Store {
         tx.commit().map_err(err)
     }
 
-    /// Mark a live dispatch's report as accepted and set the pair's new
-    /// state, in one transaction.
+    /// Mark the live dispatch with `envelope_digest` as answered and set the
+    /// pair's new state, in one transaction. `false` (and nothing written)
+    /// when that dispatch is no longer live or was already answered: two
+    /// copies of one report can never both count.
     pub fn consume_dispatch(
         &self,
         terminal: &str,
         policy: &str,
+        envelope_digest: &[u8; 32],
         pair: &PairRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let key = pair_key(terminal, policy);
-        let Some(mut live) = self.dispatch(terminal, policy)? else {
-            return Ok(());
-        };
-        live.record.consumed = true;
         let tx = self.db.begin_write().map_err(err)?;
-        {
+        let consumed = {
             let mut d = tx.open_table(DISPATCHES).map_err(err)?;
-            d.insert(key.as_str(), encode(&live).as_slice())
-                .map_err(err)?;
-            let mut p = tx.open_table(PAIRS).map_err(err)?;
-            p.insert(key.as_str(), encode(pair).as_slice())
-                .map_err(err)?;
+            let live: Option<LiveDispatch> = match d.get(key.as_str()).map_err(err)? {
+                Some(v) => Some(decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: key.clone(),
+                    message: e.to_string(),
+                })?),
+                None => None,
+            };
+            match live {
+                Some(mut live)
+                    if !live.record.consumed && live.record.envelope_digest == *envelope_digest =>
+                {
+                    live.record.consumed = true;
+                    d.insert(key.as_str(), encode(&live).as_slice())
+                        .map_err(err)?;
+                    let mut p = tx.open_table(PAIRS).map_err(err)?;
+                    p.insert(key.as_str(), encode(pair).as_slice())
+                        .map_err(err)?;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if consumed {
+            tx.commit().map_err(err)?;
         }
-        tx.commit().map_err(err)
+        Ok(consumed)
     }
 
     /// Keep a terminal's verified inventory unless a newer one (by the

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use tenet::gateway::{Fleet, Gateway};
+use tenet::gateway::{Fleet, FleetError, Gateway};
 use tenet::pki::Ca;
 use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
@@ -41,6 +41,8 @@ pub enum Event {
     Disconnected(String),
     Report(Vec<u8>),
     Inventory(Vec<u8>),
+    /// A report arrived while the fleet played unavailable.
+    Unavailable,
 }
 
 /// A fleet held in memory: one bootstrap token, the registered identity
@@ -50,6 +52,8 @@ pub struct MemoryFleet {
     pub identities: Mutex<HashMap<String, PublicKey>>,
     pub senders: Mutex<HashMap<String, tokio::sync::mpsc::Sender<ToAgent>>>,
     pub events: Mutex<mpsc::Sender<Event>>,
+    /// While set, reports are refused as "cannot store now".
+    pub unavailable: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryFleet {
@@ -110,13 +114,17 @@ impl Fleet for MemoryFleet {
         self.emit(Event::Disconnected(terminal.to_string()));
     }
 
-    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+    fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
+        if self.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
+            self.emit(Event::Unavailable);
+            return Err(FleetError::Unavailable("the store is down".into()));
+        }
         self.verify(terminal, Kind::ExecutionReport, bytes)?;
         self.emit(Event::Report(bytes.to_vec()));
         Ok(())
     }
 
-    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), Rejection> {
+    fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         self.verify(terminal, Kind::InventoryReport, bytes)?;
         self.emit(Event::Inventory(bytes.to_vec()));
         Ok(())
@@ -346,6 +354,7 @@ impl Fixture {
             identities: Mutex::default(),
             senders: Mutex::default(),
             events: Mutex::new(tx),
+            unavailable: Default::default(),
         });
         std::fs::write(tmp.path().join("inventory.yaml"), "terminal: t1\n").expect("inventory");
         Fixture {

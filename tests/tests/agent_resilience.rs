@@ -146,3 +146,68 @@ fn a_newer_dispatch_for_the_same_policy_kills_the_running_loader() {
         "the superseded loader is gone"
     );
 }
+
+#[test]
+fn a_report_the_operator_cannot_store_is_sent_again() {
+    let f = Fixture::new();
+    let mut gw = f.gateway("127.0.0.1:0", Duration::from_secs(3600));
+    let address = gw.address.to_string();
+    f.enrol(&address);
+    // A report queued while no agent runs: a dispatch run from files.
+    let noop =
+        r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#;
+    let tenet_protocol::session::ToAgent::Dispatch { envelope, bundle } = f.dispatch(noop, 1)
+    else {
+        unreachable!("a dispatch")
+    };
+    std::fs::write(f.dir().join("envelope"), envelope).expect("write");
+    std::fs::write(f.dir().join("bundle"), bundle).expect("write");
+    let out = tenet_e2e::agent(
+        f.dir(),
+        &[
+            "dispatch",
+            "--config",
+            "agent.yaml",
+            "--envelope",
+            "envelope",
+            "--bundle",
+            "bundle",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outbox = f.dir().join("data/outbox");
+    let queued = || std::fs::read_dir(&outbox).map_or(0, |d| d.count());
+    assert_eq!(queued(), 1);
+
+    f.fleet.unavailable.store(true, Ordering::SeqCst);
+    let _agent = f.run_agent();
+    wait_for(&f.events, Duration::from_secs(30), |e| {
+        matches!(e, Event::Unavailable).then_some(())
+    });
+    // The inventory comes after the report on the same connection: once it is
+    // in, the report's (absent) acknowledgement would have come before it.
+    wait_for(&f.events, Duration::from_secs(10), |e| {
+        matches!(e, Event::Inventory(_)).then_some(())
+    });
+    assert_eq!(
+        queued(),
+        1,
+        "a report the operator could not store stays queued"
+    );
+
+    f.fleet.unavailable.store(false, Ordering::SeqCst);
+    gw.stop();
+    let _gw2 = f.gateway(&address, Duration::from_secs(3600));
+    wait_for(&f.events, Duration::from_secs(60), |e| {
+        matches!(e, Event::Report(_)).then_some(())
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the stored report leaves the outbox",
+        || queued() == 0,
+    );
+}
