@@ -38,6 +38,51 @@ enum Command {
     /// Build, sign, verify and inspect signed payload bundles.
     #[command(subcommand)]
     Payload(PayloadCommand),
+    /// Run the standalone operator: reconcile the terminals that enrol
+    /// against the policies in a directory, for as long as it runs.
+    Operator {
+        /// The policy directory (a git checkout: GitOps). Re-read continuously;
+        /// a broken file keeps the last good version of its policies in force.
+        #[arg(long)]
+        policies: PathBuf,
+        /// Signed payload bundles (*.bundle); default: `bundles` beside the policies.
+        #[arg(long)]
+        bundles: Option<PathBuf>,
+        /// Where the operator keeps its keys, CA and database (created on first start).
+        #[arg(long)]
+        data: PathBuf,
+        /// The agent gateway's address.
+        #[arg(long, default_value = "127.0.0.1:7443")]
+        listen: String,
+        /// A name (DNS or IP) the gateway certificate carries (repeat); default: the listen host and localhost.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// An admin public key whose signatures on bundles count (repeat); agents pin them.
+        #[arg(long = "admin-key", required = true)]
+        admin_keys: Vec<PathBuf>,
+        /// How many admin signatures a bundle needs.
+        #[arg(long, default_value_t = 1)]
+        admin_threshold: u8,
+    },
+    /// Bootstrap tokens for enrolling terminals.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Make a one-time token; prints it with the CA fingerprint agents need.
+    Create {
+        /// The operator's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        /// Only this terminal may enrol with it.
+        #[arg(long)]
+        terminal: Option<String>,
+        /// How long it stays valid, in hours.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
 }
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
@@ -194,6 +239,67 @@ fn main() -> ExitCode {
             )),
             PayloadCommand::Inspect { bundle, output } => {
                 done(payload::inspect(&bundle, output, stdout))
+            }
+        },
+        Command::Operator {
+            policies,
+            bundles,
+            data,
+            listen,
+            names,
+            admin_keys,
+            admin_threshold,
+        } => {
+            let bundles = bundles.unwrap_or_else(|| {
+                policies
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("bundles")
+            });
+            let names = if names.is_empty() {
+                let host = listen.rsplit_once(':').map_or(listen.as_str(), |(h, _)| h);
+                vec![host.to_string(), "localhost".to_string()]
+            } else {
+                names
+            };
+            let daemon = tenet::daemon::Daemon {
+                policies,
+                bundles,
+                data,
+                listen,
+                names,
+                admin_keys,
+                admin_threshold,
+                tick: std::time::Duration::from_secs(1),
+            };
+            let result = tokio::runtime::Runtime::new()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    let mut out = std::io::stdout();
+                    rt.block_on(daemon.run(&mut out)).map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(()) => Ok(0),
+                Err(e) => {
+                    eprintln!("tenet: {e}");
+                    Ok(1)
+                }
+            }
+        }
+        Command::Token(TokenCommand::Create {
+            data,
+            terminal,
+            ttl_hours,
+        }) => match tenet::daemon::create_token(
+            &data,
+            terminal,
+            std::time::Duration::from_secs(ttl_hours * 3600),
+            stdout,
+        ) {
+            Ok(()) => Ok(0),
+            Err(e) => {
+                eprintln!("tenet: {e}");
+                Ok(1)
             }
         },
     };

@@ -27,6 +27,7 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
 const DISPATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("dispatches");
 const INVENTORIES: TableDefinition<&str, &[u8]> = TableDefinition::new("inventories");
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,7 +100,8 @@ fn pair_key(terminal: &str, policy: &str) -> String {
     format!("{terminal}\u{0}{policy}")
 }
 
-fn token_key(token: &str) -> String {
+/// The key a bootstrap token is stored under: the hex SHA-256 of its text.
+pub fn token_key(token: &str) -> String {
     hex::encode(sha256(token.as_bytes()))
 }
 
@@ -117,7 +119,7 @@ impl Store {
         let db = Database::create(path).map_err(open_err)?;
         // Create the tables, so readers never meet a missing one.
         let tx = db.begin_write().map_err(err)?;
-        for t in [TERMINALS, TOKENS, PAIRS, DISPATCHES, INVENTORIES] {
+        for t in [TERMINALS, TOKENS, PAIRS, DISPATCHES, INVENTORIES, POLICIES] {
             tx.open_table(t).map_err(err)?;
         }
         tx.commit().map_err(err)?;
@@ -158,7 +160,43 @@ impl Store {
 
     /// Record a one-time bootstrap token (only its hash is kept).
     pub fn add_token(&self, token: &str, record: &TokenRecord) -> Result<(), StoreError> {
-        self.put(TOKENS, &token_key(token), record)
+        self.add_token_hash(&token_key(token), record)
+    }
+
+    /// Record a bootstrap token by the hex SHA-256 of its text.
+    pub fn add_token_hash(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        self.put(TOKENS, hash, record)
+    }
+
+    /// The generation of a policy: 1 at first sight, one more each time
+    /// its spec (by digest) changes. Committed, so it never goes back.
+    pub fn policy_generation(
+        &self,
+        policy: &str,
+        spec_digest: [u8; 32],
+    ) -> Result<u64, StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let generation = {
+            let mut t = tx.open_table(POLICIES).map_err(err)?;
+            let known: Option<([u8; 32], u64)> = match t.get(policy).map_err(err)? {
+                Some(v) => Some(decode(v.value()).map_err(|e| StoreError::Corrupt {
+                    key: policy.into(),
+                    message: e.to_string(),
+                })?),
+                None => None,
+            };
+            match known {
+                Some((digest, generation)) if digest == spec_digest => generation,
+                other => {
+                    let generation = other.map_or(1, |(_, g)| g + 1);
+                    t.insert(policy, encode(&(spec_digest, generation)).as_slice())
+                        .map_err(err)?;
+                    generation
+                }
+            }
+        };
+        tx.commit().map_err(err)?;
+        Ok(generation)
     }
 
     /// Enrol a terminal: in one transaction, the token must exist, be

@@ -1,0 +1,404 @@
+//! `tenet operator`: the standalone operator. It keeps its state in an
+//! embedded database under `--data`, reads policies from a directory (a git
+//! checkout) and signed bundles from another, serves the agent gateway, and
+//! reconciles continuously: on every agent message and every tick.
+//!
+//! ```text
+//! DATA/dispatch.key(.pub)  the operator's dispatch key (signs envelopes)
+//! DATA/ca.pem, ca.key      the CA of the agent links
+//! DATA/tenet.redb          terminals, tokens, sequences, dispatches, states
+//! DATA/tokens/*.token      bootstrap tokens waiting to be imported
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tenet_protocol::bundle::{BundleTrust, verify_bundle};
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::session::ToAgent;
+use tenet_protocol::wire::{decode, encode, sha256};
+use tenet_protocol::{Algorithm, KeyPair, PublicKey, Signer};
+
+use crate::cli::payload::now_ms;
+use crate::fleet::StandaloneFleet;
+use crate::gateway::{Gateway, TlsAcceptor};
+use crate::pki::Ca;
+use crate::policy::{CompiledPolicy, load_dir};
+use crate::reconcile::pass::{Bundle, Pass, PolicyStatus};
+use crate::reconcile::state::Retry;
+use crate::store::{Store, TokenRecord, token_key};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] tenet_protocol::keys::KeyError),
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Pass(#[from] crate::reconcile::pass::PassError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What `tenet operator` runs with.
+pub struct Daemon {
+    pub policies: PathBuf,
+    pub bundles: PathBuf,
+    pub data: PathBuf,
+    pub listen: String,
+    /// Names the gateway's certificate carries (DNS names or IPs).
+    pub names: Vec<String>,
+    pub admin_keys: Vec<PathBuf>,
+    pub admin_threshold: u8,
+    pub tick: Duration,
+}
+
+/// The data directory, opened (and created on first start).
+pub struct DataDir {
+    pub dispatch_key: Arc<KeyPair>,
+    pub ca: Arc<Ca>,
+    pub store: Arc<Store>,
+}
+
+pub fn open_data(dir: &Path, out: &mut dyn Write) -> Result<DataDir, DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fresh = !dir.join("dispatch.key").exists();
+    for d in [dir.to_path_buf(), dir.join("tokens")] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .map_err(io(&d))?;
+    }
+    let key_path = dir.join("dispatch.key");
+    if fresh {
+        KeyPair::generate(Algorithm::Ed25519)?.write_files(&key_path)?;
+    }
+    let dispatch_key = Arc::new(KeyPair::read_file(&key_path)?);
+    let ca = Arc::new(Ca::load_or_create(dir)?);
+    let store = Arc::new(Store::open(&dir.join("tenet.redb"))?);
+    if fresh {
+        let _ = writeln!(
+            out,
+            "created {}: dispatch key {}, agent CA {}, database tenet.redb",
+            dir.display(),
+            dispatch_key.public_key().fingerprint(),
+            ca.fingerprint()
+        );
+    }
+    Ok(DataDir {
+        dispatch_key,
+        ca,
+        store,
+    })
+}
+
+/// A bootstrap token waiting in `DATA/tokens/` for the operator to import.
+#[derive(Serialize, Deserialize)]
+struct PendingToken {
+    hash: String,
+    record: TokenRecord,
+}
+
+/// `tenet token create`: a one-time bootstrap token. Only its hash is
+/// written (for the operator to import); the token is printed once.
+pub fn create_token(
+    data: &Path,
+    terminal: Option<String>,
+    ttl: Duration,
+    out: &mut dyn Write,
+) -> Result<(), DaemonError> {
+    let dir = data.join("tokens");
+    if !dir.is_dir() {
+        return Err(DaemonError::Usage(format!(
+            "{} has no tokens/ directory: start `tenet operator --data {}` once first",
+            data.display(),
+            data.display()
+        )));
+    }
+    let token = hex::encode(tenet_protocol::keys::random_bytes()?);
+    let pending = PendingToken {
+        hash: token_key(&token),
+        record: TokenRecord {
+            terminal,
+            expires_ms: now_ms() + ttl.as_millis() as u64,
+            used: false,
+        },
+    };
+    let path = dir.join(format!("{}.token", &pending.hash[..16]));
+    crate_write(&path, &encode(&pending))?;
+    let ca = std::fs::read(data.join("ca.pem")).map_err(io(&data.join("ca.pem")))?;
+    let ca_der =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            &ca,
+        )
+        .map_err(|e| DaemonError::Usage(format!("ca.pem: {e}")))?;
+    let _ = writeln!(
+        out,
+        "token {token}\nca-fingerprint sha256:{}\nenrol a terminal with:\n  tenet-agent enrol --config agent.yaml --token {token} --ca-fingerprint sha256:{}",
+        hex::encode(sha256(&ca_der)),
+        hex::encode(sha256(&ca_der))
+    );
+    Ok(())
+}
+
+fn crate_write(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))
+}
+
+fn import_tokens(data: &Path, store: &Store) -> Result<(), DaemonError> {
+    let dir = data.join("tokens");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "token") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        match decode::<PendingToken>(&bytes) {
+            Ok(p) => store.add_token_hash(&p.hash, &p.record)?,
+            Err(e) => eprintln!("tenet: {}: not a token file ({e}); ignored", path.display()),
+        }
+        std::fs::remove_file(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Every `*.bundle` in `dir` that verifies against the admin keys, by name.
+pub fn load_bundles(
+    dir: &Path,
+    trust: &BundleTrust,
+    now: u64,
+) -> (HashMap<String, Bundle>, Vec<String>) {
+    let mut bundles = HashMap::new();
+    let mut problems = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (
+            bundles,
+            vec![format!(
+                "{}: cannot read the bundle directory",
+                dir.display()
+            )],
+        );
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        match verify_bundle(&bytes, trust, None, now) {
+            Ok(v) => {
+                bundles.insert(
+                    v.bundle.manifest.name.clone(),
+                    Bundle {
+                        digest: v.digest,
+                        bytes,
+                    },
+                );
+            }
+            Err(e) => problems.push(format!("{}: refused: {e} ({})", path.display(), e.reason())),
+        }
+    }
+    (bundles, problems)
+}
+
+/// The policies in force: the last good generation of each, kept while its
+/// file is broken.
+#[derive(Default)]
+struct PolicyCache {
+    good: BTreeMap<String, (PathBuf, CompiledPolicy)>,
+    last_errors: Vec<String>,
+}
+
+impl PolicyCache {
+    fn reload(&mut self, dir: &Path, store: &Store) -> Result<(), DaemonError> {
+        let set = load_dir(dir);
+        let broken: std::collections::HashSet<&Path> =
+            set.errors.iter().map(|e| e.file.as_path()).collect();
+        let mut next = BTreeMap::new();
+        for p in &set.policies {
+            let mut compiled = p.compiled.clone();
+            let spec = serde_json::to_vec(&p.policy.spec).unwrap_or_default();
+            compiled.generation = store.policy_generation(&compiled.key(), sha256(&spec))? as i64;
+            next.insert(compiled.key(), (p.file.clone(), compiled));
+        }
+        // A policy whose file is broken now keeps its last good generation.
+        for (key, (file, compiled)) in &self.good {
+            if !next.contains_key(key) && broken.contains(file.as_path()) {
+                next.insert(key.clone(), (file.clone(), compiled.clone()));
+            }
+        }
+        let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+        if errors != self.last_errors {
+            for e in &errors {
+                eprintln!("tenet: policy error (the last good version stays in force): {e}");
+            }
+            self.last_errors = errors;
+        }
+        self.good = next;
+        Ok(())
+    }
+
+    fn policies(&self) -> Vec<CompiledPolicy> {
+        self.good.values().map(|(_, p)| p.clone()).collect()
+    }
+}
+
+fn jitter() -> f64 {
+    tenet_protocol::keys::random_bytes().map_or(0.5, |b| f64::from(b[0]) / 255.0)
+}
+
+impl Daemon {
+    pub async fn run(self, out: &mut (dyn Write + Send)) -> Result<(), DaemonError> {
+        let data = open_data(&self.data, out)?;
+        let admin_keys = self
+            .admin_keys
+            .iter()
+            .map(|p| PublicKey::read_pem_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if admin_keys.is_empty()
+            || usize::from(self.admin_threshold) > admin_keys.len()
+            || self.admin_threshold == 0
+        {
+            return Err(DaemonError::Usage(format!(
+                "need at least {} admin key(s) (--admin-key) for a threshold of {}",
+                self.admin_threshold.max(1),
+                self.admin_threshold
+            )));
+        }
+        let trust = TrustAnchors {
+            admin_keys: admin_keys.clone(),
+            admin_threshold: self.admin_threshold,
+            dispatch_key: data.dispatch_key.public_key(),
+            issuer_key: data.dispatch_key.public_key(),
+        };
+        let bundle_trust = BundleTrust {
+            admin_keys,
+            threshold: usize::from(self.admin_threshold),
+        };
+        let (fleet, mut changes) =
+            StandaloneFleet::new(data.store.clone(), Retry::default(), now_ms, jitter);
+        let fleet = Arc::new(fleet);
+        let tls = data.ca.server_config(&self.names)?;
+        let gateway = Arc::new(Gateway {
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            ca: data.ca.clone(),
+            trust,
+            dispatch_key: data.dispatch_key.clone(),
+            fleet: fleet.clone(),
+            client_cert_validity: Duration::from_secs(24 * 3600),
+            now_ms,
+        });
+        let listener = tokio::net::TcpListener::bind(&self.listen)
+            .await
+            .map_err(io(Path::new(&self.listen)))?;
+        let address = listener.local_addr().map_err(io(Path::new(&self.listen)))?;
+        let _ = writeln!(
+            out,
+            "gateway listening on {address} (agent CA {}); policies from {}, bundles from {}",
+            data.ca.fingerprint(),
+            self.policies.display(),
+            self.bundles.display()
+        );
+        let _ = out.flush();
+        tokio::spawn(gateway.serve(listener));
+
+        let mut cache = PolicyCache::default();
+        let mut last_status: Vec<PolicyStatus> = Vec::new();
+        let mut last_bundle_problems: Vec<String> = Vec::new();
+        loop {
+            import_tokens(&self.data, &data.store)?;
+            cache.reload(&self.policies, &data.store)?;
+            let (bundles, problems) = load_bundles(&self.bundles, &bundle_trust, now_ms());
+            if problems != last_bundle_problems {
+                for p in &problems {
+                    eprintln!("tenet: bundle not used: {p}");
+                }
+                last_bundle_problems = problems;
+            }
+            let policies = cache.policies();
+            let online = |t: &str| fleet.sender(t).is_some();
+            let pass = Pass {
+                store: &data.store,
+                policies: &policies,
+                bundles: &bundles,
+                dispatch_key: data.dispatch_key.as_ref(),
+                online: &online,
+                retry: Retry::default(),
+                now_ms: now_ms(),
+                jitter: jitter(),
+            };
+            let (outgoing, statuses) = pass.run()?;
+            for o in outgoing {
+                if let Some(tx) = fleet.sender(&o.terminal) {
+                    let _ = tx
+                        .send(ToAgent::Dispatch {
+                            envelope: o.envelope,
+                            bundle: o.bundle,
+                        })
+                        .await;
+                }
+            }
+            if statuses != last_status {
+                for s in &statuses {
+                    let held = s
+                        .held
+                        .as_deref()
+                        .map(|h| format!(" (held: {h})"))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "{} gen {}: {} selected, {} compliant, {} drifted, {} remediating, {} failed{held}",
+                        s.policy,
+                        s.generation,
+                        s.selected,
+                        s.compliant,
+                        s.drifted,
+                        s.remediating,
+                        s.failed
+                    );
+                }
+                let _ = out.flush();
+                last_status = statuses;
+            }
+            // Until the next agent message or tick.
+            tokio::select! {
+                _ = changes.recv() => {}
+                _ = tokio::time::sleep(self.tick) => {}
+            }
+        }
+    }
+}
