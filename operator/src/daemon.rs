@@ -277,6 +277,12 @@ impl PolicyCache {
     }
 }
 
+fn write_status(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn jitter() -> f64 {
     tenet_protocol::keys::random_bytes().map_or(0.5, |b| f64::from(b[0]) / 255.0)
 }
@@ -339,6 +345,7 @@ impl Daemon {
         let mut cache = PolicyCache::default();
         let mut last_status: Vec<PolicyStatus> = Vec::new();
         let mut last_bundle_problems: Vec<String> = Vec::new();
+        let mut last_written: Option<crate::status::Status> = None;
         loop {
             import_tokens(&self.data, &data.store)?;
             cache.reload(&self.policies, &data.store)?;
@@ -371,6 +378,19 @@ impl Daemon {
                         })
                         .await;
                 }
+            }
+            let status = crate::status::collect(
+                &data.store,
+                &statuses,
+                &fleet.connected_terminals(),
+                fleet.refusals(),
+            )?;
+            if last_written.as_ref() != Some(&status) {
+                let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
+                if let Err(e) = write_status(&self.data.join("status.json"), &json) {
+                    eprintln!("tenet: cannot write the status: {e}");
+                }
+                last_written = Some(status);
             }
             if statuses != last_status {
                 for s in &statuses {

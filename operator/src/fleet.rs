@@ -107,6 +107,14 @@ impl StandaloneFleet {
         self.refused.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// The terminals connected now.
+    pub fn connected_terminals(&self) -> Vec<String> {
+        self.connected
+            .lock()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// The sender of a connected terminal.
     pub fn sender(&self, terminal: &str) -> Option<mpsc::Sender<ToAgent>> {
         self.connected.lock().ok()?.get(terminal).cloned()

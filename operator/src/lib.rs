@@ -8,4 +8,5 @@ pub mod gateway;
 pub mod pki;
 pub mod policy;
 pub mod reconcile;
+pub mod status;
 pub mod store;

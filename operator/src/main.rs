@@ -1,5 +1,6 @@
 //! `tenet`: the Tenet operator and its admin CLI.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -67,6 +68,23 @@ enum Command {
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The fleet as the running operator sees it: each policy with counts by
+    /// state; or one terminal (`tenet status terminal NAME`).
+    Status {
+        /// The operator's data directory.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(subcommand)]
+        what: Option<StatusWhat>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatusWhat {
+    /// One terminal: per policy its state, attempts and reason.
+    Terminal { name: String },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +304,41 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { data, output, what } => match tenet::status::read(&data) {
+            Err(e) => {
+                eprintln!("tenet: {e}");
+                Ok(1)
+            }
+            Ok(status) => match (what, output) {
+                (None, Output::Json) => serde_json::to_writer_pretty(&mut *stdout, &status)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| writeln!(stdout))
+                    .map(|()| 0),
+                (None, Output::Text) => tenet::status::print(&status, stdout).map(|()| 0),
+                (Some(StatusWhat::Terminal { name }), output) => {
+                    let found = match output {
+                        Output::Json => {
+                            match status.terminals.iter().find(|t| t.terminal == name) {
+                                Some(t) => serde_json::to_writer_pretty(&mut *stdout, t)
+                                    .map_err(std::io::Error::from)
+                                    .and_then(|()| writeln!(stdout))
+                                    .map(|()| true),
+                                None => Ok(false),
+                            }
+                        }
+                        Output::Text => tenet::status::print_terminal(&status, &name, stdout),
+                    };
+                    found.map(|f| {
+                        if f {
+                            0
+                        } else {
+                            eprintln!("tenet: no terminal named {name:?}");
+                            1
+                        }
+                    })
+                }
+            },
+        },
         Command::Token(TokenCommand::Create {
             data,
             terminal,

@@ -1,0 +1,206 @@
+//! What `tenet status` shows: written by the running operator to
+//! `DATA/status.json` whenever it changes (the database allows one process,
+//! so the CLI reads this file rather than the database), and printed for a
+//! person or as JSON.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reconcile::pass::PolicyStatus;
+use crate::reconcile::state::PairState;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub policies: Vec<PolicyLine>,
+    pub terminals: Vec<TerminalLine>,
+    /// Reports and inventories refused, by reason.
+    pub refused: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyLine {
+    pub policy: String,
+    pub generation: i64,
+    pub selected: u32,
+    pub compliant: u32,
+    pub drifted: u32,
+    pub remediating: u32,
+    pub failed: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TerminalLine {
+    pub terminal: String,
+    pub connected: bool,
+    /// When the operator last received its inventory (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_inventory_ms: Option<u64>,
+    pub policies: Vec<PairLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairLine {
+    pub policy: String,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub attempts: u32,
+}
+
+impl From<&PolicyStatus> for PolicyLine {
+    fn from(s: &PolicyStatus) -> PolicyLine {
+        PolicyLine {
+            policy: s.policy.clone(),
+            generation: s.generation,
+            selected: s.selected,
+            compliant: s.compliant,
+            drifted: s.drifted,
+            remediating: s.remediating,
+            failed: s.failed,
+            held: s.held.clone(),
+        }
+    }
+}
+
+fn pair_line(policy: String, state: &PairState) -> PairLine {
+    let (reason, attempts) = match state {
+        PairState::Drifted {
+            attempts, reason, ..
+        } => (reason.clone(), *attempts),
+        PairState::Failed { attempts, reason } => (reason.clone(), *attempts),
+        PairState::Dispatched { attempt, .. } | PairState::Verifying { attempt, .. } => {
+            (String::new(), *attempt)
+        }
+        PairState::Compliant | PairState::Unknown => (String::new(), 0),
+    };
+    PairLine {
+        policy,
+        state: state.name().to_string(),
+        reason,
+        attempts,
+    }
+}
+
+/// The status from the store, the pass's policy counts and who is connected.
+pub fn collect(
+    store: &Store,
+    policies: &[PolicyStatus],
+    connected: &[String],
+    refused: BTreeMap<&'static str, u64>,
+) -> Result<Status, StoreError> {
+    let mut by_terminal: BTreeMap<String, Vec<PairLine>> = BTreeMap::new();
+    for (terminal, policy, record) in store.pairs()? {
+        by_terminal
+            .entry(terminal)
+            .or_default()
+            .push(pair_line(policy, &record.state));
+    }
+    let mut terminals = Vec::new();
+    for name in store.terminal_names()? {
+        terminals.push(TerminalLine {
+            connected: connected.contains(&name),
+            last_inventory_ms: store.inventory(&name)?.map(|i| i.received_ms),
+            policies: by_terminal.remove(&name).unwrap_or_default(),
+            terminal: name,
+        });
+    }
+    Ok(Status {
+        policies: policies.iter().map(PolicyLine::from).collect(),
+        terminals,
+        refused: refused
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    })
+}
+
+/// Print the fleet: each policy with counts by state.
+pub fn print(status: &Status, out: &mut dyn Write) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<40} {:>4} {:>9} {:>8} {:>11} {:>6}",
+        "POLICY", "GEN", "COMPLIANT", "DRIFTED", "REMEDIATING", "FAILED"
+    )?;
+    for p in &status.policies {
+        writeln!(
+            out,
+            "{:<40} {:>4} {:>5}/{:<3} {:>8} {:>11} {:>6}{}",
+            p.policy,
+            p.generation,
+            p.compliant,
+            p.selected,
+            p.drifted,
+            p.remediating,
+            p.failed,
+            p.held
+                .as_deref()
+                .map(|h| format!("  held: {h}"))
+                .unwrap_or_default()
+        )?;
+    }
+    let online = status.terminals.iter().filter(|t| t.connected).count();
+    writeln!(
+        out,
+        "\n{} terminal(s), {} connected",
+        status.terminals.len(),
+        online
+    )?;
+    if !status.refused.is_empty() {
+        let r: Vec<String> = status
+            .refused
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        writeln!(out, "refused messages: {}", r.join(", "))?;
+    }
+    Ok(())
+}
+
+/// Print one terminal: per policy its state and why.
+pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::io::Result<bool> {
+    let Some(t) = status.terminals.iter().find(|t| t.terminal == name) else {
+        return Ok(false);
+    };
+    writeln!(
+        out,
+        "{}: {}{}",
+        t.terminal,
+        if t.connected { "connected" } else { "offline" },
+        t.last_inventory_ms
+            .map(|ms| format!(", last inventory {}", crate::cli::payload::rfc3339(ms)))
+            .unwrap_or_default()
+    )?;
+    for p in &t.policies {
+        let attempts = if p.attempts > 0 {
+            format!(" (attempt {})", p.attempts)
+        } else {
+            String::new()
+        };
+        let reason = if p.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", p.reason)
+        };
+        writeln!(out, "  {:<11} {}{attempts}{reason}", p.state, p.policy)?;
+    }
+    Ok(true)
+}
+
+/// Read `DATA/status.json`.
+pub fn read(data: &Path) -> Result<Status, String> {
+    let path = data.join("status.json");
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "{}: {e} (is `tenet operator --data {}` running?)",
+            path.display(),
+            data.display()
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
