@@ -175,6 +175,12 @@ impl Store {
         policy: &str,
         spec_digest: [u8; 32],
     ) -> Result<u64, StoreError> {
+        // The common case, an unchanged policy, needs no write (and no fsync).
+        if let Some((digest, generation)) = self.get::<([u8; 32], u64)>(POLICIES, policy)?
+            && digest == spec_digest
+        {
+            return Ok(generation);
+        }
         let tx = self.db.begin_write().map_err(err)?;
         let generation = {
             let mut t = tx.open_table(POLICIES).map_err(err)?;
