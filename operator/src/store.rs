@@ -563,6 +563,17 @@ mod tests {
     }
 
     #[test]
+    fn policy_generations_only_go_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("db")).expect("open");
+        let g = |d: u8| s.policy_generation("ns/p", [d; 32]).expect("db");
+        assert_eq!(g(1), 1);
+        assert_eq!(g(1), 1);
+        assert_eq!(g(2), 2);
+        assert_eq!(g(1), 3, "going back to an old spec is a new generation");
+    }
+
+    #[test]
     fn a_corrupt_database_is_an_error_and_is_left_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("tenet.redb");
