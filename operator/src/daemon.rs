@@ -70,6 +70,8 @@ pub struct Daemon {
     pub admin_keys: Vec<PathBuf>,
     pub admin_threshold: u8,
     pub tick: Duration,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics: Option<String>,
 }
 
 /// The data directory, opened (and created on first start).
@@ -341,6 +343,18 @@ impl Daemon {
         );
         let _ = out.flush();
         tokio::spawn(gateway.serve(listener));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        if let Some(addr) = &self.metrics {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(Path::new(addr)))?;
+            let _ = writeln!(
+                out,
+                "metrics at http://{}/metrics",
+                l.local_addr().map_err(io(Path::new(addr)))?
+            );
+            tokio::spawn(metrics.clone().serve(l));
+        }
 
         let mut cache = PolicyCache::default();
         let mut last_status: Vec<PolicyStatus> = Vec::new();
@@ -368,7 +382,10 @@ impl Daemon {
                 now_ms: now_ms(),
                 jitter: jitter(),
             };
+            let started = std::time::Instant::now();
             let (outgoing, statuses) = pass.run()?;
+            metrics.observe_pass(started.elapsed());
+            metrics.dispatches.inc_by(outgoing.len() as u64);
             for o in outgoing {
                 if let Some(tx) = fleet.sender(&o.terminal) {
                     let _ = tx
@@ -385,6 +402,7 @@ impl Daemon {
                 &fleet.connected_terminals(),
                 fleet.refusals(),
             )?;
+            metrics.update(&status);
             if last_written.as_ref() != Some(&status) {
                 let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
                 if let Err(e) = write_status(&self.data.join("status.json"), &json) {

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod daemon;
 pub mod fleet;
 pub mod gateway;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod reconcile;

@@ -64,6 +64,9 @@ enum Command {
         /// How many admin signatures a bundle needs.
         #[arg(long, default_value_t = 1)]
         admin_threshold: u8,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics: String,
     },
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
@@ -267,6 +270,7 @@ fn main() -> ExitCode {
             names,
             admin_keys,
             admin_threshold,
+            metrics,
         } => {
             let bundles = bundles.unwrap_or_else(|| {
                 policies
@@ -289,6 +293,7 @@ fn main() -> ExitCode {
                 admin_keys,
                 admin_threshold,
                 tick: std::time::Duration::from_secs(1),
+                metrics: Some(metrics),
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(|e| e.to_string())

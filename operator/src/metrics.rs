@@ -1,0 +1,179 @@
+//! Prometheus metrics of the standalone operator, served at `/metrics`:
+//! pairs by state, connected terminals, dispatches started, messages
+//! refused by reason, and a histogram of reconcile pass durations.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::status::Status;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pairs: Family<StateLabel, Gauge>,
+    connected: Gauge,
+    terminals: Gauge,
+    pub dispatches: Counter,
+    refused: Family<ReasonLabel, Counter>,
+    refused_seen: Mutex<BTreeMap<String, u64>>,
+    pub reconcile_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tenet");
+        let pairs = Family::<StateLabel, Gauge>::default();
+        let connected = Gauge::default();
+        let terminals = Gauge::default();
+        let dispatches = Counter::default();
+        let refused = Family::<ReasonLabel, Counter>::default();
+        // 100 µs to ~1.6 s.
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        registry.register(
+            "pairs",
+            "(terminal, policy) pairs by reconcile state",
+            pairs.clone(),
+        );
+        registry.register(
+            "terminals_connected",
+            "terminals holding a connection",
+            connected.clone(),
+        );
+        registry.register(
+            "terminals_enrolled",
+            "enrolled terminals",
+            terminals.clone(),
+        );
+        registry.register("dispatches", "dispatches started", dispatches.clone());
+        registry.register(
+            "refused_messages",
+            "reports and inventories refused, by reason",
+            refused.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "duration of one reconcile pass over every policy and terminal",
+            reconcile_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            pairs,
+            connected,
+            terminals,
+            dispatches,
+            refused,
+            refused_seen: Mutex::default(),
+            reconcile_seconds,
+        }
+    }
+
+    /// Bring the gauges and counters up to date with a status.
+    pub fn update(&self, status: &Status) {
+        let mut by_state: BTreeMap<&str, i64> = BTreeMap::new();
+        for state in [
+            "Unknown",
+            "Compliant",
+            "Drifted",
+            "Dispatched",
+            "Verifying",
+            "Failed",
+        ] {
+            by_state.insert(state, 0);
+        }
+        for t in &status.terminals {
+            for p in &t.policies {
+                *by_state.entry(p.state.as_str()).or_insert(0) += 1;
+            }
+        }
+        for (state, n) in by_state {
+            self.pairs
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(n);
+        }
+        self.terminals.set(status.terminals.len() as i64);
+        self.connected
+            .set(status.terminals.iter().filter(|t| t.connected).count() as i64);
+        if let Ok(mut seen) = self.refused_seen.lock() {
+            for (reason, total) in &status.refused {
+                let before = seen.insert(reason.clone(), *total).unwrap_or(0);
+                if *total > before {
+                    self.refused
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.clone(),
+                        })
+                        .inc_by(total - before);
+                }
+            }
+        }
+    }
+
+    pub fn observe_pass(&self, took: Duration) {
+        self.reconcile_seconds.observe(took.as_secs_f64());
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Serve `GET /metrics` on `listener` until it fails.
+    pub async fn serve(self: std::sync::Arc<Self>, listener: tokio::net::TcpListener) {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let metrics = self.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                // Read the request head, at most 8 KiB, for at most 5 s.
+                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                })
+                .await;
+                let response = if read.is_ok() && request.starts_with(b"GET /metrics ") {
+                    let body = metrics.encode();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_string()
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }
+}
