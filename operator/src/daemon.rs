@@ -387,13 +387,23 @@ impl Daemon {
             metrics.observe_pass(started.elapsed());
             metrics.dispatches.inc_by(outgoing.len() as u64);
             for o in outgoing {
-                if let Some(tx) = fleet.sender(&o.terminal) {
-                    let _ = tx
+                let delivered = match fleet.sender(&o.terminal) {
+                    Some(tx) => tx
                         .send(ToAgent::Dispatch {
-                            envelope: o.envelope,
-                            bundle: o.bundle,
+                            envelope: o.envelope.clone(),
+                            bundle: o.bundle.clone(),
                         })
-                        .await;
+                        .await
+                        .is_ok(),
+                    None => false,
+                };
+                if !delivered {
+                    crate::reconcile::pass::undelivered(
+                        &data.store,
+                        &o,
+                        &Retry::default(),
+                        now_ms(),
+                    )?;
                 }
             }
             let status = crate::status::collect(

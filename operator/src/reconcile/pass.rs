@@ -32,6 +32,8 @@ pub struct Bundle {
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub terminal: String,
+    /// `namespace/name` of the policy.
+    pub policy: String,
     pub envelope: Vec<u8>,
     pub bundle: Vec<u8>,
 }
@@ -79,6 +81,23 @@ fn capability(c: tenet_crds::policy::Capability) -> Capability {
         C::WriteFiles => Capability::WriteFiles,
         C::Log => Capability::Log,
     }
+}
+
+/// A dispatch that could not be handed to its terminal (it went offline
+/// between the pass and the send): it goes back to Drifted, ready, and the
+/// attempt does not count; the next pass issues a fresh envelope.
+pub fn undelivered(
+    store: &Store,
+    o: &Outgoing,
+    retry: &Retry,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    if let Some(mut record) = store.pair(&o.terminal, &o.policy)? {
+        record.state = next(&record.state, &Event::Undelivered, retry, now_ms, 0.0);
+        record.updated_ms = now_ms;
+        store.set_pair(&o.terminal, &o.policy, &record)?;
+    }
+    Ok(())
 }
 
 impl Pass<'_> {
@@ -285,6 +304,7 @@ impl Pass<'_> {
             status.remediating += 1;
             out.push(Outgoing {
                 terminal: terminal.to_string(),
+                policy: key.clone(),
                 envelope: frame.encode(),
                 bundle: bundle.bytes.clone(),
             });
@@ -538,6 +558,26 @@ mod tests {
                 .expect("pair")
                 .remediated
         );
+    }
+
+    #[test]
+    fn an_undelivered_dispatch_is_reissued_fresh() {
+        let w = world(&[("a", "118.0-1")], "{}");
+        let (out, _) = pass(&w, NOW, &|_| true);
+        undelivered(&w.store, &out[0], &Retry::default(), NOW + 1).expect("undelivered");
+        assert!(matches!(
+            state(&w, "a"),
+            PairState::Drifted { attempts: 0, .. }
+        ));
+        let (out, _) = pass(&w, NOW + 2, &|_| true);
+        let v = EnvelopeState::new("a")
+            .verify(&out[0].envelope, &w.operator.public_key(), NOW + 2)
+            .expect("verifies");
+        assert_eq!(v.envelope.sequence, 2, "a fresh envelope");
+        assert!(matches!(
+            state(&w, "a"),
+            PairState::Dispatched { attempt: 1, .. }
+        ));
     }
 
     #[test]
