@@ -187,7 +187,9 @@ fn import_tokens(data: &Path, store: &Store) -> Result<(), DaemonError> {
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         match decode::<PendingToken>(&bytes) {
             Ok(p) => store.add_token_hash(&p.hash, &p.record)?,
-            Err(e) => eprintln!("tenet: {}: not a token file ({e}); ignored", path.display()),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "not a token file; ignored")
+            }
         }
         std::fs::remove_file(&path).map_err(io(&path))?;
     }
@@ -266,7 +268,7 @@ impl PolicyCache {
         let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
         if errors != self.last_errors {
             for e in &errors {
-                eprintln!("tenet: policy error (the last good version stays in force): {e}");
+                tracing::error!(error = %e, "policy error; the last good version stays in force");
             }
             self.last_errors = errors;
         }
@@ -366,7 +368,7 @@ impl Daemon {
             let (bundles, problems) = load_bundles(&self.bundles, &bundle_trust, now_ms());
             if problems != last_bundle_problems {
                 for p in &problems {
-                    eprintln!("tenet: bundle not used: {p}");
+                    tracing::warn!(problem = %p, "bundle not used");
                 }
                 last_bundle_problems = problems;
             }
@@ -397,7 +399,10 @@ impl Daemon {
                         .is_ok(),
                     None => false,
                 };
-                if !delivered {
+                if delivered {
+                    tracing::info!(terminal = %o.terminal, policy = %o.policy, "dispatched");
+                } else {
+                    tracing::info!(terminal = %o.terminal, policy = %o.policy, "undelivered; will reissue");
                     crate::reconcile::pass::undelivered(
                         &data.store,
                         &o,
@@ -416,7 +421,7 @@ impl Daemon {
             if last_written.as_ref() != Some(&status) {
                 let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
                 if let Err(e) = write_status(&self.data.join("status.json"), &json) {
-                    eprintln!("tenet: cannot write the status: {e}");
+                    tracing::error!(error = %e, "cannot write the status file");
                 }
                 last_written = Some(status);
             }

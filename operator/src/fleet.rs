@@ -121,6 +121,7 @@ impl StandaloneFleet {
     }
 
     fn count(&self, e: &FleetError) {
+        tracing::warn!(reason = e.reason(), error = %e, "message from an agent not taken");
         if let (FleetError::Refused(r), Ok(mut m)) = (e, self.refused.lock()) {
             *m.entry(r.reason()).or_insert(0) += 1;
         }
@@ -238,12 +239,14 @@ impl StandaloneFleet {
 
 impl Fleet for StandaloneFleet {
     fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String> {
+        tracing::info!(terminal = %request.terminal, tpm = request.tpm, key = %request.identity.fingerprint(), "enrolment request");
         self.store
             .enrol(request, (self.now_ms)())
             .map_err(|e| format!("the operator's store failed: {e}"))?
     }
 
     fn connected(&self, terminal: &str, to_agent: mpsc::Sender<ToAgent>) {
+        tracing::info!(terminal, "connected");
         if let Ok(mut c) = self.connected.lock() {
             c.insert(terminal.to_string(), to_agent);
         }
@@ -251,6 +254,7 @@ impl Fleet for StandaloneFleet {
     }
 
     fn disconnected(&self, terminal: &str) {
+        tracing::info!(terminal, "disconnected");
         if let Ok(mut c) = self.connected.lock() {
             c.remove(terminal);
         }

@@ -67,6 +67,9 @@ enum Command {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics: String,
+        /// Logs on stderr as text or JSON lines; the level comes from TENET_LOG (default info).
+        #[arg(long, value_enum, default_value_t)]
+        log_format: Output,
     },
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
@@ -191,6 +194,21 @@ enum PolicyCommand {
     },
 }
 
+/// Structured logs on stderr: TENET_LOG sets the filter (default `info`;
+/// wasmtime's and cranelift's chatter is quietened).
+fn init_logging(format: Output) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TENET_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        Output::Json => builder.json().init(),
+        Output::Text => builder.init(),
+    }
+}
+
 /// A command that prints its result and fails with a reason.
 fn done(r: Result<(), payload::CliError>) -> std::io::Result<i32> {
     report(r.map(|()| 0))
@@ -208,8 +226,10 @@ fn report(r: Result<i32, payload::CliError>) -> std::io::Result<i32> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let stdout = &mut std::io::stdout().lock();
-    let stderr = &mut std::io::stderr().lock();
+    // Not locked for the whole run: the operator's log writer (other
+    // threads) writes to stderr too.
+    let stdout = &mut std::io::stdout();
+    let stderr = &mut std::io::stderr();
     let result = match cli.command {
         Command::Policy(PolicyCommand::Check { dir, output }) => {
             cli::policy::check(&dir, output, stdout, stderr)
@@ -271,7 +291,9 @@ fn main() -> ExitCode {
             admin_keys,
             admin_threshold,
             metrics,
+            log_format,
         } => {
+            init_logging(log_format);
             let bundles = bundles.unwrap_or_else(|| {
                 policies
                     .parent()
