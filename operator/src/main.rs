@@ -200,8 +200,10 @@ fn init_logging(format: Output) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("TENET_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,cranelift=warn,wasmtime=warn,rustls=warn"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         Output::Json => builder.json().init(),
