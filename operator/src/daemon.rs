@@ -416,6 +416,7 @@ impl Daemon {
                 &statuses,
                 &fleet.connected_terminals(),
                 fleet.refusals(),
+                &cache.last_errors,
             )?;
             metrics.update(&status);
             if last_written.as_ref() != Some(&status) {

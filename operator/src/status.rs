@@ -19,6 +19,10 @@ pub struct Status {
     pub terminals: Vec<TerminalLine>,
     /// Reports and inventories refused, by reason.
     pub refused: BTreeMap<String, u64>,
+    /// Errors in the policy directory (the last good version of an affected
+    /// policy stays in force).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_errors: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,6 +97,7 @@ pub fn collect(
     policies: &[PolicyStatus],
     connected: &[String],
     refused: BTreeMap<&'static str, u64>,
+    policy_errors: &[String],
 ) -> Result<Status, StoreError> {
     let mut by_terminal: BTreeMap<String, Vec<PairLine>> = BTreeMap::new();
     for (terminal, policy, record) in store.pairs()? {
@@ -117,6 +122,7 @@ pub fn collect(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
+        policy_errors: policy_errors.to_vec(),
     })
 }
 
@@ -151,6 +157,12 @@ pub fn print(status: &Status, out: &mut dyn Write) -> std::io::Result<()> {
         status.terminals.len(),
         online
     )?;
+    for e in &status.policy_errors {
+        writeln!(
+            out,
+            "policy error (the last good version stays in force): {e}"
+        )?;
+    }
     if !status.refused.is_empty() {
         let r: Vec<String> = status
             .refused
