@@ -14,6 +14,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # Debian packages the build, the tests and the demo use. Installed only when
 # missing, so a second run does nothing.
 DEBIAN_PACKAGES=(
+  git           # the policy directory is a git checkout in the operator tests
   dpkg          # the package manager terminals run; its ordering is tested against ours
   pkg-config
   gcc           # the linker driver for Rust

@@ -281,6 +281,21 @@ impl PolicyCache {
     }
 }
 
+/// The commit checked out in `dir`, when it is in a git work tree.
+fn git_revision(dir: &Path) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|r| !r.is_empty())
+}
+
 fn write_status(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes)?;
@@ -418,6 +433,10 @@ impl Daemon {
                 fleet.refusals(),
                 &cache.last_errors,
             )?;
+            let status = crate::status::Status {
+                source_revision: git_revision(&self.policies),
+                ..status
+            };
             metrics.update(&status);
             if last_written.as_ref() != Some(&status) {
                 let json = serde_json::to_vec_pretty(&status).unwrap_or_default();

@@ -23,6 +23,9 @@ pub struct Status {
     /// policy stays in force).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy_errors: Vec<String>,
+    /// The git commit of the policy directory, when it is a git checkout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_revision: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +126,7 @@ pub fn collect(
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
         policy_errors: policy_errors.to_vec(),
+        source_revision: None,
     })
 }
 
@@ -149,6 +153,9 @@ pub fn print(status: &Status, out: &mut dyn Write) -> std::io::Result<()> {
                 .map(|h| format!("  held: {h}"))
                 .unwrap_or_default()
         )?;
+    }
+    if let Some(rev) = &status.source_revision {
+        writeln!(out, "\npolicies at git commit {rev}")?;
     }
     let online = status.terminals.iter().filter(|t| t.connected).count();
     writeln!(

@@ -100,6 +100,33 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     )
     .expect("policy");
 
+    // The policy directory is a git checkout (GitOps).
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=Tenet Tests",
+                "-c",
+                "user.email=tests@tenet.invalid",
+                "-C",
+                "policies",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "browser-a 120 in Nagoya"]);
+    let commit = git(&["rev-parse", "HEAD"]);
+
     // The operator.
     let port = free_port();
     let mut operator = Command::new(binary("tenet"))
