@@ -129,6 +129,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
 
     // The operator.
     let port = free_port();
+    let metrics_port = free_port();
     let mut operator = Command::new(binary("tenet"))
         .args([
             "operator",
@@ -141,9 +142,12 @@ fn the_operator_brings_a_terminal_to_its_policy() {
             "--listen",
         ])
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .args(["--log-format", "json"])
         .current_dir(dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("operator.log")).expect("log file"))
         .spawn()
         .expect("operator");
     let (tx, lines) = mpsc::channel::<String>();
@@ -252,5 +256,113 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     );
     next_line(
         "hospital-it/browser-a-minimum gen 1: 1 selected, 1 compliant, 0 drifted, 0 remediating, 0 failed",
+    );
+
+    // What a person asks the running operator.
+    let tenet = |args: &[&str]| {
+        let out = Command::new(binary("tenet"))
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("tenet");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = tenet(&["status", "--data", "data"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["hospital-it/browser-a-minimum", "1", "1/1", "0", "0", "0"]),
+        "{status}"
+    );
+    assert!(status.contains("1 terminal(s), 1 connected"), "{status}");
+    assert!(
+        status.contains(&format!("policies at git commit {commit}")),
+        "{status}"
+    );
+    let terminal = tenet(&["status", "--data", "data", "terminal", "nagoya-ward3-01"]);
+    assert!(
+        terminal.starts_with("nagoya-ward3-01: connected, last inventory "),
+        "{terminal}"
+    );
+    assert!(
+        terminal.contains("  Compliant   hospital-it/browser-a-minimum\n"),
+        "{terminal}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&tenet(&["status", "--data", "data", "--output", "json"]))
+            .expect("json");
+    assert_eq!(json["policies"][0]["compliant"], 1);
+
+    // Prometheus metrics.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        text
+    };
+    for line in [
+        "HTTP/1.1 200 OK",
+        "tenet_pairs{state=\"Compliant\"} 1",
+        "tenet_pairs{state=\"Failed\"} 0",
+        "tenet_terminals_connected 1",
+        "tenet_dispatches_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.trim_end() == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("tenet_reconcile_duration_seconds_count"),
+        "{metrics}"
+    );
+
+    // A broken edit of the policy file: the last good version stays in
+    // force, and status says why.
+    std::fs::write(
+        dir.join("policies/browser.yaml"),
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: browser-a-minimum, namespace: hospital-it }\nspec:\n  requirements:\n    - package: { name: browser-a, version: '>= 130, < 120' }\n",
+    )
+    .expect("edit");
+    wait_until(
+        Duration::from_secs(20),
+        "the policy error in status",
+        || {
+            tenet(&["status", "--data", "data"]).contains(
+                "policy error (the last good version stays in force): policies/browser.yaml:6:",
+            )
+        },
+    );
+    let status = tenet(&["status", "--data", "data"]);
+    assert!(status.contains("can never be satisfied"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["hospital-it/browser-a-minimum", "1", "1/1", "0", "0", "0"]),
+        "the last good version is still in force:\n{status}"
+    );
+
+    // Structured logs: one JSON object per line, the dispatch among them.
+    let log = std::fs::read_to_string(dir.join("operator.log")).expect("log");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["fields"]["message"] == "dispatched"
+            && e["fields"]["terminal"] == "nagoya-ward3-01"
+            && e["fields"]["policy"] == "hospital-it/browser-a-minimum"),
+        "{log}"
     );
 }
