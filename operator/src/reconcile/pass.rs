@@ -25,7 +25,8 @@ use crate::store::{LiveDispatch, PairRecord, Store, StoreError};
 #[derive(Debug, Clone)]
 pub struct Bundle {
     pub digest: [u8; 32],
-    pub bytes: Vec<u8>,
+    /// Shared: the operator keeps bundles across passes without copying them.
+    pub bytes: std::sync::Arc<Vec<u8>>,
 }
 
 /// What to push to a terminal.
@@ -306,7 +307,7 @@ impl Pass<'_> {
                 terminal: terminal.to_string(),
                 policy: key.clone(),
                 envelope: frame.encode(),
-                bundle: bundle.bytes.clone(),
+                bundle: bundle.bytes.as_ref().clone(),
             });
         }
         Ok((status, out))
@@ -375,7 +376,7 @@ mod tests {
         }
         let bundle = Bundle {
             digest: [0xab; 32],
-            bytes: b"bundle".to_vec(),
+            bytes: std::sync::Arc::new(b"bundle".to_vec()),
         };
         let policy = policy(rollout, &digest_string(&bundle.digest));
         World {
@@ -594,7 +595,7 @@ mod tests {
             "install-browser-a".into(),
             Bundle {
                 digest: [1; 32],
-                bytes: vec![],
+                bytes: Default::default(),
             },
         );
         let (_, status) = pass(&w, NOW, &|_| true);
