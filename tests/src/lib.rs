@@ -464,3 +464,66 @@ impl Fixture {
         }
     }
 }
+
+/// A terminal root under `dir/root` with an empty dpkg database and `debs`
+/// installed by dpkg, as an image would come.
+pub fn dpkg_root(dir: &Path, debs: &[&Path]) -> PathBuf {
+    let root = dir.join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").expect("status");
+    for deb in debs {
+        let out = Command::new("dpkg")
+            .arg(format!("--root={}", root.display()))
+            .args(["--log=/dev/null", "-i"])
+            .arg(deb)
+            .output()
+            .expect("dpkg runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    root
+}
+
+/// The install-deb example payload with `deb` as its artifact, signed by `admin`.
+pub fn install_bundle(admin: &KeyPair, deb: &Path) -> SignedMessage {
+    use tenet_protocol::bundle::{Artifact, Capability};
+    let artifacts = [
+        (
+            "install-deb.sh".to_string(),
+            std::fs::read(example("install-deb.sh")).expect("script"),
+        ),
+        (
+            deb.file_name()
+                .expect("a file")
+                .to_string_lossy()
+                .into_owned(),
+            std::fs::read(deb).expect("deb"),
+        ),
+    ];
+    let bundle = PayloadBundle {
+        manifest: Manifest {
+            name: "install-browser-a".into(),
+            version: "1".into(),
+            description: String::new(),
+            capabilities: vec![Capability::RunArtifact, Capability::Log],
+            created_ms: now_ms(),
+            expires_ms: now_ms() + 3_600_000,
+        },
+        module: wat::parse_file(example("install-deb.wat")).expect("wat"),
+        artifacts: artifacts
+            .into_iter()
+            .map(|(name, data)| Artifact {
+                name,
+                sha256: tenet_protocol::wire::sha256(&data),
+                size: data.len() as u64,
+                data,
+            })
+            .collect(),
+    };
+    SignedMessage::signed(&bundle, admin).expect("sign")
+}

@@ -9,16 +9,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use tenet_e2e::{
-    Event, Fixture, Running, TestGateway, agent, binary, build_deb, example, now_ms, wait_for,
-    wait_until,
+    Event, Fixture, Running, TestGateway, agent, binary, build_deb, dpkg_root, install_bundle,
+    now_ms, wait_for, wait_until,
 };
-use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
+use tenet_protocol::bundle::Capability;
 use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::inventory::InventoryReport;
 use tenet_protocol::keys::random_bytes;
 use tenet_protocol::report::{DispatchRecord, Outcome, nonce_commitment, verify_report};
 use tenet_protocol::session::ToAgent;
-use tenet_protocol::wire::sha256;
 use tenet_protocol::{Kind, PublicKey, SignedMessage};
 
 fn browser_version(bytes: &[u8]) -> Option<String> {
@@ -61,24 +60,9 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
     let address = gateway.address;
 
     // A terminal root with browser-a 118, installed by dpkg.
-    let root = dir.join("root");
-    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    std::fs::write(root.join("var/lib/dpkg/status"), "").expect("status");
     let old = build_deb(dir, "browser-a", "118.0.2-1");
     let new = build_deb(dir, "browser-a", "120.0-1");
-    let st = Command::new("dpkg")
-        .arg(format!("--root={}", root.display()))
-        .args(["--log=/dev/null", "-i"])
-        .arg(&old)
-        .output()
-        .expect("dpkg");
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let _root = dpkg_root(dir, &[&old]);
     std::fs::write(
         dir.join("agent.yaml"),
         format!(
@@ -178,37 +162,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
 
     // Push a dispatch that installs 120 through dpkg.
     let caps = vec![Capability::RunArtifact, Capability::Log];
-    let artifacts = [
-        (
-            "install-deb.sh",
-            std::fs::read(example("install-deb.sh")).expect("script"),
-        ),
-        (
-            "browser-a_120.0-1_all.deb",
-            std::fs::read(&new).expect("deb"),
-        ),
-    ];
-    let bundle = PayloadBundle {
-        manifest: Manifest {
-            name: "install-browser-a".into(),
-            version: "1".into(),
-            description: String::new(),
-            capabilities: caps.clone(),
-            created_ms: now_ms(),
-            expires_ms: now_ms() + 3_600_000,
-        },
-        module: wat::parse_file(example("install-deb.wat")).expect("wat"),
-        artifacts: artifacts
-            .iter()
-            .map(|(n, d)| Artifact {
-                name: n.to_string(),
-                sha256: sha256(d),
-                size: d.len() as u64,
-                data: d.clone(),
-            })
-            .collect(),
-    };
-    let bundle = SignedMessage::signed(&bundle, admin).expect("sign");
+    let bundle = install_bundle(admin, &new);
     let envelope = |sequence: u64| DispatchEnvelope {
         terminal: "nagoya-ward3-01".into(),
         policy: "hospital-it/browser-a-minimum".into(),

@@ -11,10 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tenet_e2e::{Running, agent, binary, build_deb, example, now_ms, wait_until};
-use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
-use tenet_protocol::wire::{digest_string, sha256};
-use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
+use tenet_e2e::{Running, agent, binary, build_deb, dpkg_root, install_bundle, wait_until};
+use tenet_protocol::wire::digest_string;
+use tenet_protocol::{Algorithm, KeyPair, Signer};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -55,37 +54,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
     let old = build_deb(dir, "browser-a", "118.0.2-1");
     let new = build_deb(dir, "browser-a", "120.0-1");
-    let artifacts = [
-        (
-            "install-deb.sh",
-            std::fs::read(example("install-deb.sh")).expect("script"),
-        ),
-        (
-            "browser-a_120.0-1_all.deb",
-            std::fs::read(&new).expect("deb"),
-        ),
-    ];
-    let bundle = PayloadBundle {
-        manifest: Manifest {
-            name: "install-browser-a".into(),
-            version: "1".into(),
-            description: String::new(),
-            capabilities: vec![Capability::RunArtifact, Capability::Log],
-            created_ms: now_ms(),
-            expires_ms: now_ms() + 86_400_000,
-        },
-        module: wat::parse_file(example("install-deb.wat")).expect("wat"),
-        artifacts: artifacts
-            .iter()
-            .map(|(n, d)| Artifact {
-                name: n.to_string(),
-                sha256: sha256(d),
-                size: d.len() as u64,
-                data: d.clone(),
-            })
-            .collect(),
-    };
-    let frame = SignedMessage::signed(&bundle, &admin).expect("sign");
+    let frame = install_bundle(&admin, &new);
     std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
     std::fs::write(dir.join("bundles/install-browser-a.bundle"), frame.encode()).expect("bundle");
 
@@ -196,18 +165,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
             .to_string()
     };
     let (token, fingerprint) = (field("token "), field("ca-fingerprint "));
-    let root = dir.join("root");
-    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    std::fs::write(root.join("var/lib/dpkg/status"), "").expect("status");
-    let st = Command::new("dpkg")
-        .arg(format!("--root={}", root.display()))
-        .args(["--log=/dev/null", "-i"])
-        .arg(&old)
-        .output()
-        .expect("dpkg");
-    assert!(st.status.success());
+    let root = dpkg_root(dir, &[&old]);
     std::fs::write(
         dir.join("agent.yaml"),
         format!(
