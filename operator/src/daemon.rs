@@ -282,10 +282,28 @@ impl BundleCache {
 struct PolicyCache {
     good: BTreeMap<String, (PathBuf, CompiledPolicy)>,
     last_errors: Vec<String>,
+    /// Path, modification time and size of every file last loaded: the
+    /// directory is parsed and compiled again only when this changes.
+    stamp: Vec<(PathBuf, std::time::SystemTime, u64)>,
+    /// The git commit of the directory when it was last loaded.
+    revision: Option<String>,
 }
 
 impl PolicyCache {
     fn reload(&mut self, dir: &Path, store: &Store) -> Result<(), DaemonError> {
+        let stamp: Vec<_> = crate::policy::yaml_files(dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| {
+                let m = std::fs::metadata(&p).ok()?;
+                Some((p, m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+            })
+            .collect();
+        if !self.stamp.is_empty() && stamp == self.stamp {
+            return Ok(());
+        }
+        self.stamp = stamp;
+        self.revision = git_revision(dir);
         let set = load_dir(dir);
         let broken: std::collections::HashSet<&Path> =
             set.errors.iter().map(|e| e.file.as_path()).collect();
@@ -472,7 +490,7 @@ impl Daemon {
                 &cache.last_errors,
             )?;
             let status = crate::status::Status {
-                source_revision: git_revision(&self.policies),
+                source_revision: cache.revision.clone(),
                 ..status
             };
             metrics.update(&status);

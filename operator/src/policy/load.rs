@@ -294,7 +294,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 /// The YAML files of a directory, sorted, or the path itself when it is a
 /// file.
-fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+pub fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let meta =
         std::fs::metadata(path).map_err(|e| file_error(path, format!("cannot read: {e}")))?;
     if !meta.is_dir() {

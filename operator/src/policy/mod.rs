@@ -15,4 +15,4 @@ mod yamlpos;
 
 pub use compile::{CompiledPolicy, FieldError, compile};
 pub use eval::{Drift, Evaluation, RequirementResult, TerminalView, evaluate};
-pub use load::{LoadError, LoadedPolicy, PolicySet, load_dir, load_inventories};
+pub use load::{LoadError, LoadedPolicy, PolicySet, load_dir, load_inventories, yaml_files};
