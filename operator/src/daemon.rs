@@ -72,6 +72,58 @@ pub struct Daemon {
     pub tick: Duration,
     /// Where `/metrics` is served, if anywhere.
     pub metrics: Option<String>,
+    /// What a program embedding the operator (the benchmark) watches.
+    pub probe: Option<Arc<Probe>>,
+}
+
+/// What the operator shows a program that embeds it: where it listens,
+/// the policies' counts after each pass, the connected terminals, and
+/// every dispatch-to-verified-report time.
+#[derive(Default)]
+pub struct Probe {
+    pub address: tokio::sync::watch::Sender<Option<std::net::SocketAddr>>,
+    pub passes: tokio::sync::watch::Sender<(usize, Vec<PolicyStatus>)>,
+    pub round_trips: std::sync::Mutex<Vec<Duration>>,
+}
+
+/// Wake the loop when anything changes in the policy or bundle directory
+/// (an edit, a new file, a `git pull`); the tick still catches anything a
+/// watcher misses.
+fn watch_dirs(dirs: &[&Path], wake: Arc<tokio::sync::Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |_event| wake.notify_one())
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the policy directory; polling only"))
+        .ok()?;
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch; polling only");
+        }
+    }
+    Some(watcher)
+}
+
+/// After a restart, a dispatch that is still out may or may not have
+/// reached its terminal: it is reissued with a fresh envelope (a new
+/// nonce and sequence number, which supersedes the old one on the
+/// terminal), and the attempt does not count. A report for the old one is
+/// refused as a replay. Verified results are already committed.
+pub fn reissue_pending(store: &Store, retry: &Retry, now_ms: u64) -> Result<usize, DaemonError> {
+    let mut reissued = 0;
+    for (terminal, policy, mut record) in store.pairs()? {
+        if matches!(record.state, crate::reconcile::state::PairState::Dispatched { .. }) {
+            record.state = crate::reconcile::state::next(
+                &record.state,
+                &crate::reconcile::state::Event::Undelivered,
+                retry,
+                now_ms,
+                0.0,
+            );
+            record.updated_ms = now_ms;
+            store.set_pair(&terminal, &policy, &record)?;
+            reissued += 1;
+        }
+    }
+    Ok(reissued)
 }
 
 /// The data directory, opened (and created on first start).
@@ -126,9 +178,15 @@ struct PendingToken {
 pub fn create_token(
     data: &Path,
     terminal: Option<String>,
+    uses: u32,
     ttl: Duration,
     out: &mut dyn Write,
 ) -> Result<(), DaemonError> {
+    if uses == 0 || (uses > 1 && terminal.is_some()) {
+        return Err(DaemonError::Usage(
+            "--uses must be at least 1, and 1 for a token bound to one --terminal".into(),
+        ));
+    }
     let dir = data.join("tokens");
     if !dir.is_dir() {
         return Err(DaemonError::Usage(format!(
@@ -143,7 +201,7 @@ pub fn create_token(
         record: TokenRecord {
             terminal,
             expires_ms: now_ms() + ttl.as_millis() as u64,
-            used: false,
+            uses_left: uses,
         },
     };
     let path = dir.join(format!("{}.token", &pending.hash[..16]));
@@ -428,10 +486,24 @@ impl Daemon {
             tokio::spawn(metrics.clone().serve(l));
         }
 
+        let reissued = reissue_pending(&data.store, &Retry::default(), now_ms())?;
+        if reissued > 0 {
+            let _ = writeln!(
+                out,
+                "{reissued} dispatch(es) pending at the last stop will be reissued with fresh envelopes"
+            );
+        }
+        if let Some(p) = &self.probe {
+            p.address.send_replace(Some(address));
+        }
+        let files_changed = Arc::new(tokio::sync::Notify::new());
+        let _watcher = watch_dirs(&[&self.policies, &self.bundles], files_changed.clone());
+
         let mut cache = PolicyCache::default();
         let mut last_status: Vec<PolicyStatus> = Vec::new();
         let mut last_bundle_problems: Vec<String> = Vec::new();
         let mut last_written: Option<crate::status::Status> = None;
+        let mut status_at = std::time::Instant::now() - STATUS_EVERY;
         let mut bundle_cache = BundleCache::default();
         loop {
             import_tokens(&self.data, &data.store)?;
@@ -459,77 +531,117 @@ impl Daemon {
             let (outgoing, statuses) = pass.run()?;
             metrics.observe_pass(started.elapsed());
             metrics.dispatches.inc_by(outgoing.len() as u64);
-            for o in outgoing {
-                let delivered = match fleet.sender(&o.terminal) {
-                    Some(tx) => tx
-                        .send(ToAgent::Dispatch {
-                            envelope: o.envelope.clone(),
-                            bundle: o.bundle.clone(),
-                        })
-                        .await
-                        .is_ok(),
-                    None => false,
+            if !outgoing.is_empty() {
+                self.send(&data.store, &fleet, outgoing).await?;
+            }
+            let round_trips = fleet.take_round_trips();
+            for d in &round_trips {
+                metrics.round_trip_seconds.observe(d.as_secs_f64());
+            }
+            if let Some(p) = &self.probe {
+                if let Ok(mut r) = p.round_trips.lock() {
+                    r.extend(round_trips);
+                }
+                p.passes
+                    .send_replace((fleet.connected_count(), statuses.clone()));
+            }
+            // Status for people: at most twice a second (it lists every terminal).
+            let status_due = status_at.elapsed() >= STATUS_EVERY;
+            if status_due {
+                status_at = std::time::Instant::now();
+                let status = crate::status::collect(
+                    &data.store,
+                    &statuses,
+                    &fleet.connected_terminals(),
+                    fleet.refusals(),
+                    &cache.last_errors,
+                )?;
+                let status = crate::status::Status {
+                    source_revision: cache.revision.clone(),
+                    ..status
                 };
-                if delivered {
-                    tracing::info!(terminal = %o.terminal, policy = %o.policy, "dispatched");
-                } else {
-                    tracing::info!(terminal = %o.terminal, policy = %o.policy, "undelivered; will reissue");
-                    crate::reconcile::pass::undelivered(
-                        &data.store,
-                        &o,
-                        &Retry::default(),
-                        now_ms(),
-                    )?;
+                metrics.update(&status);
+                if last_written.as_ref() != Some(&status) {
+                    let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
+                    if let Err(e) = write_status(&self.data.join("status.json"), &json) {
+                        tracing::error!(error = %e, "cannot write the status file");
+                    }
+                    last_written = Some(status);
+                }
+                if statuses != last_status {
+                    print_statuses(&statuses, out);
+                    last_status = statuses;
                 }
             }
-            let status = crate::status::collect(
-                &data.store,
-                &statuses,
-                &fleet.connected_terminals(),
-                fleet.refusals(),
-                &cache.last_errors,
-            )?;
-            let status = crate::status::Status {
-                source_revision: cache.revision.clone(),
-                ..status
+            // Until the next agent message, file change or tick; a burst of
+            // messages is taken by one pass.
+            let wait = if status_due {
+                self.tick
+            } else {
+                STATUS_EVERY
+                    .saturating_sub(status_at.elapsed())
+                    .min(self.tick)
             };
-            metrics.update(&status);
-            if last_written.as_ref() != Some(&status) {
-                let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
-                if let Err(e) = write_status(&self.data.join("status.json"), &json) {
-                    tracing::error!(error = %e, "cannot write the status file");
-                }
-                last_written = Some(status);
-            }
-            if statuses != last_status {
-                for s in &statuses {
-                    let held = s
-                        .held
-                        .as_deref()
-                        .map(|h| format!(" (held: {h})"))
-                        .unwrap_or_default();
-                    let _ = writeln!(
-                        out,
-                        "{} gen {}: {} selected, {} compliant, {} drifted, {} remediating, {} failed{held}",
-                        s.policy,
-                        s.generation,
-                        s.selected,
-                        s.compliant,
-                        s.drifted,
-                        s.remediating,
-                        s.failed
-                    );
-                }
-                let _ = out.flush();
-                last_status = statuses;
-            }
-            // Until the next agent message or tick.
             tokio::select! {
                 _ = changes.recv() => {}
-                _ = tokio::time::sleep(self.tick) => {}
+                _ = files_changed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
             }
+            while changes.try_recv().is_ok() {}
         }
     }
+
+    /// Hand the envelopes of a pass to their terminals' connections, once
+    /// they are durable (with their sequence numbers and nonce
+    /// commitments). One that cannot be handed over is reissued fresh.
+    async fn send(
+        &self,
+        store: &Store,
+        fleet: &StandaloneFleet,
+        outgoing: Vec<crate::reconcile::pass::Outgoing>,
+    ) -> Result<(), DaemonError> {
+        if let Err(e) = store.durable(store.written()).await {
+            // Not sent: they stay out and are retried after their deadline.
+            tracing::error!(error = %e, count = outgoing.len(), "dispatches not sent: the database cannot commit");
+            return Ok(());
+        }
+        for o in outgoing {
+            let delivered = fleet.sender(&o.terminal).is_some_and(|tx| {
+                tx.try_send(ToAgent::Dispatch {
+                    envelope: o.envelope.clone(),
+                    bundle: o.bundle.as_ref().clone(),
+                })
+                .is_ok()
+            });
+            if delivered {
+                fleet.sent(o.envelope_digest);
+                tracing::info!(terminal = %o.terminal, policy = %o.policy, "dispatched");
+            } else {
+                tracing::info!(terminal = %o.terminal, policy = %o.policy, "undelivered; will reissue");
+                crate::reconcile::pass::undelivered(store, &o, &Retry::default(), now_ms())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How often the status file and the policy lines are brought up to date.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+
+fn print_statuses(statuses: &[PolicyStatus], out: &mut (dyn Write + Send)) {
+    for s in statuses {
+        let held = s
+            .held
+            .as_deref()
+            .map(|h| format!(" (held: {h})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{} gen {}: {} selected, {} compliant, {} drifted, {} remediating, {} failed{held}",
+            s.policy, s.generation, s.selected, s.compliant, s.drifted, s.remediating, s.failed
+        );
+    }
+    let _ = out.flush();
 }
 
 #[cfg(test)]

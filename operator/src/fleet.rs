@@ -8,7 +8,10 @@
 //! reconcile loop.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tenet_protocol::enrol::EnrolmentRequest;
 use tenet_protocol::inventory::InventoryReport;
@@ -39,6 +42,10 @@ pub struct StandaloneFleet {
     /// Reports and inventories refused, by reason.
     refused: Mutex<BTreeMap<&'static str, u64>>,
     changes: mpsc::UnboundedSender<Change>,
+    /// When each envelope in flight was handed to its connection.
+    sent: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Dispatch-to-verified-report times not yet collected.
+    round_trips: Mutex<Vec<Duration>>,
 }
 
 /// A store failure is the operator's problem, not the agent's: the message
@@ -97,6 +104,8 @@ impl StandaloneFleet {
                 connected: Mutex::default(),
                 refused: Mutex::default(),
                 changes,
+                sent: Mutex::default(),
+                round_trips: Mutex::default(),
             },
             rx,
         )
@@ -112,6 +121,26 @@ impl StandaloneFleet {
         self.connected
             .lock()
             .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many terminals are connected now.
+    pub fn connected_count(&self) -> usize {
+        self.connected.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// An envelope was handed to its terminal's connection now.
+    pub fn sent(&self, envelope_digest: [u8; 32]) {
+        if let Ok(mut s) = self.sent.lock() {
+            s.insert(envelope_digest, Instant::now());
+        }
+    }
+
+    /// The dispatch-to-verified-report times measured since the last call.
+    pub fn take_round_trips(&self) -> Vec<Duration> {
+        self.round_trips
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default()
     }
 
@@ -186,12 +215,20 @@ impl StandaloneFleet {
             .store
             .consume_dispatch(terminal, &policy, &report.envelope_digest, &record)
             .map_err(store_err)?;
-        if !consumed {
+        if consumed.is_none() {
             // Another copy of this report got there first.
             return Err(Rejection::Replay(
                 "a report for this dispatch was already accepted".into(),
             )
             .into());
+        }
+        let sent = self
+            .sent
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&report.envelope_digest));
+        if let (Some(at), Ok(mut r)) = (sent, self.round_trips.lock()) {
+            r.push(at.elapsed());
         }
         // What the terminal observed after a verified run is its newest inventory.
         if let (Ok(()), Some(inventory)) = (&result, report.observed) {
@@ -250,6 +287,9 @@ impl Fleet for StandaloneFleet {
         if let Ok(mut c) = self.connected.lock() {
             c.insert(terminal.to_string(), to_agent);
         }
+        if let Err(e) = self.store.set_offline_since(terminal, 0) {
+            tracing::error!(terminal, error = %e, "cannot record the connection");
+        }
         let _ = self.changes.send(Change::Connected(terminal.to_string()));
     }
 
@@ -257,6 +297,9 @@ impl Fleet for StandaloneFleet {
         tracing::info!(terminal, "disconnected");
         if let Ok(mut c) = self.connected.lock() {
             c.remove(terminal);
+        }
+        if let Err(e) = self.store.set_offline_since(terminal, (self.now_ms)()) {
+            tracing::error!(terminal, error = %e, "cannot record the disconnection");
         }
         let _ = self
             .changes
@@ -271,6 +314,16 @@ impl Fleet for StandaloneFleet {
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         self.take_inventory(terminal, bytes)
             .inspect_err(|r| self.count(r))
+    }
+
+    fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        let written = self.store.written();
+        Box::pin(async move {
+            self.store
+                .durable(written)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -299,7 +352,7 @@ mod tests {
                 &TokenRecord {
                     terminal: None,
                     expires_ms: u64::MAX,
-                    used: false,
+                    uses_left: 1,
                 },
             )
             .expect("token");
@@ -353,6 +406,7 @@ mod tests {
                 "ns/browser",
                 &LiveDispatch {
                     policy_generation: 1,
+                    issued_ms: NOW,
                     sequence: 1,
                     record: record.clone(),
                 },

@@ -8,6 +8,8 @@
 //! What the operator does with each message is behind [`Fleet`], so the
 //! standalone store and the Kubernetes store share this code.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,8 +60,12 @@ pub trait Fleet: Send + Sync + 'static {
     fn disconnected(&self, terminal: &str);
     /// A signed execution report; `Ok` means it is stored (and acknowledged).
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
-    /// A signed inventory report; `Ok` means it is stored.
+    /// A signed inventory report; `Ok` means it is taken.
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
+    /// Wait until everything taken so far is durable: the gateway answers
+    /// an enrolment and acknowledges a report only then. `Err` says why
+    /// it cannot be now.
+    fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 pub struct Gateway {
@@ -139,7 +145,12 @@ impl Gateway {
         match first {
             ToOperator::Enrol(bytes) => {
                 let answer = match self.enrol(&bytes) {
-                    Ok(response) => ToAgent::Enrolled(response),
+                    Ok(response) => match self.fleet.settled().await {
+                        Ok(()) => ToAgent::Enrolled(response),
+                        Err(e) => ToAgent::EnrolmentRefused {
+                            reason: format!("the operator cannot record the enrolment now: {e}"),
+                        },
+                    },
                     Err(reason) => ToAgent::EnrolmentRefused { reason },
                 };
                 write_frame(&mut tls, &answer).await?;
@@ -246,6 +257,11 @@ impl Gateway {
                 }
                 (Err(_), _) => continue,
             };
+            // Acknowledged only once what it changed is durable.
+            if let Err(e) = self.fleet.settled().await {
+                tracing::warn!(terminal, error = %e, "not acknowledged: the operator cannot commit now");
+                continue;
+            }
             if tx.send(ToAgent::Ack { digest }).await.is_err() {
                 break Ok(());
             }

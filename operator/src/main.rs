@@ -95,7 +95,9 @@ enum StatusWhat {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Make a one-time token; prints it with the CA fingerprint agents need.
+    /// Make a bootstrap token; prints it with the CA fingerprint agents need.
+    /// Only its hash is kept. One-time by default; `--uses N` lets N
+    /// terminals enrol with it (a batch of new terminals, or a simulation).
     Create {
         /// The operator's data directory.
         #[arg(long)]
@@ -103,6 +105,9 @@ enum TokenCommand {
         /// Only this terminal may enrol with it.
         #[arg(long)]
         terminal: Option<String>,
+        /// How many terminals may enrol with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
         /// How long it stays valid, in hours.
         #[arg(long, default_value_t = 24)]
         ttl_hours: u64,
@@ -318,6 +323,7 @@ fn main() -> ExitCode {
                 admin_threshold,
                 tick: std::time::Duration::from_secs(1),
                 metrics: Some(metrics),
+                probe: None,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(|e| e.to_string())
@@ -371,10 +377,12 @@ fn main() -> ExitCode {
         Command::Token(TokenCommand::Create {
             data,
             terminal,
+            uses,
             ttl_hours,
         }) => match tenet::daemon::create_token(
             &data,
             terminal,
+            uses,
             std::time::Duration::from_secs(ttl_hours * 3600),
             stdout,
         ) {

@@ -35,6 +35,7 @@ pub struct Metrics {
     refused: Family<ReasonLabel, Counter>,
     refused_seen: Mutex<BTreeMap<String, u64>>,
     pub reconcile_seconds: Histogram,
+    pub round_trip_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -79,7 +80,15 @@ impl Metrics {
             "duration of one reconcile pass over every policy and terminal",
             reconcile_seconds.clone(),
         );
+        // 1 ms to ~65 s.
+        let round_trip_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "remediation_round_trip_seconds",
+            "from handing an envelope to its terminal's connection to its verified report",
+            round_trip_seconds.clone(),
+        );
         Metrics {
+            round_trip_seconds,
             registry,
             pairs,
             connected,

@@ -48,6 +48,9 @@ pub struct TerminalLine {
     /// When the operator last received its inventory (unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_inventory_ms: Option<u64>,
+    /// Since when it is offline (unix ms), when it was connected before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_since_ms: Option<u64>,
     pub policies: Vec<PairLine>,
 }
 
@@ -109,11 +112,15 @@ pub fn collect(
             .or_default()
             .push(pair_line(policy, &record.state));
     }
+    let connected: std::collections::HashSet<&str> = connected.iter().map(String::as_str).collect();
     let mut terminals = Vec::new();
-    for name in store.terminal_names()? {
+    for (name, record) in store.terminals() {
+        let online = connected.contains(name.as_str());
         terminals.push(TerminalLine {
-            connected: connected.contains(&name),
+            connected: online,
             last_inventory_ms: store.inventory(&name)?.map(|i| i.received_ms),
+            offline_since_ms: (!online && record.offline_since_ms > 0)
+                .then_some(record.offline_since_ms),
             policies: by_terminal.remove(&name).unwrap_or_default(),
             terminal: name,
         });
@@ -190,7 +197,11 @@ pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::
         out,
         "{}: {}{}",
         t.terminal,
-        if t.connected { "connected" } else { "offline" },
+        match (t.connected, t.offline_since_ms) {
+            (true, _) => "connected".to_string(),
+            (false, Some(ms)) => format!("offline since {}", crate::cli::payload::rfc3339(ms)),
+            (false, None) => "offline (never connected)".to_string(),
+        },
         t.last_inventory_ms
             .map(|ms| format!(", last inventory {}", crate::cli::payload::rfc3339(ms)))
             .unwrap_or_default()

@@ -8,9 +8,20 @@
 //! Values are the protocol's canonical encoding. A database that cannot be
 //! opened (corrupt, unreadable, full disk) is an error at start, never a
 //! silent reset: the file is left exactly as it was.
+//!
+//! The working set lives in memory (loaded at open) and every change is
+//! written behind to redb by a flusher thread in *group commits*: all the
+//! changes made while one commit is being fsynced go into the next. Nothing
+//! a change implies leaves the operator before it is durable: callers
+//! wait for [`Store::durable`] (an agent's acknowledgement, an enrolment's
+//! answer, an envelope's sending), so a crash loses only changes nobody
+//! outside has seen. One fsync covers thousands of changes: that is what
+//! lets one operator take 10,000 reports a second on a small machine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -41,6 +52,8 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("database record {key:?} is corrupt: {message}")]
     Corrupt { key: String, message: String },
+    #[error("the database cannot commit now: {0}")]
+    Unavailable(String),
 }
 
 /// An enrolled terminal.
@@ -52,6 +65,8 @@ pub struct TerminalRecord {
     pub enrolled_at_ms: u64,
     /// The last envelope sequence number issued to it.
     pub last_sequence: u64,
+    /// When its last connection ended (0: never connected, or connected now).
+    pub offline_since_ms: u64,
 }
 
 /// A bootstrap token, kept as its hash.
@@ -60,13 +75,16 @@ pub struct TokenRecord {
     /// The terminal name the token is for, when an admin bound it to one.
     pub terminal: Option<String>,
     pub expires_ms: u64,
-    pub used: bool,
+    /// How many more terminals may enrol with it (1 for a one-time token).
+    pub uses_left: u32,
 }
 
 /// The live dispatch of a pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveDispatch {
     pub policy_generation: u64,
+    /// When it was issued (the operator's clock).
+    pub issued_ms: u64,
     pub sequence: u64,
     pub record: DispatchRecord,
 }
@@ -92,8 +110,76 @@ pub struct PairRecord {
     pub remediated: bool,
 }
 
-pub struct Store {
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Terminals,
+    Tokens,
+    Pairs,
+    Dispatches,
+    Inventories,
+    Policies,
+}
+
+impl Table {
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Terminals => TERMINALS,
+            Table::Tokens => TOKENS,
+            Table::Pairs => PAIRS,
+            Table::Dispatches => DISPATCHES,
+            Table::Inventories => INVENTORIES,
+            Table::Policies => POLICIES,
+        }
+    }
+}
+
+/// The working set, and the changes not yet committed.
+#[derive(Default)]
+struct Mem {
+    terminals: BTreeMap<String, TerminalRecord>,
+    tokens: HashMap<String, TokenRecord>,
+    pairs: BTreeMap<String, PairRecord>,
+    dispatches: BTreeMap<String, LiveDispatch>,
+    inventories: HashMap<String, Arc<StoredInventory>>,
+    policies: HashMap<String, ([u8; 32], u64)>,
+    /// Changes in the order they were made, not yet committed.
+    pending: Vec<(Table, String, Vec<u8>)>,
+    /// How many changes were ever made (the newest change's number).
+    written: u64,
+}
+
+impl Mem {
+    fn write<T: Serialize>(&mut self, table: Table, key: &str, value: &T) {
+        self.pending.push((table, key.to_string(), encode(value)));
+        self.written += 1;
+    }
+}
+
+/// How far the database on disk has caught up.
+#[derive(Debug, Clone, Default)]
+struct Durable {
+    /// Every change up to this number is committed.
+    written: u64,
+    /// Why the last commit failed, while it keeps failing.
+    error: Option<String>,
+}
+
+struct Inner {
     db: Database,
+    mem: Mutex<Mem>,
+    /// Serialises commits, so they reach the disk in order.
+    committing: Mutex<()>,
+    /// Set when there is something to commit, or the store closes.
+    wake: (Mutex<(bool, bool)>, Condvar),
+    durable: tokio::sync::watch::Sender<Durable>,
+    /// Commits made (each one fsync).
+    commits: std::sync::atomic::AtomicU64,
+}
+
+pub struct Store {
+    inner: Arc<Inner>,
+    flusher: Option<std::thread::JoinHandle<()>>,
 }
 
 fn pair_key(terminal: &str, policy: &str) -> String {
@@ -109,8 +195,141 @@ fn err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(e.into())
 }
 
+fn load<T: Serialize + DeserializeOwned>(
+    tx: &redb::ReadTransaction,
+    table: Table,
+) -> Result<Vec<(String, T)>, StoreError> {
+    let t = tx.open_table(table.definition()).map_err(err)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(err)? {
+        let (k, v) = item.map_err(err)?;
+        let key = k.value().to_string();
+        let value = decode(v.value()).map_err(|e| StoreError::Corrupt {
+            key: key.clone(),
+            message: e.to_string(),
+        })?;
+        out.push((key, value));
+    }
+    Ok(out)
+}
+
+impl Inner {
+    fn mem(&self) -> MutexGuard<'_, Mem> {
+        // A panic while holding the lock cannot leave a half-made change:
+        // every change is made in memory and queued in one step.
+        self.mem.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Commit everything queued so far, in one transaction.
+    fn commit(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self
+            .committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (batch, written) = {
+            let mut m = self.mem();
+            (std::mem::take(&mut m.pending), m.written)
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let result = (|| {
+            let tx = self.db.begin_write().map_err(err)?;
+            {
+                let mut tables: Vec<(Table, redb::Table<'_, &str, &[u8]>)> = Vec::new();
+                for (table, key, value) in &batch {
+                    let i = match tables.iter().position(|(t, _)| t == table) {
+                        Some(i) => i,
+                        None => {
+                            tables.push((*table, tx.open_table(table.definition()).map_err(err)?));
+                            tables.len() - 1
+                        }
+                    };
+                    tables[i].1.insert(key.as_str(), value.as_slice()).map_err(err)?;
+                }
+            }
+            tx.commit().map_err(err)
+        })();
+        match result {
+            Ok(()) => {
+                self.commits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.durable.send_replace(Durable {
+                    written,
+                    error: None,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the batch, in order, ahead of what came since: the
+                // next commit tries it again.
+                let mut m = self.mem();
+                let newer = std::mem::take(&mut m.pending);
+                m.pending = batch;
+                m.pending.extend(newer);
+                drop(m);
+                self.durable.send_modify(|d| d.error = Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    fn wake_flusher(&self) {
+        let (lock, cv) = &self.wake;
+        if let Ok(mut w) = lock.lock() {
+            w.0 = true;
+            cv.notify_one();
+        }
+    }
+}
+
+/// The flusher thread: commit whenever something is queued; after a failed
+/// commit, try again every second.
+fn flusher(inner: Arc<Inner>) {
+    let (lock, cv) = &inner.wake;
+    loop {
+        {
+            let Ok(mut w) = lock.lock() else { return };
+            while !w.0 && !w.1 {
+                w = match cv.wait(w) {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+            }
+            if w.1 {
+                return;
+            }
+            w.0 = false;
+        }
+        if let Err(e) = inner.commit() {
+            tracing::error!(error = %e, "cannot commit to the database; retrying every second");
+            std::thread::sleep(Duration::from_secs(1));
+            inner.wake_flusher();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        {
+            let (lock, cv) = &self.inner.wake;
+            if let Ok(mut w) = lock.lock() {
+                w.1 = true;
+                cv.notify_one();
+            }
+        }
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.inner.commit() {
+            tracing::error!(error = %e, "changes not committed at close");
+        }
+    }
+}
+
 impl Store {
-    /// Open the database at `path`, creating it when there is none.
+    /// Open the database at `path`, creating it when there is none, and
+    /// load the working set.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let open_err = |e: redb::DatabaseError| StoreError::Open {
             path: path.display().to_string(),
@@ -123,39 +342,91 @@ impl Store {
             tx.open_table(t).map_err(err)?;
         }
         tx.commit().map_err(err)?;
-        Ok(Store { db })
-    }
-
-    fn get<T: Serialize + DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-    ) -> Result<Option<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(table).map_err(err)?;
-        let Some(v) = t.get(key).map_err(err)? else {
-            return Ok(None);
+        let tx = db.begin_read().map_err(err)?;
+        let mem = Mem {
+            terminals: load(&tx, Table::Terminals)?.into_iter().collect(),
+            tokens: load(&tx, Table::Tokens)?.into_iter().collect(),
+            pairs: load(&tx, Table::Pairs)?.into_iter().collect(),
+            dispatches: load(&tx, Table::Dispatches)?.into_iter().collect(),
+            inventories: load::<StoredInventory>(&tx, Table::Inventories)?
+                .into_iter()
+                .map(|(k, v)| (k, Arc::new(v)))
+                .collect(),
+            policies: load(&tx, Table::Policies)?.into_iter().collect(),
+            pending: Vec::new(),
+            written: 0,
         };
-        decode(v.value())
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt {
-                key: key.to_string(),
-                message: e.to_string(),
-            })
+        drop(tx);
+        let inner = Arc::new(Inner {
+            db,
+            mem: Mutex::new(mem),
+            committing: Mutex::new(()),
+            wake: (Mutex::new((false, false)), Condvar::new()),
+            durable: tokio::sync::watch::Sender::new(Durable::default()),
+            commits: std::sync::atomic::AtomicU64::new(0),
+        });
+        let flusher = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("tenet-store".into())
+                .spawn(move || flusher(inner))
+                .map_err(|e| StoreError::Db(redb::Error::Io(e)))?
+        };
+        Ok(Store {
+            inner,
+            flusher: Some(flusher),
+        })
     }
 
-    fn put<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &T,
-    ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut t = tx.open_table(table).map_err(err)?;
-            t.insert(key, encode(value).as_slice()).map_err(err)?;
+    fn mem(&self) -> MutexGuard<'_, Mem> {
+        self.inner.mem()
+    }
+
+    /// Make a change (in memory, queued for the next commit).
+    fn change<R>(&self, f: impl FnOnce(&mut Mem) -> R) -> R {
+        let (r, queued) = {
+            let mut m = self.mem();
+            let before = m.written;
+            let r = f(&mut m);
+            (r, m.written != before)
+        };
+        if queued {
+            self.inner.wake_flusher();
         }
-        tx.commit().map_err(err)
+        r
+    }
+
+    /// How many commits (fsyncs) were made since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.inner
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The number of the newest change made so far.
+    pub fn written(&self) -> u64 {
+        self.mem().written
+    }
+
+    /// Wait until every change up to `written` is committed. `Err` (the
+    /// database's error) when a commit is failing now; the changes stay
+    /// queued and are committed when the database works again.
+    pub async fn durable(&self, written: u64) -> Result<(), StoreError> {
+        let mut rx = self.inner.durable.subscribe();
+        let d = rx
+            .wait_for(|d| d.written >= written || d.error.is_some())
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        match (&d.error, d.written >= written) {
+            (_, true) => Ok(()),
+            (Some(e), false) => Err(StoreError::Unavailable(e.clone())),
+            (None, false) => Ok(()),
+        }
+    }
+
+    /// Commit everything queued, now (tests, and the end of a run).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.inner.commit()
     }
 
     /// Record a one-time bootstrap token (only its hash is kept).
@@ -165,145 +436,110 @@ impl Store {
 
     /// Record a bootstrap token by the hex SHA-256 of its text.
     pub fn add_token_hash(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
-        self.put(TOKENS, hash, record)
+        self.change(|m| {
+            m.tokens.insert(hash.to_string(), record.clone());
+            m.write(Table::Tokens, hash, record);
+        });
+        Ok(())
     }
 
     /// The generation of a policy: 1 at first sight, one more each time
-    /// its spec (by digest) changes. Committed, so it never goes back.
+    /// its spec (by digest) changes. Never goes back.
     pub fn policy_generation(
         &self,
         policy: &str,
         spec_digest: [u8; 32],
     ) -> Result<u64, StoreError> {
-        // The common case, an unchanged policy, needs no write (and no fsync).
-        if let Some((digest, generation)) = self.get::<([u8; 32], u64)>(POLICIES, policy)?
-            && digest == spec_digest
-        {
-            return Ok(generation);
-        }
-        let tx = self.db.begin_write().map_err(err)?;
-        let generation = {
-            let mut t = tx.open_table(POLICIES).map_err(err)?;
-            let known: Option<([u8; 32], u64)> = match t.get(policy).map_err(err)? {
-                Some(v) => Some(decode(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: policy.into(),
-                    message: e.to_string(),
-                })?),
-                None => None,
-            };
-            match known {
-                Some((digest, generation)) if digest == spec_digest => generation,
-                other => {
-                    let generation = other.map_or(1, |(_, g)| g + 1);
-                    t.insert(policy, encode(&(spec_digest, generation)).as_slice())
-                        .map_err(err)?;
-                    generation
-                }
+        Ok(self.change(|m| match m.policies.get(policy) {
+            Some((digest, generation)) if *digest == spec_digest => *generation,
+            other => {
+                let generation = other.map_or(1, |(_, g)| g + 1);
+                m.policies
+                    .insert(policy.to_string(), (spec_digest, generation));
+                m.write(Table::Policies, policy, &(spec_digest, generation));
+                generation
             }
-        };
-        tx.commit().map_err(err)?;
-        Ok(generation)
+        }))
     }
 
-    /// Enrol a terminal: in one transaction, the token must exist, be
-    /// unused, unexpired and (when bound) name this terminal, and the name
-    /// must be free; then the token is spent and the terminal registered.
-    /// `Err(Ok(reason))` is a refusal to tell the agent.
+    /// Enrol a terminal: the token must exist, have uses left, be unexpired
+    /// and (when bound) name this terminal, and the name must be free; then
+    /// one use of the token is spent and the terminal registered, in one
+    /// change. `Ok(Err(reason))` is a refusal to tell the agent.
     pub fn enrol(
         &self,
         request: &EnrolmentRequest,
         now_ms: u64,
     ) -> Result<Result<(), String>, StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        let refusal = {
-            let mut tokens = tx.open_table(TOKENS).map_err(err)?;
-            let mut terminals = tx.open_table(TERMINALS).map_err(err)?;
+        Ok(self.change(|m| {
             let key = token_key(&request.token);
-            let token: Option<TokenRecord> = match tokens.get(key.as_str()).map_err(err)? {
-                Some(v) => Some(decode(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: "token".into(),
-                    message: e.to_string(),
-                })?),
-                None => None,
-            };
-            let exists = terminals
-                .get(request.terminal.as_str())
-                .map_err(err)?
-                .is_some();
-            match token {
-                None => Some("the bootstrap token is not valid".to_string()),
-                Some(t) if t.used => Some("the bootstrap token was already used".into()),
-                Some(t) if t.expires_ms <= now_ms => Some("the bootstrap token has expired".into()),
+            let exists = m.terminals.contains_key(&request.terminal);
+            match m.tokens.get(&key).cloned() {
+                None => Err("the bootstrap token is not valid".to_string()),
+                Some(t) if t.uses_left == 0 => Err("the bootstrap token was already used".into()),
+                Some(t) if t.expires_ms <= now_ms => Err("the bootstrap token has expired".into()),
                 Some(TokenRecord {
                     terminal: Some(name),
                     ..
                 }) if name != request.terminal => {
-                    Some(format!("the bootstrap token is for terminal {name:?}"))
+                    Err(format!("the bootstrap token is for terminal {name:?}"))
                 }
-                Some(_) if exists => Some(format!(
+                Some(_) if exists => Err(format!(
                     "terminal {:?} is already enrolled",
                     request.terminal
                 )),
                 Some(mut t) => {
-                    t.used = true;
-                    tokens
-                        .insert(key.as_str(), encode(&t).as_slice())
-                        .map_err(err)?;
+                    t.uses_left -= 1;
+                    m.write(Table::Tokens, &key, &t);
+                    m.tokens.insert(key, t);
                     let record = TerminalRecord {
                         identity: request.identity.clone(),
                         labels: request.labels.clone(),
                         tpm: request.tpm,
                         enrolled_at_ms: now_ms,
                         last_sequence: 0,
+                        offline_since_ms: 0,
                     };
-                    terminals
-                        .insert(request.terminal.as_str(), encode(&record).as_slice())
-                        .map_err(err)?;
-                    None
+                    m.write(Table::Terminals, &request.terminal, &record);
+                    m.terminals.insert(request.terminal.clone(), record);
+                    Ok(())
                 }
             }
-        };
-        match refusal {
-            Some(reason) => Ok(Err(reason)),
-            None => {
-                tx.commit().map_err(err)?;
-                Ok(Ok(()))
-            }
-        }
+        }))
     }
 
     pub fn terminal(&self, name: &str) -> Result<Option<TerminalRecord>, StoreError> {
-        self.get(TERMINALS, name)
+        Ok(self.mem().terminals.get(name).cloned())
     }
 
-    /// The next envelope sequence number for `terminal`, committed before
-    /// it is used, so a restart never reuses one.
-    pub fn next_sequence(&self, terminal: &str) -> Result<Option<u64>, StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        let next = {
-            let mut t = tx.open_table(TERMINALS).map_err(err)?;
-            let record: Option<TerminalRecord> = match t.get(terminal).map_err(err)? {
-                Some(v) => Some(decode(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: terminal.into(),
-                    message: e.to_string(),
-                })?),
-                None => None,
-            };
-            match record {
-                None => None,
-                Some(mut r) => {
-                    r.last_sequence += 1;
-                    t.insert(terminal, encode(&r).as_slice()).map_err(err)?;
-                    Some(r.last_sequence)
-                }
+    /// Record that a terminal's connection ended at `now_ms` (0: it is connected).
+    pub fn set_offline_since(&self, name: &str, now_ms: u64) -> Result<(), StoreError> {
+        self.change(|m| {
+            if let Some(mut r) = m.terminals.get(name).cloned() {
+                r.offline_since_ms = now_ms;
+                m.write(Table::Terminals, name, &r);
+                m.terminals.insert(name.to_string(), r);
             }
-        };
-        tx.commit().map_err(err)?;
-        Ok(next)
+        });
+        Ok(())
+    }
+
+    /// The next envelope sequence number for `terminal`. It is committed
+    /// before any envelope carrying it is sent (the sender waits for
+    /// [`Store::durable`]), so a restart never reuses one.
+    pub fn next_sequence(&self, terminal: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.change(|m| {
+            let mut r = m.terminals.get(terminal).cloned()?;
+            r.last_sequence += 1;
+            let next = r.last_sequence;
+            m.write(Table::Terminals, terminal, &r);
+            m.terminals.insert(terminal.to_string(), r);
+            Some(next)
+        }))
     }
 
     pub fn pair(&self, terminal: &str, policy: &str) -> Result<Option<PairRecord>, StoreError> {
-        self.get(PAIRS, &pair_key(terminal, policy))
+        Ok(self.mem().pairs.get(&pair_key(terminal, policy)).cloned())
     }
 
     pub fn set_pair(
@@ -312,7 +548,12 @@ impl Store {
         policy: &str,
         record: &PairRecord,
     ) -> Result<(), StoreError> {
-        self.put(PAIRS, &pair_key(terminal, policy), record)
+        let key = pair_key(terminal, policy);
+        self.change(|m| {
+            m.write(Table::Pairs, &key, record);
+            m.pairs.insert(key, record.clone());
+        });
+        Ok(())
     }
 
     /// The live dispatch of a pair, if any.
@@ -321,11 +562,15 @@ impl Store {
         terminal: &str,
         policy: &str,
     ) -> Result<Option<LiveDispatch>, StoreError> {
-        self.get(DISPATCHES, &pair_key(terminal, policy))
+        Ok(self
+            .mem()
+            .dispatches
+            .get(&pair_key(terminal, policy))
+            .cloned())
     }
 
     /// Record a new live dispatch for a pair (replacing one that is over)
-    /// and its pair state in one transaction: a crash leaves both or neither.
+    /// and its pair state in one change: a crash leaves both or neither.
     pub fn start_dispatch(
         &self,
         terminal: &str,
@@ -334,59 +579,39 @@ impl Store {
         pair: &PairRecord,
     ) -> Result<(), StoreError> {
         let key = pair_key(terminal, policy);
-        let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut d = tx.open_table(DISPATCHES).map_err(err)?;
-            d.insert(key.as_str(), encode(dispatch).as_slice())
-                .map_err(err)?;
-            let mut p = tx.open_table(PAIRS).map_err(err)?;
-            p.insert(key.as_str(), encode(pair).as_slice())
-                .map_err(err)?;
-        }
-        tx.commit().map_err(err)
+        self.change(|m| {
+            m.write(Table::Dispatches, &key, dispatch);
+            m.write(Table::Pairs, &key, pair);
+            m.dispatches.insert(key.clone(), dispatch.clone());
+            m.pairs.insert(key, pair.clone());
+        });
+        Ok(())
     }
 
     /// Mark the live dispatch with `envelope_digest` as answered and set the
-    /// pair's new state, in one transaction. `false` (and nothing written)
-    /// when that dispatch is no longer live or was already answered: two
-    /// copies of one report can never both count.
+    /// pair's new state, in one change. `None` (and nothing changed) when
+    /// that dispatch is no longer live or was already answered: two copies
+    /// of one report can never both count. `Some` is the answered dispatch.
     pub fn consume_dispatch(
         &self,
         terminal: &str,
         policy: &str,
         envelope_digest: &[u8; 32],
         pair: &PairRecord,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<LiveDispatch>, StoreError> {
         let key = pair_key(terminal, policy);
-        let tx = self.db.begin_write().map_err(err)?;
-        let consumed = {
-            let mut d = tx.open_table(DISPATCHES).map_err(err)?;
-            let live: Option<LiveDispatch> = match d.get(key.as_str()).map_err(err)? {
-                Some(v) => Some(decode(v.value()).map_err(|e| StoreError::Corrupt {
-                    key: key.clone(),
-                    message: e.to_string(),
-                })?),
-                None => None,
-            };
-            match live {
-                Some(mut live)
-                    if !live.record.consumed && live.record.envelope_digest == *envelope_digest =>
-                {
-                    live.record.consumed = true;
-                    d.insert(key.as_str(), encode(&live).as_slice())
-                        .map_err(err)?;
-                    let mut p = tx.open_table(PAIRS).map_err(err)?;
-                    p.insert(key.as_str(), encode(pair).as_slice())
-                        .map_err(err)?;
-                    true
-                }
-                _ => false,
+        Ok(self.change(|m| {
+            let mut live = m.dispatches.get(&key).cloned()?;
+            if live.record.consumed || live.record.envelope_digest != *envelope_digest {
+                return None;
             }
-        };
-        if consumed {
-            tx.commit().map_err(err)?;
-        }
-        Ok(consumed)
+            live.record.consumed = true;
+            m.write(Table::Dispatches, &key, &live);
+            m.write(Table::Pairs, &key, pair);
+            m.dispatches.insert(key.clone(), live.clone());
+            m.pairs.insert(key, pair.clone());
+            Some(live)
+        }))
     }
 
     /// Keep a terminal's verified inventory unless a newer one (by the
@@ -396,83 +621,75 @@ impl Store {
         terminal: &str,
         stored: &StoredInventory,
     ) -> Result<bool, StoreError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        let kept = {
-            let mut t = tx.open_table(INVENTORIES).map_err(err)?;
-            let newer = match t.get(terminal).map_err(err)? {
-                Some(v) => {
-                    let old: StoredInventory =
-                        decode(v.value()).map_err(|e| StoreError::Corrupt {
-                            key: terminal.into(),
-                            message: e.to_string(),
-                        })?;
-                    old.sequence >= stored.sequence
-                }
-                None => false,
-            };
-            if !newer {
-                t.insert(terminal, encode(stored).as_slice()).map_err(err)?;
+        Ok(self.change(|m| {
+            if m
+                .inventories
+                .get(terminal)
+                .is_some_and(|old| old.sequence >= stored.sequence)
+            {
+                return false;
             }
-            !newer
-        };
-        tx.commit().map_err(err)?;
-        Ok(kept)
+            m.write(Table::Inventories, terminal, stored);
+            m.inventories
+                .insert(terminal.to_string(), Arc::new(stored.clone()));
+            true
+        }))
     }
 
     /// The latest verified inventory of a terminal.
-    pub fn inventory(&self, terminal: &str) -> Result<Option<StoredInventory>, StoreError> {
-        self.get(INVENTORIES, terminal)
+    pub fn inventory(&self, terminal: &str) -> Result<Option<Arc<StoredInventory>>, StoreError> {
+        Ok(self.mem().inventories.get(terminal).cloned())
+    }
+
+    /// Every enrolled terminal with its newest verified inventory (shared,
+    /// not copied), by name.
+    pub fn inventories(&self) -> Vec<(String, Arc<StoredInventory>)> {
+        let m = self.mem();
+        let mut out: Vec<_> = m
+            .terminals
+            .keys()
+            .filter_map(|name| Some((name.clone(), m.inventories.get(name)?.clone())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Every enrolled terminal's name.
     pub fn terminal_names(&self) -> Result<Vec<String>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(TERMINALS).map_err(err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(err)? {
-            out.push(item.map_err(err)?.0.value().to_string());
-        }
-        Ok(out)
+        Ok(self.mem().terminals.keys().cloned().collect())
+    }
+
+    /// Every enrolled terminal.
+    pub fn terminals(&self) -> Vec<(String, TerminalRecord)> {
+        self.mem()
+            .terminals
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The live dispatches of one terminal, by policy.
     pub fn dispatches_of(&self, terminal: &str) -> Result<Vec<(String, LiveDispatch)>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(DISPATCHES).map_err(err)?;
         let prefix = format!("{terminal}\u{0}");
-        let mut out = Vec::new();
-        for item in t.range(prefix.as_str()..).map_err(err)? {
-            let (k, v) = item.map_err(err)?;
-            let Some(policy) = k.value().strip_prefix(prefix.as_str()) else {
-                break;
-            };
-            let live: LiveDispatch = decode(v.value()).map_err(|e| StoreError::Corrupt {
-                key: k.value().to_string(),
-                message: e.to_string(),
-            })?;
-            out.push((policy.to_string(), live));
-        }
-        Ok(out)
+        Ok(self
+            .mem()
+            .dispatches
+            .range(prefix.clone()..)
+            .map_while(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
+            .collect())
     }
 
     /// Every pair's record (for status and for resuming after a restart).
     pub fn pairs(&self) -> Result<Vec<(String, String, PairRecord)>, StoreError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(PAIRS).map_err(err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(err)? {
-            let (k, v) = item.map_err(err)?;
-            let key = k.value().to_string();
-            let Some((terminal, policy)) = key.split_once('\u{0}') else {
-                continue;
-            };
-            let record: PairRecord = decode(v.value()).map_err(|e| StoreError::Corrupt {
-                key: key.clone(),
-                message: e.to_string(),
-            })?;
-            out.push((terminal.to_string(), policy.to_string(), record));
-        }
-        Ok(out)
+        Ok(self
+            .mem()
+            .pairs
+            .iter()
+            .filter_map(|(k, v)| {
+                let (t, p) = k.split_once('\u{0}')?;
+                Some((t.to_string(), p.to_string(), v.clone()))
+            })
+            .collect())
     }
 }
 
@@ -499,7 +716,7 @@ mod tests {
         TokenRecord {
             terminal: terminal.map(str::to_string),
             expires_ms,
-            used: false,
+            uses_left: 1,
         }
     }
 
@@ -555,11 +772,51 @@ mod tests {
             };
             s.set_pair("ward-01", "ns/p", &pair).expect("pair");
         }
-        let s = Store::open(&path).expect("reopen");
+        let s = Store::open(&path).expect("reopen (the changes were committed at close)");
         assert_eq!(s.next_sequence("ward-01").expect("db"), Some(3));
         let pairs = s.pairs().expect("pairs");
         assert_eq!(pairs.len(), 1);
         assert_eq!(pairs[0].2.state, PairState::Compliant);
+    }
+
+    #[test]
+    fn changes_are_group_committed_and_durable_when_awaited() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tenet.redb");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        {
+            let s = Arc::new(Store::open(&path).expect("open"));
+            let writers: Vec<_> = (0..4)
+                .map(|w| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..500 {
+                            let pair = PairRecord {
+                                generation: 1,
+                                state: PairState::Compliant,
+                                updated_ms: i,
+                                remediated: false,
+                            };
+                            s.set_pair(&format!("t-{w}-{i}"), "ns/p", &pair)
+                                .expect("set");
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().expect("writer");
+            }
+            let written = s.written();
+            assert_eq!(written, 2_000);
+            rt.block_on(s.durable(written)).expect("durable");
+            // Far fewer fsyncs than changes.
+            assert!(s.commits() < 500, "{} commits for 2,000 changes", s.commits());
+            assert!(s.commits() >= 1);
+        }
+        let s = Store::open(&path).expect("reopen");
+        assert_eq!(s.pairs().expect("pairs").len(), 2_000);
     }
 
     #[test]

@@ -129,6 +129,13 @@ impl Fleet for MemoryFleet {
         self.emit(Event::Inventory(bytes.to_vec()));
         Ok(())
     }
+
+    /// Held in memory: everything taken is as durable as it gets.
+    fn settled(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// A gateway on loopback, in a runtime of its own so that stopping it

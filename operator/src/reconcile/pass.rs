@@ -35,8 +35,10 @@ pub struct Outgoing {
     pub terminal: String,
     /// `namespace/name` of the policy.
     pub policy: String,
+    pub envelope_digest: [u8; 32],
     pub envelope: Vec<u8>,
-    pub bundle: Vec<u8>,
+    /// Shared with the operator's bundle cache.
+    pub bundle: std::sync::Arc<Vec<u8>>,
 }
 
 /// A policy's status after a pass.
@@ -103,12 +105,7 @@ pub fn undelivered(
 
 impl Pass<'_> {
     pub fn run(&self) -> Result<(Vec<Outgoing>, Vec<PolicyStatus>), PassError> {
-        let mut inventories = Vec::new();
-        for name in self.store.terminal_names()? {
-            if let Some(inv) = self.store.inventory(&name)? {
-                inventories.push((name, inv));
-            }
-        }
+        let inventories = self.store.inventories();
         let views: Vec<(&str, u64, TerminalView<'_>)> = inventories
             .iter()
             .map(|(name, inv)| {
@@ -167,9 +164,10 @@ impl Pass<'_> {
             {
                 record.state = step(&record.state, Event::Expired);
             }
-            // Verifying waits for an inventory received after the report.
+            // Verifying waits for an inventory received with the report
+            // (observed after the run) or after it.
             let fresh = match record.state {
-                PairState::Verifying { since_ms, .. } => *received_ms > since_ms,
+                PairState::Verifying { since_ms, .. } => *received_ms >= since_ms,
                 _ => true,
             };
             if fresh {
@@ -275,6 +273,7 @@ impl Pass<'_> {
             let frame = SignedMessage::signed(&envelope, self.dispatch_key)?;
             let live = LiveDispatch {
                 policy_generation: generation,
+                issued_ms: self.now_ms,
                 sequence,
                 record: DispatchRecord {
                     terminal: terminal.to_string(),
@@ -306,8 +305,9 @@ impl Pass<'_> {
             out.push(Outgoing {
                 terminal: terminal.to_string(),
                 policy: key.clone(),
+                envelope_digest: frame.body_digest(),
                 envelope: frame.encode(),
-                bundle: bundle.bytes.as_ref().clone(),
+                bundle: bundle.bytes.clone(),
             });
         }
         Ok((status, out))
@@ -356,7 +356,7 @@ mod tests {
                     &TokenRecord {
                         terminal: None,
                         expires_ms: u64::MAX,
-                        used: false,
+                        uses_left: 1,
                     },
                 )
                 .expect("token");
