@@ -126,6 +126,67 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// The TLS client of an enrolment: no client certificate yet; the gateway
+/// must present the CA with `fingerprint`.
+pub(crate) fn enrolment_tls(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, ConnError> {
+    let verifier = PinnedCa {
+        fingerprint,
+        provider: provider(),
+    };
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
+/// The TLS client of a session: the pinned CA, and the terminal's client
+/// certificate.
+pub(crate) fn session_tls(
+    ca: CertificateDer<'static>,
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ClientConfig, ConnError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca)?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)?)
+}
+
+/// Send a signed enrolment request over `tls` and check the answer: signed
+/// by the dispatch key it announces, naming the pinned CA and `terminal`.
+pub(crate) async fn exchange_enrolment<S: AsyncRead + AsyncWrite + Unpin>(
+    mut tls: S,
+    signed_request: Vec<u8>,
+    fingerprint: [u8; 32],
+    terminal: &str,
+) -> Result<EnrolmentResponse, ConnError> {
+    write_frame(&mut tls, &ToOperator::Enrol(signed_request)).await?;
+    let answer: ToAgent = read_frame(&mut tls, MAX_SESSION_FRAME).await?;
+    let bytes = match answer {
+        ToAgent::Enrolled(b) => b,
+        ToAgent::EnrolmentRefused { reason } => {
+            return Err(ConnError::EnrolmentRefused(reason));
+        }
+        _ => return Err(Rejection::Malformed("unexpected answer to enrolment".into()).into()),
+    };
+    // The channel is authenticated by the pinned CA; the response must
+    // also be signed by the dispatch key it announces, and name the CA.
+    let frame = SignedMessage::decode(&bytes, Kind::EnrolmentResponse)?;
+    let response: EnrolmentResponse = frame.open()?;
+    frame.verify_by(&response.trust.dispatch_key)?;
+    let ca_der = CertificateDer::from_pem_slice(response.ca_certificate_pem.as_bytes())
+        .map_err(|e| ConnError::Certificate(e.to_string()))?;
+    if sha256(&ca_der) != fingerprint || response.terminal != terminal {
+        return Err(ConnError::Certificate(
+            "the enrolment response names another CA or terminal".into(),
+        ));
+    }
+    Ok(response)
+}
+
 pub async fn read_frame<R: AsyncRead + Unpin, T: serde::Serialize + serde::de::DeserializeOwned>(
     r: &mut R,
     limit: usize,
@@ -138,7 +199,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: serde::Serialize + serde::de::D
     Ok(unframe(&body)?)
 }
 
-async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
     w: &mut W,
     m: &T,
 ) -> std::io::Result<()> {
@@ -146,7 +207,7 @@ async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
     w.flush().await
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -214,37 +275,8 @@ impl Agent {
             requested_at_ms: now_ms(),
         };
         let signed = SignedMessage::signed(&request, self.identity.as_ref())?.encode();
-        let verifier = PinnedCa {
-            fingerprint,
-            provider: provider(),
-        };
-        let config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
-        let mut tls = self.connect(config).await?;
-        write_frame(&mut tls, &ToOperator::Enrol(signed)).await?;
-        let answer: ToAgent = read_frame(&mut tls, MAX_SESSION_FRAME).await?;
-        let bytes = match answer {
-            ToAgent::Enrolled(b) => b,
-            ToAgent::EnrolmentRefused { reason } => {
-                return Err(ConnError::EnrolmentRefused(reason));
-            }
-            _ => return Err(Rejection::Malformed("unexpected answer to enrolment".into()).into()),
-        };
-        // The channel is authenticated by the pinned CA; the response must
-        // also be signed by the dispatch key it announces, and name the CA.
-        let frame = SignedMessage::decode(&bytes, Kind::EnrolmentResponse)?;
-        let response: EnrolmentResponse = frame.open()?;
-        frame.verify_by(&response.trust.dispatch_key)?;
-        let ca_der = CertificateDer::from_pem_slice(response.ca_certificate_pem.as_bytes())
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        if sha256(&ca_der) != fingerprint || response.terminal != self.config.terminal {
-            return Err(ConnError::Certificate(
-                "the enrolment response names another CA or terminal".into(),
-            ));
-        }
+        let tls = self.connect(enrolment_tls(fingerprint)?).await?;
+        let response = exchange_enrolment(tls, signed, fingerprint, &self.config.terminal).await?;
         let dir = self.store.dir();
         write_atomically(
             &dir.join("tls.key"),
@@ -278,12 +310,7 @@ impl Agent {
             .map_err(|e| ConnError::Certificate(e.to_string()))?;
         let key = PrivateKeyDer::from_pem_slice(&read("tls.key")?)
             .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca)?;
-        Ok(rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(vec![cert], key)?)
+        session_tls(ca, cert, key)
     }
 
     fn inventory_report(&self) -> Result<Vec<u8>, ConnError> {
@@ -553,7 +580,7 @@ pub fn backoff(failures: u32, jitter: f64) -> Duration {
     Duration::from_millis(base + (base as f64 * 0.5 * jitter.clamp(0.0, 1.0)) as u64)
 }
 
-fn jitter() -> f64 {
+pub(crate) fn jitter() -> f64 {
     tenet_protocol::keys::random_bytes().map_or(0.5, |b| f64::from(b[0]) / 255.0)
 }
 

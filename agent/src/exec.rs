@@ -27,7 +27,6 @@
 //! granted, -7 I/O error.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -35,6 +34,7 @@ use std::time::{Duration, Instant};
 use tenet_protocol::bundle::{Artifact, BundleTrust, Capability, verify_bundle};
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::envelope::{EnvelopeState, VerifiedEnvelope, check_bundle_against_envelope};
+use tenet_protocol::inventory::Inventory;
 use tenet_protocol::report::{ExecutionReport, MAX_OUTPUT_TAIL, Outcome};
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Kind, Rejection, SignedMessage, Signer};
@@ -63,16 +63,101 @@ impl Default for Limits {
     }
 }
 
+/// What a payload's host calls act on: the terminal's real system
+/// ([`Os`]), or a simulated one (`tenet-agent simulate`).
+pub trait System: Send + Sync {
+    /// The terminal's inventory (`read_inventory`, and the report's
+    /// observed state after the run).
+    fn inventory(&self) -> Result<Inventory, String>;
+    /// Run the bundle's artifact `name` (already checked to exist; its
+    /// digest is `artifact.sha256`) with `args`, until it ends or `deadline`.
+    /// The exit code (or a negative host error) and the output.
+    fn run_artifact(
+        &self,
+        artifacts: &[Artifact],
+        artifact: &Artifact,
+        args: &[&str],
+        deadline: Instant,
+    ) -> (i32, Vec<u8>);
+    /// Write a file at `path` (already checked against the granted write
+    /// paths); 0 or a negative host error.
+    fn write_file(&self, path: &str, data: &[u8]) -> i32;
+}
+
+/// The terminal's real system: artifacts run as processes, files written
+/// under its root.
+pub struct Os {
+    /// The terminal's root file system (`/` on a real terminal).
+    pub root: std::path::PathBuf,
+    /// A private 0700 working directory for this run.
+    pub work_dir: std::path::PathBuf,
+    pub inventory: Arc<dyn InventorySource>,
+    /// Whether the artifacts were written to `work_dir` already.
+    pub artifacts_written: std::sync::Mutex<bool>,
+}
+
+/// A wasmtime engine with its epoch ticker, and the modules it compiled
+/// (by bundle digest). The loader process makes one per run; a simulation
+/// of many terminals shares one.
+pub struct Runtime {
+    engine: Engine,
+    modules: std::sync::Mutex<std::collections::HashMap<[u8; 32], Module>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub fn new() -> Result<Runtime, String> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| format!("wasm engine: {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| format!("epoch thread: {e}"))?;
+        }
+        Ok(Runtime {
+            engine,
+            modules: Default::default(),
+            stop,
+        })
+    }
+
+    /// The compiled module of a verified bundle.
+    fn module(&self, bundle_digest: [u8; 32], wasm: &[u8]) -> Result<Module, Rejection> {
+        if let Some(m) = self.modules.lock().ok().and_then(|m| m.get(&bundle_digest).cloned()) {
+            return Ok(m);
+        }
+        let module = Module::new(&self.engine, wasm)
+            .map_err(|e| Rejection::Malformed(format!("the module does not compile: {e:#}")))?;
+        if let Ok(mut m) = self.modules.lock() {
+            m.insert(bundle_digest, module.clone());
+        }
+        Ok(module)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Everything a loader needs besides the dispatch itself.
 pub struct Loader<'a> {
     pub terminal: &'a str,
     pub trust: &'a TrustAnchors,
     pub identity: &'a dyn Signer,
-    /// The terminal's root file system (`/` on a real terminal).
-    pub root: &'a Path,
-    /// A private 0700 working directory for this run.
-    pub work_dir: &'a Path,
-    pub inventory: Arc<dyn InventorySource>,
+    pub system: Arc<dyn System>,
+    pub runtime: &'a Runtime,
     pub limits: Limits,
     pub now_ms: fn() -> u64,
 }
@@ -136,7 +221,7 @@ impl Loader<'_> {
             payload_digest: env.payload_digest,
             outcome,
             output_tail: output,
-            observed: self.inventory.collect().ok(),
+            observed: self.system.inventory().ok(),
             started_at_ms: started,
             finished_at_ms: (self.now_ms)(),
         };
@@ -171,12 +256,8 @@ impl Loader<'_> {
         let vb = verify_bundle(bundle, &trust, Some(&env.payload_digest), started_ms)?;
         check_bundle_against_envelope(&vb.digest, &vb.bundle, env)?;
 
-        let mut config = Config::new();
-        config.epoch_interruption(true);
-        let engine =
-            Engine::new(&config).map_err(|e| Rejection::Malformed(format!("wasm engine: {e}")))?;
-        let module = Module::new(&engine, &vb.bundle.module)
-            .map_err(|e| Rejection::Malformed(format!("the module does not compile: {e:#}")))?;
+        let engine = &self.runtime.engine;
+        let module = self.runtime.module(vb.digest, &vb.bundle.module)?;
         for import in module.imports() {
             let capability =
                 import_capability(import.module(), import.name()).ok_or_else(|| {
@@ -206,31 +287,17 @@ impl Loader<'_> {
             args: env.args.clone(),
             write_paths: env.write_paths.clone(),
             artifacts: vb.bundle.artifacts,
-            artifacts_written: false,
-            root: self.root.to_path_buf(),
-            work_dir: self.work_dir.to_path_buf(),
             output: Vec::new(),
-            inventory: self.inventory.clone(),
+            system: self.system.clone(),
             deadline: Instant::now() + budget,
         };
-        let mut store = Store::new(&engine, host);
+        let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline((budget.as_millis() / TICK.as_millis()).max(1) as u64);
         store.epoch_deadline_trap();
 
         let linker =
-            linker(&engine).map_err(|e| Rejection::Malformed(format!("host functions: {e}")))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticker = {
-            let engine = engine.clone();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    engine.increment_epoch();
-                }
-            })
-        };
+            linker(engine).map_err(|e| Rejection::Malformed(format!("host functions: {e}")))?;
         let outcome = match linker
             .instantiate(&mut store, &module)
             .and_then(|i| i.get_typed_func::<(), i32>(&mut store, "run"))
@@ -248,8 +315,6 @@ impl Loader<'_> {
                 },
             },
         };
-        stop.store(true, Ordering::Relaxed);
-        let _ = ticker.join();
         Ok((outcome, std::mem::take(&mut store.data_mut().output)))
     }
 }
@@ -290,11 +355,8 @@ struct Host {
     args: Vec<String>,
     write_paths: Vec<String>,
     artifacts: Vec<Artifact>,
-    artifacts_written: bool,
-    root: PathBuf,
-    work_dir: PathBuf,
     output: Vec<u8>,
-    inventory: Arc<dyn InventorySource>,
+    system: Arc<dyn System>,
     deadline: Instant,
 }
 
@@ -378,7 +440,7 @@ fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
         "tenet",
         "read_inventory",
         |mut c: Caller<'_, Host>, buf: i32, buf_len: i32| {
-            let Ok(inv) = c.data().inventory.collect() else {
+            let Ok(inv) = c.data().system.inventory() else {
                 return E_IO;
             };
             let Ok(json) = serde_json::to_vec(&inv) else {
@@ -404,12 +466,7 @@ fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
             if !path_granted(&path, &host.write_paths) {
                 return E_PATH;
             }
-            let target = inside(&host.root, &path);
-            let ok = target
-                .parent()
-                .is_some_and(|p| std::fs::create_dir_all(p).is_ok())
-                && crate::store::write_atomically(&target, &data, 0o644).is_ok();
-            if ok { 0 } else { E_IO }
+            host.system.write_file(&path, &data)
         },
     )?;
     l.func_wrap(
@@ -426,7 +483,17 @@ fn linker(engine: &Engine) -> wasmtime::Result<Linker<Host>> {
                 return E_ARG;
             };
             let args: Vec<&str> = args.split('\0').filter(|a| !a.is_empty()).collect();
-            let (code, output) = run_artifact(c.data_mut(), &name, &args);
+            let host = c.data();
+            let (code, output) = match host.artifacts.iter().find(|a| a.name == name) {
+                None => (
+                    E_NO_ARTIFACT,
+                    format!("no artifact named {name:?} in the bundle\n").into_bytes(),
+                ),
+                Some(artifact) => {
+                    host.system
+                        .run_artifact(&host.artifacts, artifact, &args, host.deadline)
+                }
+            };
             c.data_mut().append_output(&output);
             code
         },
@@ -447,88 +514,111 @@ pub fn path_granted(path: &str, granted: &[String]) -> bool {
         })
 }
 
-/// Write the artifacts, re-check the digest of the one to run just before
-/// launching it, run it as its own process until it ends or time runs out.
-fn run_artifact(host: &mut Host, name: &str, args: &[&str]) -> (i32, Vec<u8>) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(artifact) = host.artifacts.iter().find(|a| a.name == name) else {
-        return (
-            E_NO_ARTIFACT,
-            format!("no artifact named {name:?} in the bundle\n").into_bytes(),
-        );
-    };
-    let expected = artifact.sha256;
-    if !host.artifacts_written {
-        for a in &host.artifacts {
-            let path = host.work_dir.join(&a.name);
-            let written = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o700)
-                .open(&path)
-                .and_then(|mut f| {
-                    std::io::Write::write_all(&mut f, &a.data).and_then(|()| f.sync_all())
-                });
-            if written.is_err() {
+impl System for Os {
+    fn inventory(&self) -> Result<Inventory, String> {
+        self.inventory.collect().map_err(|e| e.to_string())
+    }
+
+    fn write_file(&self, path: &str, data: &[u8]) -> i32 {
+        let target = inside(&self.root, path);
+        let ok = target
+            .parent()
+            .is_some_and(|p| std::fs::create_dir_all(p).is_ok())
+            && crate::store::write_atomically(&target, data, 0o644).is_ok();
+        if ok { 0 } else { E_IO }
+    }
+
+    /// Write the artifacts, re-check the digest of the one to run just
+    /// before launching it, run it as its own process until it ends or time
+    /// runs out.
+    fn run_artifact(
+        &self,
+        artifacts: &[Artifact],
+        artifact: &Artifact,
+        args: &[&str],
+        deadline: Instant,
+    ) -> (i32, Vec<u8>) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = artifact.name.as_str();
+        let expected = artifact.sha256;
+        {
+            let mut written = self
+                .artifacts_written
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !*written {
+                for a in artifacts {
+                    let path = self.work_dir.join(&a.name);
+                    let ok = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o700)
+                        .open(&path)
+                        .and_then(|mut f| {
+                            std::io::Write::write_all(&mut f, &a.data).and_then(|()| f.sync_all())
+                        });
+                    if ok.is_err() {
+                        return (
+                            E_IO,
+                            format!("cannot write artifact {}\n", a.name).into_bytes(),
+                        );
+                    }
+                }
+                *written = true;
+            }
+        }
+        let path = self.work_dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) if sha256(&bytes) == expected => {}
+            _ => {
                 return (
-                    E_IO,
-                    format!("cannot write artifact {}\n", a.name).into_bytes(),
+                    E_DIGEST,
+                    format!("artifact {name} does not match its digest; not run\n").into_bytes(),
                 );
             }
         }
-        host.artifacts_written = true;
-    }
-    let path = host.work_dir.join(name);
-    match std::fs::read(&path) {
-        Ok(bytes) if sha256(&bytes) == expected => {}
-        _ => {
-            return (
-                E_DIGEST,
-                format!("artifact {name} does not match its digest; not run\n").into_bytes(),
-            );
-        }
-    }
-    // '@' is not allowed in artifact names, so this never collides with one.
-    let log_path = host.work_dir.join(format!("{name}@output"));
-    let Ok(log) = std::fs::File::create(&log_path) else {
-        return (E_IO, b"cannot create the output file\n".to_vec());
-    };
-    let Ok(log2) = log.try_clone() else {
-        return (E_IO, Vec::new());
-    };
-    let child = std::process::Command::new(&path)
-        .args(args)
-        .current_dir(&host.work_dir)
-        .env("TENET_ROOT", &host.root)
-        .stdin(std::process::Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return (E_LAUNCH, format!("cannot start {name}: {e}\n").into_bytes()),
-    };
-    // Supervise: the process ends, or the run's time runs out.
-    let code = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code().unwrap_or(E_KILLED),
-            Ok(None) if Instant::now() >= host.deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break E_KILLED;
+        // '@' is not allowed in artifact names, so this never collides with one.
+        let log_path = self.work_dir.join(format!("{name}@output"));
+        let Ok(log) = std::fs::File::create(&log_path) else {
+            return (E_IO, b"cannot create the output file\n".to_vec());
+        };
+        let Ok(log2) = log.try_clone() else {
+            return (E_IO, Vec::new());
+        };
+        let child = std::process::Command::new(&path)
+            .args(args)
+            .current_dir(&self.work_dir)
+            .env("TENET_ROOT", &self.root)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => return (E_LAUNCH, format!("cannot start {name}: {e}\n").into_bytes()),
+        };
+        // Supervise: the process ends, or the run's time runs out.
+        let code = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status.code().unwrap_or(E_KILLED),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break E_KILLED;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                Err(_) => break E_LAUNCH,
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(_) => break E_LAUNCH,
+        };
+        let mut output = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(&log_path) {
+            let _ = f.read_to_end(&mut output);
         }
-    };
-    let mut output = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(&log_path) {
-        let _ = f.read_to_end(&mut output);
+        if output.len() > MAX_OUTPUT_TAIL {
+            output.drain(..output.len() - MAX_OUTPUT_TAIL);
+        }
+        (code, output)
     }
-    if output.len() > MAX_OUTPUT_TAIL {
-        output.drain(..output.len() - MAX_OUTPUT_TAIL);
-    }
-    (code, output)
 }
 
 #[cfg(test)]

@@ -9,5 +9,6 @@ pub mod connection;
 pub mod dispatch;
 pub mod exec;
 pub mod inventory;
+pub mod simulate;
 pub mod store;
 pub mod tpm;

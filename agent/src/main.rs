@@ -82,6 +82,43 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Simulate many terminals in this one process, for demos and
+    /// benchmarks: each enrols with its own key and mTLS certificate, holds
+    /// its own connection, reports its own inventory, and verifies and runs
+    /// every dispatch like a real agent; only the machine under it is
+    /// simulated (the payload runs in-process against an in-memory
+    /// terminal: packages, services, files). Runs until stopped.
+    Simulate {
+        /// How many terminals.
+        #[arg(long)]
+        count: usize,
+        /// The operator's gateway, host:port.
+        #[arg(long)]
+        operator: String,
+        /// The name on the gateway's certificate (defaults to the host).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// A bootstrap token with at least COUNT uses
+        /// (`tenet token create --uses COUNT`).
+        #[arg(long, env = "TENET_BOOTSTRAP_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The SHA-256 of the operator's CA certificate (sha256:...).
+        #[arg(long)]
+        ca_fingerprint: String,
+        /// Inventory YAML files (or directories of them) the terminals
+        /// start from, taken in turn; their labels select policies.
+        #[arg(long = "inventory", required = true)]
+        inventories: Vec<PathBuf>,
+        /// Terminal names are PREFIX-00001, PREFIX-00002, ...
+        #[arg(long, default_value = "sim")]
+        prefix: String,
+        /// How many connections open at once.
+        #[arg(long, default_value_t = 32)]
+        connect_parallelism: usize,
+        /// Seconds between progress lines on stderr.
+        #[arg(long, default_value_t = 1.0)]
+        progress_seconds: f64,
+    },
     /// The loader process (started by the agent, one per dispatch): reads
     /// the dispatch on stdin, writes the signed report on stdout.
     #[command(hide = true)]
@@ -212,6 +249,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(agent.run());
         }
+        Command::Simulate {
+            count,
+            operator,
+            server_name,
+            token,
+            ca_fingerprint,
+            inventories,
+            prefix,
+            connect_parallelism,
+            progress_seconds,
+        } => {
+            let mut templates = Vec::new();
+            for path in &inventories {
+                let files = if path.is_dir() {
+                    let mut f: Vec<PathBuf> = std::fs::read_dir(path)
+                        .with_context(|| path.display().to_string())?
+                        .filter_map(Result::ok)
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+                        .collect();
+                    f.sort();
+                    f
+                } else {
+                    vec![path.clone()]
+                };
+                for f in files {
+                    templates.push(tenet_agent::inventory::read_inventory_file(&f)?);
+                }
+            }
+            if templates.is_empty() {
+                anyhow::bail!("no inventory templates found in {inventories:?}");
+            }
+            let options = tenet_agent::simulate::Options {
+                operator,
+                server_name,
+                count,
+                prefix,
+                token,
+                ca_fingerprint,
+                templates,
+                connect_parallelism,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(tenet_agent::simulate::run(
+                options,
+                std::time::Duration::from_secs_f64(progress_seconds.max(0.05)),
+            ))?;
+        }
         Command::Load { config, run_id } => {
             let c = AgentConfig::read(&config)?;
             let store = Store::open(&c.data)?;
@@ -222,13 +309,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let request: LoadRequest =
                 decode(&input).map_err(|e| anyhow::anyhow!("bad load request: {e}"))?;
             let work_dir = store.run_dir(run_id)?;
+            let os = std::sync::Arc::new(tenet_agent::exec::Os {
+                root: c.root.clone(),
+                work_dir: work_dir.clone(),
+                inventory: c.inventory_source(),
+                artifacts_written: Default::default(),
+            });
+            let runtime = tenet_agent::exec::Runtime::new().map_err(std::io::Error::other)?;
             let loader = Loader {
                 terminal: &c.terminal,
                 trust: &trust,
                 identity: identity.as_ref(),
-                root: &c.root,
-                work_dir: &work_dir,
-                inventory: c.inventory_source(),
+                system: os,
+                runtime: &runtime,
                 limits: Limits::default(),
                 now_ms,
             };

@@ -84,6 +84,8 @@ pub struct Probe {
     pub address: tokio::sync::watch::Sender<Option<std::net::SocketAddr>>,
     pub passes: tokio::sync::watch::Sender<(usize, Vec<PolicyStatus>)>,
     pub round_trips: std::sync::Mutex<Vec<Duration>>,
+    /// Database commits (fsyncs) so far.
+    pub store_commits: std::sync::atomic::AtomicU64,
 }
 
 /// Wake the loop when anything changes in the policy or bundle directory
@@ -181,7 +183,7 @@ pub fn create_token(
     uses: u32,
     ttl: Duration,
     out: &mut dyn Write,
-) -> Result<(), DaemonError> {
+) -> Result<IssuedToken, DaemonError> {
     if uses == 0 || (uses > 1 && terminal.is_some()) {
         return Err(DaemonError::Usage(
             "--uses must be at least 1, and 1 for a token bound to one --terminal".into(),
@@ -212,13 +214,22 @@ pub fn create_token(
             &ca,
         )
         .map_err(|e| DaemonError::Usage(format!("ca.pem: {e}")))?;
+    let ca_fingerprint = format!("sha256:{}", hex::encode(sha256(&ca_der)));
     let _ = writeln!(
         out,
-        "token {token}\nca-fingerprint sha256:{}\nenrol a terminal with:\n  tenet-agent enrol --config agent.yaml --token {token} --ca-fingerprint sha256:{}",
-        hex::encode(sha256(&ca_der)),
-        hex::encode(sha256(&ca_der))
+        "token {token}\nca-fingerprint {ca_fingerprint}\nenrol a terminal with:\n  tenet-agent enrol --config agent.yaml --token {token} --ca-fingerprint {ca_fingerprint}"
     );
-    Ok(())
+    Ok(IssuedToken {
+        token,
+        ca_fingerprint,
+    })
+}
+
+/// A bootstrap token just made, and the fingerprint of the CA agents must
+/// find at the gateway.
+pub struct IssuedToken {
+    pub token: String,
+    pub ca_fingerprint: String,
 }
 
 fn crate_write(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
@@ -516,19 +527,21 @@ impl Daemon {
                 last_bundle_problems = problems;
             }
             let policies = cache.policies();
-            let online = |t: &str| fleet.sender(t).is_some();
-            let pass = Pass {
-                store: &data.store,
-                policies: &policies,
-                bundles: &bundles,
-                dispatch_key: data.dispatch_key.as_ref(),
-                online: &online,
-                retry: Retry::default(),
-                now_ms: now_ms(),
-                jitter: jitter(),
-            };
             let started = std::time::Instant::now();
-            let (outgoing, statuses) = pass.run()?;
+            let (outgoing, statuses) = {
+                let online = |t: &str| fleet.sender(t).is_some();
+                Pass {
+                    store: &data.store,
+                    policies: &policies,
+                    bundles: &bundles,
+                    dispatch_key: data.dispatch_key.as_ref(),
+                    online: &online,
+                    retry: Retry::default(),
+                    now_ms: now_ms(),
+                    jitter: jitter(),
+                }
+                .run()?
+            };
             metrics.observe_pass(started.elapsed());
             metrics.dispatches.inc_by(outgoing.len() as u64);
             if !outgoing.is_empty() {
@@ -542,6 +555,8 @@ impl Daemon {
                 if let Ok(mut r) = p.round_trips.lock() {
                     r.extend(round_trips);
                 }
+                p.store_commits
+                    .store(data.store.commits(), std::sync::atomic::Ordering::Relaxed);
                 p.passes
                     .send_replace((fleet.connected_count(), statuses.clone()));
             }

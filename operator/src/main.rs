@@ -74,6 +74,9 @@ enum Command {
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Benchmarks of the whole system on this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// The fleet as the running operator sees it: each policy with counts by
     /// state; or one terminal (`tenet status terminal NAME`).
     Status {
@@ -91,6 +94,28 @@ enum Command {
 enum StatusWhat {
     /// One terminal: per policy its state, attempts and reason.
     Terminal { name: String },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One convergence: N simulated terminals (a `tenet-agent simulate`
+    /// process: own keys, own mTLS connections) connect to an operator in
+    /// this process and comply with a policy; the policy then requires a
+    /// newer package, and the clock runs until every terminal's remediation
+    /// is verified. Prints terminals, converged, wall_ms, p50_ms/p99_ms
+    /// (envelope sent -> verified report) and operator_rss_bytes.
+    Converge {
+        #[arg(long, default_value_t = 1000)]
+        terminals: usize,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        /// Working directory (default: a new temporary one, removed after).
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// The tenet-agent binary (default: the one next to `tenet`).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -339,6 +364,12 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench(BenchCommand::Converge {
+            terminals,
+            output,
+            work,
+            agent,
+        }) => bench_converge(terminals, output, work, agent, stdout),
         Command::Status { data, output, what } => match tenet::status::read(&data) {
             Err(e) => {
                 eprintln!("tenet: {e}");
@@ -386,7 +417,7 @@ fn main() -> ExitCode {
             std::time::Duration::from_secs(ttl_hours * 3600),
             stdout,
         ) {
-            Ok(()) => Ok(0),
+            Ok(_) => Ok(0),
             Err(e) => {
                 eprintln!("tenet: {e}");
                 Ok(1)
@@ -410,3 +441,58 @@ mod tests {
         super::Cli::command().debug_assert();
     }
 }
+
+fn bench_converge(
+    terminals: usize,
+    output: Output,
+    work: Option<PathBuf>,
+    agent: Option<PathBuf>,
+    stdout: &mut dyn Write,
+) -> std::io::Result<i32> {
+            let temp = match &work {
+                Some(_) => None,
+                None => Some(tempfile::tempdir()?),
+            };
+            let dir = work
+                .clone()
+                .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
+                .unwrap_or_default();
+            std::fs::create_dir_all(&dir)?;
+            let agent = agent.unwrap_or_else(tenet::bench::default_agent);
+            let rt = tokio::runtime::Runtime::new()?;
+            let mut progress = std::io::stderr();
+            match rt.block_on(tenet::bench::converge(terminals, &dir, &agent, &mut progress)) {
+                Ok(r) => {
+                    match output {
+                        Output::Json => {
+                            serde_json::to_writer(&mut *stdout, &r).map_err(std::io::Error::from)?;
+                            writeln!(stdout)?;
+                        }
+                        Output::Text => writeln!(
+                            stdout,
+                            "{} terminals: {} converged in {:.0} ms; per terminal p50 {:.1} ms, p99 {:.1} ms; operator RSS {:.1} MiB ({:.1} KiB per terminal over the {:.1} MiB baseline); {} database commits",
+                            r.terminals,
+                            r.converged,
+                            r.wall_ms,
+                            r.p50_ms,
+                            r.p99_ms,
+                            r.operator_rss_bytes as f64 / 1048576.0,
+                            r.rss_per_terminal_bytes as f64 / 1024.0,
+                            r.operator_rss_baseline_bytes as f64 / 1048576.0,
+                            r.store_commits
+                        )?,
+                    }
+                    rt.shutdown_background();
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("tenet: bench converge: {e} (work directory {})", dir.display());
+                    if let Some(t) = temp {
+                        // Keep what the failed run left, for a look.
+                        let _ = t.keep();
+                    }
+                    rt.shutdown_background();
+                    Ok(1)
+                }
+            }
+        }

@@ -1,0 +1,569 @@
+//! `tenet-agent simulate`: many terminals in one process, for the quick
+//! start and the benchmark. Each simulated terminal is a real agent on the
+//! wire: its own Ed25519 identity key, its own enrolment (bootstrap token,
+//! proof of possession, its own mTLS client certificate), its own held
+//! connection, its own signed inventories, and every dispatch verified and
+//! run exactly as a real terminal's loader does (operator signature,
+//! freshness, target, sequence, the admins' signatures on the bundle, the
+//! capabilities), then a signed report carrying the nonce back.
+//!
+//! What is simulated is the machine under the agent: the WASM payload runs
+//! in this process (one shared engine, modules compiled once per bundle),
+//! and its host calls act on an in-memory terminal:
+//!
+//! | artifact the payload runs | what the simulated terminal does |
+//! |---|---|
+//! | `install-deb.sh X.deb...` | installs each named `.deb` artifact, its package name and version read from the Debian file name `NAME_VERSION_ARCH.deb` |
+//! | `remove-packages.sh P...` | removes the named packages |
+//! | `ensure-service.sh S` | marks service `S` running and enabled |
+//! | anything else | exits 127: the simulation has no model of it |
+//!
+//! `write_file` records the file's SHA-256 in the inventory. Identities live
+//! in memory only: a new simulation enrols new terminals (use another
+//! `--prefix`, or a fresh operator).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tenet_protocol::bundle::Artifact;
+use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
+use tenet_protocol::envelope::EnvelopeState;
+use tenet_protocol::inventory::{
+    FileEntry, Inventory, InventoryReport, Package, PackageManager, Service, ServiceState,
+};
+use tenet_protocol::session::{MAX_SESSION_FRAME, ToAgent, ToOperator};
+use tenet_protocol::wire::sha256;
+use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
+use tokio::sync::Semaphore;
+
+use crate::connection::{
+    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, now_ms, read_frame,
+    session_tls, write_frame,
+};
+use crate::exec::{Limits, Loader, Runtime, System};
+
+/// What to simulate, and where the operator is.
+pub struct Options {
+    /// The operator's gateway, `host:port`.
+    pub operator: String,
+    /// The name the gateway's certificate carries (defaults to the host).
+    pub server_name: Option<String>,
+    pub count: usize,
+    /// Terminal names are `PREFIX-00001`, ...
+    pub prefix: String,
+    /// A bootstrap token with at least `count` uses.
+    pub token: String,
+    /// `sha256:<hex>` of the operator's agent CA.
+    pub ca_fingerprint: String,
+    /// Inventories the terminals start from, taken in turn.
+    pub templates: Vec<Inventory>,
+    /// How many connections are opened at once.
+    pub connect_parallelism: usize,
+}
+
+/// Counters of the whole simulation.
+#[derive(Default)]
+pub struct Counters {
+    pub enrolled: AtomicU64,
+    pub connected: AtomicU64,
+    pub dispatches: AtomicU64,
+    pub reports_acked: AtomicU64,
+    pub refused: AtomicU64,
+    pub failures: AtomicU64,
+}
+
+/// The machine under one simulated agent.
+pub struct SimSystem {
+    inventory: Mutex<Inventory>,
+}
+
+/// Package name and version of a Debian file name `NAME_VERSION_ARCH.deb`.
+pub fn deb_file_name(name: &str) -> Option<(String, String)> {
+    let stem = name.strip_suffix(".deb")?;
+    let mut parts = stem.split('_');
+    let (package, version, _arch) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || package.is_empty() || version.is_empty() {
+        return None;
+    }
+    // Debian file names write an epoch's colon as %3a.
+    Some((package.to_string(), version.replace("%3a", ":")))
+}
+
+impl SimSystem {
+    pub fn new(inventory: Inventory) -> SimSystem {
+        SimSystem {
+            inventory: Mutex::new(inventory),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inventory) -> R) -> R {
+        let mut inv = self
+            .inventory
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut inv)
+    }
+}
+
+impl System for SimSystem {
+    fn inventory(&self) -> Result<Inventory, String> {
+        Ok(self.with(|i| i.clone()))
+    }
+
+    fn write_file(&self, path: &str, data: &[u8]) -> i32 {
+        self.with(|inv| {
+            inv.files.retain(|f| f.path != path);
+            inv.files.push(FileEntry {
+                path: path.to_string(),
+                sha256: hex::encode(sha256(data)),
+                size: data.len() as u64,
+            });
+        });
+        0
+    }
+
+    fn run_artifact(
+        &self,
+        artifacts: &[Artifact],
+        artifact: &Artifact,
+        args: &[&str],
+        _deadline: Instant,
+    ) -> (i32, Vec<u8>) {
+        if sha256(&artifact.data) != artifact.sha256 {
+            return (
+                -3,
+                format!("artifact {} does not match its digest; not run\n", artifact.name)
+                    .into_bytes(),
+            );
+        }
+        let mut out = String::new();
+        let code = match artifact.name.as_str() {
+            "install-deb.sh" => self.with(|inv| {
+                for arg in args {
+                    let known = artifacts.iter().any(|a| a.name == *arg);
+                    let Some((name, version)) = deb_file_name(arg).filter(|_| known) else {
+                        out.push_str(&format!("dpkg: error: cannot access archive '{arg}'\n"));
+                        return 2;
+                    };
+                    inv.packages.retain(|p| p.name != name);
+                    out.push_str(&format!("Setting up {name} ({version}) ...\n"));
+                    inv.packages.push(Package {
+                        name,
+                        version,
+                        manager: PackageManager::Dpkg,
+                    });
+                }
+                0
+            }),
+            "remove-packages.sh" => self.with(|inv| {
+                for arg in args {
+                    if inv.packages.iter().any(|p| p.name == *arg) {
+                        out.push_str(&format!("Purging configuration files for {arg} ...\n"));
+                    }
+                    inv.packages.retain(|p| p.name != *arg);
+                }
+                0
+            }),
+            "ensure-service.sh" => self.with(|inv| {
+                let Some(name) = args.first() else {
+                    out.push_str("usage: ensure-service.sh SERVICE\n");
+                    return 2;
+                };
+                inv.services.retain(|s| s.name != *name);
+                inv.services.push(Service {
+                    name: name.to_string(),
+                    state: ServiceState::Running,
+                    enabled: true,
+                });
+                0
+            }),
+            other => {
+                out.push_str(&format!("the simulation has no model of {other}\n"));
+                127
+            }
+        };
+        (code, out.into_bytes())
+    }
+}
+
+/// One simulated terminal.
+struct Terminal {
+    name: String,
+    identity: KeyPair,
+    system: Arc<SimSystem>,
+    envelopes: Mutex<EnvelopeState>,
+    trust: OnceLock<TrustAnchors>,
+    tls: OnceLock<Arc<rustls::ClientConfig>>,
+    /// Signed reports not yet acknowledged.
+    outbox: Mutex<Vec<Vec<u8>>>,
+}
+
+struct Shared {
+    address: String,
+    server_name: ServerName<'static>,
+    token: String,
+    fingerprint: [u8; 32],
+    runtime: Runtime,
+    counters: Arc<Counters>,
+    /// Opening connections (TLS handshakes) a few at a time.
+    opening: Semaphore,
+    /// Payload runs at once (CPU bound).
+    running: Arc<Semaphore>,
+}
+
+impl Shared {
+    async fn tcp(&self) -> Result<tokio::net::TcpStream, ConnError> {
+        let tcp = tokio::net::TcpStream::connect(&self.address).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+}
+
+impl Terminal {
+    fn inventory_report(&self) -> Result<Vec<u8>, ConnError> {
+        let inventory = self.system.with(|i| i.clone());
+        let now = now_ms();
+        let report = InventoryReport {
+            terminal: self.name.clone(),
+            sequence: now,
+            collected_at_ms: now,
+            inventory,
+        };
+        Ok(SignedMessage::signed(&report, &self.identity)?.encode())
+    }
+
+    async fn enrol(&self, shared: &Shared) -> Result<(), ConnError> {
+        let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+        let csr = rcgen::CertificateParams::new(vec![self.name.clone()])
+            .and_then(|p| p.serialize_request(&tls_key))
+            .and_then(|r| r.pem())
+            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+        let labels = self.system.with(|i| i.labels.clone());
+        let request = EnrolmentRequest {
+            token: shared.token.clone(),
+            terminal: self.name.clone(),
+            labels,
+            identity: self.identity.public_key(),
+            tpm: false,
+            tls_csr_pem: csr,
+            requested_at_ms: now_ms(),
+        };
+        let signed = SignedMessage::signed(&request, &self.identity)?.encode();
+        let response = {
+            let _permit = shared.opening.acquire().await;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(enrolment_tls(shared.fingerprint)?))
+                .connect(shared.server_name.clone(), shared.tcp().await?)
+                .await?;
+            exchange_enrolment(tls, signed, shared.fingerprint, &self.name).await?
+        };
+        let bad = |e: rustls::pki_types::pem::Error| ConnError::Certificate(e.to_string());
+        let ca = CertificateDer::from_pem_slice(response.ca_certificate_pem.as_bytes()).map_err(bad)?;
+        let cert =
+            CertificateDer::from_pem_slice(response.client_certificate_pem.as_bytes()).map_err(bad)?;
+        let key = PrivateKeyDer::from_pem_slice(tls_key.serialize_pem().as_bytes()).map_err(bad)?;
+        let _ = self.tls.set(Arc::new(session_tls(ca, cert, key)?));
+        let _ = self.trust.set(response.trust);
+        Ok(())
+    }
+
+    /// Verify and run one dispatch in this process; the signed report.
+    fn run(&self, shared: &Shared, envelope: &[u8], bundle: &[u8]) -> Result<Vec<u8>, ConnError> {
+        let trust = self
+            .trust
+            .get()
+            .ok_or_else(|| ConnError::Certificate("not enrolled".into()))?;
+        let mut state = self
+            .envelopes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let loader = Loader {
+            terminal: &self.name,
+            trust,
+            identity: &self.identity,
+            system: self.system.clone(),
+            runtime: &shared.runtime,
+            limits: Limits {
+                memory_bytes: 16 * 1024 * 1024,
+                max_run: Duration::from_secs(60),
+            },
+            now_ms,
+        };
+        let result = loader
+            .run(envelope, bundle, &state)
+            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+        match &result.accepted {
+            Some(v) => state.accept(v),
+            None => {
+                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(result.report)
+    }
+
+    /// One connection, until it ends.
+    async fn session(self: &Arc<Self>, shared: &Arc<Shared>) -> Result<(), ConnError> {
+        let tls = self
+            .tls
+            .get()
+            .cloned()
+            .ok_or_else(|| ConnError::Certificate("not enrolled".into()))?;
+        let stream = {
+            let _permit = shared.opening.acquire().await;
+            tokio_rustls::TlsConnector::from(tls)
+                .connect(shared.server_name.clone(), shared.tcp().await?)
+                .await?
+        };
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        write_frame(
+            &mut writer,
+            &ToOperator::Hello {
+                terminal: self.name.clone(),
+                agent_version: concat!(env!("CARGO_PKG_VERSION"), "-simulated").into(),
+            },
+        )
+        .await?;
+        let pending: Vec<Vec<u8>> = self.outbox_snapshot();
+        for report in pending {
+            write_frame(&mut writer, &ToOperator::Report(report)).await?;
+        }
+        write_frame(&mut writer, &ToOperator::Inventory(self.inventory_report()?)).await?;
+        shared.counters.connected.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            loop {
+                let message: ToAgent = read_frame(&mut reader, MAX_SESSION_FRAME).await?;
+                match message {
+                    ToAgent::Dispatch { envelope, bundle } => {
+                        shared.counters.dispatches.fetch_add(1, Ordering::Relaxed);
+                        let permit = shared.running.clone().acquire_owned().await;
+                        let (t, s) = (self.clone(), shared.clone());
+                        let report = tokio::task::spawn_blocking(move || {
+                            let _permit = permit;
+                            t.run(&s, &envelope, &bundle)
+                        })
+                        .await
+                        .map_err(|e| ConnError::Io(std::io::Error::other(e)))??;
+                        self.outbox_push(report.clone());
+                        write_frame(&mut writer, &ToOperator::Report(report)).await?;
+                    }
+                    ToAgent::Ack { digest } => {
+                        if self.outbox_remove(&digest) {
+                            shared.counters.reports_acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    ToAgent::InventoryWanted => {
+                        write_frame(&mut writer, &ToOperator::Inventory(self.inventory_report()?))
+                            .await?;
+                    }
+                    ToAgent::Ping => write_frame(&mut writer, &ToOperator::Pong).await?,
+                    _ => {}
+                }
+            }
+        }
+        .await;
+        shared.counters.connected.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    fn outbox_snapshot(&self) -> Vec<Vec<u8>> {
+        self.outbox.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    fn outbox_push(&self, report: Vec<u8>) {
+        if let Ok(mut o) = self.outbox.lock() {
+            o.push(report);
+        }
+    }
+
+    fn outbox_remove(&self, digest: &[u8; 32]) -> bool {
+        self.outbox.lock().is_ok_and(|mut o| {
+            let before = o.len();
+            o.retain(|r| sha256(r) != *digest);
+            o.len() != before
+        })
+    }
+
+    /// Enrol (retrying), then hold a connection for ever, reconnecting
+    /// with the agent's jittered exponential backoff.
+    async fn live(self: Arc<Self>, shared: Arc<Shared>) {
+        let mut failures = 0u32;
+        loop {
+            match self.enrol(&shared).await {
+                Ok(()) => break,
+                Err(ConnError::EnrolmentRefused(reason)) => {
+                    eprintln!("tenet-agent simulate: {} refused: {reason}", self.name);
+                    shared.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff(failures, jitter())).await;
+                    failures = failures.saturating_add(1);
+                }
+            }
+        }
+        shared.counters.enrolled.fetch_add(1, Ordering::Relaxed);
+        failures = 0;
+        loop {
+            let started = Instant::now();
+            let _ = self.session(&shared).await;
+            if started.elapsed() > Duration::from_secs(30) {
+                failures = 0;
+            }
+            tokio::time::sleep(backoff(failures, jitter())).await;
+            failures = failures.saturating_add(1);
+        }
+    }
+}
+
+/// The inventory terminal `index` starts from: its template, renamed.
+pub fn terminal_inventory(templates: &[Inventory], prefix: &str, index: usize) -> Inventory {
+    let mut inv = templates
+        .get(index % templates.len().max(1))
+        .cloned()
+        .unwrap_or_default();
+    inv.terminal = format!("{prefix}-{:05}", index + 1);
+    inv.labels
+        .insert("simulated".to_string(), "true".to_string());
+    inv
+}
+
+/// Run the simulation until the process is stopped, printing progress
+/// every `report_every` to stderr.
+pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnError> {
+    let fingerprint = tenet_protocol::wire::parse_digest(&options.ca_fingerprint).ok_or_else(|| {
+        ConnError::Certificate(format!(
+            "{:?} is not sha256:<64 hex digits>",
+            options.ca_fingerprint
+        ))
+    })?;
+    let host = options.server_name.clone().unwrap_or_else(|| {
+        options
+            .operator
+            .rsplit_once(':')
+            .map_or(options.operator.clone(), |(h, _)| h.to_string())
+    });
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|_| ConnError::Certificate(format!("bad server name {host:?}")))?;
+    let counters = Arc::new(Counters::default());
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let shared = Arc::new(Shared {
+        address: options.operator.clone(),
+        server_name,
+        token: options.token.clone(),
+        fingerprint,
+        runtime: Runtime::new().map_err(|e| ConnError::Io(std::io::Error::other(e)))?,
+        counters: counters.clone(),
+        opening: Semaphore::new(options.connect_parallelism.max(1)),
+        running: Arc::new(Semaphore::new(cores)),
+    });
+    for i in 0..options.count {
+        let inventory = terminal_inventory(&options.templates, &options.prefix, i);
+        let terminal = Arc::new(Terminal {
+            name: inventory.terminal.clone(),
+            identity: KeyPair::generate(Algorithm::Ed25519)?,
+            envelopes: Mutex::new(EnvelopeState::new(inventory.terminal.clone())),
+            system: Arc::new(SimSystem::new(inventory)),
+            trust: OnceLock::new(),
+            tls: OnceLock::new(),
+            outbox: Mutex::default(),
+        });
+        tokio::spawn(terminal.live(shared.clone()));
+    }
+    let started = Instant::now();
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(report_every).await;
+        let c = &counters;
+        let line = format!(
+            "{} terminals: {} enrolled, {} connected, {} dispatches run, {} reports acknowledged, {} refused, {} failed",
+            options.count,
+            c.enrolled.load(Ordering::Relaxed),
+            c.connected.load(Ordering::Relaxed),
+            c.dispatches.load(Ordering::Relaxed),
+            c.reports_acked.load(Ordering::Relaxed),
+            c.refused.load(Ordering::Relaxed),
+            c.failures.load(Ordering::Relaxed),
+        );
+        if line != last {
+            eprintln!(
+                "tenet-agent simulate [{:>6.1}s] {line}",
+                started.elapsed().as_secs_f64()
+            );
+            last = line;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debian_file_names_give_package_and_version() {
+        assert_eq!(
+            deb_file_name("browser-a_120.0-1_all.deb"),
+            Some(("browser-a".into(), "120.0-1".into()))
+        );
+        assert_eq!(
+            deb_file_name("openssl_1%3a3.0.15-1_amd64.deb"),
+            Some(("openssl".into(), "1:3.0.15-1".into()))
+        );
+        assert_eq!(deb_file_name("browser-a.deb"), None);
+        assert_eq!(deb_file_name("a_1_all_x.deb"), None);
+        assert_eq!(deb_file_name("a_1_all.tar"), None);
+    }
+
+    #[test]
+    fn the_simulated_terminal_installs_removes_and_starts() {
+        let sys = SimSystem::new(Inventory {
+            packages: vec![Package {
+                name: "telnetd".into(),
+                version: "0.17".into(),
+                manager: PackageManager::Dpkg,
+            }],
+            ..Inventory::default()
+        });
+        let artifact = |name: &str| Artifact {
+            name: name.into(),
+            sha256: sha256(b"x"),
+            size: 1,
+            data: b"x".to_vec(),
+        };
+        let deb = artifact("browser-a_120.0-1_all.deb");
+        let installer = artifact("install-deb.sh");
+        let deadline = Instant::now();
+        let all = [installer.clone(), deb];
+        assert_eq!(
+            sys.run_artifact(&all, &installer, &["browser-a_120.0-1_all.deb"], deadline)
+                .0,
+            0
+        );
+        let (code, out) =
+            sys.run_artifact(&all, &installer, &["browser-a_121.0-1_all.deb"], deadline);
+        assert_eq!(code, 2, "not an artifact of the bundle");
+        assert!(String::from_utf8_lossy(&out).contains("cannot access archive"));
+        let remove = artifact("remove-packages.sh");
+        assert_eq!(sys.run_artifact(&[], &remove, &["telnetd"], deadline).0, 0);
+        let svc = artifact("ensure-service.sh");
+        assert_eq!(sys.run_artifact(&[], &svc, &["clamav-daemon"], deadline).0, 0);
+        let mut tampered = artifact("install-deb.sh");
+        tampered.data = b"y".to_vec();
+        assert_eq!(sys.run_artifact(&[], &tampered, &[], deadline).0, -3);
+        assert_eq!(
+            sys.run_artifact(&[], &artifact("rm-rf.sh"), &[], deadline).0,
+            127
+        );
+        let inv = sys.inventory().expect("inventory");
+        assert_eq!(
+            inv.packages
+                .iter()
+                .map(|p| (p.name.as_str(), p.version.as_str()))
+                .collect::<Vec<_>>(),
+            [("browser-a", "120.0-1")]
+        );
+        assert_eq!(inv.services[0].state, ServiceState::Running);
+    }
+}

@@ -1,0 +1,330 @@
+//! `tenet bench converge`: one convergence of N simulated terminals, the
+//! first paper's experiment. The operator runs in this process (its memory
+//! is this process's); the terminals run in a `tenet-agent simulate` child
+//! process, each with its own key, mTLS connection and inventory. Once all
+//! N are connected and compliant with the first generation of the policy,
+//! the policy file is changed (a newer package version required) and the
+//! clock starts; it stops when every terminal's remediation is verified and
+//! the inventory it reported satisfies the new generation.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
+use tenet_protocol::wire::{digest_string, sha256};
+use tenet_protocol::{Algorithm, KeyPair, SignedMessage};
+
+use crate::daemon::{Daemon, Probe, create_token};
+
+const INSTALLER_WAT: &str = include_str!("../../examples/payloads/install-deb.wat");
+const INSTALLER_SH: &str = include_str!("../../examples/payloads/install-deb.sh");
+
+/// What one convergence measured.
+#[derive(Debug, Serialize)]
+pub struct Converge {
+    pub terminals: usize,
+    /// Terminals compliant with the new generation at the end.
+    pub converged: usize,
+    /// From the policy change to the last terminal verified compliant.
+    pub wall_ms: f64,
+    /// Per terminal: envelope handed to its connection -> verified report.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Resident memory of the operator (this process) at the end.
+    pub operator_rss_bytes: u64,
+    /// ... before any terminal connected.
+    pub operator_rss_baseline_bytes: u64,
+    /// (end - baseline) / terminals.
+    pub rss_per_terminal_bytes: u64,
+    /// Time to enrol and connect every terminal (not part of wall_ms).
+    pub setup_ms: f64,
+    /// Database commits (fsyncs) during the convergence.
+    pub store_commits: u64,
+    pub cores: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what} did not happen within {seconds} s: {state}")]
+    Timeout {
+        what: &'static str,
+        seconds: u64,
+        state: String,
+    },
+}
+
+fn setup(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Setup(e.to_string())
+}
+
+/// Resident set size of this process.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn policy_yaml(version: &str, digest: &str) -> String {
+    format!(
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bench-app, namespace: bench }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  requirements:\n    - package: {{ name: bench-app, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: install-bench-app, digest: '{digest}' }}\n    args: [bench-app_2.0-1_all.deb]\n    capabilities: [run-artifact, log]\n    timeoutSeconds: 120\n  rollout: {{ maxInFlightPercent: 100, haltOnFailurePercent: 50 }}\n"
+    )
+}
+
+/// A terminal of the benchmark fleet: bench-app 1.0 among thirty packages.
+fn template() -> String {
+    let mut yaml = String::from(
+        "terminal: template\nlabels: { fleet: bench, site: nagoya }\nfacts:\n  os: { family: debian, distribution: debian, version: \"12\" }\npackages:\n  - { name: bench-app, version: 1.0-1 }\n",
+    );
+    for i in 0..30 {
+        yaml.push_str(&format!("  - {{ name: lib{i}, version: 1.{i}-1 }}\n"));
+    }
+    yaml
+}
+
+fn write(path: &Path, text: &[u8]) -> Result<(), BenchError> {
+    std::fs::write(path, text).map_err(|e| setup(format!("{}: {e}", path.display())))
+}
+
+/// The signed bundle the policy pins: the install-deb payload with a
+/// bench-app 2.0 package (the simulation installs it by its file name).
+fn bundle(admin: &KeyPair) -> Result<Vec<u8>, BenchError> {
+    let module = wat::parse_str(INSTALLER_WAT).map_err(setup)?;
+    let artifact = |name: &str, data: &[u8]| Artifact {
+        name: name.into(),
+        sha256: sha256(data),
+        size: data.len() as u64,
+        data: data.to_vec(),
+    };
+    let now = crate::cli::payload::now_ms();
+    let b = PayloadBundle {
+        manifest: Manifest {
+            name: "install-bench-app".into(),
+            version: "2.0".into(),
+            description: "installs bench-app 2.0".into(),
+            capabilities: vec![Capability::RunArtifact, Capability::Log],
+            created_ms: now,
+            expires_ms: now + 24 * 3600 * 1000,
+        },
+        module,
+        artifacts: vec![
+            artifact("install-deb.sh", INSTALLER_SH.as_bytes()),
+            artifact("bench-app_2.0-1_all.deb", b"bench-app 2.0 (simulated package)"),
+        ],
+    };
+    Ok(SignedMessage::signed(&b, admin).map_err(setup)?.encode())
+}
+
+async fn wait_until(
+    probe: &Probe,
+    what: &'static str,
+    timeout: Duration,
+    mut done: impl FnMut(usize, &[crate::reconcile::pass::PolicyStatus]) -> bool,
+    child: &mut std::process::Child,
+) -> Result<(), BenchError> {
+    let mut rx = probe.passes.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        {
+            let v = rx.borrow_and_update();
+            if done(v.0, &v.1) {
+                return Ok(());
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(BenchError::Setup(format!(
+                "tenet-agent simulate exited ({status}) while waiting: {what}"
+            )));
+        }
+        match tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            rx.changed(),
+        )
+        .await
+        {
+            Ok(Ok(())) | Err(_) if tokio::time::Instant::now() < deadline => {}
+            _ => {
+                let v = rx.borrow();
+                return Err(BenchError::Timeout {
+                    what,
+                    seconds: timeout.as_secs(),
+                    state: format!("{} connected, {:?}", v.0, v.1),
+                });
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Run one convergence of `terminals` simulated terminals in `work`.
+pub async fn converge(
+    terminals: usize,
+    work: &Path,
+    agent: &Path,
+    progress: &mut (dyn Write + Send),
+) -> Result<Converge, BenchError> {
+    let (policies, bundles, data) = (work.join("policies"), work.join("bundles"), work.join("data"));
+    for d in [&policies, &bundles] {
+        std::fs::create_dir_all(d).map_err(setup)?;
+    }
+    let admin = KeyPair::generate(Algorithm::Ed25519).map_err(setup)?;
+    admin.write_files(&work.join("admin.key")).map_err(setup)?;
+    let bundle = bundle(&admin)?;
+    let digest = {
+        let frame = SignedMessage::decode(&bundle, tenet_protocol::Kind::PayloadBundle)
+            .map_err(setup)?;
+        digest_string(&frame.body_digest())
+    };
+    write(&bundles.join("install-bench-app.bundle"), &bundle)?;
+    write(&policies.join("bench.yaml"), policy_yaml("1.0", &digest).as_bytes())?;
+    write(&work.join("template.yaml"), template().as_bytes())?;
+
+    let probe = Arc::new(Probe::default());
+    let daemon = Daemon {
+        policies: policies.clone(),
+        bundles,
+        data: data.clone(),
+        listen: "127.0.0.1:0".into(),
+        names: vec!["127.0.0.1".into(), "localhost".into()],
+        admin_keys: vec![work.join("admin.key.pub")],
+        admin_threshold: 1,
+        tick: Duration::from_secs(1),
+        metrics: None,
+        probe: Some(probe.clone()),
+    };
+    let operator = tokio::spawn(async move {
+        let mut sink = std::io::sink();
+        daemon.run(&mut sink).await
+    });
+    let mut address = probe.address.subscribe();
+    let address = tokio::time::timeout(Duration::from_secs(30), address.wait_for(Option::is_some))
+        .await
+        .map_err(|_| setup("the operator did not start listening"))?
+        .map_err(setup)?
+        .ok_or_else(|| setup("no address"))?;
+    let issued = create_token(
+        &data,
+        None,
+        u32::try_from(terminals).map_err(setup)?,
+        Duration::from_secs(3600),
+        &mut std::io::sink(),
+    )
+    .map_err(setup)?;
+    let baseline = rss_bytes();
+    let log = std::fs::File::create(work.join("simulate.log")).map_err(setup)?;
+    let started = Instant::now();
+    let mut child = std::process::Command::new(agent)
+        .args(["simulate", "--count", &terminals.to_string()])
+        .args(["--operator", &address.to_string()])
+        .args(["--ca-fingerprint", &issued.ca_fingerprint])
+        .arg("--inventory")
+        .arg(work.join("template.yaml"))
+        .args(["--prefix", "bench", "--progress-seconds", "1"])
+        .env("TENET_BOOTSTRAP_TOKEN", &issued.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| setup(format!("{}: {e}", agent.display())))?;
+    let result = async {
+        let _ = writeln!(progress, "enrolling and connecting {terminals} simulated terminals");
+        let setup_timeout = Duration::from_secs(60 + terminals as u64 / 20);
+        wait_until(
+            &probe,
+            "every terminal connected and compliant with generation 1",
+            setup_timeout,
+            |connected, s| {
+                connected == terminals
+                    && s.first()
+                        .is_some_and(|p| p.selected as usize == terminals && p.compliant as usize == terminals)
+            },
+            &mut child,
+        )
+        .await?;
+        let setup_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let _ = writeln!(
+            progress,
+            "{terminals} connected in {:.1} s; changing the policy",
+            setup_ms / 1000.0
+        );
+        if let Ok(mut r) = probe.round_trips.lock() {
+            r.clear();
+        }
+        let commits_before = probe.store_commits.load(std::sync::atomic::Ordering::Relaxed);
+        let t0 = Instant::now();
+        write(&policies.join("bench.yaml"), policy_yaml("2.0", &digest).as_bytes())?;
+        wait_until(
+            &probe,
+            "every terminal compliant with generation 2",
+            Duration::from_secs(120 + terminals as u64 / 50),
+            |_, s| {
+                s.first().is_some_and(|p| {
+                    p.generation >= 2 && p.compliant as usize == terminals
+                })
+            },
+            &mut child,
+        )
+        .await?;
+        let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut trips = probe
+            .round_trips
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
+        trips.sort();
+        let end = rss_bytes();
+        let converged = probe
+            .passes
+            .borrow()
+            .1
+            .first()
+            .map_or(0, |p| p.compliant as usize);
+        Ok(Converge {
+            terminals,
+            converged,
+            wall_ms,
+            p50_ms: percentile(&trips, 0.50),
+            p99_ms: percentile(&trips, 0.99),
+            max_ms: percentile(&trips, 1.0),
+            operator_rss_bytes: end,
+            operator_rss_baseline_bytes: baseline,
+            rss_per_terminal_bytes: end.saturating_sub(baseline) / terminals.max(1) as u64,
+            setup_ms,
+            store_commits: probe
+                .store_commits
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(commits_before),
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        })
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    operator.abort();
+    result
+}
+
+/// The `tenet-agent` next to this executable.
+pub fn default_agent() -> PathBuf {
+    std::env::current_exe()
+        .map(|p| p.with_file_name("tenet-agent"))
+        .unwrap_or_else(|_| PathBuf::from("tenet-agent"))
+}
