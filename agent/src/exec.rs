@@ -133,7 +133,12 @@ impl Runtime {
 
     /// The compiled module of a verified bundle.
     fn module(&self, bundle_digest: [u8; 32], wasm: &[u8]) -> Result<Module, Rejection> {
-        if let Some(m) = self.modules.lock().ok().and_then(|m| m.get(&bundle_digest).cloned()) {
+        if let Some(m) = self
+            .modules
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&bundle_digest).cloned())
+        {
             return Ok(m);
         }
         let module = Module::new(&self.engine, wasm)

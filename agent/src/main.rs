@@ -118,6 +118,9 @@ enum Command {
         /// Seconds between progress lines on stderr.
         #[arg(long, default_value_t = 1.0)]
         progress_seconds: f64,
+        /// How long each simulated payload run takes, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        run_delay_ms: u64,
     },
     /// The loader process (started by the agent, one per dispatch): reads
     /// the dispatch on stdin, writes the signed report on stdout.
@@ -259,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             prefix,
             connect_parallelism,
             progress_seconds,
+            run_delay_ms,
         } => {
             let mut templates = Vec::new();
             for path in &inventories {
@@ -290,6 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ca_fingerprint,
                 templates,
                 connect_parallelism,
+                run_delay: std::time::Duration::from_millis(run_delay_ms),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

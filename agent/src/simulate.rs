@@ -40,8 +40,8 @@ use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
 use tokio::sync::Semaphore;
 
 use crate::connection::{
-    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, now_ms, read_frame,
-    session_tls, write_frame,
+    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, now_ms, read_frame, session_tls,
+    write_frame,
 };
 use crate::exec::{Limits, Loader, Runtime, System};
 
@@ -62,6 +62,8 @@ pub struct Options {
     pub templates: Vec<Inventory>,
     /// How many connections are opened at once.
     pub connect_parallelism: usize,
+    /// How long a simulated payload takes (an install is not instant).
+    pub run_delay: Duration,
 }
 
 /// Counters of the whole simulation.
@@ -73,6 +75,10 @@ pub struct Counters {
     pub reports_acked: AtomicU64,
     pub refused: AtomicU64,
     pub failures: AtomicU64,
+    /// Dispatches for a (policy, generation) whose successful report the
+    /// operator had already acknowledged: a verified result it lost. Must
+    /// stay 0, crashes included.
+    pub redispatched: AtomicU64,
 }
 
 /// The machine under one simulated agent.
@@ -135,8 +141,11 @@ impl System for SimSystem {
         if sha256(&artifact.data) != artifact.sha256 {
             return (
                 -3,
-                format!("artifact {} does not match its digest; not run\n", artifact.name)
-                    .into_bytes(),
+                format!(
+                    "artifact {} does not match its digest; not run\n",
+                    artifact.name
+                )
+                .into_bytes(),
             );
         }
         let mut out = String::new();
@@ -197,8 +206,13 @@ struct Terminal {
     envelopes: Mutex<EnvelopeState>,
     trust: OnceLock<TrustAnchors>,
     tls: OnceLock<Arc<rustls::ClientConfig>>,
-    /// Signed reports not yet acknowledged.
-    outbox: Mutex<Vec<Vec<u8>>>,
+    /// Signed reports not yet acknowledged, with the (policy, generation)
+    /// of the successful ones and the session they were first sent in.
+    outbox: Mutex<Vec<(Vec<u8>, Option<(String, u64)>, u64)>>,
+    /// Sessions so far.
+    sessions: AtomicU64,
+    /// (policy, generation) whose successful report was acknowledged.
+    settled: Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 struct Shared {
@@ -212,6 +226,7 @@ struct Shared {
     opening: Semaphore,
     /// Payload runs at once (CPU bound).
     running: Arc<Semaphore>,
+    run_delay: Duration,
 }
 
 impl Shared {
@@ -255,23 +270,32 @@ impl Terminal {
         let signed = SignedMessage::signed(&request, &self.identity)?.encode();
         let response = {
             let _permit = shared.opening.acquire().await;
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(enrolment_tls(shared.fingerprint)?))
-                .connect(shared.server_name.clone(), shared.tcp().await?)
-                .await?;
+            let tls =
+                tokio_rustls::TlsConnector::from(Arc::new(enrolment_tls(shared.fingerprint)?))
+                    .connect(shared.server_name.clone(), shared.tcp().await?)
+                    .await?;
             exchange_enrolment(tls, signed, shared.fingerprint, &self.name).await?
         };
         let bad = |e: rustls::pki_types::pem::Error| ConnError::Certificate(e.to_string());
-        let ca = CertificateDer::from_pem_slice(response.ca_certificate_pem.as_bytes()).map_err(bad)?;
-        let cert =
-            CertificateDer::from_pem_slice(response.client_certificate_pem.as_bytes()).map_err(bad)?;
+        let ca =
+            CertificateDer::from_pem_slice(response.ca_certificate_pem.as_bytes()).map_err(bad)?;
+        let cert = CertificateDer::from_pem_slice(response.client_certificate_pem.as_bytes())
+            .map_err(bad)?;
         let key = PrivateKeyDer::from_pem_slice(tls_key.serialize_pem().as_bytes()).map_err(bad)?;
         let _ = self.tls.set(Arc::new(session_tls(ca, cert, key)?));
         let _ = self.trust.set(response.trust);
         Ok(())
     }
 
-    /// Verify and run one dispatch in this process; the signed report.
-    fn run(&self, shared: &Shared, envelope: &[u8], bundle: &[u8]) -> Result<Vec<u8>, ConnError> {
+    /// Verify and run one dispatch in this process; the signed report, and
+    /// the (policy, generation) it settles when it succeeded.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        shared: &Shared,
+        envelope: &[u8],
+        bundle: &[u8],
+    ) -> Result<(Vec<u8>, Option<(String, u64)>), ConnError> {
         let trust = self
             .trust
             .get()
@@ -295,13 +319,29 @@ impl Terminal {
         let result = loader
             .run(envelope, bundle, &state)
             .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        match &result.accepted {
-            Some(v) => state.accept(v),
+        let settles = match &result.accepted {
+            Some(v) => {
+                state.accept(v);
+                let key = (v.envelope.policy.clone(), v.envelope.policy_generation);
+                if self.settled.lock().is_ok_and(|s| s.contains(&key)) {
+                    shared.counters.redispatched.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "tenet-agent simulate: {} got {} generation {} again after its success was acknowledged",
+                        self.name, key.0, key.1
+                    );
+                }
+                matches!(
+                    result.outcome,
+                    tenet_protocol::report::Outcome::Exited { code: 0 }
+                )
+                .then_some(key)
+            }
             None => {
                 shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                None
             }
-        }
-        Ok(result.report)
+        };
+        Ok((result.report, settles))
     }
 
     /// One connection, until it ends.
@@ -317,6 +357,7 @@ impl Terminal {
                 .connect(shared.server_name.clone(), shared.tcp().await?)
                 .await?
         };
+        self.sessions.fetch_add(1, Ordering::Relaxed);
         let (mut reader, mut writer) = tokio::io::split(stream);
         write_frame(
             &mut writer,
@@ -330,7 +371,11 @@ impl Terminal {
         for report in pending {
             write_frame(&mut writer, &ToOperator::Report(report)).await?;
         }
-        write_frame(&mut writer, &ToOperator::Inventory(self.inventory_report()?)).await?;
+        write_frame(
+            &mut writer,
+            &ToOperator::Inventory(self.inventory_report()?),
+        )
+        .await?;
         shared.counters.connected.fetch_add(1, Ordering::Relaxed);
         let result = async {
             loop {
@@ -338,6 +383,9 @@ impl Terminal {
                 match message {
                     ToAgent::Dispatch { envelope, bundle } => {
                         shared.counters.dispatches.fetch_add(1, Ordering::Relaxed);
+                        if !shared.run_delay.is_zero() {
+                            tokio::time::sleep(shared.run_delay).await;
+                        }
                         let permit = shared.running.clone().acquire_owned().await;
                         let (t, s) = (self.clone(), shared.clone());
                         let report = tokio::task::spawn_blocking(move || {
@@ -346,17 +394,24 @@ impl Terminal {
                         })
                         .await
                         .map_err(|e| ConnError::Io(std::io::Error::other(e)))??;
-                        self.outbox_push(report.clone());
+                        let (report, settles) = report;
+                        self.outbox_push(report.clone(), settles);
                         write_frame(&mut writer, &ToOperator::Report(report)).await?;
                     }
                     ToAgent::Ack { digest } => {
                         if self.outbox_remove(&digest) {
-                            shared.counters.reports_acked.fetch_add(1, Ordering::Relaxed);
+                            shared
+                                .counters
+                                .reports_acked
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     ToAgent::InventoryWanted => {
-                        write_frame(&mut writer, &ToOperator::Inventory(self.inventory_report()?))
-                            .await?;
+                        write_frame(
+                            &mut writer,
+                            &ToOperator::Inventory(self.inventory_report()?),
+                        )
+                        .await?;
                     }
                     ToAgent::Ping => write_frame(&mut writer, &ToOperator::Pong).await?,
                     _ => {}
@@ -369,21 +424,41 @@ impl Terminal {
     }
 
     fn outbox_snapshot(&self) -> Vec<Vec<u8>> {
-        self.outbox.lock().map(|o| o.clone()).unwrap_or_default()
+        self.outbox
+            .lock()
+            .map(|o| o.iter().map(|(r, _, _)| r.clone()).collect())
+            .unwrap_or_default()
     }
 
-    fn outbox_push(&self, report: Vec<u8>) {
+    fn outbox_push(&self, report: Vec<u8>, settles: Option<(String, u64)>) {
+        let session = self.sessions.load(Ordering::Relaxed);
         if let Ok(mut o) = self.outbox.lock() {
-            o.push(report);
+            o.push((report, settles, session));
         }
     }
 
+    /// Drop an acknowledged report; whether it was there.
     fn outbox_remove(&self, digest: &[u8; 32]) -> bool {
-        self.outbox.lock().is_ok_and(|mut o| {
-            let before = o.len();
-            o.retain(|r| sha256(r) != *digest);
-            o.len() != before
-        })
+        let Ok(mut o) = self.outbox.lock() else {
+            return false;
+        };
+        let Some(i) = o.iter().position(|(r, _, _)| sha256(r) == *digest) else {
+            return false;
+        };
+        // An acknowledgement says "taken", accepted or refused. One in the
+        // session that carried the envelope means the operator verified it
+        // (a genuine report of its own live dispatch); one resent after a
+        // reconnect may be refused because the envelope was superseded
+        // meanwhile (an operator restart reissues what was out).
+        let (_, settles, session) = o.remove(i);
+        if let (Some(key), true, Ok(mut settled)) = (
+            settles,
+            session == self.sessions.load(Ordering::Relaxed),
+            self.settled.lock(),
+        ) {
+            settled.insert(key);
+        }
+        true
     }
 
     /// Enrol (retrying), then hold a connection for ever, reconnecting
@@ -433,12 +508,13 @@ pub fn terminal_inventory(templates: &[Inventory], prefix: &str, index: usize) -
 /// Run the simulation until the process is stopped, printing progress
 /// every `report_every` to stderr.
 pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnError> {
-    let fingerprint = tenet_protocol::wire::parse_digest(&options.ca_fingerprint).ok_or_else(|| {
-        ConnError::Certificate(format!(
-            "{:?} is not sha256:<64 hex digits>",
-            options.ca_fingerprint
-        ))
-    })?;
+    let fingerprint =
+        tenet_protocol::wire::parse_digest(&options.ca_fingerprint).ok_or_else(|| {
+            ConnError::Certificate(format!(
+                "{:?} is not sha256:<64 hex digits>",
+                options.ca_fingerprint
+            ))
+        })?;
     let host = options.server_name.clone().unwrap_or_else(|| {
         options
             .operator
@@ -458,6 +534,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
         counters: counters.clone(),
         opening: Semaphore::new(options.connect_parallelism.max(1)),
         running: Arc::new(Semaphore::new(cores)),
+        run_delay: options.run_delay,
     });
     for i in 0..options.count {
         let inventory = terminal_inventory(&options.templates, &options.prefix, i);
@@ -469,6 +546,8 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
             trust: OnceLock::new(),
             tls: OnceLock::new(),
             outbox: Mutex::default(),
+            settled: Mutex::default(),
+            sessions: AtomicU64::new(0),
         });
         tokio::spawn(terminal.live(shared.clone()));
     }
@@ -478,7 +557,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
         tokio::time::sleep(report_every).await;
         let c = &counters;
         let line = format!(
-            "{} terminals: {} enrolled, {} connected, {} dispatches run, {} reports acknowledged, {} refused, {} failed",
+            "{} terminals: {} enrolled, {} connected, {} dispatches run, {} reports acknowledged, {} refused, {} failed, {} re-dispatched after an acknowledged success",
             options.count,
             c.enrolled.load(Ordering::Relaxed),
             c.connected.load(Ordering::Relaxed),
@@ -486,6 +565,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
             c.reports_acked.load(Ordering::Relaxed),
             c.refused.load(Ordering::Relaxed),
             c.failures.load(Ordering::Relaxed),
+            c.redispatched.load(Ordering::Relaxed),
         );
         if line != last {
             eprintln!(
@@ -548,12 +628,16 @@ mod tests {
         let remove = artifact("remove-packages.sh");
         assert_eq!(sys.run_artifact(&[], &remove, &["telnetd"], deadline).0, 0);
         let svc = artifact("ensure-service.sh");
-        assert_eq!(sys.run_artifact(&[], &svc, &["clamav-daemon"], deadline).0, 0);
+        assert_eq!(
+            sys.run_artifact(&[], &svc, &["clamav-daemon"], deadline).0,
+            0
+        );
         let mut tampered = artifact("install-deb.sh");
         tampered.data = b"y".to_vec();
         assert_eq!(sys.run_artifact(&[], &tampered, &[], deadline).0, -3);
         assert_eq!(
-            sys.run_artifact(&[], &artifact("rm-rf.sh"), &[], deadline).0,
+            sys.run_artifact(&[], &artifact("rm-rf.sh"), &[], deadline)
+                .0,
             127
         );
         let inv = sys.inventory().expect("inventory");

@@ -44,6 +44,10 @@ pub struct Converge {
     pub setup_ms: f64,
     /// Database commits (fsyncs) during the convergence.
     pub store_commits: u64,
+    /// Envelopes handed to connections during the convergence (one per
+    /// terminal when nothing was retried), and those that could not be.
+    pub dispatches: u64,
+    pub undelivered: u64,
     pub cores: usize,
 }
 
@@ -97,9 +101,15 @@ fn write(path: &Path, text: &[u8]) -> Result<(), BenchError> {
     std::fs::write(path, text).map_err(|e| setup(format!("{}: {e}", path.display())))
 }
 
-/// The signed bundle the policy pins: the install-deb payload with a
-/// bench-app 2.0 package (the simulation installs it by its file name).
-fn bundle(admin: &KeyPair) -> Result<Vec<u8>, BenchError> {
+/// A signed bundle for simulated terminals: the install-deb payload and a
+/// `PACKAGE_VERSION_all.deb` (the simulation installs it by its file name;
+/// its content is a placeholder). Returns the bundle's bytes and digest.
+pub fn simulated_install_bundle(
+    admin: &KeyPair,
+    name: &str,
+    package: &str,
+    version: &str,
+) -> Result<(Vec<u8>, String), BenchError> {
     let module = wat::parse_str(INSTALLER_WAT).map_err(setup)?;
     let artifact = |name: &str, data: &[u8]| Artifact {
         name: name.into(),
@@ -110,9 +120,9 @@ fn bundle(admin: &KeyPair) -> Result<Vec<u8>, BenchError> {
     let now = crate::cli::payload::now_ms();
     let b = PayloadBundle {
         manifest: Manifest {
-            name: "install-bench-app".into(),
-            version: "2.0".into(),
-            description: "installs bench-app 2.0".into(),
+            name: name.into(),
+            version: version.into(),
+            description: format!("installs {package} {version}"),
             capabilities: vec![Capability::RunArtifact, Capability::Log],
             created_ms: now,
             expires_ms: now + 24 * 3600 * 1000,
@@ -120,10 +130,14 @@ fn bundle(admin: &KeyPair) -> Result<Vec<u8>, BenchError> {
         module,
         artifacts: vec![
             artifact("install-deb.sh", INSTALLER_SH.as_bytes()),
-            artifact("bench-app_2.0-1_all.deb", b"bench-app 2.0 (simulated package)"),
+            artifact(
+                &format!("{package}_{version}_all.deb"),
+                format!("{package} {version} (simulated package)").as_bytes(),
+            ),
         ],
     };
-    Ok(SignedMessage::signed(&b, admin).map_err(setup)?.encode())
+    let frame = SignedMessage::signed(&b, admin).map_err(setup)?;
+    Ok((frame.encode(), digest_string(&frame.body_digest())))
 }
 
 async fn wait_until(
@@ -181,20 +195,23 @@ pub async fn converge(
     agent: &Path,
     progress: &mut (dyn Write + Send),
 ) -> Result<Converge, BenchError> {
-    let (policies, bundles, data) = (work.join("policies"), work.join("bundles"), work.join("data"));
+    let (policies, bundles, data) = (
+        work.join("policies"),
+        work.join("bundles"),
+        work.join("data"),
+    );
     for d in [&policies, &bundles] {
         std::fs::create_dir_all(d).map_err(setup)?;
     }
     let admin = KeyPair::generate(Algorithm::Ed25519).map_err(setup)?;
     admin.write_files(&work.join("admin.key")).map_err(setup)?;
-    let bundle = bundle(&admin)?;
-    let digest = {
-        let frame = SignedMessage::decode(&bundle, tenet_protocol::Kind::PayloadBundle)
-            .map_err(setup)?;
-        digest_string(&frame.body_digest())
-    };
+    let (bundle, digest) =
+        simulated_install_bundle(&admin, "install-bench-app", "bench-app", "2.0-1")?;
     write(&bundles.join("install-bench-app.bundle"), &bundle)?;
-    write(&policies.join("bench.yaml"), policy_yaml("1.0", &digest).as_bytes())?;
+    write(
+        &policies.join("bench.yaml"),
+        policy_yaml("1.0", &digest).as_bytes(),
+    )?;
     write(&work.join("template.yaml"), template().as_bytes())?;
 
     let probe = Arc::new(Probe::default());
@@ -209,6 +226,7 @@ pub async fn converge(
         tick: Duration::from_secs(1),
         metrics: None,
         probe: Some(probe.clone()),
+        max_connections: terminals + 64,
     };
     let operator = tokio::spawn(async move {
         let mut sink = std::io::sink();
@@ -245,7 +263,10 @@ pub async fn converge(
         .spawn()
         .map_err(|e| setup(format!("{}: {e}", agent.display())))?;
     let result = async {
-        let _ = writeln!(progress, "enrolling and connecting {terminals} simulated terminals");
+        let _ = writeln!(
+            progress,
+            "enrolling and connecting {terminals} simulated terminals"
+        );
         let setup_timeout = Duration::from_secs(60 + terminals as u64 / 20);
         wait_until(
             &probe,
@@ -253,8 +274,9 @@ pub async fn converge(
             setup_timeout,
             |connected, s| {
                 connected == terminals
-                    && s.first()
-                        .is_some_and(|p| p.selected as usize == terminals && p.compliant as usize == terminals)
+                    && s.first().is_some_and(|p| {
+                        p.selected as usize == terminals && p.compliant as usize == terminals
+                    })
             },
             &mut child,
         )
@@ -268,17 +290,23 @@ pub async fn converge(
         if let Ok(mut r) = probe.round_trips.lock() {
             r.clear();
         }
-        let commits_before = probe.store_commits.load(std::sync::atomic::Ordering::Relaxed);
+        let commits_before = probe
+            .store_commits
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let handed_before = probe.handed_over.load(std::sync::atomic::Ordering::Relaxed);
+        let undelivered_before = probe.undelivered.load(std::sync::atomic::Ordering::Relaxed);
         let t0 = Instant::now();
-        write(&policies.join("bench.yaml"), policy_yaml("2.0", &digest).as_bytes())?;
+        write(
+            &policies.join("bench.yaml"),
+            policy_yaml("2.0", &digest).as_bytes(),
+        )?;
         wait_until(
             &probe,
             "every terminal compliant with generation 2",
             Duration::from_secs(120 + terminals as u64 / 50),
             |_, s| {
-                s.first().is_some_and(|p| {
-                    p.generation >= 2 && p.compliant as usize == terminals
-                })
+                s.first()
+                    .is_some_and(|p| p.generation >= 2 && p.compliant as usize == terminals)
             },
             &mut child,
         )
@@ -312,6 +340,14 @@ pub async fn converge(
                 .store_commits
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(commits_before),
+            dispatches: probe
+                .handed_over
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(handed_before),
+            undelivered: probe
+                .undelivered
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_sub(undelivered_before),
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
         })
     }

@@ -74,6 +74,8 @@ pub struct Daemon {
     pub metrics: Option<String>,
     /// What a program embedding the operator (the benchmark) watches.
     pub probe: Option<Arc<Probe>>,
+    /// Connections the gateway holds at most; more are closed at once.
+    pub max_connections: usize,
 }
 
 /// What the operator shows a program that embeds it: where it listens,
@@ -86,15 +88,23 @@ pub struct Probe {
     pub round_trips: std::sync::Mutex<Vec<Duration>>,
     /// Database commits (fsyncs) so far.
     pub store_commits: std::sync::atomic::AtomicU64,
+    /// Envelopes handed to a connection, and envelopes that could not be.
+    pub handed_over: std::sync::atomic::AtomicU64,
+    pub undelivered: std::sync::atomic::AtomicU64,
 }
 
 /// Wake the loop when anything changes in the policy or bundle directory
 /// (an edit, a new file, a `git pull`); the tick still catches anything a
 /// watcher misses.
-fn watch_dirs(dirs: &[&Path], wake: Arc<tokio::sync::Notify>) -> Option<notify::RecommendedWatcher> {
+fn watch_dirs(
+    dirs: &[&Path],
+    wake: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let mut watcher = notify::recommended_watcher(move |_event| wake.notify_one())
-        .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the policy directory; polling only"))
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "cannot watch the policy directory; polling only"),
+        )
         .ok()?;
     for dir in dirs {
         if let Err(e) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
@@ -112,7 +122,10 @@ fn watch_dirs(dirs: &[&Path], wake: Arc<tokio::sync::Notify>) -> Option<notify::
 pub fn reissue_pending(store: &Store, retry: &Retry, now_ms: u64) -> Result<usize, DaemonError> {
     let mut reissued = 0;
     for (terminal, policy, mut record) in store.pairs()? {
-        if matches!(record.state, crate::reconcile::state::PairState::Dispatched { .. }) {
+        if matches!(
+            record.state,
+            crate::reconcile::state::PairState::Dispatched { .. }
+        ) {
             record.state = crate::reconcile::state::next(
                 &record.state,
                 &crate::reconcile::state::Event::Undelivered,
@@ -470,7 +483,15 @@ impl Daemon {
             fleet: fleet.clone(),
             client_cert_validity: Duration::from_secs(24 * 3600),
             now_ms,
+            max_connections: self.max_connections,
         });
+        let reissued = reissue_pending(&data.store, &Retry::default(), now_ms())?;
+        if reissued > 0 {
+            let _ = writeln!(
+                out,
+                "{reissued} dispatch(es) pending at the last stop will be reissued with fresh envelopes"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(&self.listen)
             .await
             .map_err(io(Path::new(&self.listen)))?;
@@ -497,13 +518,6 @@ impl Daemon {
             tokio::spawn(metrics.clone().serve(l));
         }
 
-        let reissued = reissue_pending(&data.store, &Retry::default(), now_ms())?;
-        if reissued > 0 {
-            let _ = writeln!(
-                out,
-                "{reissued} dispatch(es) pending at the last stop will be reissued with fresh envelopes"
-            );
-        }
         if let Some(p) = &self.probe {
             p.address.send_replace(Some(address));
         }
@@ -628,6 +642,14 @@ impl Daemon {
                 })
                 .is_ok()
             });
+            if let Some(p) = &self.probe {
+                let counter = if delivered {
+                    &p.handed_over
+                } else {
+                    &p.undelivered
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             if delivered {
                 fleet.sent(o.envelope_digest);
                 tracing::info!(terminal = %o.terminal, policy = %o.policy, "dispatched");

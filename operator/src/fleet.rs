@@ -318,12 +318,7 @@ impl Fleet for StandaloneFleet {
 
     fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         let written = self.store.written();
-        Box::pin(async move {
-            self.store
-                .durable(written)
-                .await
-                .map_err(|e| e.to_string())
-        })
+        Box::pin(async move { self.store.durable(written).await.map_err(|e| e.to_string()) })
     }
 }
 

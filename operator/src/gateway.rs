@@ -77,6 +77,9 @@ pub struct Gateway {
     /// Validity of the client certificates issued at enrolment.
     pub client_cert_validity: Duration,
     pub now_ms: fn() -> u64,
+    /// Connections held at most (each costs memory and a file descriptor);
+    /// one more is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,12 +122,32 @@ const MAX_FROM_AGENT: usize = 16 * 1024 * 1024;
 impl Gateway {
     /// Accept connections until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let mut refused: u64 = 0;
         loop {
-            let (stream, _) = listener.accept().await?;
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                // Out of file descriptors, or a connection reset before it
+                // was accepted: keep serving the others.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(%peer, refused, limit = self.max_connections, "connection limit reached; connection closed");
+                }
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
             let gw = self.clone();
             tokio::spawn(async move {
                 // A connection's failure ends that connection only.
                 let _ = gw.handle(stream).await;
+                drop(slot);
             });
         }
     }

@@ -1,8 +1,8 @@
 //! The Tenet operator as a library: the policy language, and the admin
 //! commands the `tenet` binary exposes. `main.rs` only parses arguments.
 
-pub mod cli;
 pub mod bench;
+pub mod cli;
 pub mod daemon;
 pub mod fleet;
 pub mod gateway;

@@ -70,6 +70,10 @@ enum Command {
         /// Logs on stderr as text or JSON lines; the level comes from TENET_LOG (default info).
         #[arg(long, value_enum, default_value_t)]
         log_format: Output,
+        /// Agent connections held at most; more are closed at once (each
+        /// costs memory and a file descriptor: see `ulimit -n`).
+        #[arg(long, default_value_t = 16384)]
+        max_connections: usize,
     },
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
@@ -85,6 +89,14 @@ enum Command {
         data: PathBuf,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        /// First wait, with a progress bar, until at least this many
+        /// terminals are connected and the fleet has settled (nothing in
+        /// flight, no change for two seconds); then print.
+        #[arg(long, value_name = "TERMINALS")]
+        wait_settled: Option<usize>,
+        /// Give up waiting after this many seconds (exit 1).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
         #[command(subcommand)]
         what: Option<StatusWhat>,
     },
@@ -324,6 +336,7 @@ fn main() -> ExitCode {
             admin_threshold,
             metrics,
             log_format,
+            max_connections,
         } => {
             init_logging(log_format);
             let bundles = bundles.unwrap_or_else(|| {
@@ -349,6 +362,7 @@ fn main() -> ExitCode {
                 tick: std::time::Duration::from_secs(1),
                 metrics: Some(metrics),
                 probe: None,
+                max_connections,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(|e| e.to_string())
@@ -370,7 +384,23 @@ fn main() -> ExitCode {
             work,
             agent,
         }) => bench_converge(terminals, output, work, agent, stdout),
-        Command::Status { data, output, what } => match tenet::status::read(&data) {
+        Command::Status {
+            data,
+            output,
+            what,
+            wait_settled,
+            timeout,
+        } => match wait_settled
+            .map_or(Ok(()), |n| {
+                tenet::status::wait_settled(
+                    &data,
+                    n,
+                    std::time::Duration::from_secs(timeout),
+                    &mut std::io::stderr(),
+                )
+            })
+            .and_then(|()| tenet::status::read(&data))
+        {
             Err(e) => {
                 eprintln!("tenet: {e}");
                 Ok(1)
@@ -449,50 +479,58 @@ fn bench_converge(
     agent: Option<PathBuf>,
     stdout: &mut dyn Write,
 ) -> std::io::Result<i32> {
-            let temp = match &work {
-                Some(_) => None,
-                None => Some(tempfile::tempdir()?),
-            };
-            let dir = work
-                .clone()
-                .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
-                .unwrap_or_default();
-            std::fs::create_dir_all(&dir)?;
-            let agent = agent.unwrap_or_else(tenet::bench::default_agent);
-            let rt = tokio::runtime::Runtime::new()?;
-            let mut progress = std::io::stderr();
-            match rt.block_on(tenet::bench::converge(terminals, &dir, &agent, &mut progress)) {
-                Ok(r) => {
-                    match output {
-                        Output::Json => {
-                            serde_json::to_writer(&mut *stdout, &r).map_err(std::io::Error::from)?;
-                            writeln!(stdout)?;
-                        }
-                        Output::Text => writeln!(
-                            stdout,
-                            "{} terminals: {} converged in {:.0} ms; per terminal p50 {:.1} ms, p99 {:.1} ms; operator RSS {:.1} MiB ({:.1} KiB per terminal over the {:.1} MiB baseline); {} database commits",
-                            r.terminals,
-                            r.converged,
-                            r.wall_ms,
-                            r.p50_ms,
-                            r.p99_ms,
-                            r.operator_rss_bytes as f64 / 1048576.0,
-                            r.rss_per_terminal_bytes as f64 / 1024.0,
-                            r.operator_rss_baseline_bytes as f64 / 1048576.0,
-                            r.store_commits
-                        )?,
-                    }
-                    rt.shutdown_background();
-                    Ok(0)
+    let temp = match &work {
+        Some(_) => None,
+        None => Some(tempfile::tempdir()?),
+    };
+    let dir = work
+        .clone()
+        .or_else(|| temp.as_ref().map(|t| t.path().to_path_buf()))
+        .unwrap_or_default();
+    std::fs::create_dir_all(&dir)?;
+    let agent = agent.unwrap_or_else(tenet::bench::default_agent);
+    let rt = tokio::runtime::Runtime::new()?;
+    let mut progress = std::io::stderr();
+    match rt.block_on(tenet::bench::converge(
+        terminals,
+        &dir,
+        &agent,
+        &mut progress,
+    )) {
+        Ok(r) => {
+            match output {
+                Output::Json => {
+                    serde_json::to_writer(&mut *stdout, &r).map_err(std::io::Error::from)?;
+                    writeln!(stdout)?;
                 }
-                Err(e) => {
-                    eprintln!("tenet: bench converge: {e} (work directory {})", dir.display());
-                    if let Some(t) = temp {
-                        // Keep what the failed run left, for a look.
-                        let _ = t.keep();
-                    }
-                    rt.shutdown_background();
-                    Ok(1)
-                }
+                Output::Text => writeln!(
+                    stdout,
+                    "{} terminals: {} converged in {:.0} ms; per terminal p50 {:.1} ms, p99 {:.1} ms; operator RSS {:.1} MiB ({:.1} KiB per terminal over the {:.1} MiB baseline); {} database commits",
+                    r.terminals,
+                    r.converged,
+                    r.wall_ms,
+                    r.p50_ms,
+                    r.p99_ms,
+                    r.operator_rss_bytes as f64 / 1048576.0,
+                    r.rss_per_terminal_bytes as f64 / 1024.0,
+                    r.operator_rss_baseline_bytes as f64 / 1048576.0,
+                    r.store_commits
+                )?,
             }
+            rt.shutdown_background();
+            Ok(0)
         }
+        Err(e) => {
+            eprintln!(
+                "tenet: bench converge: {e} (work directory {})",
+                dir.display()
+            );
+            if let Some(t) = temp {
+                // Keep what the failed run left, for a look.
+                let _ = t.keep();
+            }
+            rt.shutdown_background();
+            Ok(1)
+        }
+    }
+}

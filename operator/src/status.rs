@@ -234,3 +234,62 @@ pub fn read(data: &Path) -> Result<Status, String> {
     })?;
     serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
+
+/// Pairs compliant, pairs selected and pairs in flight over every policy.
+fn totals(status: &Status) -> (u32, u32, u32) {
+    status.policies.iter().fold((0, 0, 0), |(c, s, r), p| {
+        (c + p.compliant, s + p.selected, r + p.remediating)
+    })
+}
+
+/// Wait, drawing a progress bar on `out`, until at least `terminals` are
+/// connected, nothing is in flight and the counts have not changed for two
+/// seconds. Polls the status file the operator rewrites.
+pub fn wait_settled(
+    data: &Path,
+    terminals: usize,
+    timeout: std::time::Duration,
+    out: &mut dyn Write,
+) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut last: Option<(Vec<PolicyLine>, std::time::Instant)> = None;
+    loop {
+        if let Ok(status) = read(data) {
+            let connected = status.terminals.iter().filter(|t| t.connected).count();
+            let (compliant, selected, remediating) = totals(&status);
+            let width = 30usize;
+            let filled = (compliant as usize * width)
+                .checked_div(selected as usize)
+                .unwrap_or(0)
+                .min(width);
+            let _ = write!(
+                out,
+                "\r[{}{}] {compliant}/{selected} compliant, {remediating} remediating, {connected}/{terminals} terminals connected, {:.0} s   ",
+                "#".repeat(filled),
+                ".".repeat(width - filled),
+                started.elapsed().as_secs_f64()
+            );
+            let _ = out.flush();
+            let unchanged_since = match &last {
+                Some((p, since)) if *p == status.policies => *since,
+                _ => std::time::Instant::now(),
+            };
+            if connected >= terminals
+                && remediating == 0
+                && unchanged_since.elapsed() >= std::time::Duration::from_secs(2)
+            {
+                let _ = writeln!(out);
+                return Ok(());
+            }
+            last = Some((status.policies, unchanged_since));
+        }
+        if started.elapsed() > timeout {
+            let _ = writeln!(out);
+            return Err(format!(
+                "the fleet did not settle within {} s",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}

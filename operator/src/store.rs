@@ -110,7 +110,6 @@ pub struct PairRecord {
     pub remediated: bool,
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Table {
     Terminals,
@@ -217,7 +216,9 @@ impl Inner {
     fn mem(&self) -> MutexGuard<'_, Mem> {
         // A panic while holding the lock cannot leave a half-made change:
         // every change is made in memory and queued in one step.
-        self.mem.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.mem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Commit everything queued so far, in one transaction.
@@ -245,7 +246,10 @@ impl Inner {
                             tables.len() - 1
                         }
                     };
-                    tables[i].1.insert(key.as_str(), value.as_slice()).map_err(err)?;
+                    tables[i]
+                        .1
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(err)?;
                 }
             }
             tx.commit().map_err(err)
@@ -622,8 +626,7 @@ impl Store {
         stored: &StoredInventory,
     ) -> Result<bool, StoreError> {
         Ok(self.change(|m| {
-            if m
-                .inventories
+            if m.inventories
                 .get(terminal)
                 .is_some_and(|old| old.sequence >= stored.sequence)
             {
@@ -812,7 +815,11 @@ mod tests {
             assert_eq!(written, 2_000);
             rt.block_on(s.durable(written)).expect("durable");
             // Far fewer fsyncs than changes.
-            assert!(s.commits() < 500, "{} commits for 2,000 changes", s.commits());
+            assert!(
+                s.commits() < 500,
+                "{} commits for 2,000 changes",
+                s.commits()
+            );
             assert!(s.commits() >= 1);
         }
         let s = Store::open(&path).expect("reopen");

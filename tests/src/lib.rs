@@ -192,6 +192,7 @@ impl TestGateway {
             fleet,
             client_cert_validity: validity,
             now_ms,
+            max_connections: 1024,
         });
         runtime.spawn(gw.serve(listener));
         TestGateway {
