@@ -198,6 +198,13 @@ impl System for SimSystem {
     }
 }
 
+/// A (policy, generation) a successful report settles.
+type Settles = Option<(String, u64)>;
+
+/// A report in the outbox: its bytes, what it settles, the session it was
+/// first sent in.
+type Outgoing = (Vec<u8>, Settles, u64);
+
 /// One simulated terminal.
 struct Terminal {
     name: String,
@@ -208,7 +215,7 @@ struct Terminal {
     tls: OnceLock<Arc<rustls::ClientConfig>>,
     /// Signed reports not yet acknowledged, with the (policy, generation)
     /// of the successful ones and the session they were first sent in.
-    outbox: Mutex<Vec<(Vec<u8>, Option<(String, u64)>, u64)>>,
+    outbox: Mutex<Vec<Outgoing>>,
     /// Sessions so far.
     sessions: AtomicU64,
     /// (policy, generation) whose successful report was acknowledged.
@@ -398,13 +405,11 @@ impl Terminal {
                         self.outbox_push(report.clone(), settles);
                         write_frame(&mut writer, &ToOperator::Report(report)).await?;
                     }
-                    ToAgent::Ack { digest } => {
-                        if self.outbox_remove(&digest) {
-                            shared
-                                .counters
-                                .reports_acked
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
+                    ToAgent::Ack { digest } if self.outbox_remove(&digest) => {
+                        shared
+                            .counters
+                            .reports_acked
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                     ToAgent::InventoryWanted => {
                         write_frame(

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use tenet_e2e::{Running, binary, wait_until};
-use tenet_protocol::{Algorithm, KeyPair, Signer};
+use tenet_protocol::{Algorithm, KeyPair};
 
 const TERMINALS: usize = 1_000;
 
