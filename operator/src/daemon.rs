@@ -560,6 +560,13 @@ impl Daemon {
             metrics.dispatches.inc_by(outgoing.len() as u64);
             if !outgoing.is_empty() {
                 self.send(&data.store, &fleet, outgoing).await?;
+                // Handing envelopes over woke thousands of connection
+                // writers; the last one woken sits in this worker's LIFO
+                // slot, which no other worker may steal. Found by `tenet
+                // bench converge`: without this yield, that terminal's
+                // envelope waited seconds, or for ever, while this loop
+                // kept running passes. Yield so the slot runs now.
+                tokio::task::yield_now().await;
             }
             let round_trips = fleet.take_round_trips();
             for d in &round_trips {
