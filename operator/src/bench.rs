@@ -26,6 +26,8 @@ const INSTALLER_SH: &str = include_str!("../../examples/payloads/install-deb.sh"
 #[derive(Debug, Serialize)]
 pub struct Converge {
     pub terminals: usize,
+    /// The rollout's in-flight limit (`null`: all at once).
+    pub max_in_flight: Option<usize>,
     /// Terminals compliant with the new generation at the end.
     pub converged: usize,
     /// From the policy change to the last terminal verified compliant.
@@ -38,6 +40,8 @@ pub struct Converge {
     pub operator_rss_bytes: u64,
     /// ... before any terminal connected.
     pub operator_rss_baseline_bytes: u64,
+    /// ... once every terminal was connected and compliant, before the change.
+    pub operator_rss_connected_bytes: u64,
     /// (end - baseline) / terminals.
     pub rss_per_terminal_bytes: u64,
     /// Time to enrol and connect every terminal (not part of wall_ms).
@@ -80,9 +84,13 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn policy_yaml(version: &str, digest: &str) -> String {
+fn policy_yaml(version: &str, digest: &str, window: Option<usize>) -> String {
+    let rollout = match window {
+        Some(k) => format!("maxInFlight: {k}"),
+        None => "maxInFlightPercent: 100".to_string(),
+    };
     format!(
-        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bench-app, namespace: bench }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  requirements:\n    - package: {{ name: bench-app, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: install-bench-app, digest: '{digest}' }}\n    args: [bench-app_2.0-1_all.deb]\n    capabilities: [run-artifact, log]\n    timeoutSeconds: 120\n  rollout: {{ maxInFlightPercent: 100, haltOnFailurePercent: 50 }}\n"
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bench-app, namespace: bench }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  requirements:\n    - package: {{ name: bench-app, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: install-bench-app, digest: '{digest}' }}\n    args: [bench-app_2.0-1_all.deb]\n    capabilities: [run-artifact, log]\n    timeoutSeconds: 120\n  rollout: {{ {rollout}, haltOnFailurePercent: 50 }}\n"
     )
 }
 
@@ -191,6 +199,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 /// Run one convergence of `terminals` simulated terminals in `work`.
 pub async fn converge(
     terminals: usize,
+    window: Option<usize>,
     work: &Path,
     agent: &Path,
     progress: &mut (dyn Write + Send),
@@ -210,7 +219,7 @@ pub async fn converge(
     write(&bundles.join("install-bench-app.bundle"), &bundle)?;
     write(
         &policies.join("bench.yaml"),
-        policy_yaml("1.0", &digest).as_bytes(),
+        policy_yaml("1.0", &digest, window).as_bytes(),
     )?;
     write(&work.join("template.yaml"), template().as_bytes())?;
 
@@ -282,6 +291,7 @@ pub async fn converge(
         )
         .await?;
         let setup_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let connected_rss = rss_bytes();
         let _ = writeln!(
             progress,
             "{terminals} connected in {:.1} s; changing the policy",
@@ -298,7 +308,7 @@ pub async fn converge(
         let t0 = Instant::now();
         write(
             &policies.join("bench.yaml"),
-            policy_yaml("2.0", &digest).as_bytes(),
+            policy_yaml("2.0", &digest, window).as_bytes(),
         )?;
         wait_until(
             &probe,
@@ -327,6 +337,7 @@ pub async fn converge(
             .map_or(0, |p| p.compliant as usize);
         Ok(Converge {
             terminals,
+            max_in_flight: window,
             converged,
             wall_ms,
             p50_ms: percentile(&trips, 0.50),
@@ -334,6 +345,7 @@ pub async fn converge(
             max_ms: percentile(&trips, 1.0),
             operator_rss_bytes: end,
             operator_rss_baseline_bytes: baseline,
+            operator_rss_connected_bytes: connected_rss,
             rss_per_terminal_bytes: end.saturating_sub(baseline) / terminals.max(1) as u64,
             setup_ms,
             store_commits: probe

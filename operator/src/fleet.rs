@@ -238,7 +238,7 @@ impl StandaloneFleet {
                 inventory,
             };
             self.store
-                .put_inventory(terminal, &stored)
+                .put_inventory(terminal, stored)
                 .map_err(store_err)?;
         }
         let _ = self.changes.send(Change::Report {
@@ -265,7 +265,7 @@ impl StandaloneFleet {
         };
         if self
             .store
-            .put_inventory(terminal, &stored)
+            .put_inventory(terminal, stored)
             .map_err(store_err)?
         {
             let _ = self.changes.send(Change::Inventory(terminal.to_string()));

@@ -119,6 +119,10 @@ enum BenchCommand {
     Converge {
         #[arg(long, default_value_t = 1000)]
         terminals: usize,
+        /// The rollout's window: at most this many dispatches in flight
+        /// (default: all at once).
+        #[arg(long)]
+        max_in_flight: Option<usize>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
         /// Working directory (default: a new temporary one, removed after).
@@ -380,10 +384,11 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Converge {
             terminals,
+            max_in_flight,
             output,
             work,
             agent,
-        }) => bench_converge(terminals, output, work, agent, stdout),
+        }) => bench_converge(terminals, max_in_flight, output, work, agent, stdout),
         Command::Status {
             data,
             output,
@@ -465,6 +470,7 @@ fn main() -> ExitCode {
 
 fn bench_converge(
     terminals: usize,
+    max_in_flight: Option<usize>,
     output: Output,
     work: Option<PathBuf>,
     agent: Option<PathBuf>,
@@ -484,6 +490,7 @@ fn bench_converge(
     let mut progress = std::io::stderr();
     match rt.block_on(tenet::bench::converge(
         terminals,
+        max_in_flight,
         &dir,
         &agent,
         &mut progress,

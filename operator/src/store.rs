@@ -176,6 +176,9 @@ struct Inner {
     commits: std::sync::atomic::AtomicU64,
 }
 
+/// redb's page cache: writes only, the reads come from memory.
+const PAGE_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
 pub struct Store {
     inner: Arc<Inner>,
     flusher: Option<std::thread::JoinHandle<()>>,
@@ -339,7 +342,12 @@ impl Store {
             path: path.display().to_string(),
             source: e.into(),
         };
-        let db = Database::create(path).map_err(open_err)?;
+        // The working set lives in memory already; redb's page cache
+        // (1 GiB by default) would hold a second copy of it.
+        let db = redb::Builder::new()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)
+            .map_err(open_err)?;
         // Create the tables, so readers never meet a missing one.
         let tx = db.begin_write().map_err(err)?;
         for t in [TERMINALS, TOKENS, PAIRS, DISPATCHES, INVENTORIES, POLICIES] {
@@ -623,7 +631,7 @@ impl Store {
     pub fn put_inventory(
         &self,
         terminal: &str,
-        stored: &StoredInventory,
+        stored: StoredInventory,
     ) -> Result<bool, StoreError> {
         Ok(self.change(|m| {
             if m.inventories
@@ -632,9 +640,8 @@ impl Store {
             {
                 return false;
             }
-            m.write(Table::Inventories, terminal, stored);
-            m.inventories
-                .insert(terminal.to_string(), Arc::new(stored.clone()));
+            m.write(Table::Inventories, terminal, &stored);
+            m.inventories.insert(terminal.to_string(), Arc::new(stored));
             true
         }))
     }

@@ -64,6 +64,16 @@ pub enum PassError {
     Sign(#[from] tenet_protocol::keys::KeyError),
 }
 
+/// A terminal a policy selects, as this pass saw it.
+#[derive(Clone)]
+struct Seen<'a> {
+    terminal: &'a str,
+    /// When its inventory was received.
+    received_ms: u64,
+    /// Why it drifts from the policy, if it does.
+    drift: Option<String>,
+}
+
 pub struct Pass<'a> {
     pub store: &'a Store,
     pub policies: &'a [CompiledPolicy],
@@ -106,20 +116,33 @@ pub fn undelivered(
 impl Pass<'_> {
     pub fn run(&self) -> Result<(Vec<Outgoing>, Vec<PolicyStatus>), PassError> {
         let inventories = self.store.inventories();
-        let views: Vec<(&str, u64, TerminalView<'_>)> = inventories
-            .iter()
-            .map(|(name, inv)| {
-                (
-                    name.as_str(),
-                    inv.received_ms,
-                    TerminalView::new(&inv.inventory),
-                )
-            })
-            .collect();
+        // Terminal by terminal: one indexed view at a time (indexing every
+        // terminal first cost ~9 KiB per terminal at the pass's peak), and
+        // per policy only what the state machine needs.
+        let mut seen: Vec<Vec<Seen<'_>>> = vec![Vec::new(); self.policies.len()];
+        for (name, inv) in &inventories {
+            let view = TerminalView::new(&inv.inventory);
+            for (policy, seen) in self.policies.iter().zip(seen.iter_mut()) {
+                let eval = evaluate(policy, &view);
+                if !eval.selected {
+                    continue;
+                }
+                let drift: Vec<String> = eval
+                    .drift()
+                    .iter()
+                    .map(|r| format!("{}: {}", r.requirement, r.reason))
+                    .collect();
+                seen.push(Seen {
+                    terminal: name.as_str(),
+                    received_ms: inv.received_ms,
+                    drift: (!drift.is_empty()).then(|| drift.join("; ")),
+                });
+            }
+        }
         let mut outgoing = Vec::new();
         let mut statuses = Vec::new();
-        for policy in self.policies {
-            let (status, out) = self.policy(policy, &views)?;
+        for (policy, seen) in self.policies.iter().zip(seen) {
+            let (status, out) = self.policy(policy, seen)?;
             statuses.push(status);
             outgoing.extend(out);
         }
@@ -129,7 +152,7 @@ impl Pass<'_> {
     fn policy(
         &self,
         policy: &CompiledPolicy,
-        views: &[(&str, u64, TerminalView<'_>)],
+        seen: Vec<Seen<'_>>,
     ) -> Result<(PolicyStatus, Vec<Outgoing>), PassError> {
         let key = policy.key();
         let generation = policy.generation.max(0) as u64;
@@ -140,11 +163,12 @@ impl Pass<'_> {
         };
         let mut counts = Counts::default();
         let mut ready: Vec<(&str, PairRecord)> = Vec::new();
-        for (terminal, received_ms, view) in views {
-            let eval = evaluate(policy, view);
-            if !eval.selected {
-                continue;
-            }
+        for Seen {
+            terminal,
+            received_ms,
+            drift,
+        } in seen
+        {
             counts.selected += 1;
             let before = self.store.pair(terminal, &key)?;
             let mut record = before.clone().unwrap_or(PairRecord {
@@ -167,17 +191,11 @@ impl Pass<'_> {
             // Verifying waits for an inventory received with the report
             // (observed after the run) or after it.
             let fresh = match record.state {
-                PairState::Verifying { since_ms, .. } => *received_ms >= since_ms,
+                PairState::Verifying { since_ms, .. } => received_ms >= since_ms,
                 _ => true,
             };
             if fresh {
-                let drift: Vec<String> = eval
-                    .drift()
-                    .iter()
-                    .map(|r| format!("{}: {}", r.requirement, r.reason))
-                    .collect();
                 let was_verifying = matches!(record.state, PairState::Verifying { .. });
-                let drift = (!drift.is_empty()).then(|| drift.join("; "));
                 record.state = step(&record.state, Event::Inventory { drift });
                 if was_verifying && record.state == PairState::Compliant {
                     record.remediated = true;
@@ -402,7 +420,7 @@ mod tests {
         store
             .put_inventory(
                 name,
-                &StoredInventory {
+                StoredInventory {
                     sequence,
                     received_ms,
                     inventory,
