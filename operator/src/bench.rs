@@ -52,6 +52,9 @@ pub struct Converge {
     /// terminal when nothing was retried), and those that could not be.
     pub dispatches: u64,
     pub undelivered: u64,
+    /// Reconcile passes during the convergence, and their mean duration.
+    pub passes: u64,
+    pub pass_mean_ms: f64,
     pub cores: usize,
 }
 
@@ -304,6 +307,8 @@ pub async fn converge(
             .store_commits
             .load(std::sync::atomic::Ordering::Relaxed);
         let handed_before = probe.handed_over.load(std::sync::atomic::Ordering::Relaxed);
+        let passes_before = probe.passes_run.load(std::sync::atomic::Ordering::Relaxed);
+        let micros_before = probe.pass_micros.load(std::sync::atomic::Ordering::Relaxed);
         let undelivered_before = probe.undelivered.load(std::sync::atomic::Ordering::Relaxed);
         let t0 = Instant::now();
         write(
@@ -329,6 +334,14 @@ pub async fn converge(
             .unwrap_or_default();
         trips.sort();
         let end = rss_bytes();
+        let passes = probe
+            .passes_run
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(passes_before);
+        let micros = probe
+            .pass_micros
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(micros_before);
         let converged = probe
             .passes
             .borrow()
@@ -352,6 +365,8 @@ pub async fn converge(
                 .store_commits
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(commits_before),
+            passes,
+            pass_mean_ms: micros as f64 / 1000.0 / passes.max(1) as f64,
             dispatches: probe
                 .handed_over
                 .load(std::sync::atomic::Ordering::Relaxed)

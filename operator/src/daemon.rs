@@ -90,6 +90,9 @@ pub struct Probe {
     pub store_commits: std::sync::atomic::AtomicU64,
     /// Envelopes handed to a connection, and envelopes that could not be.
     pub handed_over: std::sync::atomic::AtomicU64,
+    /// Reconcile passes run, and their total time in microseconds.
+    pub passes_run: std::sync::atomic::AtomicU64,
+    pub pass_micros: std::sync::atomic::AtomicU64,
     pub undelivered: std::sync::atomic::AtomicU64,
 }
 
@@ -525,6 +528,7 @@ impl Daemon {
         let _watcher = watch_dirs(&[&self.policies, &self.bundles], files_changed.clone());
 
         let mut cache = PolicyCache::default();
+        let evaluations = std::sync::Mutex::new(crate::reconcile::pass::Evaluations::default());
         let mut last_status: Vec<PolicyStatus> = Vec::new();
         let mut last_bundle_problems: Vec<String> = Vec::new();
         let mut last_written: Option<crate::status::Status> = None;
@@ -553,10 +557,19 @@ impl Daemon {
                     retry: Retry::default(),
                     now_ms: now_ms(),
                     jitter: jitter(),
+                    evaluations: Some(&evaluations),
                 }
                 .run()?
             };
             metrics.observe_pass(started.elapsed());
+            if let Some(p) = &self.probe {
+                p.passes_run
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                p.pass_micros.fetch_add(
+                    started.elapsed().as_micros() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
             metrics.dispatches.inc_by(outgoing.len() as u64);
             if !outgoing.is_empty() {
                 self.send(&data.store, &fleet, outgoing).await?;

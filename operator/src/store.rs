@@ -138,7 +138,9 @@ impl Table {
 struct Mem {
     terminals: BTreeMap<String, TerminalRecord>,
     tokens: HashMap<String, TokenRecord>,
-    pairs: BTreeMap<String, PairRecord>,
+    /// Pair states by policy, then terminal: a pass reads them without
+    /// building keys.
+    pairs: HashMap<String, HashMap<String, PairRecord>>,
     dispatches: BTreeMap<String, LiveDispatch>,
     inventories: HashMap<String, Arc<StoredInventory>>,
     policies: HashMap<String, ([u8; 32], u64)>,
@@ -149,6 +151,20 @@ struct Mem {
 }
 
 impl Mem {
+    fn set_pair(&mut self, terminal: &str, policy: &str, record: PairRecord) {
+        match self.pairs.get_mut(policy) {
+            Some(p) => {
+                p.insert(terminal.to_string(), record);
+            }
+            None => {
+                self.pairs.insert(
+                    policy.to_string(),
+                    HashMap::from([(terminal.to_string(), record)]),
+                );
+            }
+        }
+    }
+
     fn write<T: Serialize>(&mut self, table: Table, key: &str, value: &T) {
         self.pending.push((table, key.to_string(), encode(value)));
         self.written += 1;
@@ -178,6 +194,15 @@ struct Inner {
 
 /// redb's page cache: writes only, the reads come from memory.
 const PAGE_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The pairs of one policy, read under the store's lock.
+pub struct PolicyPairs<'a>(Option<&'a HashMap<String, PairRecord>>);
+
+impl<'a> PolicyPairs<'a> {
+    pub fn get(&self, terminal: &str) -> Option<&'a PairRecord> {
+        self.0.and_then(|p| p.get(terminal))
+    }
+}
 
 pub struct Store {
     inner: Arc<Inner>,
@@ -358,7 +383,18 @@ impl Store {
         let mem = Mem {
             terminals: load(&tx, Table::Terminals)?.into_iter().collect(),
             tokens: load(&tx, Table::Tokens)?.into_iter().collect(),
-            pairs: load(&tx, Table::Pairs)?.into_iter().collect(),
+            pairs: {
+                let mut pairs: HashMap<String, HashMap<String, PairRecord>> = HashMap::new();
+                for (key, record) in load::<PairRecord>(&tx, Table::Pairs)? {
+                    if let Some((terminal, policy)) = key.split_once('\u{0}') {
+                        pairs
+                            .entry(policy.to_string())
+                            .or_default()
+                            .insert(terminal.to_string(), record);
+                    }
+                }
+                pairs
+            },
             dispatches: load(&tx, Table::Dispatches)?.into_iter().collect(),
             inventories: load::<StoredInventory>(&tx, Table::Inventories)?
                 .into_iter()
@@ -551,7 +587,57 @@ impl Store {
     }
 
     pub fn pair(&self, terminal: &str, policy: &str) -> Result<Option<PairRecord>, StoreError> {
-        Ok(self.mem().pairs.get(&pair_key(terminal, policy)).cloned())
+        Ok(self
+            .mem()
+            .pairs
+            .get(policy)
+            .and_then(|p| p.get(terminal))
+            .cloned())
+    }
+
+    /// Read every pair of `policy` under one lock: `f` gets a lookup by
+    /// terminal. Keep `f` short: the gateway waits for it.
+    pub fn with_policy_pairs<R>(&self, policy: &str, f: impl FnOnce(PolicyPairs<'_>) -> R) -> R {
+        let m = self.mem();
+        f(PolicyPairs(m.pairs.get(policy)))
+    }
+
+    /// Set pairs of `policy` in one change, each only if it is still what
+    /// the caller read (`before`). The terminals whose pair had changed
+    /// meanwhile (and were left alone).
+    pub fn swap_pairs(
+        &self,
+        policy: &str,
+        changes: &[(&str, Option<PairRecord>, PairRecord)],
+    ) -> std::collections::HashSet<String> {
+        if changes.is_empty() {
+            return Default::default();
+        }
+        self.change(|m| {
+            let mut lost = std::collections::HashSet::new();
+            for (terminal, before, after) in changes {
+                let current = m.pairs.get(policy).and_then(|p| p.get(*terminal));
+                if current != before.as_ref() {
+                    lost.insert(terminal.to_string());
+                    continue;
+                }
+                m.write(Table::Pairs, &pair_key(terminal, policy), after);
+                m.set_pair(terminal, policy, after.clone());
+            }
+            lost
+        })
+    }
+
+    /// Whether a pair is Compliant in `generation` (and then whether it got
+    /// there by a remediation), without copying it: the common case of a
+    /// pass.
+    pub fn compliant_pair(&self, terminal: &str, policy: &str, generation: u64) -> Option<bool> {
+        self.mem()
+            .pairs
+            .get(policy)
+            .and_then(|p| p.get(terminal))
+            .filter(|r| r.generation == generation && r.state == PairState::Compliant)
+            .map(|r| r.remediated)
     }
 
     pub fn set_pair(
@@ -563,7 +649,7 @@ impl Store {
         let key = pair_key(terminal, policy);
         self.change(|m| {
             m.write(Table::Pairs, &key, record);
-            m.pairs.insert(key, record.clone());
+            m.set_pair(terminal, policy, record.clone());
         });
         Ok(())
     }
@@ -594,8 +680,8 @@ impl Store {
         self.change(|m| {
             m.write(Table::Dispatches, &key, dispatch);
             m.write(Table::Pairs, &key, pair);
-            m.dispatches.insert(key.clone(), dispatch.clone());
-            m.pairs.insert(key, pair.clone());
+            m.dispatches.insert(key, dispatch.clone());
+            m.set_pair(terminal, policy, pair.clone());
         });
         Ok(())
     }
@@ -620,8 +706,8 @@ impl Store {
             live.record.consumed = true;
             m.write(Table::Dispatches, &key, &live);
             m.write(Table::Pairs, &key, pair);
-            m.dispatches.insert(key.clone(), live.clone());
-            m.pairs.insert(key, pair.clone());
+            m.dispatches.insert(key, live.clone());
+            m.set_pair(terminal, policy, pair.clone());
             Some(live)
         }))
     }
@@ -655,13 +741,11 @@ impl Store {
     /// not copied), by name.
     pub fn inventories(&self) -> Vec<(String, Arc<StoredInventory>)> {
         let m = self.mem();
-        let mut out: Vec<_> = m
-            .terminals
+        // In name order: `terminals` is a BTreeMap.
+        m.terminals
             .keys()
             .filter_map(|name| Some((name.clone(), m.inventories.get(name)?.clone())))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 
     /// Every enrolled terminal's name.
@@ -691,15 +775,18 @@ impl Store {
 
     /// Every pair's record (for status and for resuming after a restart).
     pub fn pairs(&self) -> Result<Vec<(String, String, PairRecord)>, StoreError> {
-        Ok(self
+        let mut out: Vec<(String, String, PairRecord)> = self
             .mem()
             .pairs
             .iter()
-            .filter_map(|(k, v)| {
-                let (t, p) = k.split_once('\u{0}')?;
-                Some((t.to_string(), p.to_string(), v.clone()))
+            .flat_map(|(policy, terminals)| {
+                terminals
+                    .iter()
+                    .map(|(t, r)| (t.clone(), policy.clone(), r.clone()))
             })
-            .collect())
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        Ok(out)
     }
 }
 
@@ -831,6 +918,45 @@ mod tests {
         }
         let s = Store::open(&path).expect("reopen");
         assert_eq!(s.pairs().expect("pairs").len(), 2_000);
+    }
+
+    #[test]
+    fn swapped_pairs_never_overwrite_a_change_made_meanwhile() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("db")).expect("open");
+        let rec = |state: PairState| PairRecord {
+            generation: 1,
+            state,
+            updated_ms: 0,
+            remediated: false,
+        };
+        let dispatched = rec(PairState::Dispatched {
+            attempt: 1,
+            sequence: 1,
+            deadline_ms: 10,
+        });
+        s.set_pair("a", "ns/p", &dispatched).expect("set");
+        s.set_pair("b", "ns/p", &dispatched).expect("set");
+        // A pass read both as Dispatched; a report then verified "a".
+        let verifying = rec(PairState::Verifying {
+            attempt: 1,
+            since_ms: 5,
+        });
+        s.set_pair("a", "ns/p", &verifying).expect("report");
+        let expired = rec(PairState::Failed {
+            attempts: 1,
+            reason: "expired".into(),
+        });
+        let lost = s.swap_pairs(
+            "ns/p",
+            &[
+                ("a", Some(dispatched.clone()), expired.clone()),
+                ("b", Some(dispatched.clone()), expired.clone()),
+            ],
+        );
+        assert_eq!(lost, ["a".to_string()].into());
+        assert_eq!(s.pair("a", "ns/p").expect("db"), Some(verifying));
+        assert_eq!(s.pair("b", "ns/p").expect("db"), Some(expired));
     }
 
     #[test]

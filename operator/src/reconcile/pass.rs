@@ -19,7 +19,7 @@ use tenet_protocol::{SignedMessage, Signer};
 use super::rollout::{Counts, Step, step};
 use super::state::{Event, PairState, Retry, next};
 use crate::policy::{CompiledPolicy, TerminalView, evaluate};
-use crate::store::{LiveDispatch, PairRecord, Store, StoreError};
+use crate::store::{LiveDispatch, PairRecord, Store, StoreError, StoredInventory};
 
 /// A signed bundle the operator can dispatch.
 #[derive(Debug, Clone)]
@@ -64,6 +64,30 @@ pub enum PassError {
     Sign(#[from] tenet_protocol::keys::KeyError),
 }
 
+/// Each terminal's verdict per policy (`None`: not selected; `Some(None)`:
+/// compliant; `Some(Some(reason))`: drifted), for the inventory it was
+/// computed from and the policies in force then.
+#[derive(Default)]
+pub struct Evaluations {
+    policies: Vec<(String, i64)>,
+    #[allow(clippy::type_complexity)]
+    terminals: HashMap<String, (std::sync::Arc<StoredInventory>, Vec<Option<Option<String>>>)>,
+}
+
+enum CacheRef<'a> {
+    Shared(std::sync::MutexGuard<'a, Evaluations>),
+    Own(&'a mut Evaluations),
+}
+
+impl CacheRef<'_> {
+    fn get(&mut self) -> &mut Evaluations {
+        match self {
+            CacheRef::Shared(g) => g,
+            CacheRef::Own(e) => e,
+        }
+    }
+}
+
 /// A terminal a policy selects, as this pass saw it.
 #[derive(Clone)]
 struct Seen<'a> {
@@ -71,7 +95,7 @@ struct Seen<'a> {
     /// When its inventory was received.
     received_ms: u64,
     /// Why it drifts from the policy, if it does.
-    drift: Option<String>,
+    drift: Option<&'a str>,
 }
 
 pub struct Pass<'a> {
@@ -84,6 +108,8 @@ pub struct Pass<'a> {
     pub retry: Retry,
     pub now_ms: u64,
     pub jitter: f64,
+    /// Evaluations kept between passes (`None`: evaluate everything).
+    pub evaluations: Option<&'a std::sync::Mutex<Evaluations>>,
 }
 
 fn capability(c: tenet_crds::policy::Capability) -> Capability {
@@ -119,24 +145,71 @@ impl Pass<'_> {
         // Terminal by terminal: one indexed view at a time (indexing every
         // terminal first cost ~9 KiB per terminal at the pass's peak), and
         // per policy only what the state machine needs.
+        // A terminal is evaluated again only when its inventory or the
+        // policies in force changed since the last pass.
+        let mut fresh_cache = Evaluations::default();
+        let mut cache = match self.evaluations {
+            Some(m) => {
+                CacheRef::Shared(m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            }
+            None => CacheRef::Own(&mut fresh_cache),
+        };
+        let cache = cache.get();
+        let in_force: Vec<(String, i64)> = self
+            .policies
+            .iter()
+            .map(|p| (p.key(), p.generation))
+            .collect();
+        if cache.policies != in_force {
+            cache.terminals.clear();
+            cache.policies = in_force;
+        }
+        if cache.terminals.len() > inventories.len() {
+            let names: std::collections::HashSet<&str> =
+                inventories.iter().map(|(n, _)| n.as_str()).collect();
+            cache.terminals.retain(|n, _| names.contains(n.as_str()));
+        }
+        for (name, inv) in &inventories {
+            let cached = cache
+                .terminals
+                .get(name)
+                .is_some_and(|(known, _)| std::sync::Arc::ptr_eq(known, inv));
+            if !cached {
+                let view = TerminalView::new(&inv.inventory);
+                let verdicts = self
+                    .policies
+                    .iter()
+                    .map(|policy| {
+                        let eval = evaluate(policy, &view);
+                        eval.selected.then(|| {
+                            let drift: Vec<String> = eval
+                                .drift()
+                                .iter()
+                                .map(|r| format!("{}: {}", r.requirement, r.reason))
+                                .collect();
+                            (!drift.is_empty()).then(|| drift.join("; "))
+                        })
+                    })
+                    .collect();
+                cache
+                    .terminals
+                    .insert(name.clone(), (inv.clone(), verdicts));
+            }
+        }
+        let cache = &*cache;
         let mut seen: Vec<Vec<Seen<'_>>> = vec![Vec::new(); self.policies.len()];
         for (name, inv) in &inventories {
-            let view = TerminalView::new(&inv.inventory);
-            for (policy, seen) in self.policies.iter().zip(seen.iter_mut()) {
-                let eval = evaluate(policy, &view);
-                if !eval.selected {
-                    continue;
+            let Some((_, verdicts)) = cache.terminals.get(name) else {
+                continue;
+            };
+            for (verdict, seen) in verdicts.iter().zip(seen.iter_mut()) {
+                if let Some(drift) = verdict {
+                    seen.push(Seen {
+                        terminal: name.as_str(),
+                        received_ms: inv.received_ms,
+                        drift: drift.as_deref(),
+                    });
                 }
-                let drift: Vec<String> = eval
-                    .drift()
-                    .iter()
-                    .map(|r| format!("{}: {}", r.requirement, r.reason))
-                    .collect();
-                seen.push(Seen {
-                    terminal: name.as_str(),
-                    received_ms: inv.received_ms,
-                    drift: (!drift.is_empty()).then(|| drift.join("; ")),
-                });
             }
         }
         let mut outgoing = Vec::new();
@@ -162,72 +235,124 @@ impl Pass<'_> {
             ..PolicyStatus::default()
         };
         let mut counts = Counts::default();
-        let mut ready: Vec<(&str, PairRecord)> = Vec::new();
-        for Seen {
-            terminal,
-            received_ms,
-            drift,
-        } in seen
-        {
-            counts.selected += 1;
-            let before = self.store.pair(terminal, &key)?;
-            let mut record = before.clone().unwrap_or(PairRecord {
-                generation,
-                state: PairState::Unknown,
-                updated_ms: self.now_ms,
-                remediated: false,
-            });
-            let step = |s: &PairState, e: Event| next(s, &e, &self.retry, self.now_ms, self.jitter);
-            if record.generation != generation {
-                record.state = step(&record.state, Event::PolicyChanged);
-                record.generation = generation;
-                record.remediated = false;
-            }
-            if let PairState::Dispatched { deadline_ms, .. } = record.state
-                && self.now_ms > deadline_ms.saturating_add(REPORT_GRACE_MS)
+        let mut changes: Vec<(&str, Option<PairRecord>, PairRecord)> = Vec::new();
+        // Terminals ready for a dispatch, in name order.
+        let mut candidates: Vec<&str> = Vec::new();
+        // Every pair of the policy is read under one lock (one lock per
+        // pair fought the gateway's threads at 10,000 terminals); the
+        // changes are written back together, each only if the pair did
+        // not change meanwhile (a report can land during the pass).
+        self.store.with_policy_pairs(&key, |pairs| {
+            for Seen {
+                terminal,
+                received_ms,
+                drift,
+            } in seen
             {
-                record.state = step(&record.state, Event::Expired);
-            }
-            // Verifying waits for an inventory received with the report
-            // (observed after the run) or after it.
-            let fresh = match record.state {
-                PairState::Verifying { since_ms, .. } => received_ms >= since_ms,
-                _ => true,
-            };
-            if fresh {
-                let was_verifying = matches!(record.state, PairState::Verifying { .. });
-                record.state = step(&record.state, Event::Inventory { drift });
-                if was_verifying && record.state == PairState::Compliant {
-                    record.remediated = true;
-                }
-            }
-            match &record.state {
-                PairState::Compliant => {
-                    status.compliant += 1;
-                    if record.remediated {
-                        counts.succeeded += 1;
+                counts.selected += 1;
+                let current = pairs.get(terminal);
+                // The common cases change nothing and copy nothing: still
+                // compliant, still drifting for the same reason, still out.
+                if let Some(r) = current.filter(|r| r.generation == generation) {
+                    match (&r.state, drift) {
+                        (PairState::Compliant, None) => {
+                            status.compliant += 1;
+                            counts.succeeded += usize::from(r.remediated);
+                            continue;
+                        }
+                        (
+                            PairState::Drifted {
+                                attempts, reason, ..
+                            },
+                            Some(d),
+                        ) if *attempts > 0 || reason == d => {
+                            status.drifted += 1;
+                            if r.state.ready(self.now_ms) {
+                                candidates.push(terminal);
+                            }
+                            continue;
+                        }
+                        (PairState::Dispatched { deadline_ms, .. }, _)
+                            if self.now_ms <= deadline_ms.saturating_add(REPORT_GRACE_MS) =>
+                        {
+                            status.remediating += 1;
+                            counts.in_flight += 1;
+                            continue;
+                        }
+                        _ => {}
                     }
                 }
-                PairState::Drifted { .. } | PairState::Unknown => status.drifted += 1,
-                PairState::Dispatched { .. } | PairState::Verifying { .. } => {
-                    status.remediating += 1;
-                    counts.in_flight += 1;
+                let before = current.cloned();
+                let mut record = before.clone().unwrap_or(PairRecord {
+                    generation,
+                    state: PairState::Unknown,
+                    updated_ms: self.now_ms,
+                    remediated: false,
+                });
+                let step =
+                    |s: &PairState, e: Event| next(s, &e, &self.retry, self.now_ms, self.jitter);
+                if record.generation != generation {
+                    record.state = step(&record.state, Event::PolicyChanged);
+                    record.generation = generation;
+                    record.remediated = false;
                 }
-                PairState::Failed { .. } => {
-                    status.failed += 1;
-                    counts.failed += 1;
+                if let PairState::Dispatched { deadline_ms, .. } = record.state
+                    && self.now_ms > deadline_ms.saturating_add(REPORT_GRACE_MS)
+                {
+                    record.state = step(&record.state, Event::Expired);
+                }
+                // Verifying waits for an inventory received with the report
+                // (observed after the run) or after it.
+                let fresh = match record.state {
+                    PairState::Verifying { since_ms, .. } => received_ms >= since_ms,
+                    _ => true,
+                };
+                if fresh {
+                    let was_verifying = matches!(record.state, PairState::Verifying { .. });
+                    let drift = drift.map(str::to_string);
+                    record.state = step(&record.state, Event::Inventory { drift });
+                    if was_verifying && record.state == PairState::Compliant {
+                        record.remediated = true;
+                    }
+                }
+                match &record.state {
+                    PairState::Compliant => {
+                        status.compliant += 1;
+                        if record.remediated {
+                            counts.succeeded += 1;
+                        }
+                    }
+                    PairState::Drifted { .. } | PairState::Unknown => status.drifted += 1,
+                    PairState::Dispatched { .. } | PairState::Verifying { .. } => {
+                        status.remediating += 1;
+                        counts.in_flight += 1;
+                    }
+                    PairState::Failed { .. } => {
+                        status.failed += 1;
+                        counts.failed += 1;
+                    }
+                }
+                if record.state.ready(self.now_ms) {
+                    candidates.push(terminal);
+                }
+                if before.as_ref() != Some(&record) {
+                    record.updated_ms = self.now_ms;
+                    changes.push((terminal, before, record));
                 }
             }
-            if before.as_ref() != Some(&record) {
-                record.updated_ms = self.now_ms;
-                self.store.set_pair(terminal, &key, &record)?;
-            }
-            if record.state.ready(self.now_ms) && (self.online)(terminal) {
-                ready.push((terminal, record));
-            }
-        }
+        });
+        // A pair that changed under the pass is looked at again next pass.
+        let lost = self.store.swap_pairs(&key, &changes);
+        let ready = candidates.into_iter().filter(|t| !lost.contains(*t));
         status.selected = counts.selected as u32;
-        counts.ready = ready.len();
+        let mut ready = ready.peekable();
+        // Only a bound (some may be offline): the rollout never starts
+        // more than its room anyway.
+        counts.ready = if ready.peek().is_some() {
+            usize::MAX
+        } else {
+            0
+        };
 
         let Some(remediation) = policy.spec.remediation.as_ref() else {
             return Ok((status, Vec::new()));
@@ -264,8 +389,13 @@ impl Pass<'_> {
             }
         };
         let mut out = Vec::new();
-        ready.sort_by(|a, b| a.0.cmp(b.0));
-        for (terminal, record) in ready.into_iter().take(count) {
+        // In terminal-name order (the inventories are), online ones only.
+        let chosen: Vec<(&str, PairRecord)> = ready
+            .filter(|t| (self.online)(t))
+            .filter_map(|t| Some((t, self.store.pair(t, &key).ok()??)))
+            .take(count)
+            .collect();
+        for (terminal, record) in chosen {
             let Some(sequence) = self.store.next_sequence(terminal)? else {
                 continue;
             };
@@ -444,6 +574,7 @@ mod tests {
             retry: Retry::default(),
             now_ms,
             jitter: 0.0,
+            evaluations: None,
         };
         let (out, mut statuses) = p.run().expect("pass");
         (out, statuses.remove(0))
