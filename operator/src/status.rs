@@ -39,6 +39,9 @@ pub struct PolicyLine {
     pub failed: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// Whether drift is remediated (false: only reported).
+    #[serde(default)]
+    pub remediates: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +77,7 @@ impl From<&PolicyStatus> for PolicyLine {
             remediating: s.remediating,
             failed: s.failed,
             held: s.held.clone(),
+            remediates: s.remediates,
         }
     }
 }
@@ -243,8 +247,9 @@ fn totals(status: &Status) -> (u32, u32, u32) {
 }
 
 /// Wait, drawing a progress bar on `out`, until at least `terminals` are
-/// connected, nothing is in flight and the counts have not changed for two
-/// seconds. Polls the status file the operator rewrites.
+/// connected, nothing is in flight, no drift is waiting for a remediation
+/// (a retry after a failure waits its backoff) and the counts have not
+/// changed for two seconds. Polls the status file the operator rewrites.
 pub fn wait_settled(
     data: &Path,
     terminals: usize,
@@ -253,6 +258,7 @@ pub fn wait_settled(
 ) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut last: Option<(Vec<PolicyLine>, std::time::Instant)> = None;
+    let mut drawn = String::new();
     loop {
         if let Ok(status) = read(data) {
             let connected = status.terminals.iter().filter(|t| t.connected).count();
@@ -262,20 +268,30 @@ pub fn wait_settled(
                 .checked_div(selected as usize)
                 .unwrap_or(0)
                 .min(width);
-            let _ = write!(
-                out,
+            let line = format!(
                 "\r[{}{}] {compliant}/{selected} compliant, {remediating} remediating, {connected}/{terminals} terminals connected, {:.0} s   ",
                 "#".repeat(filled),
                 ".".repeat(width - filled),
                 started.elapsed().as_secs_f64()
             );
-            let _ = out.flush();
+            if line != drawn {
+                let _ = write!(out, "{line}");
+                let _ = out.flush();
+                drawn = line;
+            }
             let unchanged_since = match &last {
                 Some((p, since)) if *p == status.policies => *since,
                 _ => std::time::Instant::now(),
             };
+            let waiting: u32 = status
+                .policies
+                .iter()
+                .filter(|p| p.remediates && p.held.is_none())
+                .map(|p| p.drifted)
+                .sum();
             if connected >= terminals
                 && remediating == 0
+                && waiting == 0
                 && unchanged_since.elapsed() >= std::time::Duration::from_secs(2)
             {
                 let _ = writeln!(out);

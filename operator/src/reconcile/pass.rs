@@ -54,6 +54,9 @@ pub struct PolicyStatus {
     /// Why nothing is dispatched, when something stops it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// Whether the policy remediates drift (it has a remediation and is not
+    /// suspended); if not, its drift is only reported.
+    pub remediates: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +235,7 @@ impl Pass<'_> {
         let mut status = PolicyStatus {
             policy: key.clone(),
             generation: policy.generation,
+            remediates: policy.spec.remediation.is_some() && !policy.spec.suspend,
             ..PolicyStatus::default()
         };
         let mut counts = Counts::default();
