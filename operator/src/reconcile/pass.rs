@@ -17,7 +17,7 @@ use tenet_protocol::wire::{digest_string, parse_digest};
 use tenet_protocol::{SignedMessage, Signer};
 
 use super::rollout::{Counts, Step, step};
-use super::state::{Event, PairState, Retry, next};
+use super::state::{Event, PairState, Retry, exhausted, next};
 use crate::policy::{CompiledPolicy, TerminalView, evaluate};
 use crate::store::{LiveDispatch, PairRecord, Store, StoreError, StoredInventory};
 
@@ -238,6 +238,15 @@ impl Pass<'_> {
             remediates: policy.spec.remediation.is_some() && !policy.spec.suspend,
             ..PolicyStatus::default()
         };
+        // The policy's own retry limit (the operator's default otherwise).
+        let retry = Retry {
+            max_attempts: policy
+                .spec
+                .remediation
+                .as_ref()
+                .map_or(self.retry.max_attempts, |r| r.max_attempts.max(1)),
+            ..self.retry
+        };
         let mut counts = Counts::default();
         let mut changes: Vec<(&str, Option<PairRecord>, PairRecord)> = Vec::new();
         // Terminals ready for a dispatch, in name order.
@@ -269,7 +278,9 @@ impl Pass<'_> {
                                 attempts, reason, ..
                             },
                             Some(d),
-                        ) if *attempts > 0 || reason == d => {
+                        ) if (*attempts > 0 && *attempts < retry.max_attempts)
+                            || (*attempts == 0 && reason == d) =>
+                        {
                             status.drifted += 1;
                             if r.state.ready(self.now_ms) {
                                 candidates.push(terminal);
@@ -293,8 +304,7 @@ impl Pass<'_> {
                     updated_ms: self.now_ms,
                     remediated: false,
                 });
-                let step =
-                    |s: &PairState, e: Event| next(s, &e, &self.retry, self.now_ms, self.jitter);
+                let step = |s: &PairState, e: Event| next(s, &e, &retry, self.now_ms, self.jitter);
                 if record.generation != generation {
                     record.state = step(&record.state, Event::PolicyChanged);
                     record.generation = generation;
@@ -318,6 +328,9 @@ impl Pass<'_> {
                     if was_verifying && record.state == PairState::Compliant {
                         record.remediated = true;
                     }
+                }
+                if let Some(failed) = exhausted(&record.state, retry.max_attempts) {
+                    record.state = failed;
                 }
                 match &record.state {
                     PairState::Compliant => {
@@ -443,7 +456,7 @@ impl Pass<'_> {
                         sequence,
                         deadline_ms,
                     },
-                    &self.retry,
+                    &retry,
                     self.now_ms,
                     self.jitter,
                 ),
@@ -642,6 +655,43 @@ mod tests {
         // One in flight: nothing more until it resolves.
         let (out, _) = pass(&w, NOW + 1, &|_| true);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_policys_max_attempts_decides_when_a_pair_fails() {
+        let mut w = world(&[("a", "118.0-1")], "{}");
+        if let Some(r) = std::sync::Arc::make_mut(&mut w.policy.spec)
+            .remediation
+            .as_mut()
+        {
+            r.max_attempts = 2;
+        }
+        pass(&w, NOW, &|_| true);
+        // Two failed attempts, as the fleet records them (it applies the
+        // operator's default limit of 5, not knowing the policy).
+        let failed_twice = PairRecord {
+            generation: 2,
+            state: PairState::Drifted {
+                attempts: 2,
+                retry_at_ms: NOW + 20_000,
+                reason: "the payload exited with 2".into(),
+            },
+            updated_ms: NOW,
+            remediated: false,
+        };
+        w.store
+            .set_pair("a", "it/browser", &failed_twice)
+            .expect("set");
+        let (out, status) = pass(&w, NOW + 30_000, &|_| true);
+        assert!(out.is_empty(), "no third attempt");
+        assert_eq!(status.failed, 1);
+        assert_eq!(
+            state(&w, "a"),
+            PairState::Failed {
+                attempts: 2,
+                reason: "the payload exited with 2".into()
+            }
+        );
     }
 
     #[test]

@@ -130,6 +130,21 @@ impl PairState {
 }
 
 /// The next state. Events that do not apply to a state leave it as it is.
+/// A pair drifting after as many failed attempts as its policy allows is
+/// Failed. (Reports are taken where the policy is not at hand; the pass
+/// applies the policy's `maxAttempts` with this.)
+pub fn exhausted(state: &PairState, max_attempts: u32) -> Option<PairState> {
+    match state {
+        PairState::Drifted {
+            attempts, reason, ..
+        } if *attempts > 0 && *attempts >= max_attempts => Some(PairState::Failed {
+            attempts: *attempts,
+            reason: reason.clone(),
+        }),
+        _ => None,
+    }
+}
+
 pub fn next(
     state: &PairState,
     event: &Event,
@@ -283,6 +298,25 @@ mod tests {
             next(&v, &Event::Inventory { drift: None }, &R, 4, 0.0),
             PairState::Compliant
         );
+    }
+
+    #[test]
+    fn a_policy_with_fewer_attempts_fails_sooner() {
+        let drifted = |attempts| PairState::Drifted {
+            attempts,
+            retry_at_ms: 5,
+            reason: "dpkg: error".into(),
+        };
+        assert_eq!(exhausted(&drifted(0), 1), None);
+        assert_eq!(exhausted(&drifted(2), 3), None);
+        assert_eq!(
+            exhausted(&drifted(3), 3),
+            Some(PairState::Failed {
+                attempts: 3,
+                reason: "dpkg: error".into()
+            })
+        );
+        assert_eq!(exhausted(&PairState::Compliant, 0), None);
     }
 
     #[test]
