@@ -400,6 +400,22 @@ impl Agent {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let (done_tx, mut done_rx) = mpsc::channel::<Result<Dispatched, String>>(16);
         let mut running: HashMap<String, oneshot::Sender<()>> = HashMap::new();
+        // Dispatches waiting for the running one to end, in arrival order.
+        let mut waiting: std::collections::VecDeque<dispatch::Prepared> = Default::default();
+        let start = |prepared: dispatch::Prepared,
+                     running: &mut HashMap<String, oneshot::Sender<()>>|
+         -> Result<(), ConnError> {
+            let (kill_tx, kill_rx) = oneshot::channel();
+            running.insert(prepared.policy.clone(), kill_tx);
+            let cmd = dispatch::loader_command(&self.exe, &self.config_path, prepared.sequence);
+            let store = Store::open(self.store.dir())?;
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let r = run_loader(cmd, prepared, store, kill_rx).await;
+                let _ = done.send(r).await;
+            });
+            Ok(())
+        };
         loop {
             tokio::select! {
                 m = msg_rx.recv() => {
@@ -416,15 +432,14 @@ impl Agent {
                                         // A newer dispatch for the same policy supersedes it.
                                         let _ = kill.send(());
                                     }
-                                    let (kill_tx, kill_rx) = oneshot::channel();
-                                    running.insert(prepared.policy.clone(), kill_tx);
-                                    let cmd = dispatch::loader_command(&self.exe, &self.config_path, prepared.sequence);
-                                    let store = Store::open(self.store.dir())?;
-                                    let done = done_tx.clone();
-                                    tokio::spawn(async move {
-                                        let r = run_loader(cmd, prepared, store, kill_rx).await;
-                                        let _ = done.send(r).await;
-                                    });
+                                    waiting.retain(|w| w.policy != prepared.policy);
+                                    // One payload at a time: package managers hold a global
+                                    // lock, and two installs at once fail one of them.
+                                    if running.is_empty() {
+                                        start(prepared, &mut running)?;
+                                    } else {
+                                        waiting.push_back(prepared);
+                                    }
                                 }
                                 Ok(Err(refused)) => {
                                     unacked.insert(sha256(&refused.report), refused.queued.clone());
@@ -467,7 +482,13 @@ impl Agent {
                             unacked.insert(sha256(&d.report), d.queued.clone());
                             write_frame(writer, &ToOperator::Report(d.report)).await?;
                         }
-                        Err(e) => eprintln!("tenet-agent: a dispatch failed: {e}"),
+                        Err(e) => {
+                            running.retain(|_, k| !k.is_closed());
+                            eprintln!("tenet-agent: a dispatch failed: {e}");
+                        }
+                    }
+                    if running.is_empty() && let Some(next) = waiting.pop_front() {
+                        start(next, &mut running)?;
                     }
                 }
                 _ = tick.tick() => {
