@@ -39,8 +39,10 @@ pub struct TerminalPolicySpec {
     #[serde(default)]
     pub selector: TerminalSelector,
     /// What must hold on every selected terminal. All must pass for the
-    /// terminal to be compliant.
+    /// terminal to be compliant. At most 256 (the API server budgets the
+    /// cost of the validation rules by the largest list).
     #[serde(default)]
+    #[schemars(length(max = 256))]
     pub requirements: Vec<Requirement>,
     /// How to bring a drifted terminal back. Without it, drift is reported
     /// and nothing is dispatched.
@@ -85,7 +87,7 @@ pub struct TerminalSelector {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.package), has(self.file), has(self.service), has(self.expression)].filter(x, x).size() == 1",
+    "rule": "(has(self.package) ? 1 : 0) + (has(self.file) ? 1 : 0) + (has(self.service) ? 1 : 0) + (has(self.expression) ? 1 : 0) == 1",
     "message": "a requirement sets exactly one of package, file, service, expression"
 }]))]
 pub struct Requirement {

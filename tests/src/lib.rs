@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: where the real
 //! binaries are, a gateway with an in-memory fleet, and real .deb files.
 
+pub mod k8s;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -120,6 +120,15 @@ pub fn compile(policy: &TerminalPolicy) -> Result<CompiledPolicy, Vec<FieldError
     }
     check_remediation(spec, &mut errors);
     check_rollout(spec, &mut errors);
+    if spec.requirements.len() > MAX_REQUIREMENTS {
+        errors.push(FieldError::new(
+            "spec.requirements",
+            format!(
+                "{} requirements; at most {MAX_REQUIREMENTS} (the CRD's maxItems)",
+                spec.requirements.len()
+            ),
+        ));
+    }
     check_certificate(spec, &mut errors);
     if spec.security_weight > 100 {
         errors.push(FieldError::new(
@@ -347,6 +356,11 @@ fn check_remediation(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// The CRD's `maxItems` on `spec.requirements`: the API server budgets the
+/// cost of the validation rules by the longest list, and standalone mode
+/// enforces the same limit.
+const MAX_REQUIREMENTS: usize = 256;
+
 fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     let r = &spec.rollout;
     if r.max_in_flight.is_some() && r.max_in_flight_percent.is_some() {
@@ -463,5 +477,22 @@ mod tests {
         assert!(parse_duration("1 hour").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("10").is_err());
+    }
+
+    #[test]
+    fn more_requirements_than_the_crd_allows_are_refused() {
+        let mut yaml = String::from(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: many, namespace: it }\nspec:\n  requirements:\n",
+        );
+        for i in 0..=MAX_REQUIREMENTS {
+            yaml.push_str(&format!("    - package: {{ name: p{i} }}\n"));
+        }
+        let p: tenet_crds::TerminalPolicy = serde_yaml::from_str(&yaml).expect("parses");
+        let errors = compile(&p).expect_err("refused");
+        assert!(
+            errors.iter().any(|e| e.path == "spec.requirements"
+                && e.message == "257 requirements; at most 256 (the CRD's maxItems)"),
+            "{errors:?}"
+        );
     }
 }
