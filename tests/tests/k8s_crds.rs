@@ -88,3 +88,81 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
     let all = cp.kubectl_ok(&["get", "tpol", "-n", "hospital-it", "-o", "name"]);
     assert_eq!(all.lines().count(), 5, "{all}");
 }
+
+/// The deployment manifests apply cleanly to a real API server, and the
+/// operator's service account may do what it needs and nothing more.
+#[test]
+fn the_manifests_apply_with_least_privilege() {
+    let Some(cp) = control_plane_or_skip() else {
+        return;
+    };
+    let crds = root().join("crds/crds.yaml");
+    cp.kubectl_ok(&["apply", "-f", crds.to_str().expect("path")]);
+    let deploy = root().join("deploy");
+    // The namespace first; then every object is validated by the server
+    // before any is stored.
+    cp.kubectl_ok(&[
+        "apply",
+        "-f",
+        deploy.join("00-namespace.yaml").to_str().expect("path"),
+    ]);
+    cp.kubectl_ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        deploy.to_str().expect("path"),
+    ]);
+    let out = cp.kubectl_ok(&["apply", "-f", deploy.to_str().expect("path")]);
+    assert!(
+        out.contains("deployment.apps/tenet-operator created"),
+        "{out}"
+    );
+    let replicas = cp.kubectl_ok(&[
+        "get",
+        "deployment",
+        "-n",
+        "tenet-system",
+        "tenet-operator",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
+    assert_eq!(replicas, "2");
+    let sa = "system:serviceaccount:tenet-system:tenet-operator";
+    let can = |args: &[&str]| {
+        let mut a = vec!["auth", "can-i", "--as", sa];
+        a.extend_from_slice(args);
+        String::from_utf8_lossy(&cp.kubectl(&a).stdout)
+            .trim()
+            .to_string()
+    };
+    for allowed in [
+        &["patch", "terminalpolicies.tenet.dev/status"][..],
+        &["watch", "terminals.tenet.dev"],
+        &["create", "remediations.tenet.dev"],
+        &["create", "events.events.k8s.io"],
+        &[
+            "update",
+            "leases.coordination.k8s.io/tenet-operator",
+            "-n",
+            "tenet-system",
+        ],
+        &["get", "secrets/tenet-admin-keys", "-n", "tenet-system"],
+    ] {
+        assert_eq!(can(allowed), "yes", "{allowed:?}");
+    }
+    for denied in [
+        &["delete", "terminalpolicies.tenet.dev"][..],
+        &["list", "secrets", "-n", "tenet-system"],
+        &["get", "secrets/other", "-n", "tenet-system"],
+        &["get", "secrets", "-n", "kube-system"],
+        &["create", "pods", "-n", "tenet-system"],
+        &[
+            "update",
+            "leases.coordination.k8s.io/someone-else",
+            "-n",
+            "tenet-system",
+        ],
+    ] {
+        assert_eq!(can(denied), "no", "{denied:?}");
+    }
+}

@@ -225,8 +225,12 @@ fn a_killed_operator_loses_no_verified_result_and_finishes_the_rollout() {
         Duration::from_secs(60),
         "the simulator's counters settle",
         || {
+            // Its progress line lags the operator's status a little.
             let c = simulator_counts(&sim_log);
-            !c.is_empty() && count(&c, "connected") == TERMINALS as u64
+            !c.is_empty()
+                && count(&c, "connected") == TERMINALS as u64
+                && count(&c, "dispatches run") >= TERMINALS as u64
+                && count(&c, "reports acknowledged") >= count(&c, "dispatches run")
         },
     );
     let c = simulator_counts(&sim_log);
