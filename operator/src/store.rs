@@ -110,8 +110,11 @@ pub struct PairRecord {
     pub remediated: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Table {
+/// The kinds of record the store keeps; a [`Backend`] stores each kind
+/// under its own name (a redb table here; API resources in Kubernetes
+/// mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
     Terminals,
     Tokens,
     Pairs,
@@ -121,6 +124,15 @@ enum Table {
 }
 
 impl Table {
+    pub const ALL: [Table; 6] = [
+        Table::Terminals,
+        Table::Tokens,
+        Table::Pairs,
+        Table::Dispatches,
+        Table::Inventories,
+        Table::Policies,
+    ];
+
     fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
         match self {
             Table::Terminals => TERMINALS,
@@ -180,8 +192,89 @@ struct Durable {
     error: Option<String>,
 }
 
-struct Inner {
+/// One change as a backend stores it: the kind, the key and the canonical
+/// encoding of the record.
+pub type Change = (Table, String, Vec<u8>);
+
+/// Where the store's records live durably. The store keeps the working set
+/// in memory and hands the backend batches of changes in order; a batch is
+/// durable (or failed, and handed again) before anything it implies leaves
+/// the operator.
+pub trait Backend: Send + Sync + 'static {
+    /// Every record, at open.
+    fn load(&self) -> Result<Vec<Change>, StoreError>;
+    /// Store a batch of changes atomically and durably.
+    fn commit(&self, batch: &[Change]) -> Result<(), StoreError>;
+}
+
+/// The standalone backend: an embedded redb database (ACID, fsync per
+/// commit).
+pub struct Redb {
     db: Database,
+}
+
+impl Redb {
+    /// Open the database at `path`, creating it (and its tables) when there
+    /// is none.
+    pub fn open(path: &Path) -> Result<Redb, StoreError> {
+        let open_err = |e: redb::DatabaseError| StoreError::Open {
+            path: path.display().to_string(),
+            source: e.into(),
+        };
+        // The working set lives in memory already; redb's page cache
+        // (1 GiB by default) would hold a second copy of it.
+        let db = redb::Builder::new()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(path)
+            .map_err(open_err)?;
+        // Create the tables, so readers never meet a missing one.
+        let tx = db.begin_write().map_err(err)?;
+        for t in Table::ALL {
+            tx.open_table(t.definition()).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(Redb { db })
+    }
+}
+
+impl Backend for Redb {
+    fn load(&self) -> Result<Vec<Change>, StoreError> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let mut out = Vec::new();
+        for table in Table::ALL {
+            let t = tx.open_table(table.definition()).map_err(err)?;
+            for item in t.iter().map_err(err)? {
+                let (k, v) = item.map_err(err)?;
+                out.push((table, k.value().to_string(), v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut tables: Vec<(Table, redb::Table<'_, &str, &[u8]>)> = Vec::new();
+            for (table, key, value) in batch {
+                let i = match tables.iter().position(|(t, _)| t == table) {
+                    Some(i) => i,
+                    None => {
+                        tables.push((*table, tx.open_table(table.definition()).map_err(err)?));
+                        tables.len() - 1
+                    }
+                };
+                tables[i]
+                    .1
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+}
+
+struct Inner {
+    backend: Box<dyn Backend>,
     mem: Mutex<Mem>,
     /// Serialises commits, so they reach the disk in order.
     committing: Mutex<()>,
@@ -222,22 +315,11 @@ fn err(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Db(e.into())
 }
 
-fn load<T: Serialize + DeserializeOwned>(
-    tx: &redb::ReadTransaction,
-    table: Table,
-) -> Result<Vec<(String, T)>, StoreError> {
-    let t = tx.open_table(table.definition()).map_err(err)?;
-    let mut out = Vec::new();
-    for item in t.iter().map_err(err)? {
-        let (k, v) = item.map_err(err)?;
-        let key = k.value().to_string();
-        let value = decode(v.value()).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            message: e.to_string(),
-        })?;
-        out.push((key, value));
-    }
-    Ok(out)
+fn decoded<T: Serialize + DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
 }
 
 impl Inner {
@@ -262,26 +344,7 @@ impl Inner {
         if batch.is_empty() {
             return Ok(());
         }
-        let result = (|| {
-            let tx = self.db.begin_write().map_err(err)?;
-            {
-                let mut tables: Vec<(Table, redb::Table<'_, &str, &[u8]>)> = Vec::new();
-                for (table, key, value) in &batch {
-                    let i = match tables.iter().position(|(t, _)| t == table) {
-                        Some(i) => i,
-                        None => {
-                            tables.push((*table, tx.open_table(table.definition()).map_err(err)?));
-                            tables.len() - 1
-                        }
-                    };
-                    tables[i]
-                        .1
-                        .insert(key.as_str(), value.as_slice())
-                        .map_err(err)?;
-                }
-            }
-            tx.commit().map_err(err)
-        })();
+        let result = self.backend.commit(&batch);
         match result {
             Ok(()) => {
                 self.commits
@@ -360,53 +423,44 @@ impl Drop for Store {
 }
 
 impl Store {
-    /// Open the database at `path`, creating it when there is none, and
+    /// Open the redb database at `path` (created when there is none) and
     /// load the working set.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_err = |e: redb::DatabaseError| StoreError::Open {
-            path: path.display().to_string(),
-            source: e.into(),
-        };
-        // The working set lives in memory already; redb's page cache
-        // (1 GiB by default) would hold a second copy of it.
-        let db = redb::Builder::new()
-            .set_cache_size(PAGE_CACHE_BYTES)
-            .create(path)
-            .map_err(open_err)?;
-        // Create the tables, so readers never meet a missing one.
-        let tx = db.begin_write().map_err(err)?;
-        for t in [TERMINALS, TOKENS, PAIRS, DISPATCHES, INVENTORIES, POLICIES] {
-            tx.open_table(t).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
-        let tx = db.begin_read().map_err(err)?;
-        let mem = Mem {
-            terminals: load(&tx, Table::Terminals)?.into_iter().collect(),
-            tokens: load(&tx, Table::Tokens)?.into_iter().collect(),
-            pairs: {
-                let mut pairs: HashMap<String, HashMap<String, PairRecord>> = HashMap::new();
-                for (key, record) in load::<PairRecord>(&tx, Table::Pairs)? {
+        Store::with_backend(Box::new(Redb::open(path)?))
+    }
+
+    /// A store over any backend: load every record, then keep the working
+    /// set in memory and write changes behind.
+    pub fn with_backend(backend: Box<dyn Backend>) -> Result<Store, StoreError> {
+        let mut mem = Mem::default();
+        for (table, key, bytes) in backend.load()? {
+            match table {
+                Table::Terminals => {
+                    mem.terminals.insert(key.clone(), decoded(&key, &bytes)?);
+                }
+                Table::Tokens => {
+                    mem.tokens.insert(key.clone(), decoded(&key, &bytes)?);
+                }
+                Table::Pairs => {
+                    let record: PairRecord = decoded(&key, &bytes)?;
                     if let Some((terminal, policy)) = key.split_once('\u{0}') {
-                        pairs
-                            .entry(policy.to_string())
-                            .or_default()
-                            .insert(terminal.to_string(), record);
+                        mem.set_pair(terminal, policy, record);
                     }
                 }
-                pairs
-            },
-            dispatches: load(&tx, Table::Dispatches)?.into_iter().collect(),
-            inventories: load::<StoredInventory>(&tx, Table::Inventories)?
-                .into_iter()
-                .map(|(k, v)| (k, Arc::new(v)))
-                .collect(),
-            policies: load(&tx, Table::Policies)?.into_iter().collect(),
-            pending: Vec::new(),
-            written: 0,
-        };
-        drop(tx);
+                Table::Dispatches => {
+                    mem.dispatches.insert(key.clone(), decoded(&key, &bytes)?);
+                }
+                Table::Inventories => {
+                    let inv: StoredInventory = decoded(&key, &bytes)?;
+                    mem.inventories.insert(key, Arc::new(inv));
+                }
+                Table::Policies => {
+                    mem.policies.insert(key.clone(), decoded(&key, &bytes)?);
+                }
+            }
+        }
         let inner = Arc::new(Inner {
-            db,
+            backend,
             mem: Mutex::new(mem),
             committing: Mutex::new(()),
             wake: (Mutex::new((false, false)), Condvar::new()),
@@ -957,6 +1011,71 @@ mod tests {
         assert_eq!(lost, ["a".to_string()].into());
         assert_eq!(s.pair("a", "ns/p").expect("db"), Some(verifying));
         assert_eq!(s.pair("b", "ns/p").expect("db"), Some(expired));
+    }
+
+    /// A backend whose disk can fill up.
+    #[derive(Default)]
+    struct Flaky {
+        full: std::sync::atomic::AtomicBool,
+        stored: Mutex<Vec<Change>>,
+    }
+
+    impl Backend for Arc<Flaky> {
+        fn load(&self) -> Result<Vec<Change>, StoreError> {
+            Ok(self.stored.lock().expect("lock").clone())
+        }
+        fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Db(redb::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "No space left on device",
+                ))));
+            }
+            self.stored.lock().expect("lock").extend_from_slice(batch);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_disk_delays_durability_and_loses_nothing() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let disk = Arc::new(Flaky::default());
+        disk.full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let s = Store::with_backend(Box::new(disk.clone())).expect("open");
+        s.add_token("t", &token(None, u64::MAX)).expect("token");
+        assert_eq!(s.enrol(&request("t", "ward-01"), 0).expect("db"), Ok(()));
+        let written = s.written();
+        // Whoever waits to acknowledge is told why, and acknowledges nothing.
+        let e = rt.block_on(s.durable(written)).expect_err("not durable");
+        assert_eq!(
+            e.to_string(),
+            "the database cannot commit now: database: I/O error: No space left on device"
+        );
+        assert!(disk.stored.lock().expect("lock").is_empty());
+        // Space again: the flusher's retry commits everything, in order.
+        disk.full.store(false, std::sync::atomic::Ordering::SeqCst);
+        let waited = std::time::Instant::now();
+        while rt.block_on(s.durable(written)).is_err() {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never retried");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stored = disk.stored.lock().expect("lock").clone();
+        assert_eq!(
+            stored.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+            [Table::Tokens, Table::Tokens, Table::Terminals]
+        );
+        drop(s);
+        // What the disk holds is the whole state: a restart sees the terminal
+        // and the spent token.
+        let again = Store::with_backend(Box::new(disk.clone())).expect("reopen");
+        assert!(again.terminal("ward-01").expect("db").is_some());
+        assert_eq!(
+            again.enrol(&request("t", "ward-02"), 0).expect("db"),
+            Err("the bootstrap token was already used".into())
+        );
     }
 
     #[test]
