@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::free_port;
+
 /// Where `scripts/k8s-binaries` put the binaries, if it ran: the directory
 /// it prints (it builds them on the first run and skips after).
 pub fn binaries() -> Option<PathBuf> {
@@ -36,13 +38,6 @@ pub fn control_plane_or_skip() -> Option<ControlPlane> {
             None
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 pub struct ControlPlane {

@@ -297,6 +297,39 @@ pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `tenet token create --data data ARGS` in `dir`: the token and the CA
+/// fingerprint it prints.
+pub fn create_token(dir: &Path, args: &[&str]) -> (String, String) {
+    let out = Command::new(binary("tenet"))
+        .args(["token", "create", "--data", "data"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("tenet token create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .expect("token output")
+            .trim()
+            .to_string()
+    };
+    (field("token "), field("ca-fingerprint "))
+}
+
 /// Run `tenet-agent ARGS` in `dir`.
 pub fn agent(dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(binary("tenet-agent"))

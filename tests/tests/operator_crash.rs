@@ -17,17 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tenet_e2e::{Running, binary, wait_until};
+use tenet_e2e::{Running, binary, create_token, free_port, wait_until};
 use tenet_protocol::{Algorithm, KeyPair};
 
 const TERMINALS: usize = 1_000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// Start the operator; its stdout lines arrive on the channel.
 fn operator(dir: &Path, port: u16, log: &str) -> (Child, mpsc::Receiver<String>) {
@@ -141,26 +134,7 @@ fn a_killed_operator_loses_no_verified_result_and_finishes_the_rollout() {
     let (first, lines) = operator(dir, port, "operator-1.log");
     let mut first = Running(first);
     line_with(&lines, "gateway listening", Duration::from_secs(60));
-    let out = Command::new(binary("tenet"))
-        .args(["token", "create", "--data", "data", "--uses"])
-        .arg(TERMINALS.to_string())
-        .current_dir(dir)
-        .output()
-        .expect("token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .expect("token output")
-            .trim()
-            .to_string()
-    };
-    let (token, fingerprint) = (field("token "), field("ca-fingerprint "));
+    let (token, fingerprint) = create_token(dir, &["--uses", &TERMINALS.to_string()]);
     let sim_log = dir.join("simulate.log");
     let _simulator = Running(
         Command::new(binary("tenet-agent"))

@@ -11,16 +11,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tenet_e2e::{Running, agent, binary, build_deb, dpkg_root, install_bundle, wait_until};
+use tenet_e2e::{
+    Running, agent, binary, build_deb, create_token, dpkg_root, free_port, install_bundle,
+    wait_until,
+};
 use tenet_protocol::wire::digest_string;
 use tenet_protocol::{Algorithm, KeyPair, Signer};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn installed(root: &Path) -> Option<String> {
     let out = Command::new("dpkg-query")
@@ -140,31 +136,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     next_line("gateway listening on");
 
     // A token and an enrolled, connected agent on a root with browser-a 118.
-    let token = Command::new(binary("tenet"))
-        .args([
-            "token",
-            "create",
-            "--data",
-            "data",
-            "--terminal",
-            "nagoya-ward3-01",
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("token");
-    assert!(
-        token.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token.stderr)
-    );
-    let text = String::from_utf8_lossy(&token.stdout).into_owned();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .expect("token output")
-            .to_string()
-    };
-    let (token, fingerprint) = (field("token "), field("ca-fingerprint "));
+    let (token, fingerprint) = create_token(dir, &["--terminal", "nagoya-ward3-01"]);
     let root = dpkg_root(dir, &[&old]);
     std::fs::write(
         dir.join("agent.yaml"),
