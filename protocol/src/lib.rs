@@ -10,6 +10,7 @@ pub mod enrol;
 pub mod envelope;
 pub mod inventory;
 pub mod keys;
+pub mod presentation;
 pub mod reject;
 pub mod report;
 pub mod session;

@@ -46,6 +46,10 @@ pub enum Rejection {
     NotYetValid { not_before_ms: u64, now_ms: u64 },
     #[error("capability {0} is not granted")]
     CapabilityNotGranted(String),
+    #[error("security level {level} is below the required {required}")]
+    LevelTooLow { level: u8, required: u8 },
+    #[error("the answer is not to this challenge")]
+    ChallengeMismatch,
 }
 
 impl Rejection {
@@ -67,6 +71,8 @@ impl Rejection {
             Rejection::Expired { .. } => "Expired",
             Rejection::NotYetValid { .. } => "NotYetValid",
             Rejection::CapabilityNotGranted(_) => "CapabilityNotGranted",
+            Rejection::LevelTooLow { .. } => "LevelTooLow",
+            Rejection::ChallengeMismatch => "ChallengeMismatch",
         }
     }
 }

@@ -48,10 +48,11 @@ pub enum Kind {
     EnrolmentRequest = 5,
     EnrolmentResponse = 6,
     InventoryReport = 7,
+    Presentation = 8,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::PayloadBundle,
         Kind::DispatchEnvelope,
         Kind::ExecutionReport,
@@ -59,6 +60,7 @@ impl Kind {
         Kind::EnrolmentRequest,
         Kind::EnrolmentResponse,
         Kind::InventoryReport,
+        Kind::Presentation,
     ];
 
     fn from_u8(b: u8) -> Option<Kind> {
@@ -75,6 +77,7 @@ impl Kind {
             Kind::EnrolmentRequest => "tenet.dev/enrolment-request",
             Kind::EnrolmentResponse => "tenet.dev/enrolment-response",
             Kind::InventoryReport => "tenet.dev/inventory-report",
+            Kind::Presentation => "tenet.dev/presentation",
         }
     }
 
@@ -105,6 +108,7 @@ impl fmt::Display for Kind {
             Kind::EnrolmentRequest => "enrolment request",
             Kind::EnrolmentResponse => "enrolment response",
             Kind::InventoryReport => "inventory report",
+            Kind::Presentation => "certificate presentation",
         })
     }
 }
