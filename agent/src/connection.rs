@@ -433,12 +433,18 @@ impl Agent {
                                         let _ = kill.send(());
                                     }
                                     waiting.retain(|w| w.policy != prepared.policy);
-                                    // One payload at a time: package managers hold a global
-                                    // lock, and two installs at once fail one of them.
-                                    if running.is_empty() {
-                                        start(prepared, &mut running)?;
-                                    } else {
-                                        waiting.push_back(prepared);
+                                    // One payload at a time, in arrival order: package
+                                    // managers hold a global lock, and two installs at
+                                    // once fail one of them.
+                                    if !running.is_empty() {
+                                        eprintln!(
+                                            "tenet-agent: dispatch {} for {} waits for the running payload",
+                                            prepared.sequence, prepared.policy
+                                        );
+                                    }
+                                    waiting.push_back(prepared);
+                                    if running.is_empty() && let Some(next) = waiting.pop_front() {
+                                        start(next, &mut running)?;
                                     }
                                 }
                                 Ok(Err(refused)) => {

@@ -465,6 +465,18 @@ impl Fixture {
         )
     }
 
+    /// The agent, its stderr in `DIR/agent.log`.
+    pub fn run_agent_logged(&self) -> Running {
+        Running(
+            Command::new(binary("tenet-agent"))
+                .args(["run", "--config", "agent.yaml"])
+                .current_dir(self.dir())
+                .stderr(std::fs::File::create(self.dir().join("agent.log")).expect("log"))
+                .spawn()
+                .expect("agent"),
+        )
+    }
+
     pub fn connected(&self) {
         wait_for(&self.events, Duration::from_secs(30), |e| {
             matches!(e, Event::Connected(_)).then_some(())
@@ -473,6 +485,11 @@ impl Fixture {
 
     /// A signed bundle of `wat` and a signed envelope for it in policy `ns/p`.
     pub fn dispatch(&self, wat: &str, sequence: u64) -> ToAgent {
+        self.dispatch_for("ns/p", wat, sequence)
+    }
+
+    /// A dispatch of `wat` for `policy`.
+    pub fn dispatch_for(&self, policy: &str, wat: &str, sequence: u64) -> ToAgent {
         let bundle = PayloadBundle {
             manifest: Manifest {
                 name: "test".into(),
@@ -488,7 +505,7 @@ impl Fixture {
         let bundle = SignedMessage::signed(&bundle, &self.admin).expect("sign");
         let env = DispatchEnvelope {
             terminal: "t1".into(),
-            policy: "ns/p".into(),
+            policy: policy.into(),
             policy_generation: 1,
             payload_digest: bundle.body_digest(),
             nonce: [sequence as u8; 32],

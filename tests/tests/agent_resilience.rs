@@ -114,6 +114,51 @@ fn the_client_certificate_is_renewed_before_it_expires() {
 }
 
 #[test]
+fn payloads_run_one_at_a_time_in_arrival_order() {
+    let f = Fixture::new();
+    let gw = f.gateway("127.0.0.1:0", Duration::from_secs(3600));
+    f.enrol(&gw.address.to_string());
+    let _agent = f.run_agent_logged();
+    f.connected();
+    let forever = r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+    let noop =
+        r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#;
+    assert!(f.fleet.send("t1", f.dispatch_for("ns/a", forever, 1)));
+    wait_until(Duration::from_secs(10), "the first loader to start", || {
+        processes_with(&["load", "--run-id", "1"]) == 1
+    });
+    // Another policy's dispatch waits while the first payload runs.
+    assert!(f.fleet.send("t1", f.dispatch_for("ns/b", noop, 2)));
+    let log = f.dir().join("agent.log");
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to queue dispatch 2",
+        || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains("dispatch 2 for ns/b waits for the running payload"))
+        },
+    );
+    assert_eq!(processes_with(&["load", "--run-id", "2"]), 0);
+    assert_eq!(processes_with(&["load", "--run-id", "1"]), 1);
+    // A newer dispatch of the first policy stops it; the waiting one runs
+    // first (it came first), then the newer one.
+    assert!(f.fleet.send("t1", f.dispatch_for("ns/a", noop, 3)));
+    let mut nonces = Vec::new();
+    while nonces.len() < 2 {
+        let report = wait_for(&f.events, Duration::from_secs(20), |e| match e {
+            Event::Report(b) => Some(b.clone()),
+            _ => None,
+        });
+        let report: ExecutionReport = SignedMessage::decode(&report, Kind::ExecutionReport)
+            .and_then(|frame| frame.open())
+            .expect("report");
+        assert_eq!(report.outcome, Outcome::Exited { code: 0 });
+        nonces.push(report.nonce[0]);
+    }
+    assert_eq!(nonces, [2, 3]);
+}
+
+#[test]
 fn a_newer_dispatch_for_the_same_policy_kills_the_running_loader() {
     let f = Fixture::new();
     let gw = f.gateway("127.0.0.1:0", Duration::from_secs(3600));
