@@ -21,9 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tenet_protocol::enrol::{EnrolmentRequest, EnrolmentResponse};
 use tenet_protocol::inventory::InventoryReport;
-use tenet_protocol::session::{
-    MAX_SESSION_FRAME, ToAgent, ToOperator, frame, frame_length, unframe,
-};
+use tenet_protocol::session::{FrameError, MAX_SESSION_FRAME, ToAgent, ToOperator};
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Kind, Rejection, SignedMessage, Signer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,6 +35,8 @@ use crate::store::{Store, StoreError, write_atomically};
 pub enum ConnError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
     #[error(transparent)]
@@ -187,25 +187,7 @@ pub(crate) async fn exchange_enrolment<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(response)
 }
 
-pub async fn read_frame<R: AsyncRead + Unpin, T: serde::Serialize + serde::de::DeserializeOwned>(
-    r: &mut R,
-    limit: usize,
-) -> Result<T, ConnError> {
-    let mut header = [0u8; 4];
-    r.read_exact(&mut header).await?;
-    let len = frame_length(header, limit)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(unframe(&body)?)
-}
-
-pub(crate) async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
-    w: &mut W,
-    m: &T,
-) -> std::io::Result<()> {
-    w.write_all(&frame(m)).await?;
-    w.flush().await
-}
+pub use tenet_protocol::session::{read_frame, write_frame};
 
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -363,7 +345,9 @@ impl Agent {
         let (msg_tx, mut msg_rx) = mpsc::channel::<Result<ToAgent, ConnError>>(16);
         let reader_task = tokio::spawn(async move {
             loop {
-                let m = read_frame::<_, ToAgent>(&mut reader, MAX_SESSION_FRAME).await;
+                let m = read_frame::<_, ToAgent>(&mut reader, MAX_SESSION_FRAME)
+                    .await
+                    .map_err(ConnError::from);
                 let stop = m.is_err();
                 if msg_tx.send(m).await.is_err() || stop {
                     break;

@@ -96,9 +96,9 @@ pub struct Probe {
     pub undelivered: std::sync::atomic::AtomicU64,
 }
 
-/// Wake the loop when anything changes in the policy or bundle directory
-/// (an edit, a new file, a `git pull`); the tick still catches anything a
-/// watcher misses.
+/// Wake the loop when anything changes in the policy, bundle or token
+/// directory (an edit, a new file, a `git pull`); the tick still catches
+/// anything a watcher misses.
 fn watch_dirs(
     dirs: &[&Path],
     wake: Arc<tokio::sync::Notify>,
@@ -525,7 +525,10 @@ impl Daemon {
             p.address.send_replace(Some(address));
         }
         let files_changed = Arc::new(tokio::sync::Notify::new());
-        let _watcher = watch_dirs(&[&self.policies, &self.bundles], files_changed.clone());
+        let _watcher = watch_dirs(
+            &[&self.policies, &self.bundles, &self.data.join("tokens")],
+            files_changed.clone(),
+        );
 
         let mut cache = PolicyCache::default();
         let evaluations = std::sync::Mutex::new(crate::reconcile::pass::Evaluations::default());
@@ -534,17 +537,27 @@ impl Daemon {
         let mut last_written: Option<crate::status::Status> = None;
         let mut status_at = std::time::Instant::now() - STATUS_EVERY;
         let mut bundle_cache = BundleCache::default();
+        let mut bundles = HashMap::new();
+        let mut policies = Vec::new();
+        // The directories are looked at when the watcher says something
+        // changed, and at least every tick (bundles expire; a watcher can
+        // miss events): not on every agent message.
+        let mut scanned_at: Option<std::time::Instant> = None;
         loop {
-            import_tokens(&self.data, &data.store)?;
-            cache.reload(&self.policies, &data.store)?;
-            let (bundles, problems) = bundle_cache.load(&self.bundles, &bundle_trust, now_ms());
-            if problems != last_bundle_problems {
-                for p in &problems {
-                    tracing::warn!(problem = %p, "bundle not used");
+            if scanned_at.is_none_or(|t| t.elapsed() >= self.tick) {
+                scanned_at = Some(std::time::Instant::now());
+                import_tokens(&self.data, &data.store)?;
+                cache.reload(&self.policies, &data.store)?;
+                let (loaded, problems) = bundle_cache.load(&self.bundles, &bundle_trust, now_ms());
+                if problems != last_bundle_problems {
+                    for p in &problems {
+                        tracing::warn!(problem = %p, "bundle not used");
+                    }
+                    last_bundle_problems = problems;
                 }
-                last_bundle_problems = problems;
+                bundles = loaded;
+                policies = cache.policies();
             }
-            let policies = cache.policies();
             let started = std::time::Instant::now();
             let (outgoing, statuses) = {
                 let online = |t: &str| fleet.sender(t).is_some();
@@ -633,7 +646,7 @@ impl Daemon {
             };
             tokio::select! {
                 _ = changes.recv() => {}
-                _ = files_changed.notified() => {}
+                _ = files_changed.notified() => scanned_at = None,
                 _ = tokio::time::sleep(wait) => {}
             }
             while changes.try_recv().is_ok() {}

@@ -17,10 +17,10 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tenet_protocol::enrol::{
     EnrolmentRequest, EnrolmentResponse, TrustAnchors, verify_enrolment_request,
 };
-use tenet_protocol::session::{ToAgent, ToOperator, frame, frame_length, unframe};
+use tenet_protocol::session::{ToAgent, ToOperator};
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{KeyPair, Rejection, SignedMessage};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -87,31 +87,14 @@ pub enum GatewayError {
     #[error("TLS: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
+    Frame(#[from] tenet_protocol::session::FrameError),
+    #[error("{0}")]
     Protocol(#[from] Rejection),
     #[error("refused: {0}")]
     Refused(String),
 }
 
-/// Read one frame, refusing one over `limit`.
-pub async fn read_frame<R: AsyncRead + Unpin, T: serde::Serialize + serde::de::DeserializeOwned>(
-    r: &mut R,
-    limit: usize,
-) -> Result<T, GatewayError> {
-    let mut header = [0u8; 4];
-    r.read_exact(&mut header).await?;
-    let len = frame_length(header, limit)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    Ok(unframe(&body)?)
-}
-
-pub async fn write_frame<W: AsyncWrite + Unpin, T: serde::Serialize>(
-    w: &mut W,
-    message: &T,
-) -> std::io::Result<()> {
-    w.write_all(&frame(message)).await?;
-    w.flush().await
-}
+pub use tenet_protocol::session::{read_frame, write_frame};
 
 /// How long a new connection has to finish TLS and send its first message.
 const OPENING_TIMEOUT: Duration = Duration::from_secs(15);
@@ -236,7 +219,7 @@ impl Gateway {
         let result = loop {
             let message: ToOperator = match read_frame(&mut reader, MAX_FROM_AGENT).await {
                 Ok(m) => m,
-                Err(e) => break Err(e),
+                Err(e) => break Err(e.into()),
             };
             let ack = match &message {
                 ToOperator::Report(bytes) => {

@@ -28,21 +28,8 @@ pub struct Status {
     pub source_revision: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PolicyLine {
-    pub policy: String,
-    pub generation: i64,
-    pub selected: u32,
-    pub compliant: u32,
-    pub drifted: u32,
-    pub remediating: u32,
-    pub failed: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held: Option<String>,
-    /// Whether drift is remediated (false: only reported).
-    #[serde(default)]
-    pub remediates: bool,
-}
+/// A policy's line: the pass's own status.
+pub type PolicyLine = PolicyStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TerminalLine {
@@ -64,22 +51,6 @@ pub struct PairLine {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
     pub attempts: u32,
-}
-
-impl From<&PolicyStatus> for PolicyLine {
-    fn from(s: &PolicyStatus) -> PolicyLine {
-        PolicyLine {
-            policy: s.policy.clone(),
-            generation: s.generation,
-            selected: s.selected,
-            compliant: s.compliant,
-            drifted: s.drifted,
-            remediating: s.remediating,
-            failed: s.failed,
-            held: s.held.clone(),
-            remediates: s.remediates,
-        }
-    }
 }
 
 fn pair_line(policy: String, state: &PairState) -> PairLine {
@@ -130,7 +101,7 @@ pub fn collect(
         });
     }
     Ok(Status {
-        policies: policies.iter().map(PolicyLine::from).collect(),
+        policies: policies.to_vec(),
         terminals,
         refused: refused
             .into_iter()

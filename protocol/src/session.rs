@@ -117,3 +117,42 @@ mod tests {
         assert!(unframe::<ToAgent>(&[0xff, 0xff]).is_err());
     }
 }
+
+/// Why a frame could not be read: the stream failed, or the frame is refused.
+#[cfg(feature = "io")]
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Refused(#[from] Rejection),
+}
+
+/// Read one frame from an async stream, refusing one over `limit` before
+/// reading its body.
+#[cfg(feature = "io")]
+pub async fn read_frame<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    T: Serialize + serde::de::DeserializeOwned,
+{
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 4];
+    r.read_exact(&mut header).await?;
+    let len = frame_length(header, limit)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(unframe(&body)?)
+}
+
+/// Write one message as a frame and flush it.
+#[cfg(feature = "io")]
+pub async fn write_frame<W, T>(w: &mut W, message: &T) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    T: Serialize,
+{
+    use tokio::io::AsyncWriteExt;
+    w.write_all(&frame(message)).await?;
+    w.flush().await
+}

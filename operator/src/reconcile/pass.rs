@@ -41,8 +41,8 @@ pub struct Outgoing {
     pub bundle: std::sync::Arc<Vec<u8>>,
 }
 
-/// A policy's status after a pass.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// A policy's status after a pass (also what `tenet status` shows).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PolicyStatus {
     pub policy: String,
     pub generation: i64,
@@ -52,10 +52,11 @@ pub struct PolicyStatus {
     pub remediating: u32,
     pub failed: u32,
     /// Why nothing is dispatched, when something stops it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
     /// Whether the policy remediates drift (it has a remediation and is not
     /// suspended); if not, its drift is only reported.
+    #[serde(default)]
     pub remediates: bool,
 }
 
