@@ -25,7 +25,9 @@ use tenet_protocol::Signer;
 
 use crate::inventory::{DpkgInventory, FileInventory, InventorySource};
 use crate::store::{Store, StoreError};
-use crate::tpm::{TpmError, TpmIdentity};
+use std::rc::Rc;
+
+use crate::tpm::{SharedTpm, TpmError, TpmIdentity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -57,6 +59,16 @@ pub struct AgentConfig {
     /// How often the inventory is collected; it is sent when it changed.
     #[serde(default = "default_inventory_interval")]
     pub inventory_interval_seconds: u64,
+    /// Answer peers' certificate challenges (`tenet cert verify`) here.
+    #[serde(default)]
+    pub presentation: Option<PresentationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PresentationConfig {
+    /// `host:port` to listen on, e.g. `0.0.0.0:7444`.
+    pub listen: String,
 }
 
 fn default_inventory_interval() -> u64 {
@@ -157,7 +169,16 @@ impl AgentConfig {
     /// (created on first use). The public key is written to
     /// `DATA/identity.key.pub` either way.
     pub fn identity(&self, store: &Store) -> Result<Box<dyn Signer>, IdentityError> {
-        let signer: Box<dyn Signer> = match &self.identity.tpm {
+        Ok(self.identity_and_tpm(store)?.0)
+    }
+
+    /// The identity key, and the TPM it lives in (for quotes) when it does.
+    #[allow(clippy::type_complexity)]
+    pub fn identity_and_tpm(
+        &self,
+        store: &Store,
+    ) -> Result<(Box<dyn Signer>, Option<Rc<TpmIdentity>>), IdentityError> {
+        Ok(match &self.identity.tpm {
             Some(tpm) => {
                 let tcti = std::env::var("TENET_TPM_TCTI").unwrap_or_else(|_| tpm.tcti.clone());
                 let t = TpmIdentity::open(&tcti)?;
@@ -167,11 +188,11 @@ impl AgentConfig {
                     t.public_key().to_pem().as_bytes(),
                     0o644,
                 )?;
-                Box::new(t)
+                let t = Rc::new(t);
+                (Box::new(SharedTpm(t.clone())), Some(t))
             }
-            None => Box::new(store.file_identity()?),
-        };
-        Ok(signer)
+            None => (Box::new(store.file_identity()?), None),
+        })
     }
 
     pub fn inventory_source(&self) -> Arc<dyn InventorySource> {

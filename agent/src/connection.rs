@@ -201,6 +201,10 @@ pub struct Agent {
     pub config_path: PathBuf,
     pub store: Store,
     pub identity: Box<dyn Signer>,
+    /// The TPM the identity key lives in, for quotes.
+    pub tpm: Option<std::rc::Rc<crate::tpm::TpmIdentity>>,
+    /// The presentation key and the security certificate held for it.
+    pub presenter: Arc<crate::audit::Presenter>,
     /// The `tenet-agent` binary, for loaders.
     pub exe: PathBuf,
 }
@@ -253,6 +257,13 @@ impl Agent {
             labels: self.config.labels.clone(),
             identity: self.identity.public_key(),
             tpm: self.config.identity.tpm.is_some(),
+            attestation_key: match &self.tpm {
+                Some(t) => Some(
+                    t.attestation_key()
+                        .map_err(|e| ConnError::Certificate(e.to_string()))?,
+                ),
+                None => None,
+            },
             tls_csr_pem: csr,
             requested_at_ms: now_ms(),
         };
@@ -314,6 +325,26 @@ impl Agent {
     /// Hold a connection to the operator for ever, reconnecting with
     /// jittered exponential backoff (200 ms doubling to 30 s).
     pub async fn run(&self) -> ! {
+        if let Some(p) = &self.config.presentation {
+            match self.presentation_listener(&p.listen).await {
+                Ok((listener, tls)) => {
+                    eprintln!(
+                        "tenet-agent: answering certificate challenges on {}",
+                        listener
+                            .local_addr()
+                            .map_or(p.listen.clone(), |a| a.to_string())
+                    );
+                    tokio::spawn(crate::audit::serve(
+                        self.presenter.clone(),
+                        listener,
+                        tls,
+                        None,
+                        now_ms,
+                    ));
+                }
+                Err(e) => eprintln!("tenet-agent: no presentation listener: {e}"),
+            }
+        }
         let mut failures: u32 = 0;
         loop {
             let started = Instant::now();
@@ -462,6 +493,21 @@ impl Agent {
                             renewing = None;
                             eprintln!("tenet-agent: certificate renewal refused: {reason}");
                         }
+                        ToAgent::Audit { nonce, pcrs, packages, services } => {
+                            let request = crate::audit::AuditRequest { nonce, pcrs, packages, services };
+                            match self.audit(&request) {
+                                Ok(report) => write_frame(writer, &ToOperator::Audit(report)).await?,
+                                Err(e) => eprintln!("tenet-agent: audit failed: {e}"),
+                            }
+                        }
+                        ToAgent::SecurityCertificate { certificate } => {
+                            let issuer = self.store.trust()?.issuer_key;
+                            match self.presenter.hold(certificate, &issuer, now_ms()) {
+                                Ok(Some(level)) => eprintln!("tenet-agent: security certificate at level {level} held"),
+                                Ok(None) => eprintln!("tenet-agent: security certificate withdrawn by the issuer"),
+                                Err(e) => eprintln!("tenet-agent: security certificate refused: {e}"),
+                            }
+                        }
                         ToAgent::Enrolled(_) | ToAgent::EnrolmentRefused { .. } => {}
                     }
                 }
@@ -501,6 +547,36 @@ impl Agent {
 }
 
 impl Agent {
+    /// The internal audit the issuer asked for, signed.
+    fn audit(&self, request: &crate::audit::AuditRequest) -> Result<Vec<u8>, String> {
+        let inventory = self
+            .config
+            .inventory_source()
+            .collect()
+            .map_err(|e| e.to_string())?;
+        crate::audit::audit(
+            &self.config.terminal,
+            self.identity.as_ref(),
+            self.tpm.as_deref(),
+            self.presenter.public_key(),
+            &inventory,
+            &self.config.root,
+            request,
+            now_ms(),
+        )
+    }
+
+    async fn presentation_listener(
+        &self,
+        listen: &str,
+    ) -> Result<(tokio::net::TcpListener, Arc<rustls::ServerConfig>), String> {
+        let tls = crate::audit::presentation_tls(&self.config.terminal)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("{listen}: {e}"))?;
+        Ok((listener, Arc::new(tls)))
+    }
+
     /// Whether less than half of the client certificate's validity is left.
     fn certificate_due(&self) -> bool {
         let Ok(pem) = std::fs::read(self.store.dir().join("tls.crt")) else {

@@ -4,6 +4,7 @@
 //! with only the granted capabilities, and signs a report carrying the
 //! dispatch's evidence. It never depends on kube.
 
+pub mod audit;
 pub mod config;
 pub mod connection;
 pub mod dispatch;

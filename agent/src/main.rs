@@ -142,12 +142,15 @@ fn now_ms() -> u64 {
 fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Agent> {
     let c = AgentConfig::read(config)?;
     let store = Store::open(&c.data)?;
-    let identity = c.identity(&store)?;
+    let (identity, tpm) = c.identity_and_tpm(&store)?;
+    let presenter = std::sync::Arc::new(tenet_agent::audit::Presenter::open(&store, &c.terminal)?);
     Ok(tenet_agent::connection::Agent {
         config: c,
         config_path: std::path::absolute(config)?,
         store,
         identity,
+        tpm,
+        presenter,
         exe: exe_path(),
     })
 }

@@ -271,6 +271,7 @@ impl Terminal {
             labels,
             identity: self.identity.public_key(),
             tpm: false,
+            attestation_key: None,
             tls_csr_pem: csr,
             requested_at_ms: now_ms(),
         };

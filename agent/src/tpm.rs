@@ -8,17 +8,26 @@
 use std::cell::RefCell;
 use std::str::FromStr;
 
+use tenet_protocol::audit::{PcrValue, Quote};
 use tenet_protocol::keys::KeyError;
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{PublicKey, Signer};
+use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::PropertyTag;
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::handles::KeyHandle;
+use tss_esapi::handles::PcrHandle;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+use tss_esapi::interface_types::algorithm::PublicAlgorithm;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Digest, EccScheme, HashScheme, Signature, SignatureScheme};
+use tss_esapi::structures::{
+    Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme,
+    PcrSelectionList, PcrSelectionListBuilder, PcrSlot, PublicBuilder, PublicEccParametersBuilder,
+    Signature, SignatureScheme,
+};
+use tss_esapi::traits::Marshall;
 use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::utils::{PublicKey as TpmPublicKey, create_unrestricted_signing_ecc_public};
 use tss_esapi::{Context, TctiNameConf};
@@ -35,12 +44,18 @@ pub enum TpmError {
     },
     #[error("the TPM returned a key that is not a P-256 point")]
     BadKey,
+    #[error("the TPM is busy with another command")]
+    Busy,
+    #[error("PCRs: {0}")]
+    Pcrs(String),
 }
 
 pub struct TpmIdentity {
     context: RefCell<Context>,
     key: KeyHandle,
     public: PublicKey,
+    /// The restricted attestation key, derived on first use.
+    attestation: RefCell<Option<(KeyHandle, PublicKey)>>,
     /// The manufacturer the TPM reports (`IBM ` for libtpms/swtpm).
     pub manufacturer: String,
 }
@@ -77,19 +92,7 @@ impl TpmIdentity {
                 operation: "create primary key",
                 source,
             })?;
-        let public = match TpmPublicKey::try_from(created.out_public) {
-            Ok(TpmPublicKey::Ecc { x, y }) if x.len() <= 32 && y.len() <= 32 => {
-                let mut sec1 = vec![4u8];
-                sec1.extend(std::iter::repeat_n(0, 32 - x.len()));
-                sec1.extend_from_slice(&x);
-                sec1.extend(std::iter::repeat_n(0, 32 - y.len()));
-                sec1.extend_from_slice(&y);
-                p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
-                    .map(PublicKey::EcdsaP256)
-                    .map_err(|_| TpmError::BadKey)?
-            }
-            _ => return Err(TpmError::BadKey),
-        };
+        let public = p256_public(created.out_public)?;
         let manufacturer = context
             .get_tpm_property(PropertyTag::Manufacturer)
             .ok()
@@ -106,9 +109,208 @@ impl TpmIdentity {
             context: RefCell::new(context),
             key: created.key_handle,
             public,
+            attestation: RefCell::new(None),
             manufacturer,
         })
     }
+
+    fn tss<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    ) -> Result<T, TpmError> {
+        let mut ctx = self.context.try_borrow_mut().map_err(|_| TpmError::Busy)?;
+        f(&mut ctx).map_err(|source| TpmError::Tss { operation, source })
+    }
+
+    /// The attestation key: ECDSA P-256, *restricted* (the TPM signs with
+    /// it only structures it made itself, such as quotes, never outside
+    /// data that could pass for one), a primary key from a fixed template
+    /// under the endorsement hierarchy, so the same key on every start.
+    pub fn attestation_key(&self) -> Result<PublicKey, TpmError> {
+        Ok(self.attestation_handle()?.1)
+    }
+
+    fn attestation_handle(&self) -> Result<(KeyHandle, PublicKey), TpmError> {
+        if let Some(k) = self.attestation.borrow().as_ref() {
+            return Ok(k.clone());
+        }
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_sign_encrypt(true)
+            .with_restricted(true)
+            .build()
+            .map_err(|source| TpmError::Tss {
+                operation: "attestation key template",
+                source,
+            })?;
+        let params = PublicEccParametersBuilder::new()
+            .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+            .with_curve(EccCurve::NistP256)
+            .with_is_signing_key(true)
+            .with_restricted(true)
+            .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+            .build()
+            .map_err(|source| TpmError::Tss {
+                operation: "attestation key template",
+                source,
+            })?;
+        let template = PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_ecc_parameters(params)
+            .with_ecc_unique_identifier(EccPoint::default())
+            .build()
+            .map_err(|source| TpmError::Tss {
+                operation: "attestation key template",
+                source,
+            })?;
+        let created = self.tss("create the attestation key", |ctx| {
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+            })
+        })?;
+        let key = (created.key_handle, p256_public(created.out_public)?);
+        *self.attestation.borrow_mut() = Some(key.clone());
+        Ok(key)
+    }
+
+    /// The SHA-256 bank's values of `pcrs` (at most 8, ascending).
+    pub fn read_pcrs(&self, pcrs: &[u8]) -> Result<Vec<PcrValue>, TpmError> {
+        let selection = selection(pcrs)?;
+        let (_, _, digests) = self.tss("read PCRs", |ctx| ctx.pcr_read(selection))?;
+        let values = digests.value();
+        if values.len() != pcrs.len() {
+            return Err(TpmError::Pcrs(format!(
+                "asked for {} PCRs, the TPM returned {}",
+                pcrs.len(),
+                values.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(pcrs.len());
+        for (index, d) in pcrs.iter().zip(values) {
+            let sha256: [u8; 32] = d
+                .value()
+                .try_into()
+                .map_err(|_| TpmError::Pcrs("a PCR value is not 32 bytes".into()))?;
+            out.push(PcrValue {
+                index: *index,
+                sha256,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A quote over `pcrs` with `nonce` as qualifying data, signed by the
+    /// attestation key, and the values quoted.
+    pub fn quote(&self, nonce: &[u8; 32], pcrs: &[u8]) -> Result<Quote, TpmError> {
+        let mut pcrs = pcrs.to_vec();
+        pcrs.sort_unstable();
+        pcrs.dedup();
+        let (ak, _) = self.attestation_handle()?;
+        let values = self.read_pcrs(&pcrs)?;
+        let data = Data::try_from(nonce.to_vec()).map_err(|source| TpmError::Tss {
+            operation: "quote nonce",
+            source,
+        })?;
+        let sel = selection(&pcrs)?;
+        let (attest, signature) = self.tss("quote", |ctx| {
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.quote(ak, data, SignatureScheme::Null, sel)
+            })
+        })?;
+        let attest = attest.marshall().map_err(|source| TpmError::Tss {
+            operation: "marshal the quote",
+            source,
+        })?;
+        Ok(Quote {
+            attest,
+            signature: low_s(signature).map_err(TpmError::Pcrs)?,
+            pcrs: values,
+        })
+    }
+
+    /// Extend a PCR (0-15) of the SHA-256 bank with `digest`: what a boot
+    /// component does when it measures the next. Used by tests to change
+    /// what a quote shows.
+    pub fn extend_pcr(&self, index: u8, digest: [u8; 32]) -> Result<(), TpmError> {
+        let handle = PcrHandle::try_from(u32::from(index))
+            .map_err(|_| TpmError::Pcrs(format!("PCR {index} cannot be extended")))?;
+        let mut values = DigestValues::new();
+        values.set(
+            HashingAlgorithm::Sha256,
+            Digest::try_from(digest.to_vec()).map_err(|source| TpmError::Tss {
+                operation: "extend",
+                source,
+            })?,
+        );
+        self.tss("extend a PCR", |ctx| {
+            ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                c.pcr_extend(handle, values)
+            })
+        })
+    }
+}
+
+fn selection(pcrs: &[u8]) -> Result<PcrSelectionList, TpmError> {
+    if pcrs.is_empty() || pcrs.len() > 8 {
+        return Err(TpmError::Pcrs(format!(
+            "quote 1 to 8 PCRs, not {}",
+            pcrs.len()
+        )));
+    }
+    let slots = pcrs
+        .iter()
+        .map(|i| {
+            (*i <= 23)
+                .then(|| PcrSlot::try_from(1u32 << i).ok())
+                .flatten()
+                .ok_or_else(|| TpmError::Pcrs(format!("there is no PCR {i}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+        .map_err(|source| TpmError::Tss {
+            operation: "PCR selection",
+            source,
+        })
+}
+
+fn p256_public(public: tss_esapi::structures::Public) -> Result<PublicKey, TpmError> {
+    match TpmPublicKey::try_from(public) {
+        Ok(TpmPublicKey::Ecc { x, y }) if x.len() <= 32 && y.len() <= 32 => {
+            let mut sec1 = vec![4u8];
+            sec1.extend(std::iter::repeat_n(0, 32 - x.len()));
+            sec1.extend_from_slice(&x);
+            sec1.extend(std::iter::repeat_n(0, 32 - y.len()));
+            sec1.extend_from_slice(&y);
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+                .map(PublicKey::EcdsaP256)
+                .map_err(|_| TpmError::BadKey)
+        }
+        _ => Err(TpmError::BadKey),
+    }
+}
+
+/// A TPM ECDSA signature as the 64-byte low-S `r || s` the protocol expects.
+fn low_s(signature: Signature) -> Result<Vec<u8>, String> {
+    let Signature::EcDsa(ecc) = signature else {
+        return Err("the TPM returned a non-ECDSA signature".into());
+    };
+    let (r, s) = (ecc.signature_r().value(), ecc.signature_s().value());
+    if r.len() > 32 || s.len() > 32 {
+        return Err("the TPM returned an oversized signature".into());
+    }
+    let mut rs = [0u8; 64];
+    rs[32 - r.len()..32].copy_from_slice(r);
+    rs[64 - s.len()..].copy_from_slice(s);
+    let sig = p256::ecdsa::Signature::from_slice(&rs).map_err(|e| e.to_string())?;
+    Ok(sig.normalize_s().to_bytes().to_vec())
 }
 
 impl Signer for TpmIdentity {
@@ -139,22 +341,19 @@ impl Signer for TpmIdentity {
                 c.sign(key, digest, SignatureScheme::Null, validation)
             })
             .map_err(|e| KeyError::Sign(format!("TPM sign: {e}")))?;
-        let Signature::EcDsa(ecc) = signature else {
-            return Err(KeyError::Sign(
-                "the TPM returned a non-ECDSA signature".into(),
-            ));
-        };
-        let (r, s) = (ecc.signature_r().value(), ecc.signature_s().value());
-        if r.len() > 32 || s.len() > 32 {
-            return Err(KeyError::Sign(
-                "the TPM returned an oversized signature".into(),
-            ));
-        }
-        let mut rs = [0u8; 64];
-        rs[32 - r.len()..32].copy_from_slice(r);
-        rs[64 - s.len()..].copy_from_slice(s);
-        let sig =
-            p256::ecdsa::Signature::from_slice(&rs).map_err(|e| KeyError::Sign(e.to_string()))?;
-        Ok(sig.normalize_s().to_bytes().to_vec())
+        low_s(signature).map_err(KeyError::Sign)
+    }
+}
+
+/// The TPM identity as a `Signer`, shared with whoever takes quotes.
+pub struct SharedTpm(pub std::rc::Rc<TpmIdentity>);
+
+impl Signer for SharedTpm {
+    fn public_key(&self) -> PublicKey {
+        self.0.public_key()
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.0.sign(message)
     }
 }

@@ -92,3 +92,52 @@ fn an_unreachable_tpm_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn quotes_from_swtpm_verify_and_bad_ones_are_refused() {
+    use tenet_protocol::audit::{QuoteError, verify_quote};
+    let Some(tpm) = Swtpm::start() else { return };
+    let t = tenet_agent::tpm::TpmIdentity::open(&tpm.tcti()).expect("TPM");
+    let ak = t.attestation_key().expect("attestation key");
+    assert_eq!(ak.algorithm(), Algorithm::EcdsaP256);
+    // A restricted key is not the identity key, and is the same on every start.
+    assert_ne!(ak, t.public_key());
+    let pcrs: Vec<u8> = (0..8).collect();
+    let nonce = [0x5a; 32];
+    let baseline = t.read_pcrs(&pcrs).expect("PCRs");
+    let q = t.quote(&nonce, &pcrs).expect("quote");
+    verify_quote(&q, &ak, &nonce, Some(&baseline)).expect("a genuine quote verifies");
+
+    // The issuer sent another nonce: this quote is a replay.
+    assert_eq!(
+        verify_quote(&q, &ak, &[0x5b; 32], Some(&baseline)),
+        Err(QuoteError::WrongNonce)
+    );
+    // The agent lies about a PCR value.
+    let mut lying = q.clone();
+    lying.pcrs[0].sha256[0] ^= 1;
+    assert_eq!(
+        verify_quote(&lying, &ak, &nonce, Some(&baseline)),
+        Err(QuoteError::PcrDigestMismatch)
+    );
+    // Signed by the identity key (unrestricted: it could sign anything that
+    // looks like a quote), not the attestation key.
+    let forged = tenet_protocol::audit::Quote {
+        signature: t.sign(&q.attest).expect("sign"),
+        ..q.clone()
+    };
+    assert_eq!(
+        verify_quote(&forged, &ak, &nonce, None),
+        Err(QuoteError::BadSignature)
+    );
+    // The boot changed: PCR 7 extended. The new quote is genuine, but it
+    // does not match the baseline.
+    t.extend_pcr(7, [0x77; 32]).expect("extend");
+    let q2 = t.quote(&nonce, &pcrs).expect("quote");
+    let err = verify_quote(&q2, &ak, &nonce, Some(&baseline)).expect_err("PCR 7 changed");
+    assert_eq!(err.reason(), "PcrChanged");
+    assert!(err.to_string().starts_with("PCR 7 is "), "{err}");
+    drop(t);
+    let again = tenet_agent::tpm::TpmIdentity::open(&tpm.tcti()).expect("TPM");
+    assert_eq!(again.attestation_key().expect("ak"), ak);
+}

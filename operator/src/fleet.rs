@@ -359,6 +359,7 @@ mod tests {
             labels: BTreeMap::new(),
             identity: terminal.public_key(),
             tpm: true,
+            attestation_key: None,
             tls_csr_pem: String::new(),
             requested_at_ms: NOW,
         };

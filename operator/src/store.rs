@@ -62,6 +62,8 @@ pub struct TerminalRecord {
     pub identity: PublicKey,
     pub labels: BTreeMap<String, String>,
     pub tpm: bool,
+    /// The TPM attestation key its quotes must be signed with.
+    pub attestation_key: Option<PublicKey>,
     pub enrolled_at_ms: u64,
     /// The last envelope sequence number issued to it.
     pub last_sequence: u64,
@@ -598,6 +600,7 @@ impl Store {
                         identity: request.identity.clone(),
                         labels: request.labels.clone(),
                         tpm: request.tpm,
+                        attestation_key: request.attestation_key.clone(),
                         enrolled_at_ms: now_ms,
                         last_sequence: 0,
                         offline_since_ms: 0,
@@ -858,6 +861,7 @@ mod tests {
                 .expect("key")
                 .public_key(),
             tpm: false,
+            attestation_key: None,
             tls_csr_pem: String::new(),
             requested_at_ms: 0,
         }

@@ -88,6 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         labels: [("site".to_string(), "nagoya".to_string())].into(),
         identity: tkey.public_key(),
         tpm: true,
+        attestation_key: None,
         tls_csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n"
             .into(),
         requested_at_ms: 1,

@@ -21,6 +21,9 @@ pub struct EnrolmentRequest {
     pub identity: PublicKey,
     /// Whether the identity key is held in a TPM.
     pub tpm: bool,
+    /// With a TPM: the restricted attestation key (P-256) its quotes are
+    /// signed with, registered here so the issuer can check them.
+    pub attestation_key: Option<PublicKey>,
     /// A PKCS#10 request (PEM) for the mTLS client certificate; its key is
     /// the agent's transport key, kept apart from the identity key.
     pub tls_csr_pem: String,
@@ -35,6 +38,7 @@ impl fmt::Debug for EnrolmentRequest {
             .field("labels", &self.labels)
             .field("identity", &self.identity)
             .field("tpm", &self.tpm)
+            .field("attestation_key", &self.attestation_key)
             .field("tls_csr_pem", &self.tls_csr_pem.len())
             .field("requested_at_ms", &self.requested_at_ms)
             .finish()

@@ -4,12 +4,15 @@
 //! and any third-party verifier can use it alone; it reads no clock (callers
 //! pass `now`), so every check is a pure function.
 
+pub mod audit;
 pub mod bundle;
 pub mod certificate;
 pub mod enrol;
 pub mod envelope;
 pub mod inventory;
 pub mod keys;
+#[cfg(feature = "tls")]
+pub mod present_tls;
 pub mod presentation;
 pub mod reject;
 pub mod report;

@@ -33,6 +33,8 @@ pub enum ToOperator {
     RenewCertificate {
         csr_pem: String,
     },
+    /// A signed `AuditReport`, the answer to `ToAgent::Audit`.
+    Audit(#[serde(with = "serde_bytes")] Vec<u8>),
     Pong,
 }
 
@@ -64,6 +66,21 @@ pub enum ToAgent {
     },
     RenewalRefused {
         reason: String,
+    },
+    /// Audit yourself now: posture facts for these packages and services,
+    /// and a TPM quote over these PCRs with this nonce.
+    Audit {
+        nonce: [u8; 32],
+        pcrs: Vec<u8>,
+        packages: Vec<String>,
+        services: Vec<String>,
+    },
+    /// The terminal's security certificate (a signed `SecurityCertificate`)
+    /// to present to peers from now on; `None`: stop presenting the one
+    /// held (the level fell below the policy's minimum).
+    SecurityCertificate {
+        #[serde(with = "serde_bytes")]
+        certificate: Option<Vec<u8>>,
     },
     Ping,
 }

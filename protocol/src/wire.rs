@@ -49,10 +49,11 @@ pub enum Kind {
     EnrolmentResponse = 6,
     InventoryReport = 7,
     Presentation = 8,
+    AuditReport = 9,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::PayloadBundle,
         Kind::DispatchEnvelope,
         Kind::ExecutionReport,
@@ -61,6 +62,7 @@ impl Kind {
         Kind::EnrolmentResponse,
         Kind::InventoryReport,
         Kind::Presentation,
+        Kind::AuditReport,
     ];
 
     fn from_u8(b: u8) -> Option<Kind> {
@@ -78,6 +80,7 @@ impl Kind {
             Kind::EnrolmentResponse => "tenet.dev/enrolment-response",
             Kind::InventoryReport => "tenet.dev/inventory-report",
             Kind::Presentation => "tenet.dev/presentation",
+            Kind::AuditReport => "tenet.dev/audit-report",
         }
     }
 
@@ -109,6 +112,7 @@ impl fmt::Display for Kind {
             Kind::EnrolmentResponse => "enrolment response",
             Kind::InventoryReport => "inventory report",
             Kind::Presentation => "certificate presentation",
+            Kind::AuditReport => "audit report",
         })
     }
 }

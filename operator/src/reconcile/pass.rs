@@ -534,6 +534,7 @@ mod tests {
                     .expect("key")
                     .public_key(),
                 tpm: false,
+                attestation_key: None,
                 tls_csr_pem: String::new(),
                 requested_at_ms: NOW,
             };
