@@ -77,6 +77,7 @@ pub fn posture(inv: &Inventory, root: &Path, packages: &[String], services: &[St
 }
 
 /// Audit now: posture, a quote when there is a TPM, signed by the identity.
+#[allow(clippy::too_many_arguments)]
 pub fn audit(
     terminal: &str,
     identity: &dyn Signer,

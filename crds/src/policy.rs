@@ -317,6 +317,15 @@ pub struct CertificateTemplate {
     #[serde(default)]
     #[schemars(range(max = 100))]
     pub minimum_level: u32,
+    /// The PCRs (SHA-256 bank) a terminal's TPM quotes in each audit; the
+    /// first verified quote sets the values later ones must match.
+    #[serde(default = "default_pcrs")]
+    #[schemars(length(min = 1, max = 8), inner(range(max = 23)))]
+    pub pcrs: Vec<u32>,
+}
+
+fn default_pcrs() -> Vec<u32> {
+    (0..8).collect()
 }
 
 fn default_validity() -> String {

@@ -594,6 +594,31 @@ impl Daemon {
                 // kept running passes. Yield so the slot runs now.
                 tokio::task::yield_now().await;
             }
+            // Security certificates: audits, issuance, renewal.
+            let round = {
+                let online = |t: &str| fleet.sender(t).is_some();
+                crate::certs::reconcile(
+                    &data.store,
+                    &policies,
+                    data.dispatch_key.as_ref(),
+                    &online,
+                    now_ms(),
+                )?
+            };
+            for e in &round.events {
+                let _ = writeln!(out, "{e}");
+            }
+            if !round.outgoing.is_empty() {
+                if let Err(e) = data.store.durable(data.store.written()).await {
+                    tracing::error!(error = %e, "certificate messages not sent: the database cannot commit");
+                } else {
+                    for (terminal, message) in round.outgoing {
+                        if let Some(tx) = fleet.sender(&terminal) {
+                            let _ = tx.try_send(message);
+                        }
+                    }
+                }
+            }
             let round_trips = fleet.take_round_trips();
             for d in &round_trips {
                 metrics.round_trip_seconds.observe(d.as_secs_f64());
@@ -617,6 +642,7 @@ impl Daemon {
                     &fleet.connected_terminals(),
                     fleet.refusals(),
                     &cache.last_errors,
+                    now_ms(),
                 )?;
                 let status = crate::status::Status {
                     source_revision: cache.revision.clone(),

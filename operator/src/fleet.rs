@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tenet_protocol::audit::AuditReport;
 use tenet_protocol::enrol::EnrolmentRequest;
 use tenet_protocol::inventory::InventoryReport;
 use tenet_protocol::report::{ExecutionReport, Outcome, check_report};
@@ -21,6 +22,7 @@ use tenet_protocol::{Kind, Rejection, SignedMessage};
 use tokio::sync::mpsc;
 
 use crate::gateway::{Fleet, FleetError};
+use crate::reconcile::certificate::{Audit, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoreError, StoredInventory};
 
@@ -274,6 +276,67 @@ impl StandaloneFleet {
     }
 }
 
+impl StandaloneFleet {
+    /// The external audit of an agent's audit report: its signature by the
+    /// terminal, an outstanding request with its nonce, then
+    /// `external_audit`. The verdict goes in the certificate record.
+    fn take_audit(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
+        let frame = self.verified_frame(terminal, Kind::AuditReport, bytes)?;
+        let report: AuditReport = frame.open()?;
+        if report.terminal != terminal {
+            return Err(Rejection::WrongTerminal {
+                expected: terminal.to_string(),
+                found: report.terminal,
+            }
+            .into());
+        }
+        let Some(mut record) = self.store.certificate(terminal) else {
+            return Err(Rejection::Replay("an audit report nobody asked for".into()).into());
+        };
+        let Audit::Requested { nonce, pcrs, .. } = &record.audit else {
+            return Err(Rejection::Replay("an audit report nobody asked for".into()).into());
+        };
+        if report.nonce != *nonce {
+            return Err(Rejection::Replay("an audit report for an earlier request".into()).into());
+        }
+        let enrolled = self
+            .store
+            .terminal(terminal)
+            .map_err(store_err)?
+            .ok_or_else(|| Rejection::Malformed(format!("{terminal} is not enrolled")))?;
+        let inventory = self.store.inventory(terminal).map_err(store_err)?;
+        let now = (self.now_ms)();
+        record.audit = match external_audit(
+            &report,
+            nonce,
+            enrolled.attestation_key.as_ref(),
+            enrolled.tpm,
+            pcrs,
+            record.baseline.as_deref(),
+            inventory.as_ref().map(|i| &i.inventory),
+        ) {
+            Ok((attestation, baseline)) => {
+                if baseline.is_some() {
+                    record.baseline = baseline;
+                }
+                tracing::info!(terminal, ?attestation, "audit passed");
+                Audit::Passed {
+                    at_ms: now,
+                    attestation,
+                    presentation_key: report.presentation_key,
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(terminal, %reason, "audit failed");
+                Audit::Failed { at_ms: now, reason }
+            }
+        };
+        self.store.set_certificate(terminal, &record);
+        let _ = self.changes.send(Change::Inventory(terminal.to_string()));
+        Ok(())
+    }
+}
+
 impl Fleet for StandaloneFleet {
     fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String> {
         tracing::info!(terminal = %request.terminal, tpm = request.tpm, key = %request.identity.fingerprint(), "enrolment request");
@@ -313,6 +376,11 @@ impl Fleet for StandaloneFleet {
 
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
         self.take_inventory(terminal, bytes)
+            .inspect_err(|r| self.count(r))
+    }
+
+    fn audit(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
+        self.take_audit(terminal, bytes)
             .inspect_err(|r| self.count(r))
     }
 

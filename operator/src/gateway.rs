@@ -62,6 +62,8 @@ pub trait Fleet: Send + Sync + 'static {
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
     /// A signed inventory report; `Ok` means it is taken.
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
+    /// A signed audit report, the answer to an audit request.
+    fn audit(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
     /// Wait until everything taken so far is durable: the gateway answers
     /// an enrolment and acknowledges a report only then. `Err` says why
     /// it cannot be now.
@@ -243,6 +245,13 @@ impl Gateway {
                         };
                     if tx.send(answer).await.is_err() {
                         break Ok(());
+                    }
+                    continue;
+                }
+                ToOperator::Audit(bytes) => {
+                    // Not queued by the agent: nothing to acknowledge.
+                    if let Err(e) = self.fleet.audit(&terminal, bytes) {
+                        tracing::warn!(terminal, error = %e, "audit report refused");
                     }
                     continue;
                 }

@@ -2,6 +2,7 @@
 //! commands the `tenet` binary exposes. `main.rs` only parses arguments.
 
 pub mod bench;
+pub mod certs;
 pub mod cli;
 pub mod daemon;
 pub mod fleet;

@@ -78,6 +78,9 @@ enum Command {
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Security certificates: check a peer's by challenge-response.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Benchmarks of the whole system on this machine.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -131,6 +134,34 @@ enum BenchCommand {
         /// The tenet-agent binary (default: the one next to `tenet`).
         #[arg(long)]
         agent: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Ask a terminal (or a server running the agent) for its security
+    /// certificate over TLS with a fresh challenge, and check it: signed by
+    /// the issuer, valid now, answered to this challenge on this connection
+    /// by the key the certificate names, for the expected subject, at the
+    /// required level. Exit 0: verified; 1: refused, with the reason
+    /// (expired, wrong issuer, level too low, bad signature, challenge
+    /// mismatch, wrong subject); 2: the peer could not be asked.
+    Verify {
+        /// The peer's presentation address (the agent's `presentation.listen`).
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: String,
+        /// The lowest acceptable security level (0-100).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        min_level: u8,
+        /// The issuer's public key (the operator's DATA/dispatch.key.pub).
+        #[arg(long, value_name = "FILE")]
+        issuer_key: PathBuf,
+        /// The terminal the peer must be.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
 }
 
@@ -440,6 +471,21 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Command::Cert(CertCommand::Verify {
+            peer,
+            min_level,
+            issuer_key,
+            subject,
+            timeout,
+        }) => cli::cert::verify(
+            &peer,
+            &issuer_key,
+            min_level,
+            subject.as_deref(),
+            std::time::Duration::from_secs(timeout),
+            stdout,
+            stderr,
+        ),
         Command::Token(TokenCommand::Create {
             data,
             terminal,

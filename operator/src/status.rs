@@ -42,6 +42,46 @@ pub struct TerminalLine {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_since_ms: Option<u64>,
     pub policies: Vec<PairLine>,
+    /// Its security certificate, when a policy asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertLine>,
+}
+
+/// A terminal's security certificate as people and tests read it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertLine {
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<u64>,
+    /// `passed (quoted)`, `failed: <reason>`, `requested`, `none`.
+    pub audit: String,
+    pub conditions: Vec<crate::reconcile::certificate::CertCondition>,
+}
+
+fn cert_line(record: &crate::reconcile::certificate::CertRecord, now_ms: u64) -> CertLine {
+    use crate::reconcile::certificate::{Audit, conditions};
+    let i = record.issued.as_ref();
+    CertLine {
+        policy: record.policy.clone(),
+        level: i.map(|i| i.level),
+        serial: i.map(|i| hex::encode(i.serial)),
+        not_before_ms: i.map(|i| i.not_before_ms),
+        not_after_ms: i.map(|i| i.not_after_ms),
+        audit: match &record.audit {
+            Audit::None => "none".into(),
+            Audit::Requested { .. } => "requested".into(),
+            Audit::Passed { attestation, .. } => format!("passed ({attestation:?})"),
+            Audit::Failed { reason, .. } => format!("failed: {reason}"),
+        },
+        conditions: conditions(record, now_ms),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +119,7 @@ pub fn collect(
     connected: &[String],
     refused: BTreeMap<&'static str, u64>,
     policy_errors: &[String],
+    now_ms: u64,
 ) -> Result<Status, StoreError> {
     let mut by_terminal: BTreeMap<String, Vec<PairLine>> = BTreeMap::new();
     for (terminal, policy, record) in store.pairs()? {
@@ -88,10 +129,16 @@ pub fn collect(
             .push(pair_line(policy, &record.state));
     }
     let connected: std::collections::HashSet<&str> = connected.iter().map(String::as_str).collect();
+    let mut certificates: BTreeMap<String, CertLine> = store
+        .certificates()
+        .into_iter()
+        .map(|(t, r)| (t, cert_line(&r, now_ms)))
+        .collect();
     let mut terminals = Vec::new();
     for (name, record) in store.terminals() {
         let online = connected.contains(name.as_str());
         terminals.push(TerminalLine {
+            certificate: certificates.remove(&name),
             connected: online,
             last_inventory_ms: store.inventory(&name)?.map(|i| i.received_ms),
             offline_since_ms: (!online && record.offline_since_ms > 0)
@@ -146,6 +193,32 @@ pub fn print(status: &Status, out: &mut dyn Write) -> std::io::Result<()> {
         status.terminals.len(),
         online
     )?;
+    let certs: Vec<&CertLine> = status
+        .terminals
+        .iter()
+        .filter_map(|t| t.certificate.as_ref())
+        .collect();
+    if !certs.is_empty() {
+        let count = |type_: &str, reason: Option<&str>| {
+            certs
+                .iter()
+                .filter(|c| {
+                    c.conditions.iter().any(|k| {
+                        k.type_ == type_ && reason.map_or(k.status == "True", |r| k.reason == r)
+                    })
+                })
+                .count()
+        };
+        writeln!(
+            out,
+            "security certificates: {} ready, {} renewing, {} expired, {} withheld, {} awaiting audit",
+            count("Ready", None),
+            count("Renewing", None),
+            count("Expired", None),
+            count("Ready", Some("Withheld")),
+            count("Ready", Some("AwaitingAudit")),
+        )?;
+    }
     for e in &status.policy_errors {
         writeln!(
             out,
@@ -193,6 +266,35 @@ pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::
             format!(": {}", p.reason)
         };
         writeln!(out, "  {:<11} {}{attempts}{reason}", p.state, p.policy)?;
+    }
+    if let Some(c) = &t.certificate {
+        let ready = c.conditions.iter().find(|k| k.type_ == "Ready");
+        writeln!(
+            out,
+            "  certificate ({}): {}{}; audit {}",
+            c.policy,
+            match (c.level, c.not_after_ms) {
+                (Some(l), Some(until)) => format!(
+                    "level {l}, serial {}, until {}",
+                    c.serial.as_deref().unwrap_or("?"),
+                    crate::cli::payload::rfc3339(until)
+                ),
+                _ => "none".to_string(),
+            },
+            ready
+                .map(|r| format!(
+                    " [Ready={} {}{}]",
+                    r.status,
+                    r.reason,
+                    if r.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.message)
+                    }
+                ))
+                .unwrap_or_default(),
+            c.audit
+        )?;
     }
     Ok(true)
 }

@@ -31,6 +31,7 @@ use tenet_protocol::inventory::Inventory;
 use tenet_protocol::report::DispatchRecord;
 use tenet_protocol::wire::{decode, encode, sha256};
 
+use crate::reconcile::certificate::CertRecord;
 use crate::reconcile::state::PairState;
 
 const TERMINALS: TableDefinition<&str, &[u8]> = TableDefinition::new("terminals");
@@ -39,6 +40,7 @@ const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
 const DISPATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("dispatches");
 const INVENTORIES: TableDefinition<&str, &[u8]> = TableDefinition::new("inventories");
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -123,16 +125,18 @@ pub enum Table {
     Dispatches,
     Inventories,
     Policies,
+    Certificates,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Terminals,
         Table::Tokens,
         Table::Pairs,
         Table::Dispatches,
         Table::Inventories,
         Table::Policies,
+        Table::Certificates,
     ];
 
     fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
@@ -143,6 +147,7 @@ impl Table {
             Table::Dispatches => DISPATCHES,
             Table::Inventories => INVENTORIES,
             Table::Policies => POLICIES,
+            Table::Certificates => CERTIFICATES,
         }
     }
 }
@@ -158,6 +163,7 @@ struct Mem {
     dispatches: BTreeMap<String, LiveDispatch>,
     inventories: HashMap<String, Arc<StoredInventory>>,
     policies: HashMap<String, ([u8; 32], u64)>,
+    certificates: BTreeMap<String, CertRecord>,
     /// Changes in the order they were made, not yet committed.
     pending: Vec<(Table, String, Vec<u8>)>,
     /// How many changes were ever made (the newest change's number).
@@ -458,6 +464,9 @@ impl Store {
                 }
                 Table::Policies => {
                     mem.policies.insert(key.clone(), decoded(&key, &bytes)?);
+                }
+                Table::Certificates => {
+                    mem.certificates.insert(key.clone(), decoded(&key, &bytes)?);
                 }
             }
         }
@@ -828,6 +837,27 @@ impl Store {
             .range(prefix.clone()..)
             .map_while(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
             .collect())
+    }
+
+    /// A terminal's security certificate record.
+    pub fn certificate(&self, terminal: &str) -> Option<CertRecord> {
+        self.mem().certificates.get(terminal).cloned()
+    }
+
+    /// Every certificate record, by terminal.
+    pub fn certificates(&self) -> Vec<(String, CertRecord)> {
+        self.mem()
+            .certificates
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn set_certificate(&self, terminal: &str, record: &CertRecord) {
+        self.change(|m| {
+            m.write(Table::Certificates, terminal, record);
+            m.certificates.insert(terminal.to_string(), record.clone());
+        });
     }
 
     /// Every pair's record (for status and for resuming after a restart).

@@ -43,6 +43,7 @@ pub enum Event {
     Disconnected(String),
     Report(Vec<u8>),
     Inventory(Vec<u8>),
+    Audit(Vec<u8>),
     /// A report arrived while the fleet played unavailable.
     Unavailable,
 }
@@ -123,6 +124,12 @@ impl Fleet for MemoryFleet {
         }
         self.verify(terminal, Kind::ExecutionReport, bytes)?;
         self.emit(Event::Report(bytes.to_vec()));
+        Ok(())
+    }
+
+    fn audit(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
+        self.verify(terminal, Kind::AuditReport, bytes)?;
+        self.emit(Event::Audit(bytes.to_vec()));
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! The admin commands of the `tenet` binary, each a function from parsed
 //! arguments to an exit code and text on stdout/stderr.
 
+pub mod cert;
 pub mod payload;
 pub mod policy;
 

@@ -3,6 +3,7 @@
 //! terminals a policy's rollout may start now ([`rollout`]). The I/O that
 //! feeds them (inventories, reports, the store, the gateway) sits outside.
 
+pub mod certificate;
 pub mod level;
 pub mod pass;
 pub mod rollout;
