@@ -73,7 +73,14 @@ pub fn verify_presentation(
     // until both verify.
     let presentation: Presentation = frame.open()?;
     let cert = verify_certificate(&presentation.certificate, required.issuer_key, now_ms)?;
-    frame.verify_by(&cert.subject_key)?;
+    // Signed by another key than the one the certificate names (someone
+    // else's certificate): a bad signature, not an unknown issuer.
+    frame.verify_by(&cert.subject_key).map_err(|e| match e {
+        Rejection::UnknownKey { .. } => Rejection::BadSignature {
+            key: cert.subject_key.fingerprint(),
+        },
+        e => e,
+    })?;
     if presentation.challenge != *challenge {
         return Err(Rejection::ChallengeMismatch);
     }
@@ -211,7 +218,7 @@ mod tests {
                 [1; 32],
                 0,
             ),
-            "UnknownKey",
+            "BadSignature",
         );
         // ... or a genuine certificate of another terminal than the one the
         // peer meant to talk to.

@@ -594,3 +594,66 @@ pub fn install_bundle(admin: &KeyPair, deb: &Path) -> SignedMessage {
     };
     SignedMessage::signed(&bundle, admin).expect("sign")
 }
+
+/// A software TPM (swtpm) on loopback, started by the test and stopped
+/// when dropped. (The agent's own tests have the same helper: they cannot
+/// depend on this crate, which depends on the operator.)
+pub struct Swtpm {
+    child: std::process::Child,
+    _state: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Swtpm {
+    /// `None` (with a message) when swtpm is not installed; under CI it must be.
+    pub fn start() -> Option<Swtpm> {
+        if Command::new("swtpm").arg("--version").output().is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "swtpm is required under CI (scripts/lib.sh installs it)"
+            );
+            eprintln!("skipping: swtpm is not installed (scripts/test installs it)");
+            return None;
+        }
+        let state = tempfile::tempdir().expect("tempdir");
+        // The swtpm TCTI expects the control port right after the server port.
+        let port = loop {
+            let a = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+            let p = a.local_addr().expect("addr").port();
+            if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
+            }
+        };
+        let child = Command::new("swtpm")
+            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.path().display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("swtpm starts");
+        wait_until(Duration::from_secs(10), "swtpm listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(Swtpm {
+            child,
+            _state: state,
+            port,
+        })
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
