@@ -20,6 +20,9 @@ use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
 
 const TERMINAL: &str = "nagoya-ward3-01";
 
+/// How a fake peer answers a (session-bound) challenge.
+type Answer = Box<dyn Fn([u8; 32]) -> PresentAnswer + Send + Sync>;
+
 fn inventory(browser: &str, clamav: &str) -> String {
     format!(
         "terminal: {TERMINAL}\nlabels: {{ site: nagoya }}\nfacts:\n  hardware: {{ tpm: true }}\npackages:\n  - {{ name: browser-a, version: {browser} }}\n  - {{ name: clamav-daemon, version: 1.0.7 }}\nservices:\n  - {{ name: clamav-daemon, state: {clamav}, enabled: true }}\n"
@@ -307,11 +310,7 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
         }
     };
     let now = now_ms();
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn([u8; 32]) -> PresentAnswer + Send + Sync>,
-        &str,
-    )> = vec![
+    let cases: Vec<(&str, Answer, &str)> = vec![
         (
             "a forged certificate (signed by a key that is not the issuer's)",
             Box::new(presenting(
