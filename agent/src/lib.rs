@@ -5,6 +5,7 @@
 //! dispatch's evidence. It never depends on kube.
 
 pub mod audit;
+pub mod bench;
 pub mod config;
 pub mod connection;
 pub mod dispatch;

@@ -82,6 +82,24 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Benchmark certificate presentation (the second paper's experiment):
+    /// latency p50/p99 against concurrent peer connections, with the audit
+    /// done beforehand (async) and on every request (sync; a TPM quote
+    /// with `--tcti`). Prints a table, or JSON with `--output json`.
+    BenchPresent {
+        /// Concurrent peer connections, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+        connections: Vec<usize>,
+        /// The TPM for the sync mode's quotes (e.g. swtpm:host=127.0.0.1,port=2321).
+        #[arg(long)]
+        tcti: Option<String>,
+        /// Seconds of the steady load (each peer asks once a second); 0: none.
+        #[arg(long, default_value_t = 3)]
+        steady_seconds: u64,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
     /// Simulate many terminals in this one process, for demos and
     /// benchmarks: each enrols with its own key and mTLS certificate, holds
     /// its own connection, reports its own inventory, and verifies and runs
@@ -254,6 +272,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(agent.run());
+        }
+        Command::BenchPresent {
+            connections,
+            tcti,
+            steady_seconds,
+            output,
+        } => {
+            let rows = tenet_agent::bench::run(&connections, tcti, steady_seconds)
+                .map_err(anyhow::Error::msg)?;
+            if output == "json" {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<6} {:<16} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                    "MODE",
+                    "LOAD",
+                    "CONNECTIONS",
+                    "REQUESTS",
+                    "P50_MS",
+                    "P99_MS",
+                    "MAX_MS",
+                    "VERIFIED"
+                );
+                for r in rows {
+                    println!(
+                        "{:<6} {:<16} {:>11} {:>9} {:>9.3} {:>9.3} {:>9.3} {:>9}",
+                        r.mode,
+                        r.load,
+                        r.connections,
+                        r.requests,
+                        r.p50_ms,
+                        r.p99_ms,
+                        r.max_ms,
+                        r.verified
+                    );
+                }
+            }
         }
         Command::Simulate {
             count,
