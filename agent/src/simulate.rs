@@ -420,6 +420,35 @@ impl Terminal {
                         .await?;
                     }
                     ToAgent::Ping => write_frame(&mut writer, &ToOperator::Pong).await?,
+                    ToAgent::Audit {
+                        nonce,
+                        pcrs,
+                        packages,
+                        services,
+                    } => {
+                        // No TPM here: posture only. The certificate names
+                        // the identity key: simulated terminals answer no peers.
+                        let request = crate::audit::AuditRequest {
+                            nonce,
+                            pcrs,
+                            packages,
+                            services,
+                        };
+                        let inventory = self.system.with(|i| i.clone());
+                        let presentation = self.identity.public_key();
+                        let report = crate::audit::audit(
+                            &self.name,
+                            &self.identity,
+                            None,
+                            presentation,
+                            &inventory,
+                            std::path::Path::new("/nonexistent"),
+                            &request,
+                            now_ms(),
+                        )
+                        .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
+                        write_frame(&mut writer, &ToOperator::Audit(report)).await?;
+                    }
                     _ => {}
                 }
             }

@@ -248,15 +248,30 @@ pub struct IssuedToken {
     pub ca_fingerprint: String,
 }
 
+/// Write a new file whole: under a temporary name first, then renamed, so
+/// the running operator (which imports and deletes `*.token` files as soon
+/// as the directory changes) never reads half of one. It did: the demo's
+/// token for 200 simulated terminals was read empty and thrown away.
 fn crate_write(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("partial");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    if path.exists() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(DaemonError::Usage(format!(
+            "{} exists already",
+            path.display()
+        )));
+    }
+    std::fs::rename(&tmp, path).map_err(io(path))
 }
 
 fn import_tokens(data: &Path, store: &Store) -> Result<(), DaemonError> {
