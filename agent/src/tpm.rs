@@ -54,8 +54,11 @@ pub struct TpmIdentity {
     context: RefCell<Context>,
     key: KeyHandle,
     public: PublicKey,
-    /// The restricted attestation key, derived on first use.
-    attestation: RefCell<Option<(KeyHandle, PublicKey)>>,
+    /// The restricted attestation key's public half, once derived. The key
+    /// itself is loaded only for the quote that needs it and flushed right
+    /// after: a TPM holds three or so transient objects, and without a
+    /// resource manager (swtpm over TCP) a killed process never frees its.
+    attestation: RefCell<Option<PublicKey>>,
     /// The manufacturer the TPM reports (`IBM ` for libtpms/swtpm).
     pub manufacturer: String,
 }
@@ -128,13 +131,22 @@ impl TpmIdentity {
     /// data that could pass for one), a primary key from a fixed template
     /// under the endorsement hierarchy, so the same key on every start.
     pub fn attestation_key(&self) -> Result<PublicKey, TpmError> {
-        Ok(self.attestation_handle()?.1)
-    }
-
-    fn attestation_handle(&self) -> Result<(KeyHandle, PublicKey), TpmError> {
         if let Some(k) = self.attestation.borrow().as_ref() {
             return Ok(k.clone());
         }
+        let (handle, public) = self.load_attestation_key()?;
+        self.flush(handle);
+        Ok(public)
+    }
+
+    fn flush(&self, handle: KeyHandle) {
+        if let Ok(mut ctx) = self.context.try_borrow_mut() {
+            let _ = ctx.flush_context(handle.into());
+        }
+    }
+
+    /// Derive and load the attestation key; the caller flushes it.
+    fn load_attestation_key(&self) -> Result<(KeyHandle, PublicKey), TpmError> {
         let attributes = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -174,9 +186,15 @@ impl TpmIdentity {
                 c.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
             })
         })?;
-        let key = (created.key_handle, p256_public(created.out_public)?);
-        *self.attestation.borrow_mut() = Some(key.clone());
-        Ok(key)
+        let public = match p256_public(created.out_public) {
+            Ok(p) => p,
+            Err(e) => {
+                self.flush(created.key_handle);
+                return Err(e);
+            }
+        };
+        *self.attestation.borrow_mut() = Some(public.clone());
+        Ok((created.key_handle, public))
     }
 
     /// The SHA-256 bank's values of `pcrs` (at most 8, ascending).
@@ -211,13 +229,19 @@ impl TpmIdentity {
         let mut pcrs = pcrs.to_vec();
         pcrs.sort_unstable();
         pcrs.dedup();
-        let (ak, _) = self.attestation_handle()?;
-        let values = self.read_pcrs(&pcrs)?;
+        let (ak, _) = self.load_attestation_key()?;
+        let quoted = self.quote_with(ak, nonce, &pcrs);
+        self.flush(ak);
+        quoted
+    }
+
+    fn quote_with(&self, ak: KeyHandle, nonce: &[u8; 32], pcrs: &[u8]) -> Result<Quote, TpmError> {
+        let values = self.read_pcrs(pcrs)?;
         let data = Data::try_from(nonce.to_vec()).map_err(|source| TpmError::Tss {
             operation: "quote nonce",
             source,
         })?;
-        let sel = selection(&pcrs)?;
+        let sel = selection(pcrs)?;
         let (attest, signature) = self.tss("quote", |ctx| {
             ctx.execute_with_session(Some(AuthSession::Password), |c| {
                 c.quote(ak, data, SignatureScheme::Null, sel)
@@ -342,6 +366,14 @@ impl Signer for TpmIdentity {
             })
             .map_err(|e| KeyError::Sign(format!("TPM sign: {e}")))?;
         low_s(signature).map_err(KeyError::Sign)
+    }
+}
+
+impl Drop for TpmIdentity {
+    /// Free the identity key's slot in the TPM.
+    fn drop(&mut self) {
+        let key = self.key;
+        self.flush(key);
     }
 }
 

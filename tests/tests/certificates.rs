@@ -117,38 +117,8 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
     std::fs::write(dir.join("inventory.yaml"), inventory("120.0-1", "running")).expect("inv");
 
     let port = free_port();
-    let mut operator = Command::new(binary("tenet"))
-        .args([
-            "operator",
-            "--policies",
-            "policies",
-            "--data",
-            "data",
-            "--admin-key",
-            "admin.pub",
-            "--listen",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("operator.log")).expect("log"))
-        .spawn()
-        .expect("operator");
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    {
-        let lines = lines.clone();
-        let stdout = operator.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                lines.lock().expect("lines").push(l);
-            }
-        });
-    }
-    let mut operator = Running(operator);
-    wait_until(Duration::from_secs(30), "the operator's data", || {
-        dir.join("data/dispatch.key.pub").exists()
-    });
-
+    let mut operator = start_operator(dir, port, &lines);
     let present_port = free_port();
     let peer = format!("127.0.0.1:{present_port}");
     std::fs::write(
@@ -177,15 +147,7 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _agent = Running(
-        Command::new(binary("tenet-agent"))
-            .args(["run", "--config", "agent.yaml"])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
-            .spawn()
-            .expect("agent"),
-    );
+    let mut agent_process = start_agent(dir);
     let issuer = ["--issuer-key", "data/dispatch.key.pub"];
     let with = |more: &[&'static str]| -> Vec<&str> {
         let mut v: Vec<&str> = issuer.to_vec();
@@ -418,6 +380,105 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
         text.contains("refused: the certificate expired at") && text.contains("(Expired)"),
         "{text}"
     );
+
+    // 7. The boot changed while the terminal was off (PCR 7 extended, as a
+    // different boot chain would): the next audit's quote is genuine but
+    // does not match the baseline, and no certificate is issued.
+    drop(agent_process);
+    tenet_agent::tpm::TpmIdentity::open(&tpm.tcti())
+        .expect("TPM")
+        .extend_pcr(7, [0x77; 32])
+        .expect("extend PCR 7");
+    let _operator = start_operator(dir, port, &lines);
+    agent_process = start_agent(dir);
+    let failed_on_pcr = || {
+        cert_status(dir).is_some_and(|c| {
+            c["audit"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("failed: PCR 7 is "))
+                && c["conditions"][0]["reason"] == "Withheld"
+        })
+    };
+    let started = std::time::Instant::now();
+    while !failed_on_pcr() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the audit did not fail on PCR 7: {:?}\noperator: {}\nagent: {}",
+            cert_status(dir),
+            std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default(),
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = cert_status(dir).expect("status");
+    assert!(
+        c["conditions"][0]["message"].as_str().is_some_and(|m| m
+            .starts_with("the audit failed: PCR 7 is ")
+            && m.contains(", expected ")),
+        "{c}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to stop presenting",
+        || verify(dir, &peer, &issuer).1.contains("(NoCertificate)"),
+    );
+    drop(agent_process);
+}
+
+fn start_operator(dir: &Path, port: u16, lines: &Arc<Mutex<Vec<String>>>) -> Running {
+    let mut operator = Command::new(binary("tenet"))
+        .args([
+            "operator",
+            "--policies",
+            "policies",
+            "--data",
+            "data",
+            "--admin-key",
+            "admin.pub",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("operator.log"))
+                .expect("log"),
+        )
+        .spawn()
+        .expect("operator");
+    let stdout = operator.stdout.take().expect("stdout");
+    let lines = lines.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            lines.lock().expect("lines").push(l);
+        }
+    });
+    let running = Running(operator);
+    wait_until(Duration::from_secs(30), "the operator's data", || {
+        dir.join("data/dispatch.key.pub").exists()
+    });
+    running
+}
+
+fn start_agent(dir: &Path) -> Running {
+    Running(
+        Command::new(binary("tenet-agent"))
+            .args(["run", "--config", "agent.yaml"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("agent.log"))
+                    .expect("log"),
+            )
+            .spawn()
+            .expect("agent"),
+    )
 }
 
 trait CloneKey {
