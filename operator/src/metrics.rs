@@ -29,6 +29,7 @@ pub struct ReasonLabel {
 pub struct Metrics {
     registry: Registry,
     pairs: Family<StateLabel, Gauge>,
+    certificates: Family<StateLabel, Gauge>,
     connected: Gauge,
     terminals: Gauge,
     pub dispatches: Counter,
@@ -48,6 +49,12 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("tenet");
         let pairs = Family::<StateLabel, Gauge>::default();
+        let certificates = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "security_certificates",
+            "security certificates by the reason of their Ready condition (Issued, Withheld, Expired, AwaitingAudit)",
+            certificates.clone(),
+        );
         let connected = Gauge::default();
         let terminals = Gauge::default();
         let dispatches = Counter::default();
@@ -91,6 +98,7 @@ impl Metrics {
             round_trip_seconds,
             registry,
             pairs,
+            certificates,
             connected,
             terminals,
             dispatches,
@@ -120,6 +128,26 @@ impl Metrics {
         }
         for (state, n) in by_state {
             self.pairs
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(n);
+        }
+        let mut certs: BTreeMap<&str, i64> = ["Issued", "Withheld", "Expired", "AwaitingAudit"]
+            .into_iter()
+            .map(|r| (r, 0))
+            .collect();
+        for t in &status.terminals {
+            if let Some(ready) = t
+                .certificate
+                .as_ref()
+                .and_then(|c| c.conditions.iter().find(|k| k.type_ == "Ready"))
+            {
+                *certs.entry(ready.reason.as_str()).or_insert(0) += 1;
+            }
+        }
+        for (state, n) in certs {
+            self.certificates
                 .get_or_create(&StateLabel {
                     state: state.to_string(),
                 })
