@@ -56,6 +56,12 @@ pub struct Converge {
     pub passes: u64,
     pub pass_mean_ms: f64,
     pub cores: usize,
+    /// Kubernetes mode: writes to the API server during the convergence,
+    /// and per terminal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_writes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_writes_per_terminal: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +93,7 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn policy_yaml(version: &str, digest: &str, window: Option<usize>) -> String {
+pub fn policy_yaml(version: &str, digest: &str, window: Option<usize>) -> String {
     let rollout = match window {
         Some(k) => format!("maxInFlight: {k}"),
         None => "maxInFlightPercent: 100".to_string(),
@@ -98,7 +104,7 @@ fn policy_yaml(version: &str, digest: &str, window: Option<usize>) -> String {
 }
 
 /// A terminal of the benchmark fleet: bench-app 1.0 among thirty packages.
-fn template() -> String {
+pub fn template() -> String {
     let mut yaml = String::from(
         "terminal: template\nlabels: { fleet: bench, site: nagoya }\nfacts:\n  os: { family: debian, distribution: debian, version: \"12\" }\npackages:\n  - { name: bench-app, version: 1.0-1 }\n",
     );
@@ -205,8 +211,47 @@ pub async fn converge(
     window: Option<usize>,
     work: &Path,
     agent: &Path,
+    kubernetes: Option<crate::daemon::KubeSettings>,
     progress: &mut (dyn Write + Send),
 ) -> Result<Converge, BenchError> {
+    // Kubernetes mode: the policy is applied to the API server, not written.
+    let kube_client = match &kubernetes {
+        Some(k) => {
+            let client = kube::Client::try_default().await.map_err(setup)?;
+            for ns in ["bench", k.namespace.as_str()] {
+                let api: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+                    kube::Api::all(client.clone());
+                let body = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                api.patch(
+                    ns,
+                    &kube::api::PatchParams::apply("tenet-bench"),
+                    &kube::api::Patch::Apply(&body),
+                )
+                .await
+                .map_err(setup)?;
+            }
+            Some(client)
+        }
+        None => None,
+    };
+    let apply_policy = |yaml: String| {
+        let client = kube_client.clone();
+        async move {
+            let Some(client) = client else {
+                return Ok::<(), BenchError>(());
+            };
+            let policy: tenet_crds::TerminalPolicy = serde_yaml::from_str(&yaml).map_err(setup)?;
+            let api: kube::Api<tenet_crds::TerminalPolicy> = kube::Api::namespaced(client, "bench");
+            api.patch(
+                "bench-app",
+                &kube::api::PatchParams::apply("tenet-bench").force(),
+                &kube::api::Patch::Apply(&policy),
+            )
+            .await
+            .map_err(setup)?;
+            Ok(())
+        }
+    };
     let (policies, bundles, data) = (
         work.join("policies"),
         work.join("bundles"),
@@ -239,7 +284,9 @@ pub async fn converge(
         metrics: None,
         probe: Some(probe.clone()),
         max_connections: terminals + 64,
+        kubernetes: kubernetes.clone(),
     };
+    apply_policy(policy_yaml("1.0", &digest, window)).await?;
     let operator = tokio::spawn(async move {
         let mut sink = std::io::sink();
         daemon.run(&mut sink).await
@@ -255,6 +302,7 @@ pub async fn converge(
         None,
         u32::try_from(terminals).map_err(setup)?,
         Duration::from_secs(3600),
+        kubernetes.as_ref().map(|k| k.namespace.as_str()),
         &mut std::io::sink(),
     )
     .map_err(setup)?;
@@ -310,11 +358,13 @@ pub async fn converge(
         let passes_before = probe.passes_run.load(std::sync::atomic::Ordering::Relaxed);
         let micros_before = probe.pass_micros.load(std::sync::atomic::Ordering::Relaxed);
         let undelivered_before = probe.undelivered.load(std::sync::atomic::Ordering::Relaxed);
+        let writes_before = probe.api_writes.load(std::sync::atomic::Ordering::Relaxed);
         let t0 = Instant::now();
         write(
             &policies.join("bench.yaml"),
             policy_yaml("2.0", &digest, window).as_bytes(),
         )?;
+        apply_policy(policy_yaml("2.0", &digest, window)).await?;
         wait_until(
             &probe,
             "every terminal compliant with generation 2",
@@ -376,6 +426,19 @@ pub async fn converge(
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(undelivered_before),
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            api_writes: kubernetes.as_ref().map(|_| {
+                probe
+                    .api_writes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_sub(writes_before)
+            }),
+            api_writes_per_terminal: kubernetes.as_ref().map(|_| {
+                probe
+                    .api_writes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_sub(writes_before) as f64
+                    / terminals.max(1) as f64
+            }),
         })
     }
     .await;

@@ -76,6 +76,19 @@ pub struct Daemon {
     pub probe: Option<Arc<Probe>>,
     /// Connections the gateway holds at most; more are closed at once.
     pub max_connections: usize,
+    /// Kubernetes mode: the API server is the store and the policy source.
+    pub kubernetes: Option<KubeSettings>,
+}
+
+/// How the operator runs on Kubernetes.
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    /// Where Terminals, SecurityCertificates, the Lease and the token
+    /// Secret live (policies and their Remediations: any namespace).
+    pub namespace: String,
+    /// This replica's name in the Lease (the pod name).
+    pub identity: String,
+    pub lease: Duration,
 }
 
 /// What the operator shows a program that embeds it: where it listens,
@@ -94,6 +107,8 @@ pub struct Probe {
     pub passes_run: std::sync::atomic::AtomicU64,
     pub pass_micros: std::sync::atomic::AtomicU64,
     pub undelivered: std::sync::atomic::AtomicU64,
+    /// Kubernetes mode: writes to the API server so far.
+    pub api_writes: std::sync::atomic::AtomicU64,
 }
 
 /// Wake the loop when anything changes in the policy, bundle or token
@@ -152,6 +167,17 @@ pub struct DataDir {
 }
 
 pub fn open_data(dir: &Path, out: &mut dyn Write) -> Result<DataDir, DaemonError> {
+    let (dispatch_key, ca) = open_keys(dir, out)?;
+    let store = Arc::new(Store::open(&dir.join("tenet.redb"))?);
+    Ok(DataDir {
+        dispatch_key,
+        ca,
+        store,
+    })
+}
+
+/// The dispatch key and the agent CA in `dir`, created when missing.
+pub fn open_keys(dir: &Path, out: &mut dyn Write) -> Result<(Arc<KeyPair>, Arc<Ca>), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     let fresh = !dir.join("dispatch.key").exists();
     for d in [dir.to_path_buf(), dir.join("tokens")] {
@@ -167,21 +193,16 @@ pub fn open_data(dir: &Path, out: &mut dyn Write) -> Result<DataDir, DaemonError
     }
     let dispatch_key = Arc::new(KeyPair::read_file(&key_path)?);
     let ca = Arc::new(Ca::load_or_create(dir)?);
-    let store = Arc::new(Store::open(&dir.join("tenet.redb"))?);
     if fresh {
         let _ = writeln!(
             out,
-            "created {}: dispatch key {}, agent CA {}, database tenet.redb",
+            "created {}: dispatch key {}, agent CA {}",
             dir.display(),
             dispatch_key.public_key().fingerprint(),
             ca.fingerprint()
         );
     }
-    Ok(DataDir {
-        dispatch_key,
-        ca,
-        store,
-    })
+    Ok((dispatch_key, ca))
 }
 
 /// A bootstrap token waiting in `DATA/tokens/` for the operator to import.
@@ -198,6 +219,7 @@ pub fn create_token(
     terminal: Option<String>,
     uses: u32,
     ttl: Duration,
+    namespace: Option<&str>,
     out: &mut dyn Write,
 ) -> Result<IssuedToken, DaemonError> {
     if uses == 0 || (uses > 1 && terminal.is_some()) {
@@ -206,7 +228,7 @@ pub fn create_token(
         ));
     }
     let dir = data.join("tokens");
-    if !dir.is_dir() {
+    if namespace.is_none() && !dir.is_dir() {
         return Err(DaemonError::Usage(format!(
             "{} has no tokens/ directory: start `tenet operator --data {}` once first",
             data.display(),
@@ -222,8 +244,31 @@ pub fn create_token(
             uses_left: uses,
         },
     };
-    let path = dir.join(format!("{}.token", &pending.hash[..16]));
-    crate_write(&path, &encode(&pending))?;
+    match namespace {
+        None => {
+            let path = dir.join(format!("{}.token", &pending.hash[..16]));
+            crate_write(&path, &encode(&pending))?;
+        }
+        Some(ns) => {
+            // Kubernetes mode: into the token Secret, which the leader reads.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| DaemonError::Usage(e.to_string()))?;
+            runtime
+                .block_on(async {
+                    let client = kube::Client::try_default().await?;
+                    crate::kubernetes::add_token(
+                        client,
+                        ns,
+                        &pending.hash,
+                        &encode(&pending.record),
+                    )
+                    .await
+                })
+                .map_err(|e| DaemonError::Usage(format!("cannot write the token Secret: {e}")))?;
+        }
+    }
     let ca = std::fs::read(data.join("ca.pem")).map_err(io(&data.join("ca.pem")))?;
     let ca_der =
         <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
@@ -387,6 +432,8 @@ struct PolicyCache {
     stamp: Vec<(PathBuf, std::time::SystemTime, u64)>,
     /// The git commit of the directory when it was last loaded.
     revision: Option<String>,
+    /// Kubernetes mode: the policies from the API server.
+    kube_policies: Option<Vec<CompiledPolicy>>,
 }
 
 impl PolicyCache {
@@ -432,6 +479,9 @@ impl PolicyCache {
     }
 
     fn policies(&self) -> Vec<CompiledPolicy> {
+        if let Some(p) = &self.kube_policies {
+            return p.clone();
+        }
         self.good.values().map(|(_, p)| p.clone()).collect()
     }
 }
@@ -463,7 +513,57 @@ fn jitter() -> f64 {
 
 impl Daemon {
     pub async fn run(self, out: &mut (dyn Write + Send)) -> Result<(), DaemonError> {
-        let data = open_data(&self.data, out)?;
+        let files_changed = Arc::new(tokio::sync::Notify::new());
+        let mut kube = None;
+        let data = match &self.kubernetes {
+            None => open_data(&self.data, out)?,
+            Some(k) => {
+                let client = kube::Client::try_default().await.map_err(|e| {
+                    DaemonError::Usage(format!(
+                        "cannot reach the Kubernetes API (KUBECONFIG or in-cluster): {e}"
+                    ))
+                })?;
+                let _ = writeln!(
+                    out,
+                    "{}: waiting for the Lease {}/{}",
+                    k.identity,
+                    k.namespace,
+                    crate::kubernetes::leader::LEASE
+                );
+                let _ = out.flush();
+                crate::kubernetes::leader::lead(
+                    kube::Api::namespaced(client.clone(), &k.namespace),
+                    k.identity.clone(),
+                    k.lease,
+                )
+                .await;
+                let _ = writeln!(out, "{}: leader", k.identity);
+                let (dispatch_key, ca) = open_keys(&self.data, out)?;
+                let backend = Arc::new(crate::kubernetes::KubeBackend::new(
+                    client.clone(),
+                    &k.namespace,
+                    tokio::runtime::Handle::current(),
+                ));
+                let shared = backend.clone();
+                let store = tokio::task::block_in_place(|| {
+                    Store::with_backend(Box::new(crate::kubernetes::backend::Shared(shared)))
+                })?;
+                let policies = crate::kubernetes::Policies::watch(
+                    client,
+                    files_changed.clone(),
+                    backend.policy_uids.clone(),
+                    backend.writes.clone(),
+                    &k.identity,
+                );
+                policies.ready().await;
+                kube = Some((backend, policies));
+                DataDir {
+                    dispatch_key,
+                    ca,
+                    store: Arc::new(store),
+                }
+            }
+        };
         let admin_keys = self
             .admin_keys
             .iter()
@@ -539,7 +639,6 @@ impl Daemon {
         if let Some(p) = &self.probe {
             p.address.send_replace(Some(address));
         }
-        let files_changed = Arc::new(tokio::sync::Notify::new());
         let _watcher = watch_dirs(
             &[&self.policies, &self.bundles, &self.data.join("tokens")],
             files_changed.clone(),
@@ -561,8 +660,35 @@ impl Daemon {
         loop {
             if scanned_at.is_none_or(|t| t.elapsed() >= self.tick) {
                 scanned_at = Some(std::time::Instant::now());
-                import_tokens(&self.data, &data.store)?;
-                cache.reload(&self.policies, &data.store)?;
+                match &mut kube {
+                    None => {
+                        import_tokens(&self.data, &data.store)?;
+                        cache.reload(&self.policies, &data.store)?;
+                    }
+                    Some((backend, source)) => {
+                        match backend.new_tokens().await {
+                            Ok(tokens) => {
+                                for (hash, raw) in tokens {
+                                    match decode::<TokenRecord>(&raw) {
+                                        Ok(record) => data.store.add_token_hash(&hash, &record)?,
+                                        Err(e) => {
+                                            tracing::warn!(error = %e, "not a token; ignored")
+                                        }
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot read the token Secret"),
+                        }
+                        let (compiled, errors) = source.refresh(&data.store).await;
+                        if errors != cache.last_errors {
+                            for e in &errors {
+                                tracing::error!(error = %e, "policy error");
+                            }
+                            cache.last_errors = errors;
+                        }
+                        cache.kube_policies = Some(compiled);
+                    }
+                }
                 let (loaded, problems) = bundle_cache.load(&self.bundles, &bundle_trust, now_ms());
                 if problems != last_bundle_problems {
                     for p in &problems {
@@ -590,6 +716,15 @@ impl Daemon {
                 .run()?
             };
             metrics.observe_pass(started.elapsed());
+            if let Some((backend, source)) = &mut kube {
+                source.publish(&statuses, now_ms()).await;
+                if let Some(p) = &self.probe {
+                    p.api_writes.store(
+                        backend.writes.load(std::sync::atomic::Ordering::Relaxed),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            }
             if let Some(p) = &self.probe {
                 p.passes_run
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

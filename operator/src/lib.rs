@@ -7,6 +7,7 @@ pub mod cli;
 pub mod daemon;
 pub mod fleet;
 pub mod gateway;
+pub mod kubernetes;
 pub mod metrics;
 pub mod pki;
 pub mod policy;

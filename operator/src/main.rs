@@ -44,14 +44,31 @@ enum Command {
     Operator {
         /// The policy directory (a git checkout: GitOps). Re-read continuously;
         /// a broken file keeps the last good version of its policies in force.
-        #[arg(long)]
-        policies: PathBuf,
+        /// Not with --kubernetes, where policies are TerminalPolicy resources.
+        #[arg(long, required_unless_present = "kubernetes")]
+        policies: Option<PathBuf>,
         /// Signed payload bundles (*.bundle); default: `bundles` beside the policies.
         #[arg(long)]
         bundles: Option<PathBuf>,
-        /// Where the operator keeps its keys, CA and database (created on first start).
+        /// Where the operator keeps its keys, CA and database (created on
+        /// first start). With --kubernetes only the keys and CA (mount the
+        /// Secret tenet-operator-keys here, the same for every replica).
         #[arg(long)]
         data: PathBuf,
+        /// Run on Kubernetes: policies from TerminalPolicy resources, state
+        /// in Terminal, Remediation and SecurityCertificate resources, one
+        /// leader among the replicas (a Lease). In-cluster config or KUBECONFIG.
+        #[arg(long)]
+        kubernetes: bool,
+        /// The operator's namespace (Terminals, certificates, the Lease).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "tenet-system")]
+        namespace: String,
+        /// This replica's name in the Lease.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds a leader's Lease lasts without renewal.
+        #[arg(long, default_value_t = 15)]
+        lease_seconds: u64,
         /// The agent gateway's address.
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: String,
@@ -134,6 +151,12 @@ enum BenchCommand {
         /// The tenet-agent binary (default: the one next to `tenet`).
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// Kubernetes mode against the API server of KUBECONFIG (CRDs
+        /// installed): the policy is a TerminalPolicy in namespace `bench`,
+        /// the state in Terminal and Remediation resources; also reports
+        /// the API writes.
+        #[arg(long)]
+        kubernetes: bool,
     },
 }
 
@@ -183,6 +206,10 @@ enum TokenCommand {
         /// How long it stays valid, in hours.
         #[arg(long, default_value_t = 24)]
         ttl_hours: u64,
+        /// Kubernetes mode: put the token in the Secret tenet-tokens of this
+        /// namespace (KUBECONFIG) instead of DATA/tokens/.
+        #[arg(long, value_name = "NAMESPACE")]
+        kubernetes: Option<String>,
     },
 }
 
@@ -365,6 +392,10 @@ fn main() -> ExitCode {
             policies,
             bundles,
             data,
+            kubernetes,
+            namespace,
+            identity,
+            lease_seconds,
             listen,
             names,
             admin_keys,
@@ -374,11 +405,25 @@ fn main() -> ExitCode {
             max_connections,
         } => {
             init_logging(log_format);
+            let policies = policies.unwrap_or_default();
             let bundles = bundles.unwrap_or_else(|| {
                 policies
                     .parent()
                     .unwrap_or(std::path::Path::new("."))
                     .join("bundles")
+            });
+            let kubernetes = kubernetes.then(|| tenet::daemon::KubeSettings {
+                namespace,
+                identity: identity.unwrap_or_else(|| {
+                    format!(
+                        "{}-{}",
+                        std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_else(|_| "tenet".into()),
+                        std::process::id()
+                    )
+                }),
+                lease: std::time::Duration::from_secs(lease_seconds.max(3)),
             });
             let names = if names.is_empty() {
                 let host = listen.rsplit_once(':').map_or(listen.as_str(), |(h, _)| h);
@@ -398,6 +443,7 @@ fn main() -> ExitCode {
                 metrics: Some(metrics),
                 probe: None,
                 max_connections,
+                kubernetes,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(|e| e.to_string())
@@ -419,7 +465,16 @@ fn main() -> ExitCode {
             output,
             work,
             agent,
-        }) => bench_converge(terminals, max_in_flight, output, work, agent, stdout),
+            kubernetes,
+        }) => bench_converge(
+            terminals,
+            max_in_flight,
+            output,
+            work,
+            agent,
+            kubernetes,
+            stdout,
+        ),
         Command::Status {
             data,
             output,
@@ -491,11 +546,13 @@ fn main() -> ExitCode {
             terminal,
             uses,
             ttl_hours,
+            kubernetes,
         }) => match tenet::daemon::create_token(
             &data,
             terminal,
             uses,
             std::time::Duration::from_secs(ttl_hours * 3600),
+            kubernetes.as_deref(),
             stdout,
         ) {
             Ok(_) => Ok(0),
@@ -520,6 +577,7 @@ fn bench_converge(
     output: Output,
     work: Option<PathBuf>,
     agent: Option<PathBuf>,
+    kubernetes: bool,
     stdout: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let temp = match &work {
@@ -539,6 +597,11 @@ fn bench_converge(
         max_in_flight,
         &dir,
         &agent,
+        kubernetes.then(|| tenet::daemon::KubeSettings {
+            namespace: "tenet-system".into(),
+            identity: "tenet-bench".into(),
+            lease: std::time::Duration::from_secs(15),
+        }),
         &mut progress,
     )) {
         Ok(r) => {

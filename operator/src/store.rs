@@ -271,10 +271,15 @@ impl Backend for Redb {
                         tables.len() - 1
                     }
                 };
-                tables[i]
-                    .1
-                    .insert(key.as_str(), value.as_slice())
-                    .map_err(err)?;
+                // An empty value deletes (see `Store::forget_policy`).
+                if value.is_empty() {
+                    tables[i].1.remove(key.as_str()).map_err(err)?;
+                } else {
+                    tables[i]
+                        .1
+                        .insert(key.as_str(), value.as_slice())
+                        .map_err(err)?;
+                }
             }
         }
         tx.commit().map_err(err)
@@ -837,6 +842,29 @@ impl Store {
             .range(prefix.clone()..)
             .map_while(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
             .collect())
+    }
+
+    /// Forget a deleted policy: its pair states and live dispatches go, in
+    /// one change (written as deletions: an empty value). How many pairs.
+    pub fn forget_policy(&self, policy: &str) -> usize {
+        self.change(|m| {
+            let terminals: Vec<String> = m
+                .pairs
+                .remove(policy)
+                .map(|p| p.into_keys().collect())
+                .unwrap_or_default();
+            for t in &terminals {
+                let key = pair_key(t, policy);
+                m.pending.push((Table::Pairs, key.clone(), Vec::new()));
+                m.written += 1;
+                if m.dispatches.remove(&key).is_some() {
+                    m.pending.push((Table::Dispatches, key, Vec::new()));
+                    m.written += 1;
+                }
+            }
+            m.policies.remove(policy);
+            terminals.len()
+        })
     }
 
     /// A terminal's security certificate record.

@@ -1,0 +1,399 @@
+//! Kubernetes mode end to end, against a real kube-apiserver and etcd: two
+//! `tenet operator --kubernetes` replicas (one holds the Lease), a policy
+//! applied with kubectl, simulated agents enrolling with a token from the
+//! token Secret and converging; `kubectl get terminalpolicies` shows them
+//! compliant; a new required version reconciles again; the leader is
+//! killed in the middle of a rollout and the other replica takes over
+//! without a duplicate dispatch; deleting the policy cleans up its
+//! Remediations and pair states (the operator's finalizer).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tenet_e2e::k8s::{ControlPlane, control_plane_or_skip};
+use tenet_e2e::{Running, binary, free_port, wait_until};
+use tenet_protocol::{Algorithm, KeyPair, Signer};
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+const TERMINALS: usize = 20;
+
+fn policy(version: &str, bundle: &str, digest: &str, window: u32) -> String {
+    format!(
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bench-app, namespace: hospital-it }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  requirements:\n    - package: {{ name: bench-app, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: {bundle}, digest: '{digest}' }}\n    args: [bench-app_{version}-1_all.deb]\n    capabilities: [run-artifact, log]\n  rollout: {{ maxInFlight: {window}, haltOnFailurePercent: 50 }}\n"
+    )
+}
+
+/// An operator replica, its stdout lines collected.
+struct Replica {
+    process: Running,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    fn start(cp: &ControlPlane, dir: &Path, name: &str, port: u16) -> Replica {
+        let mut child = Command::new(binary("tenet"))
+            .args([
+                "operator",
+                "--kubernetes",
+                "--namespace",
+                "tenet-system",
+                "--identity",
+                name,
+                "--data",
+                "data",
+                "--admin-key",
+                "admin.pub",
+                "--bundles",
+                "bundles",
+                "--lease-seconds",
+                "4",
+                "--listen",
+            ])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"))
+            .spawn()
+            .expect("operator");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                l.lock().expect("lines").push(line);
+            }
+        });
+        Replica {
+            process: Running(child),
+            lines,
+        }
+    }
+
+    fn said(&self, what: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .any(|l| l.contains(what))
+    }
+}
+
+/// What a Service does for the agents: connect them to whichever replica
+/// listens (only the leader serves the gateway).
+fn forwarder(ports: [u16; 2]) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let Some(upstream) = ports
+                .iter()
+                .find_map(|p| TcpStream::connect(("127.0.0.1", *p)).ok())
+            else {
+                continue;
+            };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            };
+            if let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) {
+                pipe(client, u2);
+                pipe(upstream, c2);
+            }
+        }
+    });
+    port
+}
+
+fn jsonpath(cp: &ControlPlane, what: &[&str], path: &str) -> String {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    let p = format!("jsonpath={path}");
+    args.extend_from_slice(&["-o", &p]);
+    String::from_utf8_lossy(&cp.kubectl(&args).stdout).into_owned()
+}
+
+#[test]
+fn two_replicas_reconcile_policies_in_the_api_server() {
+    let Some(cp) = control_plane_or_skip() else {
+        return;
+    };
+    let crds = root().join("crds/crds.yaml");
+    cp.kubectl_ok(&["apply", "-f", crds.to_str().expect("path")]);
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/terminalpolicies.tenet.dev",
+        "crd/terminals.tenet.dev",
+        "crd/remediations.tenet.dev",
+        "crd/securitycertificates.tenet.dev",
+    ]);
+    cp.kubectl_ok(&["create", "namespace", "hospital-it"]);
+    cp.kubectl_ok(&["create", "namespace", "tenet-system"]);
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
+    let mut digests = Vec::new();
+    for v in ["2.0", "3.0"] {
+        let name = format!("install-bench-app-{}", &v[..1]);
+        let (bytes, digest) =
+            tenet::bench::simulated_install_bundle(&admin, &name, "bench-app", &format!("{v}-1"))
+                .expect("bundle");
+        std::fs::write(dir.join(format!("bundles/{name}.bundle")), bytes).expect("bundle");
+        digests.push((name, digest));
+    }
+    std::fs::write(dir.join("template.yaml"), tenet::bench::template()).expect("template");
+
+    // Two replicas; the first takes the Lease and creates the keys.
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = Replica::start(&cp, dir, "op-a", port_a);
+    wait_until(
+        Duration::from_secs(60),
+        "op-a leading and listening",
+        || a.said("gateway listening"),
+    );
+    let b = Replica::start(&cp, dir, "op-b", port_b);
+    let gateway = forwarder([port_a, port_b]);
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["lease", "tenet-operator", "-n", "tenet-system"],
+            "{.spec.holderIdentity}"
+        ),
+        "op-a"
+    );
+
+    // The policy, applied with kubectl.
+    std::fs::write(
+        dir.join("policy.yaml"),
+        policy("2.0", &digests[0].0, &digests[0].1, 100),
+    )
+    .expect("policy");
+    cp.kubectl_ok(&[
+        "apply",
+        "-f",
+        dir.join("policy.yaml").to_str().expect("path"),
+    ]);
+
+    // Agents enrol with a token from the token Secret.
+    let out = Command::new(binary("tenet"))
+        .args([
+            "token",
+            "create",
+            "--data",
+            "data",
+            "--uses",
+            &TERMINALS.to_string(),
+        ])
+        .args(["--kubernetes", "tenet-system"])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .current_dir(dir)
+        .output()
+        .expect("token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .expect("token output")
+            .trim()
+            .to_string()
+    };
+    let (token, fingerprint) = (field("token "), field("ca-fingerprint "));
+    let _agents = Running(
+        Command::new(binary("tenet-agent"))
+            .args(["simulate", "--count", &TERMINALS.to_string()])
+            .arg("--operator")
+            .arg(format!("127.0.0.1:{gateway}"))
+            .args([
+                "--ca-fingerprint",
+                &fingerprint,
+                "--inventory",
+                "template.yaml",
+            ])
+            .args([
+                "--prefix",
+                "ward",
+                "--progress-seconds",
+                "1",
+                "--run-delay-ms",
+                "150",
+            ])
+            .env("TENET_BOOTSTRAP_TOKEN", &token)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("simulate.log")).expect("log"))
+            .spawn()
+            .expect("simulate"),
+    );
+    let compliant = |generation: &str| {
+        jsonpath(
+            &cp,
+            &["terminalpolicy", "bench-app", "-n", "hospital-it"],
+            "{.status.observedGeneration} {.status.compliant}/{.status.selected} {.status.conditions[0].reason}",
+        ) == format!("{generation} {TERMINALS}/{TERMINALS} Converged")
+    };
+    wait_until(
+        Duration::from_secs(90),
+        "all compliant with generation 1",
+        || compliant("1"),
+    );
+    let listed = cp.kubectl_ok(&["get", "terminalpolicies", "-A"]);
+    assert!(listed.contains("bench-app"), "{listed}");
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["terminals", "-n", "tenet-system"],
+            "{.items[*].metadata.name}"
+        )
+        .split_whitespace()
+        .count(),
+        TERMINALS
+    );
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["terminal", "ward-00001", "-n", "tenet-system"],
+            "{.status.compliance}"
+        ),
+        "1/1",
+        "{}",
+        cp.kubectl_ok(&["get", "terminals", "-n", "tenet-system", "-o", "yaml"])
+            .chars()
+            .take(3000)
+            .collect::<String>()
+    );
+    let phases = jsonpath(
+        &cp,
+        &["remediations", "-n", "hospital-it"],
+        "{.items[*].status.phase}",
+    );
+    assert_eq!(
+        phases
+            .split_whitespace()
+            .filter(|p| *p == "Succeeded")
+            .count(),
+        TERMINALS,
+        "{phases}"
+    );
+    let events = cp.kubectl_ok(&["get", "events", "-n", "hospital-it"]);
+    assert!(events.contains("Converged"), "{events}");
+
+    // A new required version, rolled out two at a time; the leader is
+    // killed in the middle of it.
+    std::fs::write(
+        dir.join("policy.yaml"),
+        policy("3.0", &digests[1].0, &digests[1].1, 2),
+    )
+    .expect("policy");
+    cp.kubectl_ok(&[
+        "apply",
+        "-f",
+        dir.join("policy.yaml").to_str().expect("path"),
+    ]);
+    wait_until(Duration::from_secs(30), "the rollout under way", || {
+        let c = jsonpath(
+            &cp,
+            &["terminalpolicy", "bench-app", "-n", "hospital-it"],
+            "{.status.observedGeneration} {.status.compliant}",
+        );
+        c.split_once(' ')
+            .is_some_and(|(g, n)| g == "2" && n.parse::<usize>().is_ok_and(|n| n >= 4))
+    });
+    let _ = a.process.0.kill();
+    let _ = a.process.0.wait();
+    wait_until(Duration::from_secs(30), "op-b leading", || {
+        b.said("op-b: leader")
+    });
+    wait_until(
+        Duration::from_secs(120),
+        "all compliant with generation 2",
+        || compliant("2"),
+    );
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["lease", "tenet-operator", "-n", "tenet-system"],
+            "{.spec.holderIdentity}"
+        ),
+        "op-b"
+    );
+    // No terminal ran a dispatch again after its success was acknowledged,
+    // and each enrolled once.
+    wait_until(Duration::from_secs(5), "a simulator progress line", || {
+        std::fs::read_to_string(dir.join("simulate.log"))
+            .is_ok_and(|l| l.contains("re-dispatched after an acknowledged success"))
+    });
+    let log = std::fs::read_to_string(dir.join("simulate.log")).expect("log");
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("re-dispatched"))
+        .expect("progress");
+    assert!(
+        last.contains(&format!("{TERMINALS} enrolled"))
+            && last.contains(" 0 re-dispatched after an acknowledged success"),
+        "{last}"
+    );
+
+    // Deleting the policy: the finalizer lets the operator remove its
+    // Remediations and pair states first.
+    cp.kubectl_ok(&[
+        "delete",
+        "terminalpolicy",
+        "bench-app",
+        "-n",
+        "hospital-it",
+        "--wait=false",
+    ]);
+    wait_until(Duration::from_secs(30), "the policy gone", || {
+        jsonpath(
+            &cp,
+            &["terminalpolicies", "-n", "hospital-it"],
+            "{.items[*].metadata.name}",
+        )
+        .trim()
+        .is_empty()
+    });
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["remediations", "-n", "hospital-it"],
+            "{.items[*].metadata.name}"
+        )
+        .trim(),
+        ""
+    );
+    wait_until(Duration::from_secs(10), "pair states gone", || {
+        jsonpath(
+            &cp,
+            &["terminal", "ward-00001", "-n", "tenet-system"],
+            "{.status.compliance}",
+        ) == "0/0"
+    });
+    drop(b);
+}
