@@ -251,21 +251,21 @@ pub fn create_token(
         }
         Some(ns) => {
             // Kubernetes mode: into the token Secret, which the leader reads.
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| DaemonError::Usage(e.to_string()))?;
-            runtime
-                .block_on(async {
-                    let client = kube::Client::try_default().await?;
-                    crate::kubernetes::add_token(
-                        client,
-                        ns,
-                        &pending.hash,
-                        &encode(&pending.record),
-                    )
+            let write = async {
+                let client = kube::Client::try_default().await?;
+                crate::kubernetes::add_token(client, ns, &pending.hash, &encode(&pending.record))
                     .await
-                })
+            };
+            let written = match tokio::runtime::Handle::try_current() {
+                // Called from async code (the benchmark).
+                Ok(handle) => tokio::task::block_in_place(|| handle.block_on(write)),
+                Err(_) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| DaemonError::Usage(e.to_string()))?
+                    .block_on(write),
+            };
+            written
                 .map_err(|e| DaemonError::Usage(format!("cannot write the token Secret: {e}")))?;
         }
     }
