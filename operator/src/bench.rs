@@ -62,6 +62,10 @@ pub struct Converge {
     pub api_writes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_writes_per_terminal: Option<f64>,
+    /// ... of which to the ledger before the last terminal converged (the
+    /// writes the convergence waited for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_ledger_writes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -359,6 +363,9 @@ pub async fn converge(
         let micros_before = probe.pass_micros.load(std::sync::atomic::Ordering::Relaxed);
         let undelivered_before = probe.undelivered.load(std::sync::atomic::Ordering::Relaxed);
         let writes_before = probe.api_writes.load(std::sync::atomic::Ordering::Relaxed);
+        let ledger_before = probe
+            .api_ledger_writes
+            .load(std::sync::atomic::Ordering::Relaxed);
         let t0 = Instant::now();
         write(
             &policies.join("bench.yaml"),
@@ -377,6 +384,25 @@ pub async fn converge(
         )
         .await?;
         let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let ledger_at_convergence = probe
+            .api_ledger_writes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if kubernetes.is_some() {
+            // The resources for people are written behind: count those too.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut rx = probe.passes.subscribe();
+            while probe.api_pending.load(std::sync::atomic::Ordering::Relaxed) > 0
+                || probe.api_writes.load(std::sync::atomic::Ordering::Relaxed) == writes_before
+            {
+                if Instant::now() > deadline {
+                    return Err(setup(
+                        "the resources for people were not all written within 120 s",
+                    ));
+                }
+                // The loop publishes the counts at every pass or tick.
+                let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+            }
+        }
         let mut trips = probe
             .round_trips
             .lock()
@@ -432,6 +458,9 @@ pub async fn converge(
                     .load(std::sync::atomic::Ordering::Relaxed)
                     .saturating_sub(writes_before)
             }),
+            api_ledger_writes: kubernetes
+                .as_ref()
+                .map(|_| ledger_at_convergence.saturating_sub(ledger_before)),
             api_writes_per_terminal: kubernetes.as_ref().map(|_| {
                 probe
                     .api_writes

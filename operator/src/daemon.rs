@@ -107,8 +107,11 @@ pub struct Probe {
     pub passes_run: std::sync::atomic::AtomicU64,
     pub pass_micros: std::sync::atomic::AtomicU64,
     pub undelivered: std::sync::atomic::AtomicU64,
-    /// Kubernetes mode: writes to the API server so far.
+    /// Kubernetes mode: writes to the API server so far, of which to the
+    /// ledger, and resources for people not yet written.
     pub api_writes: std::sync::atomic::AtomicU64,
+    pub api_ledger_writes: std::sync::atomic::AtomicU64,
+    pub api_pending: std::sync::atomic::AtomicU64,
 }
 
 /// Wake the loop when anything changes in the policy, bundle or token
@@ -168,6 +171,15 @@ pub struct DataDir {
 
 pub fn open_data(dir: &Path, out: &mut dyn Write) -> Result<DataDir, DaemonError> {
     let (dispatch_key, ca) = open_keys(dir, out)?;
+    let tokens = dir.join("tokens");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tokens)
+            .map_err(io(&tokens))?;
+    }
     let store = Arc::new(Store::open(&dir.join("tenet.redb"))?);
     Ok(DataDir {
         dispatch_key,
@@ -180,12 +192,12 @@ pub fn open_data(dir: &Path, out: &mut dyn Write) -> Result<DataDir, DaemonError
 pub fn open_keys(dir: &Path, out: &mut dyn Write) -> Result<(Arc<KeyPair>, Arc<Ca>), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
     let fresh = !dir.join("dispatch.key").exists();
-    for d in [dir.to_path_buf(), dir.join("tokens")] {
+    if !dir.is_dir() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&d)
-            .map_err(io(&d))?;
+            .create(dir)
+            .map_err(io(dir))?;
     }
     let key_path = dir.join("dispatch.key");
     if fresh {
@@ -544,6 +556,7 @@ impl Daemon {
                     &k.namespace,
                     tokio::runtime::Handle::current(),
                 ));
+                backend.start_writer();
                 let shared = backend.clone();
                 let store = tokio::task::block_in_place(|| {
                     Store::with_backend(Box::new(crate::kubernetes::backend::Shared(shared)))
@@ -666,9 +679,12 @@ impl Daemon {
                         cache.reload(&self.policies, &data.store)?;
                     }
                     Some((backend, source)) => {
-                        match backend.new_tokens().await {
+                        match backend.tokens().await {
                             Ok(tokens) => {
                                 for (hash, raw) in tokens {
+                                    if data.store.has_token_hash(&hash) {
+                                        continue;
+                                    }
                                     match decode::<TokenRecord>(&raw) {
                                         Ok(record) => data.store.add_token_hash(&hash, &record)?,
                                         Err(e) => {
@@ -716,13 +732,21 @@ impl Daemon {
                 .run()?
             };
             metrics.observe_pass(started.elapsed());
-            if let Some((backend, source)) = &mut kube {
-                source.publish(&statuses, now_ms()).await;
+            if let Some((backend, source)) = &kube {
+                source.publish(&statuses);
                 if let Some(p) = &self.probe {
                     p.api_writes.store(
                         backend.writes.load(std::sync::atomic::Ordering::Relaxed),
                         std::sync::atomic::Ordering::Relaxed,
                     );
+                    p.api_ledger_writes.store(
+                        backend
+                            .ledger_writes
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    p.api_pending
+                        .store(backend.pending(), std::sync::atomic::Ordering::Relaxed);
                 }
             }
             if let Some(p) = &self.probe {
@@ -799,7 +823,9 @@ impl Daemon {
                     ..status
                 };
                 metrics.update(&status);
-                if last_written.as_ref() != Some(&status) {
+                // Kubernetes mode: the resources are the status (and the
+                // data directory is a read-only Secret).
+                if self.kubernetes.is_none() && last_written.as_ref() != Some(&status) {
                     let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
                     if let Err(e) = write_status(&self.data.join("status.json"), &json) {
                         tracing::error!(error = %e, "cannot write the status file");

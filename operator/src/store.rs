@@ -867,6 +867,11 @@ impl Store {
         })
     }
 
+    /// Whether a token with this hash was ever added.
+    pub fn has_token_hash(&self, hash: &str) -> bool {
+        self.mem().tokens.contains_key(hash)
+    }
+
     /// A terminal's security certificate record.
     pub fn certificate(&self, terminal: &str) -> Option<CertRecord> {
         self.mem().certificates.get(terminal).cloned()

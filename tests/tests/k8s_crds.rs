@@ -147,6 +147,14 @@ fn the_manifests_apply_with_least_privilege() {
             "tenet-system",
         ],
         &["get", "secrets/tenet-admin-keys", "-n", "tenet-system"],
+        &["patch", "secrets/tenet-tokens", "-n", "tenet-system"],
+        &["patch", "configmaps/tenet-ledger-07", "-n", "tenet-system"],
+        &[
+            "deletecollection",
+            "remediations.tenet.dev",
+            "-n",
+            "hospital-it",
+        ],
     ] {
         assert_eq!(can(allowed), "yes", "{allowed:?}");
     }
@@ -155,6 +163,8 @@ fn the_manifests_apply_with_least_privilege() {
         &["list", "secrets", "-n", "tenet-system"],
         &["get", "secrets/other", "-n", "tenet-system"],
         &["get", "secrets", "-n", "kube-system"],
+        &["patch", "configmaps/kube-root-ca.crt", "-n", "tenet-system"],
+        &["patch", "secrets/tenet-admin-keys", "-n", "tenet-system"],
         &["create", "pods", "-n", "tenet-system"],
         &[
             "update",

@@ -1,30 +1,33 @@
 //! The store's durable side in Kubernetes mode: the API server (etcd
 //! underneath) instead of redb. The operator keeps the same in-memory
-//! working set and hands this backend the same batches of changes; each
-//! batch becomes at most one server-side apply per object it touched (under
-//! one field manager), all of a batch in parallel:
+//! working set and hands this backend the same batches of changes, in two
+//! tiers:
 //!
-//! | store record            | resource                                              |
-//! |-------------------------|-------------------------------------------------------|
-//! | terminal, inventory,    | `Terminal` NAME (operator namespace): spec from the   |
-//! | pair states             | enrolment; records as `tenet.dev/...` annotations;    |
-//! |                         | status (connected, compliance, policies) when changed |
-//! | live dispatch           | `Remediation` TERMINAL.POLICYHASH in the policy's     |
-//! |                         | namespace, owned by the policy; status phase          |
-//! | certificate             | `SecurityCertificate` NAME (operator namespace)       |
-//! | tokens                  | the Secret `tenet-tokens`, one key per token hash     |
+//! - **The ledger** (what a group commit waits for): every record in
+//!   canonical encoding, packed into 16 ConfigMaps `tenet-ledger-NN` of the
+//!   operator's namespace by a hash of its key. A commit patches only the
+//!   shards it touched, in parallel, each with just the keys that changed
+//!   (a JSON merge patch: the ledger is the operator's own, nobody else
+//!   manages its fields): 1,000 dispatch records are 16 writes, not 1,000. Inventories are not in it:
+//!   agents send theirs on every connection, so a new leader has them
+//!   again within moments.
+//! - **The resources people read**, written behind (never waited on),
+//!   latest state per object, by one writer task: `Terminal` (spec from the
+//!   enrolment; status: connected, compliance with each policy),
+//!   `Remediation` TERMINAL.POLICYHASH in the policy's namespace, owned by
+//!   the policy (spec: the dispatch; status: phase), `SecurityCertificate`
+//!   (status: level, validity, conditions, the certificate).
 //!
-//! The records themselves travel as the store's canonical encoding
-//! (base64) in annotations, so loading after a fail-over gives back exactly
-//! what was stored; the spec and status fields are for people and kubectl.
+//! Server-side apply under one field manager, `tenet-operator`, for the
+//! resources.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
@@ -37,19 +40,12 @@ use crate::store::{Backend, Change, LiveDispatch, PairRecord, StoreError, Table,
 
 pub const FIELD_MANAGER: &str = "tenet-operator";
 pub const TOKENS_SECRET: &str = "tenet-tokens";
-const A_TERMINAL: &str = "tenet.dev/terminal";
-const A_INVENTORY: &str = "tenet.dev/inventory";
-const A_CERTIFICATE: &str = "tenet.dev/certificate";
-const A_DISPATCH: &str = "tenet.dev/dispatch";
-const A_POLICY: &str = "tenet.dev/policy";
-const PAIR_PREFIX: &str = "pair.tenet.dev/";
+/// Ledger shards.
+pub const SHARDS: usize = 16;
+const LEDGER_LABEL: &str = "tenet.dev/ledger";
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn unb64(text: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD.decode(text).ok()
 }
 
 /// A short stable name part for a policy key (`namespace/name`).
@@ -62,108 +58,262 @@ pub fn remediation_name(terminal: &str, policy: &str) -> String {
     format!("{terminal}.{}", policy_hash(policy))
 }
 
-/// What the backend last wrote of one terminal.
-#[derive(Default, Clone)]
-struct TerminalObject {
-    record: Option<Vec<u8>>,
-    inventory: Option<Vec<u8>>,
-    /// Policy key → encoded pair record.
-    pairs: BTreeMap<String, Vec<u8>>,
-    status: Option<serde_json::Value>,
+fn shard_name(shard: usize) -> String {
+    format!("tenet-ledger-{shard:02}")
 }
 
+fn table_code(t: Table) -> u8 {
+    match t {
+        Table::Terminals => 1,
+        Table::Tokens => 2,
+        Table::Pairs => 3,
+        Table::Dispatches => 4,
+        Table::Inventories => 5,
+        Table::Policies => 6,
+        Table::Certificates => 7,
+    }
+}
+
+fn table_of(code: u8) -> Option<Table> {
+    Table::ALL.into_iter().find(|t| table_code(*t) == code)
+}
+
+/// Where a record lives in the ledger: its shard and its data key.
+fn slot(table: Table, key: &str) -> (usize, String) {
+    let mut input = vec![table_code(table)];
+    input.extend_from_slice(key.as_bytes());
+    let h = tenet_protocol::wire::sha256(&input);
+    (usize::from(h[0]) % SHARDS, hex::encode(&h[..12]))
+}
+
+/// A ledger entry: table, key and record, so a shard decodes alone.
+fn entry(table: Table, key: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(3 + key.len() + value.len());
+    out.push(table_code(table));
+    out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn unentry(bytes: &[u8]) -> Option<Change> {
+    let table = table_of(*bytes.first()?)?;
+    let len = usize::from(u16::from_be_bytes(bytes.get(1..3)?.try_into().ok()?));
+    let key = std::str::from_utf8(bytes.get(3..3 + len)?)
+        .ok()?
+        .to_string();
+    Some((table, key, bytes.get(3 + len..)?.to_vec()))
+}
+
+/// The state the resources for people are written from.
 #[derive(Default)]
 struct Objects {
-    terminals: BTreeMap<String, TerminalObject>,
-    /// Pair key → encoded live dispatch, and the phase last written.
-    dispatches: BTreeMap<String, (Vec<u8>, String)>,
-    certificates: BTreeMap<String, Vec<u8>>,
-    tokens: BTreeMap<String, Vec<u8>>,
+    terminals: BTreeMap<String, TerminalRecord>,
+    /// Terminal → policy → pair.
+    pairs: BTreeMap<String, BTreeMap<String, PairRecord>>,
+    /// Pair key → live dispatch.
+    dispatches: BTreeMap<String, LiveDispatch>,
+    certificates: BTreeMap<String, CertRecord>,
+    /// What was last written of each object (to skip unchanged ones).
+    written: HashMap<String, serde_json::Value>,
 }
 
-/// A write the backend makes, counted.
-enum Write {
+/// An object for people that changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
     Terminal(String),
-    Dispatch(String),
-    DeleteDispatch(String),
+    Remediation(String),
     Certificate(String),
-    Tokens,
 }
 
 pub struct KubeBackend {
     client: Client,
     namespace: String,
     handle: tokio::runtime::Handle,
+    /// Shard → data key → entry, as last applied.
+    ledger: Mutex<Vec<BTreeMap<String, Vec<u8>>>>,
     objects: Mutex<Objects>,
-    /// API writes made (applies, status applies, deletes).
+    dirty: Mutex<BTreeSet<Dirty>>,
+    wake: tokio::sync::Notify,
+    /// API writes made (ledger shards, resources, statuses, deletes).
     pub writes: Arc<AtomicU64>,
+    /// ... of which ledger writes (the ones commits wait for).
+    pub ledger_writes: Arc<AtomicU64>,
+    /// Objects for people being written now.
+    in_flight: AtomicU64,
+    /// When the last ledger commit ended (ms).
+    last_commit_ms: AtomicU64,
     /// Policy key → uid, for owner references (filled by the policy watcher).
     pub policy_uids: Arc<Mutex<HashMap<String, String>>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("the API server: {e}"))
 }
 
+fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(raw: &[u8]) -> Option<T> {
+    tenet_protocol::wire::decode(raw).ok()
+}
+
 impl KubeBackend {
+    /// A backend; call [`KubeBackend::start_writer`] once the runtime runs.
     pub fn new(client: Client, namespace: &str, handle: tokio::runtime::Handle) -> KubeBackend {
         KubeBackend {
             client,
             namespace: namespace.to_string(),
             handle,
+            ledger: Mutex::new(vec![BTreeMap::new(); SHARDS]),
             objects: Mutex::default(),
+            dirty: Mutex::default(),
+            wake: tokio::sync::Notify::new(),
             writes: Arc::default(),
+            ledger_writes: Arc::default(),
+            in_flight: AtomicU64::new(0),
+            last_commit_ms: AtomicU64::new(0),
             policy_uids: Arc::default(),
         }
     }
 
-    fn apply_params() -> PatchParams {
+    fn pp() -> PatchParams {
         PatchParams::apply(FIELD_MANAGER).force()
     }
 
-    async fn write(&self, w: Write) -> Result<(), StoreError> {
-        let pp = Self::apply_params();
-        let snapshot = {
-            let o = self.objects.lock().map_err(|_| err("poisoned"))?;
-            match &w {
-                Write::Terminal(t) => {
-                    Snap::Terminal(o.terminals.get(t).cloned().unwrap_or_default())
+    fn count(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Write the resources for people behind the commits: whatever changed,
+    /// latest state, a batch at a time.
+    pub fn start_writer(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.wake.notified().await;
+                // Out of the way of the commits (the API server's CPU is
+                // theirs first): wait for 300 ms without one, at most 2 s.
+                let started = std::time::Instant::now();
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let quiet = now_ms().saturating_sub(me.last_commit_ms.load(Ordering::Relaxed));
+                    if quiet >= 300 || started.elapsed() >= std::time::Duration::from_secs(2) {
+                        break;
+                    }
                 }
-                Write::Dispatch(k) | Write::DeleteDispatch(k) => {
-                    Snap::Dispatch(o.dispatches.get(k).cloned())
-                }
-                Write::Certificate(t) => Snap::Certificate(o.certificates.get(t).cloned()),
-                Write::Tokens => Snap::Tokens(o.tokens.clone()),
-            }
-        };
-        match (w, snapshot) {
-            (Write::Terminal(name), Snap::Terminal(obj)) => {
-                let Some(record) = obj
-                    .record
-                    .as_ref()
-                    .and_then(|r| tenet_protocol::wire::decode::<TerminalRecord>(r).ok())
-                else {
-                    return Ok(());
+                let batch: Vec<Dirty> = match me.dirty.lock() {
+                    Ok(mut d) => {
+                        me.in_flight.fetch_add(d.len() as u64, Ordering::SeqCst);
+                        std::mem::take(&mut *d).into_iter().collect()
+                    }
+                    Err(_) => continue,
                 };
-                let mut annotations = BTreeMap::new();
-                annotations.insert(
-                    A_TERMINAL.to_string(),
-                    b64(obj.record.as_deref().unwrap_or_default()),
-                );
-                if let Some(inv) = &obj.inventory {
-                    annotations.insert(A_INVENTORY.to_string(), b64(inv));
+                let taken = batch.len() as u64;
+                let failed: Vec<Dirty> = futures::stream::iter(batch)
+                    .map(|d| {
+                        let me = me.clone();
+                        async move {
+                            match me.write_object(&d).await {
+                                Ok(()) => None,
+                                Err(e) => {
+                                    tracing::warn!(object = ?d, error = %e, "status not written; will retry");
+                                    Some(d)
+                                }
+                            }
+                        }
+                    })
+                    .buffer_unordered(16)
+                    .filter_map(|x| async move { x })
+                    .collect()
+                    .await;
+                let retry = !failed.is_empty();
+                if let Ok(mut d) = me.dirty.lock() {
+                    d.extend(failed);
+                    me.in_flight.fetch_sub(taken, Ordering::SeqCst);
                 }
-                for (policy, raw) in &obj.pairs {
-                    annotations.insert(
-                        format!("{PAIR_PREFIX}{}", policy_hash(policy)),
-                        format!("{policy} {}", b64(raw)),
-                    );
+                if retry {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    me.wake.notify_one();
                 }
+            }
+        });
+    }
+
+    /// Objects for people not yet written (0: everything is out).
+    pub fn pending(&self) -> u64 {
+        self.dirty.lock().map_or(0, |d| d.len() as u64) + self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Apply `body` to an object (and `status` to its status), unless it is
+    /// what was last written.
+    async fn apply<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        body: serde_json::Value,
+        status: Option<serde_json::Value>,
+    ) -> Result<(), kube::Error>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let id = format!(
+            "{}/{}/{name}",
+            K::kind(&K::DynamicType::default()),
+            api.resource_url()
+        );
+        let both = json!([body, status]);
+        if self
+            .objects
+            .lock()
+            .is_ok_and(|o| o.written.get(&id) == Some(&both))
+        {
+            return Ok(());
+        }
+        api.patch(name, &Self::pp(), &Patch::Apply(&body)).await?;
+        self.count();
+        if let Some(status) = &status {
+            let mut s = body.clone();
+            s["status"] = status.clone();
+            if let Some(m) = s.get_mut("metadata") {
+                *m = json!({ "name": name });
+            }
+            if let Some(spec) = s.as_object_mut() {
+                spec.remove("spec");
+            }
+            api.patch_status(name, &Self::pp(), &Patch::Apply(&s))
+                .await?;
+            self.count();
+        }
+        if let Ok(mut o) = self.objects.lock() {
+            o.written.insert(id, both);
+        }
+        Ok(())
+    }
+
+    async fn write_object(&self, d: &Dirty) -> Result<(), kube::Error> {
+        let rfc = crate::cli::payload::rfc3339;
+        match d {
+            Dirty::Terminal(name) => {
+                let (record, pairs) = {
+                    let Ok(o) = self.objects.lock() else {
+                        return Ok(());
+                    };
+                    (
+                        o.terminals.get(name).cloned(),
+                        o.pairs.get(name).cloned().unwrap_or_default(),
+                    )
+                };
+                let Some(record) = record else { return Ok(()) };
                 let api: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
                 let body = json!({
                     "apiVersion": "tenet.dev/v1alpha1",
                     "kind": "Terminal",
-                    "metadata": { "name": name, "annotations": annotations },
+                    "metadata": { "name": name },
                     "spec": {
                         "identity": {
                             "algorithm": record.identity.algorithm().name(),
@@ -174,39 +324,34 @@ impl KubeBackend {
                         "site": record.labels.get("site"),
                     }
                 });
-                api.patch(&name, &pp, &Patch::Apply(&body))
+                self.apply(&api, name, body, Some(terminal_status(&record, &pairs)))
                     .await
-                    .map_err(err)?;
-                self.writes.fetch_add(1, Ordering::Relaxed);
-                let status = terminal_status(&record, &obj.pairs);
-                if obj.status.as_ref() != Some(&status) {
-                    let body = json!({
-                        "apiVersion": "tenet.dev/v1alpha1",
-                        "kind": "Terminal",
-                        "metadata": { "name": name },
-                        "status": status,
-                    });
-                    api.patch_status(&name, &pp, &Patch::Apply(&body))
-                        .await
-                        .map_err(err)?;
-                    self.writes.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut o) = self.objects.lock()
-                        && let Some(t) = o.terminals.get_mut(&name)
-                    {
-                        t.status = Some(status);
-                    }
-                }
             }
-            (Write::Dispatch(key), Snap::Dispatch(Some((raw, phase_written)))) => {
+            Dirty::Remediation(key) => {
                 let Some((terminal, policy)) = key.split_once('\u{0}') else {
-                    return Ok(());
-                };
-                let Ok(live) = tenet_protocol::wire::decode::<LiveDispatch>(&raw) else {
                     return Ok(());
                 };
                 let (namespace, _) = policy.split_once('/').unwrap_or((&self.namespace, policy));
                 let name = remediation_name(terminal, policy);
                 let api: Api<Remediation> = Api::namespaced(self.client.clone(), namespace);
+                let (live, pair) = {
+                    let Ok(o) = self.objects.lock() else {
+                        return Ok(());
+                    };
+                    (
+                        o.dispatches.get(key).cloned(),
+                        o.pairs.get(terminal).and_then(|p| p.get(policy).cloned()),
+                    )
+                };
+                let Some(live) = live else {
+                    // Gone from the ledger (the policy was deleted).
+                    match api.delete(&name, &DeleteParams::default()).await {
+                        Ok(_) => self.count(),
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                    return Ok(());
+                };
                 let owner = self
                     .policy_uids
                     .lock()
@@ -220,29 +365,28 @@ impl KubeBackend {
                         controller: Some(true),
                         block_owner_deletion: Some(true),
                     });
-                let attempt = self
-                    .objects
-                    .lock()
-                    .ok()
-                    .and_then(|o| {
-                        o.terminals
-                            .get(terminal)
-                            .and_then(|t| t.pairs.get(policy).cloned())
-                    })
-                    .and_then(|raw| tenet_protocol::wire::decode::<PairRecord>(&raw).ok())
-                    .map_or(1, |p| match p.state {
-                        PairState::Dispatched { attempt, .. }
-                        | PairState::Verifying { attempt, .. } => attempt.max(1),
-                        _ => 1,
-                    });
-                let rfc = crate::cli::payload::rfc3339;
+                let attempt = pair.as_ref().map_or(1, |p| match p.state {
+                    PairState::Dispatched { attempt, .. }
+                    | PairState::Verifying { attempt, .. } => attempt.max(1),
+                    _ => 1,
+                });
+                let (phase, reason) = match (&live.record.consumed, pair.as_ref().map(|p| &p.state))
+                {
+                    (true, Some(PairState::Failed { reason, .. })) => {
+                        ("Failed", Some(reason.clone()))
+                    }
+                    (true, Some(PairState::Drifted { reason, .. })) => {
+                        ("Failed", Some(reason.clone()))
+                    }
+                    (true, _) => ("Succeeded", None),
+                    (false, _) => ("Dispatched", None),
+                };
                 let body = json!({
                     "apiVersion": "tenet.dev/v1alpha1",
                     "kind": "Remediation",
                     "metadata": {
                         "name": name,
                         "labels": { "tenet.dev/terminal": terminal, "tenet.dev/policy": policy_hash(policy) },
-                        "annotations": { A_DISPATCH: b64(&raw), A_POLICY: policy },
                         "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
                     },
                     "spec": {
@@ -257,243 +401,214 @@ impl KubeBackend {
                         "deadline": rfc(live.record.deadline_ms),
                     }
                 });
-                api.patch(&name, &pp, &Patch::Apply(&body))
-                    .await
-                    .map_err(err)?;
-                self.writes.fetch_add(1, Ordering::Relaxed);
-                let phase = if live.record.consumed {
-                    "Succeeded"
-                } else {
-                    "Dispatched"
-                };
-                if phase != phase_written {
-                    let body = json!({
-                        "apiVersion": "tenet.dev/v1alpha1",
-                        "kind": "Remediation",
-                        "metadata": { "name": name },
-                        "status": { "phase": phase },
-                    });
-                    api.patch_status(&name, &pp, &Patch::Apply(&body))
-                        .await
-                        .map_err(err)?;
-                    self.writes.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut o) = self.objects.lock()
-                        && let Some(d) = o.dispatches.get_mut(&key)
-                    {
-                        d.1 = phase.to_string();
-                    }
-                }
+                let status = json!({ "phase": phase, "reason": reason });
+                self.apply(&api, &name, body, Some(status)).await
             }
-            (Write::DeleteDispatch(key), _) => {
-                if let Some((terminal, policy)) = key.split_once('\u{0}') {
-                    let (namespace, _) =
-                        policy.split_once('/').unwrap_or((&self.namespace, policy));
-                    let api: Api<Remediation> = Api::namespaced(self.client.clone(), namespace);
-                    match api
-                        .delete(
-                            &remediation_name(terminal, policy),
-                            &DeleteParams::default(),
-                        )
-                        .await
-                    {
-                        Ok(_) => {}
-                        Err(kube::Error::Api(e)) if e.code == 404 => {}
-                        Err(e) => return Err(err(e)),
-                    }
-                    self.writes.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            (Write::Certificate(terminal), Snap::Certificate(Some(raw))) => {
-                let Ok(record) = tenet_protocol::wire::decode::<CertRecord>(&raw) else {
-                    return Ok(());
-                };
+            Dirty::Certificate(terminal) => {
+                let record = self
+                    .objects
+                    .lock()
+                    .ok()
+                    .and_then(|o| o.certificates.get(terminal).cloned());
+                let Some(record) = record else { return Ok(()) };
                 let api: Api<SecurityCertificate> =
                     Api::namespaced(self.client.clone(), &self.namespace);
                 let issued = record.issued.as_ref();
-                let validity = issued.map_or(0, |i| (i.not_after_ms - i.not_before_ms) / 1000);
+                let validity = issued
+                    .map_or(3600, |i| (i.not_after_ms - i.not_before_ms) / 1000)
+                    .max(2);
                 let body = json!({
                     "apiVersion": "tenet.dev/v1alpha1",
                     "kind": "SecurityCertificate",
-                    "metadata": { "name": terminal, "annotations": { A_CERTIFICATE: b64(&raw) } },
+                    "metadata": { "name": terminal },
                     "spec": {
                         "terminal": terminal,
                         "policy": record.policy,
-                        "validity": format!("{}s", validity.max(2)),
-                        "renewBefore": format!("{}s", (record.renew_before_ms / 1000).min(validity.max(2) - 1)),
+                        "validity": format!("{validity}s"),
+                        "renewBefore": format!("{}s", (record.renew_before_ms / 1000).min(validity - 1)),
                     }
                 });
-                api.patch(&terminal, &pp, &Patch::Apply(&body))
-                    .await
-                    .map_err(err)?;
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
-                let rfc = crate::cli::payload::rfc3339;
                 let conditions: Vec<serde_json::Value> =
                     crate::reconcile::certificate::conditions(&record, now)
                         .into_iter()
                         .map(|c| {
                             json!({
                                 "type": c.type_, "status": c.status, "reason": c.reason,
-                                "message": c.message, "lastTransitionTime": rfc(now),
+                                "message": c.message,
+                                "lastTransitionTime": rfc(record.decided_ms.max(1)),
                             })
                         })
                         .collect();
-                let body = json!({
-                    "apiVersion": "tenet.dev/v1alpha1",
-                    "kind": "SecurityCertificate",
-                    "metadata": { "name": terminal },
-                    "status": {
-                        "level": issued.map(|i| i.level),
-                        "serial": issued.map(|i| hex::encode(i.serial)),
-                        "notBefore": issued.map(|i| rfc(i.not_before_ms)),
-                        "notAfter": issued.map(|i| rfc(i.not_after_ms)),
-                        "renewalTime": issued.map(|i| rfc(i.not_after_ms.saturating_sub(record.renew_before_ms))),
-                        "certificate": issued.map(|i| b64(&i.bytes)),
-                        "conditions": conditions,
-                    }
+                let status = json!({
+                    "level": issued.map(|i| i.level),
+                    "serial": issued.map(|i| hex::encode(i.serial)),
+                    "notBefore": issued.map(|i| rfc(i.not_before_ms)),
+                    "notAfter": issued.map(|i| rfc(i.not_after_ms)),
+                    "renewalTime": issued.map(|i| rfc(i.not_after_ms.saturating_sub(record.renew_before_ms))),
+                    "certificate": issued.map(|i| b64(&i.bytes)),
+                    "conditions": conditions,
                 });
-                api.patch_status(&terminal, &pp, &Patch::Apply(&body))
-                    .await
-                    .map_err(err)?;
-                self.writes.fetch_add(2, Ordering::Relaxed);
+                self.apply(&api, terminal, body, Some(status)).await
             }
-            (Write::Tokens, Snap::Tokens(tokens)) => {
-                let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-                let data: BTreeMap<String, String> =
-                    tokens.iter().map(|(k, v)| (k.clone(), b64(v))).collect();
-                let body = json!({
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": { "name": TOKENS_SECRET },
-                    "data": data,
-                });
-                api.patch(TOKENS_SECRET, &pp, &Patch::Apply(&body))
-                    .await
-                    .map_err(err)?;
-                self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Write the changed entries of one ledger shard: a JSON merge patch
+    /// with just those keys (`null` deletes one), so the API server neither
+    /// rewrites nor re-tracks the rest of the shard.
+    async fn write_shard(
+        &self,
+        shard: usize,
+        changed: BTreeMap<String, Option<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let data: BTreeMap<String, Option<String>> = changed
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_deref().map(b64)))
+            .collect();
+        let body = json!({ "binaryData": data });
+        api.patch(
+            &shard_name(shard),
+            &PatchParams::default(),
+            &Patch::Merge(&body),
+        )
+        .await
+        .map_err(err)?;
+        self.count();
+        self.ledger_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Create the ledger's shards that do not exist yet.
+    async fn create_shards(&self, existing: &BTreeSet<String>) -> Result<(), StoreError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        for shard in 0..SHARDS {
+            let name = shard_name(shard);
+            if existing.contains(&name) {
+                continue;
             }
-            _ => {}
+            let cm: ConfigMap = serde_json::from_value(json!({
+                "metadata": { "name": name, "labels": { LEDGER_LABEL: "true" } },
+            }))
+            .map_err(err)?;
+            match api.create(&kube::api::PostParams::default(), &cm).await {
+                Ok(_) => self.count(),
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(err(e)),
+            }
         }
         Ok(())
     }
 
     async fn load_all(&self) -> Result<Vec<Change>, StoreError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut out = Vec::new();
-        let mut objects = Objects::default();
-        let terminals: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
-        for t in terminals.list(&ListParams::default()).await.map_err(err)? {
-            let name = t.metadata.name.clone().unwrap_or_default();
-            let a = t.metadata.annotations.clone().unwrap_or_default();
-            let mut obj = TerminalObject {
-                status: t.status.as_ref().and_then(|s| serde_json::to_value(s).ok()),
-                ..Default::default()
-            };
-            if let Some(raw) = a.get(A_TERMINAL).and_then(|v| unb64(v)) {
-                out.push((Table::Terminals, name.clone(), raw.clone()));
-                obj.record = Some(raw);
-            }
-            if let Some(raw) = a.get(A_INVENTORY).and_then(|v| unb64(v)) {
-                out.push((Table::Inventories, name.clone(), raw.clone()));
-                obj.inventory = Some(raw);
-            }
-            for (k, v) in &a {
-                if k.starts_with(PAIR_PREFIX)
-                    && let Some((policy, raw)) = v.split_once(' ')
-                    && let Some(raw) = unb64(raw)
-                {
-                    out.push((Table::Pairs, format!("{name}\u{0}{policy}"), raw.clone()));
-                    obj.pairs.insert(policy.to_string(), raw);
+        let mut ledger = vec![BTreeMap::new(); SHARDS];
+        let list = api
+            .list(&ListParams::default().labels(&format!("{LEDGER_LABEL}=true")))
+            .await
+            .map_err(err)?;
+        let names: BTreeSet<String> = list
+            .iter()
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        self.create_shards(&names).await?;
+        for cm in list {
+            for (k, v) in cm.binary_data.unwrap_or_default() {
+                if let Some(change) = unentry(&v.0) {
+                    let (shard, _) = slot(change.0, &change.1);
+                    ledger[shard].insert(k, v.0.clone());
+                    out.push(change);
                 }
             }
-            objects.terminals.insert(name, obj);
         }
-        let remediations: Api<Remediation> = Api::all(self.client.clone());
-        for r in remediations
-            .list(&ListParams::default())
-            .await
-            .map_err(err)?
-        {
-            let a = r.metadata.annotations.clone().unwrap_or_default();
-            if let (Some(raw), Some(policy)) =
-                (a.get(A_DISPATCH).and_then(|v| unb64(v)), a.get(A_POLICY))
-            {
-                let key = format!("{}\u{0}{policy}", r.spec.terminal);
-                out.push((Table::Dispatches, key.clone(), raw.clone()));
-                let phase = r
-                    .status
-                    .as_ref()
-                    .map(|s| format!("{:?}", s.phase))
-                    .unwrap_or_default();
-                objects.dispatches.insert(key, (raw, phase));
-            }
+        if let Ok(mut l) = self.ledger.lock() {
+            *l = ledger;
         }
-        let certs: Api<SecurityCertificate> = Api::namespaced(self.client.clone(), &self.namespace);
-        for c in certs.list(&ListParams::default()).await.map_err(err)? {
-            let a = c.metadata.annotations.clone().unwrap_or_default();
-            if let Some(raw) = a.get(A_CERTIFICATE).and_then(|v| unb64(v)) {
-                let name = c.metadata.name.clone().unwrap_or_default();
-                out.push((Table::Certificates, name.clone(), raw.clone()));
-                objects.certificates.insert(name, raw);
-            }
-        }
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
-        if let Some(s) = secrets.get_opt(TOKENS_SECRET).await.map_err(err)? {
-            for (k, v) in s.data.unwrap_or_default() {
-                out.push((Table::Tokens, k.clone(), v.0.clone()));
-                objects.tokens.insert(k, v.0);
-            }
-        }
-        if let Ok(mut o) = self.objects.lock() {
-            *o = objects;
-        }
+        self.remember(&out);
         Ok(out)
     }
 
-    /// Tokens added to the Secret by `tenet token create --kubernetes` since
-    /// the last look (by hash), with their records.
-    pub async fn new_tokens(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Keep what the resources for people are made of; mark them dirty.
+    fn remember(&self, batch: &[Change]) {
+        let (Ok(mut o), Ok(mut dirty)) = (self.objects.lock(), self.dirty.lock()) else {
+            return;
+        };
+        for (table, key, value) in batch {
+            match table {
+                Table::Terminals => {
+                    if let Some(r) = decode(value) {
+                        o.terminals.insert(key.clone(), r);
+                        dirty.insert(Dirty::Terminal(key.clone()));
+                    }
+                }
+                Table::Pairs => {
+                    if let Some((terminal, policy)) = key.split_once('\u{0}') {
+                        let pairs = o.pairs.entry(terminal.to_string()).or_default();
+                        match decode::<PairRecord>(value) {
+                            Some(p) if !value.is_empty() => {
+                                pairs.insert(policy.to_string(), p);
+                            }
+                            _ => {
+                                pairs.remove(policy);
+                            }
+                        }
+                        dirty.insert(Dirty::Terminal(terminal.to_string()));
+                        if o.dispatches.contains_key(key) {
+                            dirty.insert(Dirty::Remediation(key.clone()));
+                        }
+                    }
+                }
+                Table::Dispatches => {
+                    match decode::<LiveDispatch>(value) {
+                        Some(d) if !value.is_empty() => {
+                            o.dispatches.insert(key.clone(), d);
+                        }
+                        _ => {
+                            o.dispatches.remove(key);
+                        }
+                    }
+                    dirty.insert(Dirty::Remediation(key.clone()));
+                }
+                Table::Certificates => {
+                    if let Some(c) = decode(value) {
+                        o.certificates.insert(key.clone(), c);
+                        dirty.insert(Dirty::Certificate(key.clone()));
+                    }
+                }
+                Table::Tokens | Table::Inventories | Table::Policies => {}
+            }
+        }
+        drop((o, dirty));
+        self.wake.notify_one();
+    }
+
+    /// The tokens in the Secret `tenet token create --kubernetes` writes
+    /// (by hash), with their records.
+    pub async fn tokens(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let Some(s) = secrets.get_opt(TOKENS_SECRET).await.map_err(err)? else {
             return Ok(vec![]);
         };
-        let known = self
-            .objects
-            .lock()
-            .map(|o| {
-                o.tokens
-                    .keys()
-                    .cloned()
-                    .collect::<std::collections::HashSet<_>>()
-            })
-            .unwrap_or_default();
         Ok(s.data
             .unwrap_or_default()
             .into_iter()
-            .filter(|(k, _)| !known.contains(k))
             .map(|(k, v)| (k, v.0))
             .collect())
     }
 }
 
-enum Snap {
-    Terminal(TerminalObject),
-    Dispatch(Option<(Vec<u8>, String)>),
-    Certificate(Option<Vec<u8>>),
-    Tokens(BTreeMap<String, Vec<u8>>),
-}
-
 /// A Terminal's status for people: compliance with each policy selecting it.
 fn terminal_status(
     record: &TerminalRecord,
-    pairs: &BTreeMap<String, Vec<u8>>,
+    pairs: &BTreeMap<String, PairRecord>,
 ) -> serde_json::Value {
     let mut policies = Vec::new();
     let mut compliant = 0;
-    for (policy, raw) in pairs {
-        let Ok(p) = tenet_protocol::wire::decode::<PairRecord>(raw) else {
-            continue;
-        };
+    for (policy, p) in pairs {
         if p.state == PairState::Compliant {
             compliant += 1;
         }
@@ -519,85 +634,42 @@ impl Backend for KubeBackend {
     }
 
     fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
-        let mut writes: Vec<Write> = Vec::new();
-        let mut touched_terminals = std::collections::BTreeSet::new();
-        let mut touched_dispatches = std::collections::BTreeMap::new();
-        let mut touched_certs = std::collections::BTreeSet::new();
-        let mut tokens = false;
-        {
-            let mut o = self.objects.lock().map_err(|_| err("poisoned"))?;
-            for (table, key, value) in batch {
-                match table {
-                    Table::Terminals => {
-                        o.terminals.entry(key.clone()).or_default().record = Some(value.clone());
-                        touched_terminals.insert(key.clone());
-                    }
-                    Table::Inventories => {
-                        o.terminals.entry(key.clone()).or_default().inventory = Some(value.clone());
-                        touched_terminals.insert(key.clone());
-                    }
-                    Table::Pairs => {
-                        if let Some((terminal, policy)) = key.split_once('\u{0}') {
-                            let t = o.terminals.entry(terminal.to_string()).or_default();
-                            if value.is_empty() {
-                                t.pairs.remove(policy);
-                            } else {
-                                t.pairs.insert(policy.to_string(), value.clone());
-                            }
-                            touched_terminals.insert(terminal.to_string());
-                        }
-                    }
-                    Table::Dispatches => {
-                        if value.is_empty() {
-                            o.dispatches.remove(key);
-                            touched_dispatches.insert(key.clone(), true);
-                        } else {
-                            let phase = o
-                                .dispatches
-                                .get(key)
-                                .map(|d| d.1.clone())
-                                .unwrap_or_default();
-                            o.dispatches.insert(key.clone(), (value.clone(), phase));
-                            touched_dispatches.insert(key.clone(), false);
-                        }
-                    }
-                    Table::Certificates => {
-                        o.certificates.insert(key.clone(), value.clone());
-                        touched_certs.insert(key.clone());
-                    }
-                    Table::Tokens => {
-                        o.tokens.insert(key.clone(), value.clone());
-                        tokens = true;
-                    }
-                    // Generations come from metadata.generation here.
-                    Table::Policies => {}
-                }
+        // Inventories stay out of the ledger (agents resend them). The
+        // latest change of a key in the batch wins.
+        let mut touched: BTreeMap<usize, BTreeMap<String, Option<Vec<u8>>>> = BTreeMap::new();
+        for (table, key, value) in batch {
+            if *table == Table::Inventories {
+                continue;
             }
-        }
-        writes.extend(touched_terminals.into_iter().map(Write::Terminal));
-        writes.extend(touched_dispatches.into_iter().map(|(k, deleted)| {
-            if deleted {
-                Write::DeleteDispatch(k)
-            } else {
-                Write::Dispatch(k)
-            }
-        }));
-        writes.extend(touched_certs.into_iter().map(Write::Certificate));
-        if tokens {
-            writes.push(Write::Tokens);
+            let (shard, data_key) = slot(*table, key);
+            let value = (!value.is_empty()).then(|| entry(*table, key, value));
+            touched.entry(shard).or_default().insert(data_key, value);
         }
         self.handle.block_on(async {
-            let results: Vec<Result<(), StoreError>> = futures::stream::iter(writes)
-                .map(|w| self.write(w))
-                .buffer_unordered(32)
+            let results: Vec<Result<(), StoreError>> = futures::stream::iter(touched.clone())
+                .map(|(shard, changed)| self.write_shard(shard, changed))
+                .buffer_unordered(SHARDS)
                 .collect()
                 .await;
             results.into_iter().collect::<Result<(), StoreError>>()
-        })
+        })?;
+        if let Ok(mut ledger) = self.ledger.lock() {
+            for (shard, changed) in touched {
+                for (k, v) in changed {
+                    match v {
+                        Some(v) => ledger[shard].insert(k, v),
+                        None => ledger[shard].remove(&k),
+                    };
+                }
+            }
+        }
+        self.last_commit_ms.store(now_ms(), Ordering::Relaxed);
+        self.remember(batch);
+        Ok(())
     }
 }
 
-/// The backend shared with the daemon (which reads its write count and
+/// The backend shared with the daemon (which reads its write counts and
 /// asks it for new tokens).
 pub struct Shared(pub Arc<KubeBackend>);
 
@@ -608,5 +680,30 @@ impl Backend for Shared {
 
     fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
         self.0.commit(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_entries_round_trip_and_spread() {
+        let e = entry(Table::Pairs, "ward-01\u{0}it/browser", b"\x01\x02");
+        assert_eq!(
+            unentry(&e),
+            Some((
+                Table::Pairs,
+                "ward-01\u{0}it/browser".to_string(),
+                vec![1, 2]
+            ))
+        );
+        assert_eq!(unentry(&[99, 0, 0]), None);
+        assert_eq!(unentry(&[3, 0, 9, b'a']), None);
+        // A thousand terminals' records land in (nearly) every shard.
+        let shards: BTreeSet<usize> = (0..1000)
+            .map(|i| slot(Table::Dispatches, &format!("t{i}\u{0}p")).0)
+            .collect();
+        assert_eq!(shards.len(), SHARDS);
     }
 }

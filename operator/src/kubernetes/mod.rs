@@ -38,9 +38,7 @@ pub struct Policies {
     reader: reflector::Store<TerminalPolicy>,
     /// (key, generation) → compiled, or the errors.
     compiled: HashMap<String, (i64, Result<CompiledPolicy, Vec<String>>)>,
-    written: HashMap<String, serde_json::Value>,
-    ready: HashMap<String, String>,
-    recorder: Recorder,
+    statuses: tokio::sync::watch::Sender<Vec<PolicyStatus>>,
     pub uids: Arc<Mutex<HashMap<String, String>>>,
     pub writes: Arc<AtomicU64>,
 }
@@ -77,13 +75,28 @@ impl Policies {
                 instance: Some(identity.to_string()),
             },
         );
+        let (statuses, mut latest) = tokio::sync::watch::channel(Vec::new());
+        let mut writer = StatusWriter {
+            client: client.clone(),
+            written: HashMap::new(),
+            ready: HashMap::new(),
+            recorder,
+            writes: writes.clone(),
+        };
+        tokio::spawn(async move {
+            while latest.changed().await.is_ok() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let s = latest.borrow_and_update().clone();
+                writer.publish(&s, now).await;
+            }
+        });
         Policies {
             client,
             reader,
             compiled: HashMap::new(),
-            written: HashMap::new(),
-            ready: HashMap::new(),
-            recorder,
+            statuses,
             uids,
             writes,
         }
@@ -175,6 +188,26 @@ impl Policies {
             tracing::warn!(policy = %key, error = %e, "cleanup not yet durable");
             return;
         }
+        // Its Remediations go before the policy does (owner references
+        // would too, but only where a garbage collector runs).
+        let remediations: Api<tenet_crds::Remediation> =
+            Api::namespaced(self.client.clone(), &p.namespace().unwrap_or_default());
+        let selector = format!("tenet.dev/policy={}", backend::policy_hash(key));
+        match remediations
+            .delete_collection(
+                &kube::api::DeleteParams::default(),
+                &kube::api::ListParams::default().labels(&selector),
+            )
+            .await
+        {
+            Ok(_) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(policy = %key, error = %e, "cannot delete its Remediations; will retry");
+                return;
+            }
+        }
         let finalizers: Vec<String> = p
             .finalizers()
             .iter()
@@ -196,14 +229,30 @@ impl Policies {
             }
             Err(e) => tracing::warn!(policy = %key, error = %e, "cannot remove the finalizer"),
         }
-        self.written.remove(key);
-        self.ready.remove(key);
     }
 
+    /// Hand the pass's statuses to the status writer (never waits for
+    /// the API server: the reconcile loop goes on).
+    pub fn publish(&self, statuses: &[PolicyStatus]) {
+        let _ = self.statuses.send(statuses.to_vec());
+    }
+}
+
+/// Writes policies' status and Events behind the reconcile loop, the
+/// latest statuses first.
+struct StatusWriter {
+    client: Client,
+    written: HashMap<String, serde_json::Value>,
+    ready: HashMap<String, String>,
+    recorder: Recorder,
+    writes: Arc<AtomicU64>,
+}
+
+impl StatusWriter {
     /// Write the status of each policy whose status changed (server-side
     /// apply of the status subresource), and an Event when its Ready
     /// condition changes.
-    pub async fn publish(&mut self, statuses: &[PolicyStatus], now_ms: u64) {
+    async fn publish(&mut self, statuses: &[PolicyStatus], now_ms: u64) {
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         for s in statuses {
             let (reason, message) = ready_reason(s);
@@ -287,6 +336,10 @@ impl Policies {
                 }
             }
         }
+        let present: std::collections::HashSet<&str> =
+            statuses.iter().map(|s| s.policy.as_str()).collect();
+        self.written.retain(|k, _| present.contains(k.as_str()));
+        self.ready.retain(|k, _| present.contains(k.as_str()));
     }
 }
 
