@@ -26,7 +26,7 @@ const TERMINALS: usize = 20;
 
 fn policy(version: &str, bundle: &str, digest: &str, window: u32) -> String {
     format!(
-        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bench-app, namespace: hospital-it }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  requirements:\n    - package: {{ name: bench-app, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: {bundle}, digest: '{digest}' }}\n    args: [bench-app_{version}-1_all.deb]\n    capabilities: [run-artifact, log]\n  rollout: {{ maxInFlight: {window}, haltOnFailurePercent: 50 }}\n"
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bench-app, namespace: hospital-it }}\nspec:\n  selector: {{ matchLabels: {{ fleet: bench }} }}\n  requirements:\n    - package: {{ name: bench-app, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: {bundle}, digest: '{digest}' }}\n    args: [bench-app_{version}-1_all.deb]\n    capabilities: [run-artifact, log]\n  rollout: {{ maxInFlight: {window}, haltOnFailurePercent: 50 }}\n  certificate: {{ validity: 1h, renewBefore: 15m, minimumLevel: 50 }}\n"
     )
 }
 
@@ -287,6 +287,19 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
             "Succeeded",
         )
     });
+    // Security certificates, reconciled here too: simulated terminals have
+    // no TPM, so their level is capped at 60.
+    wait_until(
+        Duration::from_secs(30),
+        "SecurityCertificates at level 60",
+        || {
+            all(
+                &["securitycertificates", "-n", "tenet-system"],
+                "{.items[*].status.level}",
+                "60",
+            )
+        },
+    );
     let owner = jsonpath(
         &cp,
         &[
