@@ -695,6 +695,20 @@ impl Daemon {
                             }
                             Err(e) => tracing::warn!(error = %e, "cannot read the token Secret"),
                         }
+                        match backend.deleted_terminals().await {
+                            Ok(gone) => {
+                                for t in gone {
+                                    if data.store.forget_terminal(&t) {
+                                        let _ = writeln!(
+                                            out,
+                                            "terminal {t} de-enrolled (its Terminal resource was deleted)"
+                                        );
+                                        tracing::warn!(terminal = %t, "de-enrolled: its Terminal resource was deleted");
+                                    }
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
+                        }
                         let (compiled, errors) = source.refresh(&data.store).await;
                         if errors != cache.last_errors {
                             for e in &errors {

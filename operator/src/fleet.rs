@@ -384,6 +384,10 @@ impl Fleet for StandaloneFleet {
             .inspect_err(|r| self.count(r))
     }
 
+    fn enrolled(&self, terminal: &str) -> bool {
+        self.store.terminal(terminal).ok().flatten().is_some()
+    }
+
     fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         let written = self.store.written();
         Box::pin(async move { self.store.durable(written).await.map_err(|e| e.to_string()) })

@@ -64,6 +64,10 @@ pub trait Fleet: Send + Sync + 'static {
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
     /// A signed audit report, the answer to an audit request.
     fn audit(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
+    /// Whether the terminal is (still) enrolled; its session ends when not.
+    fn enrolled(&self, _terminal: &str) -> bool {
+        true
+    }
     /// Wait until everything taken so far is durable: the gateway answers
     /// an enrolment and acknowledges a report only then. `Err` says why
     /// it cannot be now.
@@ -223,6 +227,11 @@ impl Gateway {
                 Ok(m) => m,
                 Err(e) => break Err(e.into()),
             };
+            if !self.fleet.enrolled(&terminal) {
+                break Err(GatewayError::Refused(format!(
+                    "{terminal} is no longer enrolled"
+                )));
+            }
             let ack = match &message {
                 ToOperator::Report(bytes) => {
                     self.fleet.report(&terminal, bytes).map(|()| sha256(bytes))

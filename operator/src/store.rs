@@ -867,6 +867,47 @@ impl Store {
         })
     }
 
+    /// De-enrol a terminal: its record, pair states, live dispatches,
+    /// inventory and certificate record go, in one change (deletions).
+    /// Whether it was enrolled.
+    pub fn forget_terminal(&self, name: &str) -> bool {
+        self.change(|m| {
+            if m.terminals.remove(name).is_none() {
+                return false;
+            }
+            m.pending
+                .push((Table::Terminals, name.to_string(), Vec::new()));
+            m.written += 1;
+            let mut gone = Vec::new();
+            for (policy, pairs) in m.pairs.iter_mut() {
+                if pairs.remove(name).is_some() {
+                    gone.push((Table::Pairs, pair_key(name, policy)));
+                }
+            }
+            let prefix = format!("{name}\u{0}");
+            let dispatches: Vec<String> = m
+                .dispatches
+                .range(prefix.clone()..)
+                .map_while(|(k, _)| k.starts_with(&prefix).then(|| k.clone()))
+                .collect();
+            for k in dispatches {
+                m.dispatches.remove(&k);
+                gone.push((Table::Dispatches, k));
+            }
+            if m.inventories.remove(name).is_some() {
+                gone.push((Table::Inventories, name.to_string()));
+            }
+            if m.certificates.remove(name).is_some() {
+                gone.push((Table::Certificates, name.to_string()));
+            }
+            for (table, key) in gone {
+                m.pending.push((table, key, Vec::new()));
+                m.written += 1;
+            }
+            true
+        })
+    }
+
     /// Whether a token with this hash was ever added.
     pub fn has_token_hash(&self, hash: &str) -> bool {
         self.mem().tokens.contains_key(hash)
@@ -936,6 +977,45 @@ mod tests {
             expires_ms,
             uses_left: 1,
         }
+    }
+
+    #[test]
+    fn a_forgotten_terminal_or_policy_is_gone_after_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("tenet.redb");
+        let pair = PairRecord {
+            generation: 1,
+            state: PairState::Compliant,
+            updated_ms: 1,
+            remediated: false,
+        };
+        {
+            let s = Store::open(&path).expect("open");
+            for t in ["ward-01", "ward-02"] {
+                s.add_token(&format!("tok-{t}"), &token(None, 1000))
+                    .expect("token");
+                assert_eq!(
+                    s.enrol(&request(&format!("tok-{t}"), t), 1).expect("db"),
+                    Ok(())
+                );
+                s.set_pair(t, "it/a", &pair).expect("pair");
+                s.set_pair(t, "it/b", &pair).expect("pair");
+            }
+            assert!(s.forget_terminal("ward-01"));
+            assert!(!s.forget_terminal("ward-01"), "only once");
+            assert_eq!(s.forget_policy("it/b"), 1);
+            s.sync().expect("sync");
+        }
+        let s = Store::open(&path).expect("reopen");
+        assert!(s.terminal("ward-01").expect("db").is_none());
+        assert!(s.terminal("ward-02").expect("db").is_some());
+        let pairs: Vec<(String, String)> = s
+            .pairs()
+            .expect("db")
+            .into_iter()
+            .map(|(t, p, _)| (t, p))
+            .collect();
+        assert_eq!(pairs, vec![("ward-02".to_string(), "it/a".to_string())]);
     }
 
     #[test]

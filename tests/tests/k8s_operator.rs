@@ -371,6 +371,41 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         "{last}"
     );
 
+    // Deleting a Terminal resource de-enrols the terminal: the policy
+    // selects one fewer, its Remediation and certificate go.
+    cp.kubectl_ok(&["delete", "terminal", "ward-00020", "-n", "tenet-system"]);
+    wait_until(Duration::from_secs(30), "ward-00020 de-enrolled", || {
+        jsonpath(
+            &cp,
+            &["terminalpolicy", "bench-app", "-n", "hospital-it"],
+            "{.status.selected}",
+        ) == (TERMINALS - 1).to_string()
+            && jsonpath(
+                &cp,
+                &["securitycertificates", "-n", "tenet-system"],
+                "{.items[*].metadata.name}",
+            )
+            .split_whitespace()
+            .count()
+                == TERMINALS - 1
+            && !jsonpath(
+                &cp,
+                &["remediations", "-n", "hospital-it"],
+                "{.items[*].metadata.name}",
+            )
+            .contains("ward-00020.")
+    });
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["terminals", "-n", "tenet-system"],
+            "{.items[*].metadata.name}"
+        )
+        .split_whitespace()
+        .count(),
+        TERMINALS - 1
+    );
+
     // Deleting the policy: the finalizer lets the operator remove its
     // Remediations and pair states first.
     cp.kubectl_ok(&[

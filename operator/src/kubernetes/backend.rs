@@ -143,6 +143,9 @@ pub struct KubeBackend {
     in_flight: AtomicU64,
     /// When the last ledger commit ended (ms).
     last_commit_ms: AtomicU64,
+    /// Terminals whose resource this operator wrote (so that one missing
+    /// was deleted by a person, not yet to be created).
+    published: Mutex<BTreeSet<String>>,
     /// Policy key → uid, for owner references (filled by the policy watcher).
     pub policy_uids: Arc<Mutex<HashMap<String, String>>>,
 }
@@ -176,6 +179,7 @@ impl KubeBackend {
             ledger_writes: Arc::default(),
             in_flight: AtomicU64::new(0),
             last_commit_ms: AtomicU64::new(0),
+            published: Mutex::default(),
             policy_uids: Arc::default(),
         }
     }
@@ -241,6 +245,37 @@ impl KubeBackend {
                 }
             }
         });
+    }
+
+    /// Terminals whose resource was deleted (by a person: `kubectl delete
+    /// terminal NAME` de-enrols it), among those this operator wrote.
+    pub async fn deleted_terminals(&self) -> Result<Vec<String>, StoreError> {
+        let published: Vec<String> = self
+            .published
+            .lock()
+            .map(|p| p.iter().cloned().collect())
+            .unwrap_or_default();
+        if published.is_empty() {
+            return Ok(vec![]);
+        }
+        let api: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
+        let present: BTreeSet<String> = api
+            .list_metadata(&ListParams::default())
+            .await
+            .map_err(err)?
+            .into_iter()
+            .filter_map(|t| t.metadata.name)
+            .collect();
+        let gone: Vec<String> = published
+            .into_iter()
+            .filter(|t| !present.contains(t))
+            .collect();
+        if let Ok(mut p) = self.published.lock() {
+            for t in &gone {
+                p.remove(t);
+            }
+        }
+        Ok(gone)
     }
 
     /// Objects for people not yet written (0: everything is out).
@@ -310,6 +345,12 @@ impl KubeBackend {
                 };
                 let Some(record) = record else { return Ok(()) };
                 let api: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
+                // One this operator wrote and a person deleted is not
+                // written again: the daemon de-enrols the terminal.
+                let published = self.published.lock().is_ok_and(|p| p.contains(name));
+                if published && api.get_metadata_opt(name).await?.is_none() {
+                    return Ok(());
+                }
                 let body = json!({
                     "apiVersion": "tenet.dev/v1alpha1",
                     "kind": "Terminal",
@@ -325,7 +366,11 @@ impl KubeBackend {
                     }
                 });
                 self.apply(&api, name, body, Some(terminal_status(&record, &pairs)))
-                    .await
+                    .await?;
+                if let Ok(mut p) = self.published.lock() {
+                    p.insert(name.clone());
+                }
+                Ok(())
             }
             Dirty::Remediation(key) => {
                 let Some((terminal, policy)) = key.split_once('\u{0}') else {
@@ -410,9 +455,17 @@ impl KubeBackend {
                     .lock()
                     .ok()
                     .and_then(|o| o.certificates.get(terminal).cloned());
-                let Some(record) = record else { return Ok(()) };
                 let api: Api<SecurityCertificate> =
                     Api::namespaced(self.client.clone(), &self.namespace);
+                let Some(record) = record else {
+                    // Its terminal was de-enrolled.
+                    match api.delete(terminal, &DeleteParams::default()).await {
+                        Ok(_) => self.count(),
+                        Err(kube::Error::Api(e)) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                    return Ok(());
+                };
                 let issued = record.issued.as_ref();
                 let validity = issued
                     .map_or(3600, |i| (i.not_after_ms - i.not_before_ms) / 1000)
@@ -540,9 +593,16 @@ impl KubeBackend {
         for (table, key, value) in batch {
             match table {
                 Table::Terminals => {
-                    if let Some(r) = decode(value) {
-                        o.terminals.insert(key.clone(), r);
-                        dirty.insert(Dirty::Terminal(key.clone()));
+                    match decode(value) {
+                        Some(r) if !value.is_empty() => {
+                            o.terminals.insert(key.clone(), r);
+                            dirty.insert(Dirty::Terminal(key.clone()));
+                        }
+                        // De-enrolled: its resource was deleted by a person.
+                        _ => {
+                            o.terminals.remove(key);
+                            o.pairs.remove(key);
+                        }
                     }
                 }
                 Table::Pairs => {
@@ -574,10 +634,15 @@ impl KubeBackend {
                     dirty.insert(Dirty::Remediation(key.clone()));
                 }
                 Table::Certificates => {
-                    if let Some(c) = decode(value) {
-                        o.certificates.insert(key.clone(), c);
-                        dirty.insert(Dirty::Certificate(key.clone()));
+                    match decode(value) {
+                        Some(c) if !value.is_empty() => {
+                            o.certificates.insert(key.clone(), c);
+                        }
+                        _ => {
+                            o.certificates.remove(key);
+                        }
                     }
+                    dirty.insert(Dirty::Certificate(key.clone()));
                 }
                 Table::Tokens | Table::Inventories | Table::Policies => {}
             }
