@@ -346,6 +346,22 @@ pub async fn converge(
         )
         .await?;
         let setup_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if kubernetes.is_some() {
+            // Start from a quiet operator, as in standalone mode: the
+            // enrolments' resources for people written first.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut rx = probe.passes.subscribe();
+            while probe.api_pending.load(std::sync::atomic::Ordering::Relaxed) > 0
+                || probe.api_writes.load(std::sync::atomic::Ordering::Relaxed) == 0
+            {
+                if Instant::now() > deadline {
+                    return Err(setup(
+                        "the enrolments' resources were not written within 120 s",
+                    ));
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(2), rx.changed()).await;
+            }
+        }
         let connected_rss = rss_bytes();
         let _ = writeln!(
             progress,
