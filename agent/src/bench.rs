@@ -283,12 +283,7 @@ async fn burst(
             out
         }));
     }
-    let mut samples = Vec::new();
-    for t in tasks {
-        samples.extend(t.await.map_err(|e| e.to_string())?);
-    }
-    let (lat, verified) = verify_all(samples, issuer)?;
-    Ok(row("burst", c, lat, verified))
+    finish("burst", c, tasks, issuer).await
 }
 
 async fn steady(
@@ -315,12 +310,22 @@ async fn steady(
             out
         }));
     }
+    finish("steady 1/s each", c, tasks, issuer).await
+}
+
+/// Every peer's samples, verified, as a row.
+async fn finish(
+    load: &'static str,
+    c: usize,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+    issuer: &tenet_protocol::PublicKey,
+) -> Result<Row, String> {
     let mut samples = Vec::new();
     for t in tasks {
         samples.extend(t.await.map_err(|e| e.to_string())?);
     }
     let (lat, verified) = verify_all(samples, issuer)?;
-    Ok(row("steady 1/s each", c, lat, verified))
+    Ok(row(load, c, lat, verified))
 }
 
 fn row(load: &'static str, c: usize, mut lat: Vec<f64>, verified: usize) -> Row {

@@ -557,10 +557,8 @@ impl Daemon {
                     tokio::runtime::Handle::current(),
                 ));
                 backend.start_writer();
-                let shared = backend.clone();
-                let store = tokio::task::block_in_place(|| {
-                    Store::with_backend(Box::new(crate::kubernetes::backend::Shared(shared)))
-                })?;
+                let store =
+                    tokio::task::block_in_place(|| Store::with_backend(Box::new(backend.clone())))?;
                 let policies = crate::kubernetes::Policies::watch(
                     client,
                     files_changed.clone(),
@@ -670,6 +668,7 @@ impl Daemon {
         // changed, and at least every tick (bundles expire; a watcher can
         // miss events): not on every agent message.
         let mut scanned_at: Option<std::time::Instant> = None;
+        let mut certs_at = std::time::Instant::now() - CERTS_EVERY;
         loop {
             if scanned_at.is_none_or(|t| t.elapsed() >= self.tick) {
                 scanned_at = Some(std::time::Instant::now());
@@ -782,8 +781,17 @@ impl Daemon {
                 // kept running passes. Yield so the slot runs now.
                 tokio::task::yield_now().await;
             }
-            // Security certificates: audits, issuance, renewal.
-            let round = {
+            // Security certificates: audits, issuance, renewal. Their
+            // decisions are in seconds (renewal, audit timeouts): a sweep of
+            // every terminal at most four times a second, not on every
+            // agent message.
+            let certs_due = certs_at.elapsed() >= CERTS_EVERY;
+            if certs_due {
+                certs_at = std::time::Instant::now();
+            }
+            let round = if !certs_due {
+                crate::certs::Round::default()
+            } else {
                 let online = |t: &str| fleet.sender(t).is_some();
                 crate::certs::reconcile(
                     &data.store,
@@ -910,6 +918,9 @@ impl Daemon {
         Ok(())
     }
 }
+
+/// How often security certificates are reconciled at most.
+const CERTS_EVERY: Duration = Duration::from_millis(250);
 
 /// How often the status file and the policy lines are brought up to date.
 const STATUS_EVERY: Duration = Duration::from_millis(500);

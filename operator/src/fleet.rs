@@ -385,7 +385,7 @@ impl Fleet for StandaloneFleet {
     }
 
     fn enrolled(&self, terminal: &str) -> bool {
-        self.store.terminal(terminal).ok().flatten().is_some()
+        self.store.is_enrolled(terminal)
     }
 
     fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {

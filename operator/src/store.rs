@@ -189,6 +189,12 @@ impl Mem {
         self.pending.push((table, key.to_string(), encode(value)));
         self.written += 1;
     }
+
+    /// Queue the deletion of a record: an empty value.
+    fn delete(&mut self, table: Table, key: String) {
+        self.pending.push((table, key, Vec::new()));
+        self.written += 1;
+    }
 }
 
 /// How far the database on disk has caught up.
@@ -855,11 +861,9 @@ impl Store {
                 .unwrap_or_default();
             for t in &terminals {
                 let key = pair_key(t, policy);
-                m.pending.push((Table::Pairs, key.clone(), Vec::new()));
-                m.written += 1;
+                m.delete(Table::Pairs, key.clone());
                 if m.dispatches.remove(&key).is_some() {
-                    m.pending.push((Table::Dispatches, key, Vec::new()));
-                    m.written += 1;
+                    m.delete(Table::Dispatches, key);
                 }
             }
             m.policies.remove(policy);
@@ -875,9 +879,7 @@ impl Store {
             if m.terminals.remove(name).is_none() {
                 return false;
             }
-            m.pending
-                .push((Table::Terminals, name.to_string(), Vec::new()));
-            m.written += 1;
+            m.delete(Table::Terminals, name.to_string());
             let mut gone = Vec::new();
             for (policy, pairs) in m.pairs.iter_mut() {
                 if pairs.remove(name).is_some() {
@@ -901,11 +903,15 @@ impl Store {
                 gone.push((Table::Certificates, name.to_string()));
             }
             for (table, key) in gone {
-                m.pending.push((table, key, Vec::new()));
-                m.written += 1;
+                m.delete(table, key);
             }
             true
         })
+    }
+
+    /// Whether a terminal is enrolled (without copying its record).
+    pub fn is_enrolled(&self, name: &str) -> bool {
+        self.mem().terminals.contains_key(name)
     }
 
     /// Whether a token with this hash was ever added.

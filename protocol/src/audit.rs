@@ -302,9 +302,10 @@ pub fn verify_quote(
     Ok(info)
 }
 
-/// Marshal a TPMS_ATTEST of type quote, as a TPM does (for tests and for
-/// verifiers that want to check the layout).
-pub fn marshal_quote(extra_data: &[u8], pcrs: &[PcrValue], clock_ms: u64) -> Vec<u8> {
+/// Marshal a TPMS_ATTEST of type quote, as a TPM does (for the tests:
+/// quotes signed by a software key).
+#[cfg(test)]
+fn marshal_quote(extra_data: &[u8], pcrs: &[PcrValue], clock_ms: u64) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&TPM_GENERATED.to_be_bytes());
     out.extend_from_slice(&ST_ATTEST_QUOTE.to_be_bytes());

@@ -50,8 +50,6 @@ pub enum Rejection {
     LevelTooLow { level: u8, required: u8 },
     #[error("the answer is not to this challenge")]
     ChallengeMismatch,
-    #[error("TPM quote refused: {0}")]
-    Quote(#[from] crate::audit::QuoteError),
 }
 
 impl Rejection {
@@ -75,7 +73,6 @@ impl Rejection {
             Rejection::CapabilityNotGranted(_) => "CapabilityNotGranted",
             Rejection::LevelTooLow { .. } => "LevelTooLow",
             Rejection::ChallengeMismatch => "ChallengeMismatch",
-            Rejection::Quote(q) => q.reason(),
         }
     }
 }

@@ -159,6 +159,21 @@ impl ControlPlane {
         }
     }
 
+    /// Install the Tenet CRDs and wait until they are Established.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/crds.yaml");
+        self.kubectl_ok(&["apply", "-f", &crds.display().to_string()]);
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/terminalpolicies.tenet.dev",
+            "crd/terminals.tenet.dev",
+            "crd/remediations.tenet.dev",
+            "crd/securitycertificates.tenet.dev",
+        ]);
+    }
+
     /// Run kubectl against this control plane.
     pub fn kubectl(&self, args: &[&str]) -> std::process::Output {
         Command::new(self.bin.join("kubectl"))

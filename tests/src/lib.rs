@@ -315,9 +315,15 @@ pub fn free_port() -> u16 {
 /// `tenet token create --data data ARGS` in `dir`: the token and the CA
 /// fingerprint it prints.
 pub fn create_token(dir: &Path, args: &[&str]) -> (String, String) {
+    create_token_with(dir, args, &[])
+}
+
+/// [`create_token`] with environment variables (KUBECONFIG).
+pub fn create_token_with(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> (String, String) {
     let out = Command::new(binary("tenet"))
         .args(["token", "create", "--data", "data"])
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .output()
         .expect("tenet token create");

@@ -15,17 +15,7 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
     let Some(cp) = control_plane_or_skip() else {
         return;
     };
-    let crds = root().join("crds/crds.yaml");
-    cp.kubectl_ok(&["apply", "-f", crds.to_str().expect("path")]);
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/terminalpolicies.tenet.dev",
-        "crd/terminals.tenet.dev",
-        "crd/remediations.tenet.dev",
-        "crd/securitycertificates.tenet.dev",
-    ]);
+    cp.install_crds();
     cp.kubectl_ok(&["create", "namespace", "hospital-it"]);
     let policies = root().join("policies");
     let applied = cp.kubectl_ok(&["apply", "-f", policies.to_str().expect("path")]);

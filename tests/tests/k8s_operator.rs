@@ -15,12 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tenet_e2e::k8s::{ControlPlane, control_plane_or_skip};
-use tenet_e2e::{Running, binary, free_port, wait_until};
+use tenet_e2e::{Running, binary, create_token_with, free_port, wait_until};
 use tenet_protocol::{Algorithm, KeyPair, Signer};
-
-fn root() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 const TERMINALS: usize = 20;
 
@@ -134,17 +130,7 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     let Some(cp) = control_plane_or_skip() else {
         return;
     };
-    let crds = root().join("crds/crds.yaml");
-    cp.kubectl_ok(&["apply", "-f", crds.to_str().expect("path")]);
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/terminalpolicies.tenet.dev",
-        "crd/terminals.tenet.dev",
-        "crd/remediations.tenet.dev",
-        "crd/securitycertificates.tenet.dev",
-    ]);
+    cp.install_crds();
     cp.kubectl_ok(&["create", "namespace", "hospital-it"]);
     cp.kubectl_ok(&["create", "namespace", "tenet-system"]);
 
@@ -196,34 +182,12 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     ]);
 
     // Agents enrol with a token from the token Secret.
-    let out = Command::new(binary("tenet"))
-        .args([
-            "token",
-            "create",
-            "--data",
-            "data",
-            "--uses",
-            &TERMINALS.to_string(),
-        ])
-        .args(["--kubernetes", "tenet-system"])
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .current_dir(dir)
-        .output()
-        .expect("token");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let uses = TERMINALS.to_string();
+    let (token, fingerprint) = create_token_with(
+        dir,
+        &["--uses", &uses, "--kubernetes", "tenet-system"],
+        &[("KUBECONFIG", cp.kubeconfig.as_path())],
     );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .expect("token output")
-            .trim()
-            .to_string()
-    };
-    let (token, fingerprint) = (field("token "), field("ca-fingerprint "));
     let _agents = Running(
         Command::new(binary("tenet-agent"))
             .args(["simulate", "--count", &TERMINALS.to_string()])

@@ -130,8 +130,6 @@ pub struct KubeBackend {
     client: Client,
     namespace: String,
     handle: tokio::runtime::Handle,
-    /// Shard → data key → entry, as last applied.
-    ledger: Mutex<Vec<BTreeMap<String, Vec<u8>>>>,
     objects: Mutex<Objects>,
     dirty: Mutex<BTreeSet<Dirty>>,
     wake: tokio::sync::Notify,
@@ -171,7 +169,6 @@ impl KubeBackend {
             client,
             namespace: namespace.to_string(),
             handle,
-            ledger: Mutex::new(vec![BTreeMap::new(); SHARDS]),
             objects: Mutex::default(),
             dirty: Mutex::default(),
             wake: tokio::sync::Notify::new(),
@@ -559,7 +556,6 @@ impl KubeBackend {
     async fn load_all(&self) -> Result<Vec<Change>, StoreError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let mut out = Vec::new();
-        let mut ledger = vec![BTreeMap::new(); SHARDS];
         let list = api
             .list(&ListParams::default().labels(&format!("{LEDGER_LABEL}=true")))
             .await
@@ -570,16 +566,12 @@ impl KubeBackend {
             .collect();
         self.create_shards(&names).await?;
         for cm in list {
-            for (k, v) in cm.binary_data.unwrap_or_default() {
-                if let Some(change) = unentry(&v.0) {
-                    let (shard, _) = slot(change.0, &change.1);
-                    ledger[shard].insert(k, v.0.clone());
-                    out.push(change);
-                }
-            }
-        }
-        if let Ok(mut l) = self.ledger.lock() {
-            *l = ledger;
+            out.extend(
+                cm.binary_data
+                    .unwrap_or_default()
+                    .values()
+                    .filter_map(|v| unentry(&v.0)),
+            );
         }
         self.remember(&out);
         Ok(out)
@@ -693,7 +685,8 @@ fn terminal_status(
     })
 }
 
-impl Backend for KubeBackend {
+/// Shared with the daemon, which reads its counts and its tokens.
+impl Backend for Arc<KubeBackend> {
     fn load(&self) -> Result<Vec<Change>, StoreError> {
         self.handle.block_on(self.load_all())
     }
@@ -711,40 +704,16 @@ impl Backend for KubeBackend {
             touched.entry(shard).or_default().insert(data_key, value);
         }
         self.handle.block_on(async {
-            let results: Vec<Result<(), StoreError>> = futures::stream::iter(touched.clone())
+            let results: Vec<Result<(), StoreError>> = futures::stream::iter(touched)
                 .map(|(shard, changed)| self.write_shard(shard, changed))
                 .buffer_unordered(SHARDS)
                 .collect()
                 .await;
             results.into_iter().collect::<Result<(), StoreError>>()
         })?;
-        if let Ok(mut ledger) = self.ledger.lock() {
-            for (shard, changed) in touched {
-                for (k, v) in changed {
-                    match v {
-                        Some(v) => ledger[shard].insert(k, v),
-                        None => ledger[shard].remove(&k),
-                    };
-                }
-            }
-        }
         self.last_commit_ms.store(now_ms(), Ordering::Relaxed);
         self.remember(batch);
         Ok(())
-    }
-}
-
-/// The backend shared with the daemon (which reads its write counts and
-/// asks it for new tokens).
-pub struct Shared(pub Arc<KubeBackend>);
-
-impl Backend for Shared {
-    fn load(&self) -> Result<Vec<Change>, StoreError> {
-        self.0.load()
-    }
-
-    fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
-        self.0.commit(batch)
     }
 }
 

@@ -132,19 +132,8 @@ impl Policies {
             if !p.finalizers().iter().any(|f| f == FINALIZER) {
                 let mut finalizers = p.finalizers().to_vec();
                 finalizers.push(FINALIZER.into());
-                let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": p.resource_version() } });
-                match api
-                    .patch(
-                        &p.name_any(),
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        self.writes.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => tracing::warn!(policy = %key, error = %e, "cannot add the finalizer"),
+                if let Err(e) = self.set_finalizers(&api, &p, finalizers).await {
+                    tracing::warn!(policy = %key, error = %e, "cannot add the finalizer");
                 }
             }
             let generation = p.meta().generation.unwrap_or(1);
@@ -214,21 +203,31 @@ impl Policies {
             .filter(|f| *f != FINALIZER)
             .cloned()
             .collect();
-        let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": p.resource_version() } });
-        match api
-            .patch(
-                &p.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(_) => {
-                self.writes.fetch_add(1, Ordering::Relaxed);
+        match self.set_finalizers(api, p, finalizers).await {
+            Ok(()) => {
                 tracing::info!(policy = %key, pairs = removed, "policy deleted: its pairs and remediations removed");
             }
             Err(e) => tracing::warn!(policy = %key, error = %e, "cannot remove the finalizer"),
         }
+    }
+
+    /// Set a policy's finalizers, on the version read (a merge patch with
+    /// its resourceVersion: refused if the policy changed since).
+    async fn set_finalizers(
+        &self,
+        api: &Api<TerminalPolicy>,
+        p: &TerminalPolicy,
+        finalizers: Vec<String>,
+    ) -> Result<(), kube::Error> {
+        let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": p.resource_version() } });
+        api.patch(
+            &p.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Hand the pass's statuses to the status writer (never waits for

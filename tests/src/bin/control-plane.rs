@@ -11,17 +11,7 @@ fn main() {
         std::process::exit(2);
     };
     let cp = tenet_e2e::k8s::ControlPlane::start(&bin);
-    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/crds.yaml");
-    cp.kubectl_ok(&["apply", "-f", &crds.display().to_string()]);
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/terminalpolicies.tenet.dev",
-        "crd/terminals.tenet.dev",
-        "crd/remediations.tenet.dev",
-        "crd/securitycertificates.tenet.dev",
-    ]);
+    cp.install_crds();
     println!("KUBECONFIG={}", cp.kubeconfig.display());
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
