@@ -15,6 +15,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use tenet_protocol::audit::{AuditReport, Posture};
 use tenet_protocol::certificate::verify_certificate;
@@ -224,7 +225,16 @@ pub fn presentation_tls(terminal: &str) -> Result<rustls::ServerConfig, String> 
 /// comparison): an internal audit on every request.
 pub type SyncAudit = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Serve presentations on `listener` until the task is dropped.
+/// Peers served at once by the presentation listener; one more is closed.
+pub const MAX_PEERS: usize = 1024;
+/// How long a peer has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may stay silent between two challenges.
+const PEER_IDLE: Duration = Duration::from_secs(30);
+
+/// Serve presentations on `listener` until the task is dropped: at most
+/// [`MAX_PEERS`] at once, each with a handshake timeout and an idle
+/// timeout, and accept errors (out of file descriptors) waited out.
 pub async fn serve(
     presenter: Arc<Presenter>,
     listener: tokio::net::TcpListener,
@@ -233,21 +243,19 @@ pub async fn serve(
     now_ms: fn() -> u64,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
+    tenet_protocol::listen::accept_loop(listener, MAX_PEERS, move |tcp, _| {
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let presenter = presenter.clone();
         let sync_audit = sync_audit.clone();
-        tokio::spawn(async move {
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
+        async move {
+            let Ok(Ok(mut tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
                 return;
             };
             // One connection may ask again and again.
             loop {
-                let r = tenet_protocol::present_tls::answer(&mut tls, |bound| {
+                let answered = tenet_protocol::present_tls::answer(&mut tls, |bound| {
                     let presenter = presenter.clone();
                     let sync_audit = sync_audit.clone();
                     async move {
@@ -260,12 +268,12 @@ pub async fn serve(
                         }
                         presenter.answer(bound, now_ms())
                     }
-                })
-                .await;
-                if r.is_err() {
+                });
+                if !matches!(tokio::time::timeout(PEER_IDLE, answered).await, Ok(Ok(_))) {
                     break;
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }

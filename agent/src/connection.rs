@@ -128,7 +128,7 @@ impl ServerCertVerifier for PinnedCa {
 
 /// The TLS client of an enrolment: no client certificate yet; the gateway
 /// must present the CA with `fingerprint`.
-pub(crate) fn enrolment_tls(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, ConnError> {
+pub fn enrolment_tls(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, ConnError> {
     let verifier = PinnedCa {
         fingerprint,
         provider: provider(),
@@ -142,7 +142,7 @@ pub(crate) fn enrolment_tls(fingerprint: [u8; 32]) -> Result<rustls::ClientConfi
 
 /// The TLS client of a session: the pinned CA, and the terminal's client
 /// certificate.
-pub(crate) fn session_tls(
+pub fn session_tls(
     ca: CertificateDer<'static>,
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
@@ -157,7 +157,7 @@ pub(crate) fn session_tls(
 
 /// Send a signed enrolment request over `tls` and check the answer: signed
 /// by the dispatch key it announces, naming the pinned CA and `terminal`.
-pub(crate) async fn exchange_enrolment<S: AsyncRead + AsyncWrite + Unpin>(
+pub async fn exchange_enrolment<S: AsyncRead + AsyncWrite + Unpin>(
     mut tls: S,
     signed_request: Vec<u8>,
     fingerprint: [u8; 32],

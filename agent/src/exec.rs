@@ -17,14 +17,14 @@
 //! | `arg_count` | `() -> i32` | none | number of envelope arguments |
 //! | `arg` | `(index, buf, buf_len) -> i32` | none | copies argument `index` into `buf`; returns its length (nothing copied when longer than `buf_len`), -1 when there is no such argument |
 //! | `log` | `(ptr, len)` | `log` | appends a line to the output the report carries |
-//! | `run_artifact` | `(name, name_len, args, args_len) -> i32` | `run-artifact` | writes the bundle's artifacts to a private 0700 directory, re-checks the named one's digest, runs it with the NUL-separated `args`, its working directory that directory and `TENET_ROOT` the terminal's root; returns its exit code |
+//! | `run_artifact` | `(name, name_len, args, args_len) -> i32` | `run-artifact` | writes the bundle's artifacts to a private 0700 directory, re-checks the named one's digest, runs it with the NUL-separated `args`, its working directory that directory, in a process group of its own (killed whole at the deadline) and a clean environment (`PATH`, `LANG`, and `TENET_ROOT`, the terminal's root); returns its exit code |
 //! | `read_inventory` | `(buf, buf_len) -> i32` | `read-inventory` | the terminal's inventory as JSON; returns its length (nothing copied when longer than `buf_len`) |
 //! | `write_file` | `(path, path_len, data, data_len) -> i32` | `write-files` | writes a file under one of the envelope's write paths (inside the terminal root); 0 on success |
 //!
 //! Negative results: -1 bad argument (out-of-bounds memory, not UTF-8, no
 //! such argument), -2 no such artifact, -3 artifact digest mismatch (nothing
 //! run), -4 could not start, -5 killed (time limit or signal), -6 path not
-//! granted, -7 I/O error.
+//! granted (also: a symbolic link on the way), -7 I/O error.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -43,7 +43,6 @@ use wasmtime::{
 };
 
 use crate::inventory::InventorySource;
-use crate::inventory::dpkg::inside;
 
 /// Bounds on one payload run.
 #[derive(Debug, Clone)]
@@ -264,19 +263,12 @@ impl Loader<'_> {
         let engine = &self.runtime.engine;
         let module = self.runtime.module(vb.digest, &vb.bundle.module)?;
         for import in module.imports() {
-            let capability =
-                import_capability(import.module(), import.name()).ok_or_else(|| {
-                    Rejection::Malformed(format!(
-                        "unknown import {}.{}",
-                        import.module(),
-                        import.name()
-                    ))
-                })?;
-            if let Some(c) = capability
-                && !env.capabilities.contains(&c)
-            {
-                return Err(Rejection::CapabilityNotGranted(c.name().into()));
-            }
+            check_import(
+                import.module(),
+                import.name(),
+                &vb.bundle.manifest.capabilities,
+                &env.capabilities,
+            )?;
         }
 
         let budget_ms = env.deadline_ms.saturating_sub(started_ms);
@@ -286,6 +278,7 @@ impl Loader<'_> {
                 .memory_size(self.limits.memory_bytes)
                 .instances(1)
                 .tables(4)
+                .table_elements(MAX_TABLE_ELEMENTS)
                 .memories(1)
                 .trap_on_grow_failure(true)
                 .build(),
@@ -337,6 +330,37 @@ fn truncate(s: &str) -> String {
         end -= 1;
     }
     s[..end].to_string()
+}
+
+/// Entries a wasm table may hold (tables are not linear memory, so the
+/// memory limit does not bound them: a table of 100 million entries took
+/// 816 MB). C programs built with clang use a few thousand at most.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Whether the module may import `module.name`: a host function whose
+/// capability both the admins declared in the signed manifest and the
+/// envelope grants (the operator alone cannot widen what a payload does).
+pub fn check_import(
+    module: &str,
+    name: &str,
+    declared: &[Capability],
+    granted: &[Capability],
+) -> Result<(), Rejection> {
+    let capability = import_capability(module, name)
+        .ok_or_else(|| Rejection::Malformed(format!("unknown import {module}.{name}")))?;
+    let Some(c) = capability else {
+        return Ok(());
+    };
+    if !granted.contains(&c) {
+        return Err(Rejection::CapabilityNotGranted(c.name().into()));
+    }
+    if !declared.contains(&c) {
+        return Err(Rejection::Malformed(format!(
+            "the module imports {module}.{name}, but its signed manifest does not declare capability {}",
+            c.name()
+        )));
+    }
+    Ok(())
 }
 
 /// The capability an import needs: `Some(None)` for none, `None` for an
@@ -525,12 +549,11 @@ impl System for Os {
     }
 
     fn write_file(&self, path: &str, data: &[u8]) -> i32 {
-        let target = inside(&self.root, path);
-        let ok = target
-            .parent()
-            .is_some_and(|p| std::fs::create_dir_all(p).is_ok())
-            && crate::store::write_atomically(&target, data, 0o644).is_ok();
-        if ok { 0 } else { E_IO }
+        match crate::beneath::write_beneath(&self.root, path, data, 0o644) {
+            Ok(()) => 0,
+            Err(crate::beneath::WriteError::Escapes { .. }) => E_PATH,
+            Err(crate::beneath::WriteError::Io { .. }) => E_IO,
+        }
     }
 
     /// Write the artifacts, re-check the digest of the one to run just
@@ -544,6 +567,7 @@ impl System for Os {
         deadline: Instant,
     ) -> (i32, Vec<u8>) {
         use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::process::CommandExt;
         let name = artifact.name.as_str();
         let expected = artifact.sha256;
         {
@@ -590,10 +614,17 @@ impl System for Os {
         let Ok(log2) = log.try_clone() else {
             return (E_IO, Vec::new());
         };
+        // A clean environment (nothing of the agent's leaks in), and a
+        // process group of its own, so that whatever it starts is killed
+        // with it at the deadline.
         let child = std::process::Command::new(&path)
             .args(args)
             .current_dir(&self.work_dir)
+            .env_clear()
+            .env("PATH", ARTIFACT_PATH)
+            .env("LANG", "C.UTF-8")
             .env("TENET_ROOT", &self.root)
+            .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -607,7 +638,7 @@ impl System for Os {
             match child.try_wait() {
                 Ok(Some(status)) => break status.code().unwrap_or(E_KILLED),
                 Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
+                    kill_group(&child);
                     let _ = child.wait();
                     break E_KILLED;
                 }
@@ -615,20 +646,62 @@ impl System for Os {
                 Err(_) => break E_LAUNCH,
             }
         };
-        let mut output = Vec::new();
-        if let Ok(mut f) = std::fs::File::open(&log_path) {
-            let _ = f.read_to_end(&mut output);
-        }
-        if output.len() > MAX_OUTPUT_TAIL {
-            output.drain(..output.len() - MAX_OUTPUT_TAIL);
-        }
-        (code, output)
+        (code, read_tail(&log_path, MAX_OUTPUT_TAIL))
     }
+}
+
+/// The search path artifacts run with (their environment is otherwise empty
+/// but for `LANG` and `TENET_ROOT`).
+const ARTIFACT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Kill an artifact and every process in its group.
+fn kill_group(child: &std::process::Child) {
+    use rustix::process::{Pid, Signal, kill_process_group};
+    if let Some(pid) = Pid::from_raw(child.id() as i32) {
+        let _ = kill_process_group(pid, Signal::KILL);
+    }
+}
+
+/// The last `max` bytes of a file, reading no more than that.
+fn read_tail(path: &std::path::Path, max: usize) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max as u64);
+    let mut out = Vec::with_capacity((len - start) as usize);
+    if f.seek(SeekFrom::Start(start)).is_ok() {
+        let _ = f.take(max as u64).read_to_end(&mut out);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn imports_need_the_manifest_and_the_envelope() {
+        let (w, l) = (Capability::WriteFiles, Capability::Log);
+        assert_eq!(check_import("tenet", "write_file", &[w], &[w]), Ok(()));
+        assert_eq!(check_import("tenet", "arg", &[], &[]), Ok(()));
+        // Granted by the envelope, but the admins never declared it.
+        assert_eq!(
+            check_import("tenet", "write_file", &[l], &[w, l]),
+            Err(Rejection::Malformed(
+                "the module imports tenet.write_file, but its signed manifest does not declare capability write-files".into()
+            ))
+        );
+        assert_eq!(
+            check_import("tenet", "write_file", &[w], &[l]),
+            Err(Rejection::CapabilityNotGranted("write-files".into()))
+        );
+        assert_eq!(
+            check_import("wasi", "fd_write", &[w], &[w]),
+            Err(Rejection::Malformed("unknown import wasi.fd_write".into()))
+        );
+    }
 
     #[test]
     fn write_paths_stay_inside_their_grant() {

@@ -5,6 +5,7 @@
 //! dispatch's evidence. It never depends on kube.
 
 pub mod audit;
+pub mod beneath;
 pub mod bench;
 pub mod config;
 pub mod connection;

@@ -271,6 +271,77 @@ fn write_files_stays_under_its_granted_paths() {
     assert_eq!(run("/etc/passwd"), Outcome::Exited { code: -6 });
     assert_eq!(run("/etc/hospital/../passwd"), Outcome::Exited { code: -6 });
     assert!(!t.root.join("etc/passwd").exists());
+    // A symbolic link inside the grant does not lead out of it: the agent
+    // runs as root, and this would have written the terminal's /etc/passwd.
+    std::os::unix::fs::symlink(t.root.join("etc"), t.root.join("etc/hospital/conf"))
+        .expect("symlink");
+    assert_eq!(run("/etc/hospital/conf/passwd"), Outcome::Exited { code: -6 });
+    assert!(!t.root.join("etc/passwd").exists());
+    // Nor does a link planted where the old writer put its temporary file.
+    std::fs::write(t.root.join("etc/shadow"), "root:secret\n").expect("write");
+    std::os::unix::fs::symlink(
+        t.root.join("etc/shadow"),
+        t.root.join("etc/hospital/motd.tmp"),
+    )
+    .expect("symlink");
+    assert_eq!(run("/etc/hospital/motd"), Outcome::Exited { code: 0 });
+    assert_eq!(
+        std::fs::read_to_string(t.root.join("etc/shadow")).expect("read"),
+        "root:secret\n"
+    );
+}
+
+#[test]
+fn imports_the_admins_did_not_declare_are_refused_even_when_granted() {
+    let Some((t, bundle, digest)) = setup() else {
+        return;
+    };
+    let writer = r#"(module
+        (import "tenet" "write_file" (func $w (param i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 0) "/etc/hospital/motd")
+        (func (export "run") (result i32) (call $w (i32.const 0) (i32.const 18) (i32.const 0) (i32.const 4))))"#;
+    // The admins signed a manifest that declares only log; the envelope
+    // (the operator's word alone) grants write-files.
+    let (b, d) = t.bundle(writer, &[], &[Capability::Log]);
+    let mut env = t.envelope(d, 1, &[], &[Capability::Log, Capability::WriteFiles]);
+    env.write_paths = vec!["/etc/hospital".into()];
+    let (_, r) = t.dispatch(&t.sign(&env), &b);
+    assert_eq!(
+        t.open(&r).outcome,
+        Outcome::Refused {
+            reason: "Malformed".into(),
+            message: "malformed message: the module imports tenet.write_file, but its signed manifest does not declare capability write-files".into()
+        }
+    );
+    assert!(!t.root.join("etc/hospital/motd").exists());
+    still_serving(&t, &bundle, digest, 2);
+}
+
+#[test]
+fn huge_wasm_tables_are_refused() {
+    let Some((t, bundle, digest)) = setup() else {
+        return;
+    };
+    // 100 million entries: outside linear memory, so the 64 MiB memory
+    // limit did not stop it (816 MB resident).
+    let table = r#"(module (memory (export "memory") 1) (table 100000000 funcref)
+        (func (export "run") (result i32) (i32.const 0)))"#;
+    match run_module(&t, table, &[], 1, 60_000) {
+        Outcome::Trapped { message } => {
+            assert!(message.contains("table"), "{message}")
+        }
+        other => panic!("a 100M-entry table ran: {other:?}"),
+    }
+    let growing = r#"(module (memory (export "memory") 1) (table 1 funcref)
+        (func (export "run") (result i32)
+          (drop (table.grow (ref.null func) (i32.const 50000000)))
+          (i32.const 0)))"#;
+    match run_module(&t, growing, &[], 2, 60_000) {
+        Outcome::Trapped { message } => assert!(message.contains("table"), "{message}"),
+        other => panic!("a table grew to 50M entries: {other:?}"),
+    }
+    still_serving(&t, &bundle, digest, 3);
 }
 
 #[test]
@@ -299,4 +370,55 @@ fn a_payload_reads_the_inventory_and_logs_it() {
     assert_eq!(inv["terminal"], "nagoya-ward3-01");
     assert_eq!(inv["packages"][0]["name"], "browser-a");
     assert_eq!(inv["packages"][0]["version"], "118.0.2-1");
+}
+
+#[test]
+fn artifacts_run_with_a_clean_environment_and_die_whole_at_the_deadline() {
+    let Some((t, bundle, digest)) = setup() else {
+        return;
+    };
+    // The "installer" records its environment, starts a child that would
+    // outlive it, and hangs.
+    let script = b"#!/bin/sh\nenv > \"$TENET_ROOT/env.txt\"\nsleep 600 &\necho $! > \"$TENET_ROOT/child.pid\"\nsleep 600\n";
+    let (b, d) = t.bundle(
+        "install-deb.wat",
+        &[("install-deb.sh", script.to_vec())],
+        &CAPS,
+    );
+    let mut env = t.envelope(d, 1, &["anything"], &CAPS);
+    env.deadline_ms = now_ms() + 2_000;
+    let bytes = t.sign(&env);
+    let (_, r) = t.dispatch(&bytes, &b);
+    let report = t.verify(&r, &env, &bytes).expect("verifies");
+    assert_eq!(report.outcome, Outcome::Exited { code: -5 }, "killed");
+    let seen = std::fs::read_to_string(t.root.join("env.txt")).expect("env written");
+    let names: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    for leaked in ["CARGO", "HOME", "RUST_", "CI"] {
+        assert!(
+            !names.iter().any(|n| n.starts_with(leaked)),
+            "the agent's environment leaked into the artifact: {names:?}"
+        );
+    }
+    assert!(names.contains(&"TENET_ROOT") && names.contains(&"PATH"), "{names:?}");
+    // The child it started was killed with it (gone, or a zombie nobody reaped).
+    let pid = std::fs::read_to_string(t.root.join("child.pid")).expect("pid");
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let dead = |s: Option<String>| {
+        s.is_none_or(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !dead(std::fs::read_to_string(&stat).ok()) {
+        assert!(
+            std::time::Instant::now() < until,
+            "the artifact's child outlived the deadline: {stat}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    still_serving(&t, &bundle, digest, 2);
 }

@@ -287,7 +287,13 @@ pub async fn converge(
         tick: Duration::from_secs(1),
         metrics: None,
         probe: Some(probe.clone()),
-        max_connections: terminals + 64,
+        // The whole simulated fleet connects at once, from one address.
+        limits: crate::gateway::Limits {
+            max_sessions: terminals + 64,
+            max_opening: terminals + 64,
+            max_opening_per_address: terminals + 64,
+            ..Default::default()
+        },
         kubernetes: kubernetes.clone(),
     };
     apply_policy(policy_yaml("1.0", &digest, window)).await?;

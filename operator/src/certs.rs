@@ -148,7 +148,7 @@ pub fn reconcile(
                     issuer: ISSUER_NAME.into(),
                     issuer_key: issuer.public_key().fingerprint(),
                     not_before_ms: now_ms,
-                    not_after_ms: now_ms + cp.validity_ms,
+                    not_after_ms: now_ms.saturating_add(cp.validity_ms),
                     subject: terminal.clone(),
                     subject_key: presentation_key.clone(),
                     level,
@@ -160,7 +160,7 @@ pub fn reconcile(
                     serial,
                     level,
                     not_before_ms: now_ms,
-                    not_after_ms: now_ms + cp.validity_ms,
+                    not_after_ms: now_ms.saturating_add(cp.validity_ms),
                     bytes: bytes.clone(),
                 });
                 record.withheld = None;

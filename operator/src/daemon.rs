@@ -74,8 +74,9 @@ pub struct Daemon {
     pub metrics: Option<String>,
     /// What a program embedding the operator (the benchmark) watches.
     pub probe: Option<Arc<Probe>>,
-    /// Connections the gateway holds at most; more are closed at once.
-    pub max_connections: usize,
+    /// What the gateway's connections may cost (sessions, connections
+    /// still opening, timeouts, queues).
+    pub limits: crate::gateway::Limits,
     /// Kubernetes mode: the API server is the store and the policy source.
     pub kubernetes: Option<KubeSettings>,
 }
@@ -612,7 +613,7 @@ impl Daemon {
             fleet: fleet.clone(),
             client_cert_validity: Duration::from_secs(24 * 3600),
             now_ms,
-            max_connections: self.max_connections,
+            limits: self.limits.clone(),
         });
         let reissued = reissue_pending(&data.store, &Retry::default(), now_ms())?;
         if reissued > 0 {
@@ -708,7 +709,15 @@ impl Daemon {
                             }
                             Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
                         }
-                        let (compiled, errors) = source.refresh(&data.store).await;
+                        let (mut compiled, errors) = source.refresh(&data.store).await;
+                        // metadata.generation starts again at 1 when a policy is
+                        // deleted and re-created: envelopes carry the store's
+                        // generation, which only goes up.
+                        for c in &mut compiled {
+                            let spec = serde_json::to_vec(c.spec.as_ref()).unwrap_or_default();
+                            c.generation =
+                                data.store.policy_generation(&c.key(), sha256(&spec))? as i64;
+                        }
                         if errors != cache.last_errors {
                             for e in &errors {
                                 tracing::error!(error = %e, "policy error");
@@ -895,7 +904,7 @@ impl Daemon {
             let delivered = fleet.sender(&o.terminal).is_some_and(|tx| {
                 tx.try_send(ToAgent::Dispatch {
                     envelope: o.envelope.clone(),
-                    bundle: o.bundle.as_ref().clone(),
+                    bundle: o.bundle.clone(),
                 })
                 .is_ok()
             });

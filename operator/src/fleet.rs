@@ -17,11 +17,11 @@ use tenet_protocol::audit::AuditReport;
 use tenet_protocol::enrol::EnrolmentRequest;
 use tenet_protocol::inventory::InventoryReport;
 use tenet_protocol::report::{ExecutionReport, Outcome, check_report};
-use tenet_protocol::session::ToAgent;
 use tenet_protocol::{Kind, Rejection, SignedMessage};
 use tokio::sync::mpsc;
 
-use crate::gateway::{Fleet, FleetError};
+use crate::gateway::{Fleet, FleetError, Session, SessionTx, Sessions};
+use crate::pki::ClientKey;
 use crate::reconcile::certificate::{Audit, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoreError, StoredInventory};
@@ -40,7 +40,7 @@ pub struct StandaloneFleet {
     pub retry: Retry,
     pub now_ms: fn() -> u64,
     pub jitter: fn() -> f64,
-    connected: Mutex<HashMap<String, mpsc::Sender<ToAgent>>>,
+    sessions: Sessions,
     /// Reports and inventories refused, by reason.
     refused: Mutex<BTreeMap<&'static str, u64>>,
     changes: mpsc::UnboundedSender<Change>,
@@ -103,7 +103,7 @@ impl StandaloneFleet {
                 retry,
                 now_ms,
                 jitter,
-                connected: Mutex::default(),
+                sessions: Sessions::default(),
                 refused: Mutex::default(),
                 changes,
                 sent: Mutex::default(),
@@ -120,15 +120,12 @@ impl StandaloneFleet {
 
     /// The terminals connected now.
     pub fn connected_terminals(&self) -> Vec<String> {
-        self.connected
-            .lock()
-            .map(|c| c.keys().cloned().collect())
-            .unwrap_or_default()
+        self.sessions.names()
     }
 
     /// How many terminals are connected now.
     pub fn connected_count(&self) -> usize {
-        self.connected.lock().map(|c| c.len()).unwrap_or(0)
+        self.sessions.len()
     }
 
     /// An envelope was handed to its terminal's connection now.
@@ -147,8 +144,8 @@ impl StandaloneFleet {
     }
 
     /// The sender of a connected terminal.
-    pub fn sender(&self, terminal: &str) -> Option<mpsc::Sender<ToAgent>> {
-        self.connected.lock().ok()?.get(terminal).cloned()
+    pub fn sender(&self, terminal: &str) -> Option<SessionTx> {
+        self.sessions.sender(terminal)
     }
 
     fn count(&self, e: &FleetError) {
@@ -338,17 +335,36 @@ impl StandaloneFleet {
 }
 
 impl Fleet for StandaloneFleet {
-    fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String> {
+    fn enrol(&self, request: &EnrolmentRequest, client_key: ClientKey) -> Result<(), String> {
         tracing::info!(terminal = %request.terminal, tpm = request.tpm, key = %request.identity.fingerprint(), "enrolment request");
         self.store
-            .enrol(request, (self.now_ms)())
+            .enrol(request, client_key, (self.now_ms)())
             .map_err(|e| format!("the operator's store failed: {e}"))?
     }
 
-    fn connected(&self, terminal: &str, to_agent: mpsc::Sender<ToAgent>) {
-        tracing::info!(terminal, "connected");
-        if let Ok(mut c) = self.connected.lock() {
-            c.insert(terminal.to_string(), to_agent);
+    fn admit(&self, terminal: &str, client_key: &ClientKey) -> bool {
+        let admitted = self.store.admit_client_key(terminal, client_key);
+        if !admitted {
+            tracing::warn!(
+                terminal,
+                key = %hex::encode(client_key),
+                "session refused: not the client key enrolled or renewed for this terminal"
+            );
+        }
+        admitted
+    }
+
+    fn renewing(&self, terminal: &str, current: &ClientKey, renewed: ClientKey) -> bool {
+        self.store.renew_client_key(terminal, current, renewed)
+    }
+
+    fn connected(&self, terminal: &str, session: Session) {
+        tracing::info!(terminal, session = session.id, "connected");
+        if self.sessions.insert(terminal, session) {
+            tracing::warn!(
+                terminal,
+                "a newer session replaced the terminal's older one"
+            );
         }
         if let Err(e) = self.store.set_offline_since(terminal, 0) {
             tracing::error!(terminal, error = %e, "cannot record the connection");
@@ -356,11 +372,13 @@ impl Fleet for StandaloneFleet {
         let _ = self.changes.send(Change::Connected(terminal.to_string()));
     }
 
-    fn disconnected(&self, terminal: &str) {
-        tracing::info!(terminal, "disconnected");
-        if let Ok(mut c) = self.connected.lock() {
-            c.remove(terminal);
+    fn disconnected(&self, terminal: &str, id: u64) {
+        if !self.sessions.remove(terminal, id) {
+            // A replaced session: the terminal is still connected.
+            tracing::info!(terminal, session = id, "replaced session ended");
+            return;
         }
+        tracing::info!(terminal, session = id, "disconnected");
         if let Err(e) = self.store.set_offline_since(terminal, (self.now_ms)()) {
             tracing::error!(terminal, error = %e, "cannot record the disconnection");
         }
@@ -435,9 +453,9 @@ mod tests {
             tls_csr_pem: String::new(),
             requested_at_ms: NOW,
         };
-        assert_eq!(fleet.enrol(&request), Ok(()));
+        assert_eq!(fleet.enrol(&request, [0; 32]), Ok(()));
         assert_eq!(
-            fleet.enrol(&request),
+            fleet.enrol(&request, [0; 32]),
             Err("the bootstrap token was already used".into())
         );
         Setup {

@@ -2,18 +2,27 @@
 //! connection, so the operator can push dispatches. The first message says
 //! what the connection is for: `Enrol` (allowed without a client
 //! certificate: a bootstrap token and a self-signed request), or `Hello`
-//! (the client certificate must name the terminal). Then reports and
+//! (the client certificate must certify the exact key enrolled or last
+//! renewed for the terminal: a name match is not enough). Then reports and
 //! inventories flow up, dispatches and acknowledgements down.
+//!
+//! A stranger costs little: before a connection authenticates it may send
+//! one small frame ([`MAX_OPENING_FRAME`]) within a timeout, and connections
+//! still opening are limited in all and per source address, apart from the
+//! sessions' own slots. A terminal has one session: a newer one replaces
+//! the older.
 //!
 //! What the operator does with each message is behind [`Fleet`], so the
 //! standalone store and the Kubernetes store share this code.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, ServerName};
 use tenet_protocol::enrol::{
     EnrolmentRequest, EnrolmentResponse, TrustAnchors, verify_enrolment_request,
 };
@@ -22,9 +31,9 @@ use tenet_protocol::wire::sha256;
 use tenet_protocol::{KeyPair, Rejection, SignedMessage};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-use crate::pki::Ca;
+use crate::pki::{Ca, ClientKey, client_key};
 
 pub use tokio_rustls::TlsAcceptor;
 
@@ -52,12 +61,20 @@ impl FleetError {
 
 /// What the operator does with what agents send.
 pub trait Fleet: Send + Sync + 'static {
-    /// Check the bootstrap token and register the terminal and its identity
-    /// key; `Err` is the reason given to the agent.
-    fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String>;
-    /// A terminal connected; `to_agent` reaches it until it disconnects.
-    fn connected(&self, terminal: &str, to_agent: mpsc::Sender<ToAgent>);
-    fn disconnected(&self, terminal: &str);
+    /// Check the bootstrap token and register the terminal, its identity
+    /// key and the client key of the certificate it will be given; `Err`
+    /// is the reason given to the agent (and no token is spent).
+    fn enrol(&self, request: &EnrolmentRequest, client_key: ClientKey) -> Result<(), String>;
+    /// Whether a session of `terminal` may use the client key its
+    /// certificate certifies (the one enrolled or last renewed).
+    fn admit(&self, terminal: &str, client_key: &ClientKey) -> bool;
+    /// A renewed certificate for `renewed` is about to be given to a
+    /// session that uses `current`; false when the terminal is gone.
+    fn renewing(&self, terminal: &str, current: &ClientKey, renewed: ClientKey) -> bool;
+    /// A terminal's session started; it replaces any older one.
+    fn connected(&self, terminal: &str, session: Session);
+    /// Session `id` of `terminal` ended (a replaced one changes nothing).
+    fn disconnected(&self, terminal: &str, id: u64);
     /// A signed execution report; `Ok` means it is stored (and acknowledged).
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
     /// A signed inventory report; `Ok` means it is taken.
@@ -74,6 +91,199 @@ pub trait Fleet: Send + Sync + 'static {
     fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
+/// One live session of a terminal.
+#[derive(Clone)]
+pub struct Session {
+    /// Unique within the process: which session a disconnection is about.
+    pub id: u64,
+    pub to_agent: SessionTx,
+    /// Notified when a newer session of the same terminal replaces it.
+    pub replaced: Arc<Notify>,
+}
+
+/// The live sessions by terminal: one each. A newer session replaces the
+/// older (which is told to end); the older one ending then changes nothing.
+#[derive(Default)]
+pub struct Sessions(Mutex<HashMap<String, Session>>);
+
+impl Sessions {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register `session`; true when it replaced an older one.
+    pub fn insert(&self, terminal: &str, session: Session) -> bool {
+        let old = self.map().insert(terminal.to_string(), session);
+        old.inspect(|o| o.replaced.notify_one()).is_some()
+    }
+
+    /// Forget session `id` of `terminal`, when it is still the live one;
+    /// true when it was.
+    pub fn remove(&self, terminal: &str, id: u64) -> bool {
+        let mut map = self.map();
+        if map.get(terminal).is_some_and(|s| s.id == id) {
+            map.remove(terminal);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// End `terminal`'s live session, if any (it was de-enrolled).
+    pub fn end(&self, terminal: &str) {
+        if let Some(s) = self.map().remove(terminal) {
+            s.replaced.notify_one();
+        }
+    }
+
+    pub fn sender(&self, terminal: &str) -> Option<SessionTx> {
+        self.map().get(terminal).map(|s| s.to_agent.clone())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.map().keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The sending side of a session's queue to its agent, bounded in bytes as
+/// well as in messages: an agent that stops reading holds at most
+/// `limit` bytes of the operator's memory (a bundle is one shared copy,
+/// counted once per message as its envelope only).
+#[derive(Clone)]
+pub struct SessionTx {
+    tx: mpsc::Sender<(ToAgent, usize)>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// A message was not queued: the queue is full or the session ended.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the session's queue is full or closed")]
+pub struct NotQueued;
+
+/// The bytes a queued message holds of its own (shared bundles aside).
+fn queued_size(m: &ToAgent) -> usize {
+    64 + match m {
+        ToAgent::Enrolled(b) => b.len(),
+        ToAgent::EnrolmentRefused { reason } | ToAgent::RenewalRefused { reason } => reason.len(),
+        ToAgent::Dispatch { envelope, .. } => envelope.len(),
+        ToAgent::Certificate { pem } => pem.len(),
+        ToAgent::Audit {
+            pcrs,
+            packages,
+            services,
+            ..
+        } => {
+            pcrs.len()
+                + packages.iter().chain(services).map(String::len).sum::<usize>()
+        }
+        ToAgent::SecurityCertificate { certificate } => certificate.as_ref().map_or(0, Vec::len),
+        ToAgent::Ack { .. } | ToAgent::InventoryWanted | ToAgent::Ping => 0,
+    }
+}
+
+impl SessionTx {
+    /// A queue of at most `messages` messages and `limit` bytes, and its receiver.
+    pub fn channel(messages: usize, limit: usize) -> (SessionTx, SessionRx) {
+        let (tx, rx) = mpsc::channel(messages);
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            SessionTx {
+                tx,
+                queued: queued.clone(),
+                limit,
+            },
+            SessionRx { rx, queued },
+        )
+    }
+
+    /// Queue `m` unless the queue is full (in messages or in bytes).
+    pub fn try_send(&self, m: ToAgent) -> Result<(), NotQueued> {
+        let size = queued_size(&m);
+        let before = self.queued.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.limit {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            return Err(NotQueued);
+        }
+        self.tx.try_send((m, size)).map_err(|_| {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            NotQueued
+        })
+    }
+
+    /// Queue an answer to the agent's own message, waiting for room: the
+    /// agent that does not read its answers stops being read.
+    pub async fn send(&self, m: ToAgent) -> Result<(), NotQueued> {
+        let size = queued_size(&m);
+        self.queued.fetch_add(size, Ordering::AcqRel);
+        self.tx.send((m, size)).await.map_err(|_| {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            NotQueued
+        })
+    }
+
+    /// The bytes queued now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// The receiving side of a [`SessionTx`].
+pub struct SessionRx {
+    rx: mpsc::Receiver<(ToAgent, usize)>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl SessionRx {
+    pub async fn recv(&mut self) -> Option<ToAgent> {
+        let (m, size) = self.rx.recv().await?;
+        self.queued.fetch_sub(size, Ordering::AcqRel);
+        Some(m)
+    }
+}
+
+/// What a connection may cost before and after it authenticates.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Authenticated sessions held at most (each costs memory and a file
+    /// descriptor); one more is closed.
+    pub max_sessions: usize,
+    /// Connections that have not authenticated yet (TLS handshake and first
+    /// message), in all and from one address. Over either, a new
+    /// connection is closed at once: strangers cannot take the sessions'
+    /// slots, and one address cannot take all of theirs.
+    pub max_opening: usize,
+    pub max_opening_per_address: usize,
+    /// How long a new connection has to finish TLS and send its first
+    /// message (at most [`MAX_OPENING_FRAME`] bytes).
+    pub opening_timeout: Duration,
+    /// A session silent this long is pinged; silent as long again, closed.
+    pub idle_timeout: Duration,
+    /// Bytes queued for one agent at most (see [`SessionTx`]).
+    pub max_queued_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_sessions: 16_384,
+            max_opening: 2_048,
+            max_opening_per_address: 256,
+            opening_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_queued_bytes: 1024 * 1024,
+        }
+    }
+}
+
 pub struct Gateway {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub ca: Arc<Ca>,
@@ -83,9 +293,7 @@ pub struct Gateway {
     /// Validity of the client certificates issued at enrolment.
     pub client_cert_validity: Duration,
     pub now_ms: fn() -> u64,
-    /// Connections held at most (each costs memory and a file descriptor);
-    /// one more is closed as soon as it is accepted.
-    pub max_connections: usize,
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,18 +308,54 @@ pub enum GatewayError {
     Refused(String),
 }
 
-pub use tenet_protocol::session::{read_frame, write_frame};
+pub use tenet_protocol::session::{MAX_OPENING_FRAME, read_frame, write_frame};
 
-/// How long a new connection has to finish TLS and send its first message.
-const OPENING_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Messages from agents are small but for reports with an inventory.
+/// Messages from authenticated agents are small but for reports with an
+/// inventory. A frame's buffer grows with the bytes that arrive.
 const MAX_FROM_AGENT: usize = 16 * 1024 * 1024;
+
+/// Messages queued for one agent at most.
+const QUEUED_MESSAGES: usize = 64;
+
+/// Connections still opening, by source address.
+#[derive(Default)]
+struct Opening {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// A place among the opening connections, given back on drop.
+struct OpeningSlot {
+    opening: Arc<Mutex<Opening>>,
+    address: IpAddr,
+}
+
+impl Drop for OpeningSlot {
+    fn drop(&mut self) {
+        let mut o = self
+            .opening
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        o.total -= 1;
+        if let Some(n) = o.by_address.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                o.by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
+fn next_session_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 impl Gateway {
     /// Accept connections until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let sessions = Arc::new(tokio::sync::Semaphore::new(self.limits.max_sessions));
+        let opening = Arc::new(Mutex::new(Opening::default()));
         let mut refused: u64 = 0;
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -124,32 +368,56 @@ impl Gateway {
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Some(slot) = self.opening_slot(&opening, peer.ip()) else {
                 refused += 1;
                 if refused.is_power_of_two() {
-                    tracing::warn!(%peer, refused, limit = self.max_connections, "connection limit reached; connection closed");
+                    tracing::warn!(%peer, refused, "too many connections opening (in all or from this address); connection closed");
                 }
                 continue;
             };
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
+            let sessions = sessions.clone();
             tokio::spawn(async move {
                 // A connection's failure ends that connection only.
-                let _ = gw.handle(stream).await;
-                drop(slot);
+                if let Err(e) = gw.handle(stream, slot, &sessions).await {
+                    tracing::debug!(%peer, error = %e, "connection ended");
+                }
             });
         }
     }
 
-    async fn handle(&self, stream: tokio::net::TcpStream) -> Result<(), GatewayError> {
-        // A client that does not finish its handshake and first message in
-        // time is dropped, so idle sockets cannot pile up.
-        let opening = async {
+    fn opening_slot(&self, opening: &Arc<Mutex<Opening>>, address: IpAddr) -> Option<OpeningSlot> {
+        let mut o = opening
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let from_here = o.by_address.get(&address).copied().unwrap_or(0);
+        if o.total >= self.limits.max_opening || from_here >= self.limits.max_opening_per_address
+        {
+            return None;
+        }
+        o.total += 1;
+        *o.by_address.entry(address).or_insert(0) += 1;
+        Some(OpeningSlot {
+            opening: opening.clone(),
+            address,
+        })
+    }
+
+    async fn handle(
+        &self,
+        stream: tokio::net::TcpStream,
+        opening: OpeningSlot,
+        sessions: &Arc<tokio::sync::Semaphore>,
+    ) -> Result<(), GatewayError> {
+        // A client that does not finish its handshake and a small first
+        // message in time is dropped, so idle sockets cannot pile up.
+        let open = async {
             let mut tls = self.acceptor.accept(stream).await?;
-            let first: ToOperator = read_frame(&mut tls, MAX_FROM_AGENT).await?;
+            let first: ToOperator = read_frame(&mut tls, MAX_OPENING_FRAME).await?;
             Ok::<_, GatewayError>((tls, first))
         };
-        let (mut tls, first) = tokio::time::timeout(OPENING_TIMEOUT, opening)
+        let (mut tls, first) = tokio::time::timeout(self.limits.opening_timeout, open)
             .await
             .map_err(|_| {
                 GatewayError::Refused("no handshake and first message in time".into())
@@ -165,18 +433,32 @@ impl Gateway {
                     },
                     Err(reason) => ToAgent::EnrolmentRefused { reason },
                 };
-                write_frame(&mut tls, &answer).await?;
-                tls.shutdown().await?;
+                let written = async {
+                    write_frame(&mut tls, &answer).await?;
+                    tls.shutdown().await
+                };
+                tokio::time::timeout(self.limits.opening_timeout, written)
+                    .await
+                    .map_err(|_| GatewayError::Refused("the answer was not read in time".into()))??;
+                drop(opening);
                 Ok(())
             }
             ToOperator::Hello { terminal, .. } => {
                 let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-                if !cert_names(certs.first(), &terminal) {
+                let key = certs.first().and_then(|c| client_key(c));
+                let Some(key) = key.filter(|k| self.fleet.admit(&terminal, k)) else {
                     return Err(GatewayError::Refused(format!(
-                        "the client certificate does not name terminal {terminal:?}"
+                        "the client certificate is not the one enrolled or renewed for terminal {terminal:?}"
                     )));
-                }
-                self.session(tls, terminal).await
+                };
+                let Ok(slot) = sessions.clone().try_acquire_owned() else {
+                    tracing::warn!(terminal, limit = self.limits.max_sessions, "session limit reached; connection closed");
+                    return Err(GatewayError::Refused("too many sessions".into()));
+                };
+                drop(opening);
+                let result = self.session(tls, terminal, key).await;
+                drop(slot);
+                result
             }
             _ => Err(GatewayError::Refused(
                 "a connection starts with Hello or Enrol".into(),
@@ -186,8 +468,10 @@ impl Gateway {
 
     fn enrol(&self, bytes: &[u8]) -> Result<Vec<u8>, String> {
         let request = verify_enrolment_request(bytes).map_err(|e| e.to_string())?;
-        self.fleet.enrol(&request)?;
-        let cert = self
+        // Everything that can refuse the request comes before the token is
+        // spent: the certificate is made first, and thrown away if the
+        // token is then refused.
+        let (cert, client_key) = self
             .ca
             .issue_client(
                 &request.tls_csr_pem,
@@ -195,6 +479,7 @@ impl Gateway {
                 self.client_cert_validity,
             )
             .map_err(|e| e.to_string())?;
+        self.fleet.enrol(&request, client_key)?;
         let response = EnrolmentResponse {
             terminal: request.terminal,
             trust: self.trust.clone(),
@@ -211,10 +496,20 @@ impl Gateway {
         &self,
         tls: S,
         terminal: String,
+        key: ClientKey,
     ) -> Result<(), GatewayError> {
         let (mut reader, mut writer) = tokio::io::split(tls);
-        let (tx, mut rx) = mpsc::channel::<ToAgent>(64);
-        self.fleet.connected(&terminal, tx.clone());
+        let (tx, mut rx) = SessionTx::channel(QUEUED_MESSAGES, self.limits.max_queued_bytes);
+        let id = next_session_id();
+        let replaced = Arc::new(Notify::new());
+        self.fleet.connected(
+            &terminal,
+            Session {
+                id,
+                to_agent: tx.clone(),
+                replaced: replaced.clone(),
+            },
+        );
         let writer_task = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 if write_frame(&mut writer, &m).await.is_err() {
@@ -223,9 +518,29 @@ impl Gateway {
             }
         });
         let result = loop {
-            let message: ToOperator = match read_frame(&mut reader, MAX_FROM_AGENT).await {
+            // One read per frame, kept across pings: a frame that arrives
+            // slowly is not cut in two.
+            let read = read_frame::<_, ToOperator>(&mut reader, MAX_FROM_AGENT);
+            tokio::pin!(read);
+            let mut pinged = false;
+            let message = loop {
+                tokio::select! {
+                    m = &mut read => break m.map_err(GatewayError::from),
+                    () = replaced.notified() => break Err(GatewayError::Refused(
+                        "ended: a newer session of this terminal replaced it, or it was de-enrolled".into(),
+                    )),
+                    () = tokio::time::sleep(self.limits.idle_timeout) => {
+                        if pinged {
+                            break Err(GatewayError::Refused("the agent stopped answering".into()));
+                        }
+                        pinged = true;
+                        let _ = tx.try_send(ToAgent::Ping);
+                    }
+                }
+            };
+            let message = match message {
                 Ok(m) => m,
-                Err(e) => break Err(e.into()),
+                Err(e) => break Err(e),
             };
             if !self.fleet.enrolled(&terminal) {
                 break Err(GatewayError::Refused(format!(
@@ -241,17 +556,7 @@ impl Gateway {
                     .inventory(&terminal, bytes)
                     .map(|()| sha256(bytes)),
                 ToOperator::RenewCertificate { csr_pem } => {
-                    // The session's certificate already names this terminal.
-                    let answer =
-                        match self
-                            .ca
-                            .issue_client(csr_pem, &terminal, self.client_cert_validity)
-                        {
-                            Ok(pem) => ToAgent::Certificate { pem },
-                            Err(e) => ToAgent::RenewalRefused {
-                                reason: e.to_string(),
-                            },
-                        };
+                    let answer = self.renew(&terminal, &key, csr_pem).await;
                     if tx.send(answer).await.is_err() {
                         break Ok(());
                     }
@@ -290,18 +595,37 @@ impl Gateway {
                 break Ok(());
             }
         };
-        self.fleet.disconnected(&terminal);
+        self.fleet.disconnected(&terminal, id);
         drop(tx);
         writer_task.abort();
         result
     }
-}
 
-/// Whether the (already CA-verified) client certificate is valid for `terminal`.
-fn cert_names(cert: Option<&CertificateDer<'_>>, terminal: &str) -> bool {
-    let (Some(cert), Ok(name)) = (cert, ServerName::try_from(terminal)) else {
-        return false;
-    };
-    webpki::EndEntityCert::try_from(cert)
-        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+    /// A renewed client certificate for the session's terminal (the name is
+    /// the session's, never the request's), registered before it is given.
+    async fn renew(&self, terminal: &str, current: &ClientKey, csr_pem: &str) -> ToAgent {
+        let (pem, renewed) =
+            match self
+                .ca
+                .issue_client(csr_pem, terminal, self.client_cert_validity)
+            {
+                Ok(issued) => issued,
+                Err(e) => {
+                    return ToAgent::RenewalRefused {
+                        reason: e.to_string(),
+                    };
+                }
+            };
+        if !self.fleet.renewing(terminal, current, renewed) {
+            return ToAgent::RenewalRefused {
+                reason: format!("{terminal} is no longer enrolled"),
+            };
+        }
+        match self.fleet.settled().await {
+            Ok(()) => ToAgent::Certificate { pem },
+            Err(e) => ToAgent::RenewalRefused {
+                reason: format!("the operator cannot record the renewal now: {e}"),
+            },
+        }
+    }
 }

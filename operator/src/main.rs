@@ -87,10 +87,18 @@ enum Command {
         /// Logs on stderr as text or JSON lines; the level comes from TENET_LOG (default info).
         #[arg(long, value_enum, default_value_t)]
         log_format: Output,
-        /// Agent connections held at most; more are closed at once (each
+        /// Agent sessions held at most; more are closed at once (each
         /// costs memory and a file descriptor: see `ulimit -n`).
         #[arg(long, default_value_t = 16384)]
         max_connections: usize,
+        /// Connections that have not authenticated yet (TLS handshake and
+        /// first message, 10 s at most), in all: over it, new ones are
+        /// closed at once. They never take the sessions' slots.
+        #[arg(long, default_value_t = 2048)]
+        max_opening: usize,
+        /// Connections from one address that have not authenticated yet.
+        #[arg(long, default_value_t = 256)]
+        max_opening_per_address: usize,
     },
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
@@ -403,6 +411,8 @@ fn main() -> ExitCode {
             metrics,
             log_format,
             max_connections,
+            max_opening,
+            max_opening_per_address,
         } => {
             init_logging(log_format);
             let policies = policies.unwrap_or_default();
@@ -442,7 +452,12 @@ fn main() -> ExitCode {
                 tick: std::time::Duration::from_secs(1),
                 metrics: Some(metrics),
                 probe: None,
-                max_connections,
+                limits: tenet::gateway::Limits {
+                    max_sessions: max_connections,
+                    max_opening,
+                    max_opening_per_address,
+                    ..Default::default()
+                },
                 kubernetes,
             };
             let result = tokio::runtime::Runtime::new()

@@ -181,11 +181,12 @@ impl Metrics {
         out
     }
 
-    /// Serve `GET /metrics` on `listener` until it fails.
+    /// Serve `GET /metrics` on `listener`, 64 scrapes at once at most;
+    /// accept errors (out of file descriptors) are waited out.
     pub async fn serve(self: std::sync::Arc<Self>, listener: tokio::net::TcpListener) {
-        while let Ok((mut stream, _)) = listener.accept().await {
+        tenet_protocol::listen::accept_loop(listener, 64, move |mut stream, _| {
             let metrics = self.clone();
-            tokio::spawn(async move {
+            async move {
                 let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
                 // Read the request head, at most 8 KiB, for at most 5 s.
@@ -210,7 +211,8 @@ impl Metrics {
                 };
                 let _ = stream.write_all(response.as_bytes()).await;
                 let _ = stream.shutdown().await;
-            });
-        }
+            }
+        })
+        .await;
     }
 }

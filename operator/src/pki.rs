@@ -133,12 +133,14 @@ impl Ca {
 
     /// A client certificate for `terminal` from its CSR: the subject and
     /// names are the operator's choice (the terminal's name), not the CSR's.
+    /// Also the [`client_key`] it certifies, which the terminal's sessions
+    /// are bound to.
     pub fn issue_client(
         &self,
         csr_pem: &str,
         terminal: &str,
         validity: Duration,
-    ) -> Result<String, PkiError> {
+    ) -> Result<(String, ClientKey), PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -153,8 +155,24 @@ impl Ca {
         params.not_before = now_plus(Duration::ZERO) - Duration::from_secs(60);
         params.not_after = now_plus(validity);
         csr.params = params;
-        Ok(csr.signed_by(&self.issuer)?.pem())
+        let cert = csr.signed_by(&self.issuer)?;
+        let key = client_key(cert.der())
+            .ok_or_else(|| PkiError::BadCsr("the issued certificate does not parse".into()))?;
+        Ok((cert.pem(), key))
     }
+}
+
+/// The SHA-256 of a certificate's SubjectPublicKeyInfo: which key a client
+/// certificate certifies. A terminal's sessions are bound to this, not to a
+/// name match (names in certificates compare without regard to case and
+/// with wildcards).
+pub type ClientKey = [u8; 32];
+
+/// The [`ClientKey`] of a DER certificate, `None` when it does not parse.
+pub fn client_key(cert_der: &[u8]) -> Option<ClientKey> {
+    let der = CertificateDer::from(cert_der);
+    let cert = webpki::EndEntityCert::try_from(&der).ok()?;
+    Some(sha256(cert.subject_public_key_info().as_ref()))
 }
 
 fn pem_to_der(pem: &str) -> Option<CertificateDer<'static>> {

@@ -71,6 +71,11 @@ pub struct TerminalRecord {
     pub last_sequence: u64,
     /// When its last connection ended (0: never connected, or connected now).
     pub offline_since_ms: u64,
+    /// The mTLS client keys (SHA-256 of the SubjectPublicKeyInfo) its
+    /// sessions may use, newest last: the key certified at enrolment, and
+    /// after a renewal the old and the new one until the new one is used.
+    /// A certificate for this name with any other key opens no session.
+    pub client_keys: Vec<[u8; 32]>,
 }
 
 /// A bootstrap token, kept as its hash.
@@ -590,9 +595,12 @@ impl Store {
     /// and (when bound) name this terminal, and the name must be free; then
     /// one use of the token is spent and the terminal registered, in one
     /// change. `Ok(Err(reason))` is a refusal to tell the agent.
+    /// Spend the bootstrap token and register the terminal, with the
+    /// client key of the certificate it is about to be given.
     pub fn enrol(
         &self,
         request: &EnrolmentRequest,
+        client_key: [u8; 32],
         now_ms: u64,
     ) -> Result<Result<(), String>, StoreError> {
         Ok(self.change(|m| {
@@ -624,6 +632,7 @@ impl Store {
                         enrolled_at_ms: now_ms,
                         last_sequence: 0,
                         offline_since_ms: 0,
+                        client_keys: vec![client_key],
                     };
                     m.write(Table::Terminals, &request.terminal, &record);
                     m.terminals.insert(request.terminal.clone(), record);
@@ -866,7 +875,14 @@ impl Store {
                     m.delete(Table::Dispatches, key);
                 }
             }
-            m.policies.remove(policy);
+            // Its generation stays: a policy re-created under the same name
+            // goes on from there (its spec digest is forgotten, so the
+            // re-created one is a new generation), never back to 1.
+            if let Some((_, generation)) = m.policies.get(policy).copied() {
+                m.policies
+                    .insert(policy.to_string(), ([0; 32], generation));
+                m.write(Table::Policies, policy, &([0u8; 32], generation));
+            }
             terminals.len()
         })
     }
@@ -905,6 +921,43 @@ impl Store {
             for (table, key) in gone {
                 m.delete(table, key);
             }
+            true
+        })
+    }
+
+    /// Whether a session of `terminal` may use the client key `key`: one of
+    /// its registered keys. The newest key's first use retires the older
+    /// one (a renewal is complete once the new certificate is in use).
+    pub fn admit_client_key(&self, terminal: &str, key: &[u8; 32]) -> bool {
+        self.change(|m| {
+            let Some(record) = m.terminals.get(terminal) else {
+                return false;
+            };
+            match record.client_keys.iter().position(|k| k == key) {
+                None => false,
+                Some(i) if i + 1 == record.client_keys.len() && i > 0 => {
+                    let mut r = record.clone();
+                    r.client_keys = vec![*key];
+                    m.write(Table::Terminals, terminal, &r);
+                    m.terminals.insert(terminal.to_string(), r);
+                    true
+                }
+                Some(_) => true,
+            }
+        })
+    }
+
+    /// A renewed certificate for `key` is about to be given to `terminal`,
+    /// whose session uses `current`: both are accepted until `key` is used.
+    /// False when the terminal is no longer enrolled.
+    pub fn renew_client_key(&self, terminal: &str, current: &[u8; 32], key: [u8; 32]) -> bool {
+        self.change(|m| {
+            let Some(mut r) = m.terminals.get(terminal).cloned() else {
+                return false;
+            };
+            r.client_keys = vec![*current, key];
+            m.write(Table::Terminals, terminal, &r);
+            m.terminals.insert(terminal.to_string(), r);
             true
         })
     }
@@ -1001,7 +1054,7 @@ mod tests {
                 s.add_token(&format!("tok-{t}"), &token(None, 1000))
                     .expect("token");
                 assert_eq!(
-                    s.enrol(&request(&format!("tok-{t}"), t), 1).expect("db"),
+                    s.enrol(&request(&format!("tok-{t}"), t), [0; 32], 1).expect("db"),
                     Ok(())
                 );
                 s.set_pair(t, "it/a", &pair).expect("pair");
@@ -1032,7 +1085,7 @@ mod tests {
         s.add_token("t-2", &token(Some("ward-02"), 1000))
             .expect("token");
         s.add_token("t-3", &token(None, 10)).expect("token");
-        let refusal = |t: &str, name: &str| s.enrol(&request(t, name), 100).expect("db").err();
+        let refusal = |t: &str, name: &str| s.enrol(&request(t, name), [0; 32], 100).expect("db").err();
         assert_eq!(
             refusal("nope", "ward-01").as_deref(),
             Some("the bootstrap token is not valid")
@@ -1064,7 +1117,7 @@ mod tests {
         {
             let s = Store::open(&path).expect("open");
             s.add_token("t", &token(None, u64::MAX)).expect("token");
-            assert_eq!(s.enrol(&request("t", "ward-01"), 0).expect("db"), Ok(()));
+            assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], 0).expect("db"), Ok(()));
             assert_eq!(s.next_sequence("ward-01").expect("db"), Some(1));
             assert_eq!(s.next_sequence("ward-01").expect("db"), Some(2));
             assert_eq!(s.next_sequence("nobody").expect("db"), None);
@@ -1199,7 +1252,7 @@ mod tests {
         disk.full.store(true, std::sync::atomic::Ordering::SeqCst);
         let s = Store::with_backend(Box::new(disk.clone())).expect("open");
         s.add_token("t", &token(None, u64::MAX)).expect("token");
-        assert_eq!(s.enrol(&request("t", "ward-01"), 0).expect("db"), Ok(()));
+        assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], 0).expect("db"), Ok(()));
         let written = s.written();
         // Whoever waits to acknowledge is told why, and acknowledges nothing.
         let e = rt.block_on(s.durable(written)).expect_err("not durable");
@@ -1226,7 +1279,7 @@ mod tests {
         let again = Store::with_backend(Box::new(disk.clone())).expect("reopen");
         assert!(again.terminal("ward-01").expect("db").is_some());
         assert_eq!(
-            again.enrol(&request("t", "ward-02"), 0).expect("db"),
+            again.enrol(&request("t", "ward-02"), [0; 32], 0).expect("db"),
             Err("the bootstrap token was already used".into())
         );
     }
@@ -1240,6 +1293,10 @@ mod tests {
         assert_eq!(g(1), 1);
         assert_eq!(g(2), 2);
         assert_eq!(g(1), 3, "going back to an old spec is a new generation");
+        // Deleted and re-created with the same spec: a new generation, not 1
+        // (agents would refuse generation 1 as a rollback).
+        s.forget_policy("ns/p");
+        assert_eq!(g(1), 4);
     }
 
     #[test]

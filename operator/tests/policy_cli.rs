@@ -95,6 +95,10 @@ const BROKEN: &[(&str, &str)] = &[
         "missing-name.yaml",
         "3:1: metadata.name: missing field `name`",
     ),
+    (
+        "certificate-validity-too-long.yaml",
+        "11:15: spec.certificate.validity: \"100000000000h\" is longer than the longest validity the operator issues (720h): security certificates are short-lived",
+    ),
 ];
 
 #[test]

@@ -48,12 +48,51 @@ impl fmt::Debug for EnrolmentRequest {
 pub const MAX_LABELS: usize = 64;
 pub const MAX_PEM: usize = 16 * 1024;
 
+/// The grammar of terminal names: a DNS name in lower case, dot-separated
+/// labels of `a-z`, `0-9` and `-` (1 to 63 characters, neither first nor
+/// last a hyphen), 253 characters at most. No upper case, no `*`, no
+/// control characters: two names that differ are different terminals to
+/// every component, whatever it compares with (a TLS name check ignores
+/// case, a map key does not), and a name can be a certificate's DNS name.
+pub fn check_terminal_name(name: &str) -> Result<(), String> {
+    let bad = |why: String| Err(format!("terminal name {name:?} is not valid: {why}"));
+    if name.is_empty() {
+        return bad("it is empty".into());
+    }
+    if name.len() > MAX_TERMINAL_NAME {
+        return bad(format!("it is longer than {MAX_TERMINAL_NAME} characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return bad("it has an empty label (two dots, or a dot at an end)".into());
+        }
+        if label.len() > 63 {
+            return bad(format!("the label {label:?} is longer than 63 characters"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+        {
+            return bad(format!(
+                "{c:?} is not allowed (lower-case letters, digits, '-' and '.' are)"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad(format!("the label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+/// The longest terminal name (a DNS name's limit).
+pub const MAX_TERMINAL_NAME: usize = 253;
+
 impl Message for EnrolmentRequest {
     const KIND: Kind = Kind::EnrolmentRequest;
 
     fn check(&self) -> Result<(), Rejection> {
         limit("the token", self.token.len(), 256)?;
-        limit("the terminal name", self.terminal.len(), MAX_NAME * 2)?;
+        check_terminal_name(&self.terminal).map_err(Rejection::Malformed)?;
         limit("the label list", self.labels.len(), MAX_LABELS)?;
         limit("the certificate request", self.tls_csr_pem.len(), MAX_PEM)?;
         for (k, v) in &self.labels {
@@ -119,5 +158,33 @@ impl Message for EnrolmentResponse {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_names_follow_the_grammar() {
+        for ok in ["ward-01", "nagoya-ward3-01", "a", "pc1.nagoya.example", "0"] {
+            assert_eq!(check_terminal_name(ok), Ok(()), "{ok}");
+        }
+        let refused = |name: &str| check_terminal_name(name).expect_err(name);
+        assert_eq!(
+            refused("NAGOYA-WARD3-01"),
+            "terminal name \"NAGOYA-WARD3-01\" is not valid: 'N' is not allowed (lower-case letters, digits, '-' and '.' are)"
+        );
+        assert_eq!(
+            refused("*.nagoya.example"),
+            "terminal name \"*.nagoya.example\" is not valid: '*' is not allowed (lower-case letters, digits, '-' and '.' are)"
+        );
+        assert!(refused("ward\u{0}01").contains("'\\0' is not allowed"));
+        assert!(refused("").contains("it is empty"));
+        assert!(refused("a..b").contains("empty label"));
+        assert!(refused("ward.").contains("empty label"));
+        assert!(refused("-ward").contains("starts or ends with '-'"));
+        assert!(refused(&"a".repeat(64)).contains("longer than 63"));
+        assert!(refused(&["a"; 128].join(".")).contains("longer than 253"));
     }
 }

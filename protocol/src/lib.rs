@@ -11,6 +11,8 @@ pub mod enrol;
 pub mod envelope;
 pub mod inventory;
 pub mod keys;
+#[cfg(feature = "io")]
+pub mod listen;
 #[cfg(feature = "tls")]
 pub mod present_tls;
 pub mod presentation;

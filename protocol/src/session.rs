@@ -46,12 +46,12 @@ pub enum ToAgent {
     EnrolmentRefused {
         reason: String,
     },
-    /// Run this: a signed envelope and the signed bundle it names.
+    /// Run this: a signed envelope and the signed bundle it names. The
+    /// bundle is one shared copy however many envelopes are queued for it.
     Dispatch {
         #[serde(with = "serde_bytes")]
         envelope: Vec<u8>,
-        #[serde(with = "serde_bytes")]
-        bundle: Vec<u8>,
+        bundle: SharedBytes,
     },
     /// The report (or inventory) with this SHA-256 over its bytes is stored;
     /// the agent may drop it from its outbox.
@@ -84,6 +84,48 @@ pub enum ToAgent {
     },
     Ping,
 }
+
+/// Bytes shared between messages (a bundle sent to many terminals):
+/// cloning it copies a pointer. On the wire it is a byte string.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SharedBytes(pub std::sync::Arc<Vec<u8>>);
+
+impl SharedBytes {
+    pub fn new(bytes: Vec<u8>) -> SharedBytes {
+        SharedBytes(std::sync::Arc::new(bytes))
+    }
+}
+
+impl From<Vec<u8>> for SharedBytes {
+    fn from(bytes: Vec<u8>) -> SharedBytes {
+        SharedBytes::new(bytes)
+    }
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Serialize for SharedBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::Bytes::new(&self.0).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SharedBytes, D::Error> {
+        serde_bytes::ByteBuf::deserialize(d).map(|b| SharedBytes::new(b.into_vec()))
+    }
+}
+
+/// The largest first frame the gateway reads from a connection that has not
+/// authenticated yet: a `Hello`, or an `Enrol` (a signed enrolment request
+/// is at most about 50 KiB: token, name, 64 labels, a certificate request).
+/// Memory a stranger can make the gateway hold stays this small.
+pub const MAX_OPENING_FRAME: usize = 64 * 1024;
 
 /// The largest frame either side reads: a bundle and an envelope.
 pub const MAX_SESSION_FRAME: usize = Kind::PayloadBundle.max_frame_bytes_const() + 1024 * 1024;
@@ -123,7 +165,7 @@ mod tests {
     fn frames_round_trip_and_refuse_oversize() {
         let m = ToAgent::Dispatch {
             envelope: vec![1, 2, 3],
-            bundle: vec![4; 100],
+            bundle: vec![4; 100].into(),
         };
         let f = frame(&m);
         let len =
@@ -131,6 +173,13 @@ mod tests {
         assert_eq!(len, f.len() - 4);
         assert_eq!(unframe::<ToAgent>(&f[4..]).expect("decodes"), m);
         assert!(frame_length([0xff; 4], 1024).is_err());
+        // A shared bundle is a plain byte string on the wire.
+        #[derive(Serialize)]
+        struct Plain(#[serde(with = "serde_bytes")] Vec<u8>);
+        assert_eq!(
+            encode(&SharedBytes::new(vec![4; 100])),
+            encode(&Plain(vec![4; 100]))
+        );
         assert!(unframe::<ToAgent>(&[0xff, 0xff]).is_err());
     }
 }
@@ -146,7 +195,9 @@ pub enum FrameError {
 }
 
 /// Read one frame from an async stream, refusing one over `limit` before
-/// reading its body.
+/// reading its body. The body's buffer grows with the bytes that really
+/// arrive, never to the announced length up front: a peer that announces
+/// 16 MiB and sends nothing costs nothing.
 #[cfg(feature = "io")]
 pub async fn read_frame<R, T>(r: &mut R, limit: usize) -> Result<T, FrameError>
 where
@@ -157,8 +208,11 @@ where
     let mut header = [0u8; 4];
     r.read_exact(&mut header).await?;
     let len = frame_length(header, limit)?;
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    let read = (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if read != len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(unframe(&body)?)
 }
 

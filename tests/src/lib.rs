@@ -9,7 +9,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use tenet::gateway::{Fleet, FleetError, Gateway};
+use tenet::gateway::{Fleet, FleetError, Gateway, Session, Sessions};
+use tenet::pki::ClientKey;
 use tenet::pki::Ca;
 use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
@@ -53,7 +54,9 @@ pub enum Event {
 pub struct MemoryFleet {
     pub token: String,
     pub identities: Mutex<HashMap<String, PublicKey>>,
-    pub senders: Mutex<HashMap<String, tokio::sync::mpsc::Sender<ToAgent>>>,
+    pub sessions: Sessions,
+    /// The client keys each terminal's sessions may use, newest last.
+    pub client_keys: Mutex<HashMap<String, Vec<ClientKey>>>,
     pub events: Mutex<mpsc::Sender<Event>>,
     /// While set, reports are refused as "cannot store now".
     pub unavailable: std::sync::atomic::AtomicBool,
@@ -79,17 +82,13 @@ impl MemoryFleet {
 
     /// Push a message to a connected terminal.
     pub fn send(&self, terminal: &str, m: ToAgent) -> bool {
-        let tx = self
-            .senders
-            .lock()
-            .ok()
-            .and_then(|s| s.get(terminal).cloned());
-        tx.is_some_and(|tx| tx.blocking_send(m).is_ok())
+        let tx = self.sessions.sender(terminal);
+        tx.is_some_and(|tx| tx.try_send(m).is_ok())
     }
 }
 
 impl Fleet for MemoryFleet {
-    fn enrol(&self, request: &EnrolmentRequest) -> Result<(), String> {
+    fn enrol(&self, request: &EnrolmentRequest, client_key: ClientKey) -> Result<(), String> {
         if request.token != self.token {
             return Err("the bootstrap token is not valid".into());
         }
@@ -99,22 +98,44 @@ impl Fleet for MemoryFleet {
         }
         ids.insert(request.terminal.clone(), request.identity.clone());
         drop(ids);
+        if let Ok(mut k) = self.client_keys.lock() {
+            k.insert(request.terminal.clone(), vec![client_key]);
+        }
         self.emit(Event::Enrolled(request.terminal.clone()));
         Ok(())
     }
 
-    fn connected(&self, terminal: &str, to_agent: tokio::sync::mpsc::Sender<ToAgent>) {
-        if let Ok(mut s) = self.senders.lock() {
-            s.insert(terminal.to_string(), to_agent);
+    fn admit(&self, terminal: &str, client_key: &ClientKey) -> bool {
+        let Ok(mut keys) = self.client_keys.lock() else {
+            return false;
+        };
+        let Some(k) = keys.get_mut(terminal) else {
+            return false;
+        };
+        if k.last() == Some(client_key) {
+            *k = vec![*client_key];
         }
+        k.contains(client_key)
+    }
+
+    fn renewing(&self, terminal: &str, current: &ClientKey, renewed: ClientKey) -> bool {
+        let Ok(mut keys) = self.client_keys.lock() else {
+            return false;
+        };
+        keys.get_mut(terminal)
+            .map(|k| *k = vec![*current, renewed])
+            .is_some()
+    }
+
+    fn connected(&self, terminal: &str, session: Session) {
+        self.sessions.insert(terminal, session);
         self.emit(Event::Connected(terminal.to_string()));
     }
 
-    fn disconnected(&self, terminal: &str) {
-        if let Ok(mut s) = self.senders.lock() {
-            s.remove(terminal);
+    fn disconnected(&self, terminal: &str, id: u64) {
+        if self.sessions.remove(terminal, id) {
+            self.emit(Event::Disconnected(terminal.to_string()));
         }
-        self.emit(Event::Disconnected(terminal.to_string()));
     }
 
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
@@ -201,7 +222,7 @@ impl TestGateway {
             fleet,
             client_cert_validity: validity,
             now_ms,
-            max_connections: 1024,
+            limits: Default::default(),
         });
         runtime.spawn(gw.serve(listener));
         TestGateway {
@@ -408,7 +429,8 @@ impl Fixture {
         let fleet = Arc::new(MemoryFleet {
             token: "token".into(),
             identities: Mutex::default(),
-            senders: Mutex::default(),
+            sessions: Sessions::default(),
+            client_keys: Mutex::default(),
             events: Mutex::new(tx),
             unavailable: Default::default(),
         });
@@ -533,7 +555,7 @@ impl Fixture {
             envelope: SignedMessage::signed(&env, self.operator.as_ref())
                 .expect("sign")
                 .encode(),
-            bundle: bundle.encode(),
+            bundle: bundle.encode().into(),
         }
     }
 }

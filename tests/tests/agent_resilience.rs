@@ -206,7 +206,7 @@ fn a_report_the_operator_cannot_store_is_sent_again() {
         unreachable!("a dispatch")
     };
     std::fs::write(f.dir().join("envelope"), envelope).expect("write");
-    std::fs::write(f.dir().join("bundle"), bundle).expect("write");
+    std::fs::write(f.dir().join("bundle"), &bundle[..]).expect("write");
     let out = tenet_e2e::agent(
         f.dir(),
         &[

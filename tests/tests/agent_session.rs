@@ -182,7 +182,7 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
         "nagoya-ward3-01",
         ToAgent::Dispatch {
             envelope: env_frame.encode(),
-            bundle: bundle.encode()
+            bundle: bundle.encode().into()
         }
     ));
     let report = wait_for(events, Duration::from_secs(30), |e| match e {

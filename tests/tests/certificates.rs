@@ -194,6 +194,11 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
     assert_eq!(renewed["level"], 100);
     let (code, text) = verify(dir, &peer, &with(&["--min-level", "100"]));
     assert_eq!(code, 0, "{text}");
+    // Without --subject any terminal with a certificate would pass: said.
+    assert!(
+        text.contains(&format!("tenet: warning: no --subject given, so any terminal with a valid certificate passes; this one is \"{TERMINAL}\". Pin the terminal you expect with --subject NAME")),
+        "{text}"
+    );
 
     // 3. The level changes (browser-a falls below the policy): reissued at
     // once at 50, long before the next renewal is due.

@@ -61,6 +61,15 @@ pub fn verify(
     };
     match verify_presentation(&bytes, &bound, &required, now_ms()) {
         Ok(cert) => {
+            if subject.is_none() {
+                // Any terminal with a good enough certificate passes: the
+                // peer may not be the terminal the caller meant.
+                writeln!(
+                    err,
+                    "tenet: warning: no --subject given, so any terminal with a valid certificate passes; this one is {:?}. Pin the terminal you expect with --subject NAME",
+                    cert.subject
+                )?;
+            }
             writeln!(
                 out,
                 "{peer}: verified: {} at security level {} (required {min_level}), issued by {} ({}), valid until {}, in {:.1} ms",

@@ -256,7 +256,7 @@ impl StatusWriter {
         for s in statuses {
             let (reason, message) = ready_reason(s);
             let status = json!({
-                "observedGeneration": s.generation,
+                "observedGeneration": s.observed_generation,
                 "selected": s.selected,
                 "compliant": s.compliant,
                 "drifted": s.drifted,
@@ -284,7 +284,7 @@ impl StatusWriter {
                 "kind": "TerminalPolicy",
                 "metadata": { "name": name },
                 "status": {
-                    "observedGeneration": s.generation,
+                    "observedGeneration": s.observed_generation,
                     "selected": s.selected,
                     "compliant": s.compliant,
                     "drifted": s.drifted,
@@ -296,7 +296,7 @@ impl StatusWriter {
                         "reason": reason,
                         "message": message,
                         "lastTransitionTime": transition,
-                        "observedGeneration": s.generation,
+                        "observedGeneration": s.observed_generation,
                     }],
                 }
             });

@@ -37,7 +37,14 @@ impl FieldError {
 pub struct CompiledPolicy {
     pub namespace: String,
     pub name: String,
+    /// The generation envelopes carry: it only goes up for a policy's
+    /// name, also across a deletion and re-creation (see
+    /// `Store::policy_generation`), so agents never take a new policy for
+    /// a rollback.
     pub generation: i64,
+    /// The resource's own `metadata.generation`, what its status reports
+    /// as observed (in Kubernetes it starts again at 1 on re-creation).
+    pub observed_generation: i64,
     pub spec: Arc<TerminalPolicySpec>,
     pub match_labels: Vec<(String, String)>,
     pub selector: Option<Expression>,
@@ -148,6 +155,7 @@ pub fn compile(policy: &TerminalPolicy) -> Result<CompiledPolicy, Vec<FieldError
             .unwrap_or_else(|| "default".into()),
         name: policy.metadata.name.clone().unwrap_or_default(),
         generation: policy.metadata.generation.unwrap_or(1),
+        observed_generation: policy.metadata.generation.unwrap_or(1),
         spec: Arc::new(spec.clone()),
         match_labels: spec
             .selector
@@ -405,6 +413,11 @@ fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// The longest validity a security certificate may have: 30 days. Expiry
+/// is the only revocation, so a longer one would vouch for a posture
+/// long gone (and a huge one overflowed the expiry time).
+pub const MAX_CERTIFICATE_VALIDITY_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+
 fn check_certificate(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     let Some(c) = &spec.certificate else { return };
     let validity = parse_duration(&c.validity)
@@ -413,6 +426,18 @@ fn check_certificate(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     let renew = parse_duration(&c.renew_before)
         .map_err(|e| errors.push(FieldError::new("spec.certificate.renewBefore", e)))
         .ok();
+    if let Some(v) = validity
+        && v > MAX_CERTIFICATE_VALIDITY_SECONDS
+    {
+        errors.push(FieldError::new(
+            "spec.certificate.validity",
+            format!(
+                "{:?} is longer than the longest validity the operator issues ({}h): security certificates are short-lived",
+                c.validity,
+                MAX_CERTIFICATE_VALIDITY_SECONDS / 3600.0
+            ),
+        ));
+    }
     if let (Some(v), Some(r)) = (validity, renew)
         && r >= v
     {

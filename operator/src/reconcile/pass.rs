@@ -38,7 +38,7 @@ pub struct Outgoing {
     pub envelope_digest: [u8; 32],
     pub envelope: Vec<u8>,
     /// Shared with the operator's bundle cache.
-    pub bundle: std::sync::Arc<Vec<u8>>,
+    pub bundle: tenet_protocol::session::SharedBytes,
 }
 
 /// A policy's status after a pass (also what `tenet status` shows).
@@ -46,6 +46,9 @@ pub struct Outgoing {
 pub struct PolicyStatus {
     pub policy: String,
     pub generation: i64,
+    /// The resource's `metadata.generation` (see `CompiledPolicy`).
+    #[serde(default)]
+    pub observed_generation: i64,
     pub selected: u32,
     pub compliant: u32,
     pub drifted: u32,
@@ -236,6 +239,7 @@ impl Pass<'_> {
         let mut status = PolicyStatus {
             policy: key.clone(),
             generation: policy.generation,
+            observed_generation: policy.observed_generation,
             remediates: policy.spec.remediation.is_some() && !policy.spec.suspend,
             ..PolicyStatus::default()
         };
@@ -473,7 +477,7 @@ impl Pass<'_> {
                 policy: key.clone(),
                 envelope_digest: frame.body_digest(),
                 envelope: frame.encode(),
-                bundle: bundle.bytes.clone(),
+                bundle: tenet_protocol::session::SharedBytes(bundle.bytes.clone()),
             });
         }
         Ok((status, out))
@@ -538,7 +542,7 @@ mod tests {
                 tls_csr_pem: String::new(),
                 requested_at_ms: NOW,
             };
-            assert_eq!(store.enrol(&req, NOW).expect("db"), Ok(()));
+            assert_eq!(store.enrol(&req, [0; 32], NOW).expect("db"), Ok(()));
             set_inventory(&store, name, version, 1, NOW);
         }
         let bundle = Bundle {

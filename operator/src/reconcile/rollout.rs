@@ -28,10 +28,16 @@ pub enum Step {
     Halted { reason: String },
 }
 
+/// Finished remediations a policy needs (or all its selected terminals,
+/// when it selects fewer) before the failure threshold can halt it: one
+/// terminal failing its first dispatch must not stop the whole fleet's.
+pub const HALT_MIN_FINISHED: usize = 10;
+
 /// The next step of a rollout.
 pub fn step(rollout: &Rollout, c: &Counts) -> Step {
     let finished = c.succeeded + c.failed;
-    if finished > 0 && c.failed * 100 > rollout.halt_on_failure_percent as usize * finished {
+    let enough = finished > 0 && finished >= HALT_MIN_FINISHED.min(c.selected);
+    if enough && c.failed * 100 > rollout.halt_on_failure_percent as usize * finished {
         return Step::Halted {
             reason: format!(
                 "{} of {} finished remediations failed ({}%), over the {}% threshold",
@@ -170,6 +176,40 @@ mod tests {
                 reason: "1 of the 10 canary remediations failed".into()
             }
         );
+    }
+
+    #[test]
+    fn one_failing_terminal_does_not_halt_the_fleet() {
+        let r = rollout(Some(50), None, None, 20);
+        // The first finished remediation failed: 100%, but of one.
+        assert_eq!(
+            step(&r, &counts(1000, 900, 10, 0, 1)),
+            Step::Start {
+                count: 40,
+                canary: false
+            }
+        );
+        assert_eq!(
+            step(&r, &counts(1000, 900, 10, 7, 2)),
+            Step::Start {
+                count: 40,
+                canary: false
+            }
+        );
+        // Ten finished: the threshold applies.
+        assert!(matches!(
+            step(&r, &counts(1000, 900, 10, 8, 2)),
+            Step::Start { .. }
+        ));
+        assert!(matches!(
+            step(&r, &counts(1000, 900, 10, 7, 3)),
+            Step::Halted { .. }
+        ));
+        // A policy selecting three terminals: all three count.
+        assert!(matches!(
+            step(&r, &counts(3, 0, 0, 1, 2)),
+            Step::Halted { .. }
+        ));
     }
 
     #[test]

@@ -1,0 +1,490 @@
+//! The gateway as an attacker meets it: someone holding a batch token,
+//! an enrolled terminal that wants to pass for another, a stranger on the
+//! network. Each attack here worked before the hardening and must not now.
+//! The gateway is the real one (TLS on loopback) over the standalone fleet
+//! and its store; the clients speak the protocol by hand, so they can do
+//! what no genuine agent would.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tenet::fleet::StandaloneFleet;
+use tenet::gateway::{Gateway, Limits, TlsAcceptor};
+use tenet::pki::Ca;
+use tenet::reconcile::state::Retry;
+use tenet::store::{Store, TokenRecord};
+use tenet_agent::connection::{ConnError, enrolment_tls, exchange_enrolment, session_tls};
+use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
+use tenet_protocol::inventory::{Inventory, InventoryReport};
+use tenet_protocol::session::{ToAgent, ToOperator, read_frame, write_frame};
+use tenet_protocol::wire::sha256;
+use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+type Tls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// How long any one step may take before the test calls it hung. Generous:
+/// a loaded machine is slow, not wrong.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A gateway over the standalone fleet, with a batch token "batch" for ten
+/// terminals and a one-time token "once".
+struct Operator {
+    _dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+    store: Arc<Store>,
+    fleet: Arc<StandaloneFleet>,
+    address: SocketAddr,
+    fingerprint: [u8; 32],
+}
+
+impl Operator {
+    fn start(limits: Limits) -> Operator {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ca = Arc::new(Ca::load_or_create(dir.path()).expect("ca"));
+        let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
+        for (token, uses) in [("batch", 10), ("once", 1)] {
+            store
+                .add_token(
+                    token,
+                    &TokenRecord {
+                        terminal: None,
+                        expires_ms: u64::MAX,
+                        uses_left: uses,
+                    },
+                )
+                .expect("token");
+        }
+        let (fleet, changes) = StandaloneFleet::new(store.clone(), Retry::default(), now_ms, || 0.0);
+        // Nobody runs the reconcile loop here; its channel may fill.
+        drop(changes);
+        let fleet = Arc::new(fleet);
+        let dispatch_key = Arc::new(KeyPair::generate(Algorithm::Ed25519).expect("key"));
+        let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+        let gateway = Arc::new(Gateway {
+            acceptor: TlsAcceptor::from(Arc::new(
+                ca.server_config(&["127.0.0.1".into()]).expect("tls"),
+            )),
+            trust: TrustAnchors {
+                admin_keys: vec![admin.public_key()],
+                admin_threshold: 1,
+                dispatch_key: dispatch_key.public_key(),
+                issuer_key: dispatch_key.public_key(),
+            },
+            ca: ca.clone(),
+            dispatch_key,
+            fleet: fleet.clone(),
+            client_cert_validity: Duration::from_secs(3600),
+            now_ms,
+            limits,
+        });
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        runtime.spawn(gateway.serve(listener));
+        let fingerprint = sha256(&ca.cert_der);
+        Operator {
+            _dir: dir,
+            runtime,
+            store,
+            fleet,
+            address,
+            fingerprint,
+        }
+    }
+
+    fn run<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.runtime
+            .block_on(async { tokio::time::timeout(PATIENCE, f).await })
+            .expect("the step hung")
+    }
+}
+
+/// A device: its identity key, and its TLS key and certificate once enrolled.
+struct Device {
+    name: String,
+    identity: KeyPair,
+    tls_key: rcgen::KeyPair,
+    cert_pem: String,
+    ca_pem: String,
+}
+
+fn csr(name: &str, key: &rcgen::KeyPair) -> String {
+    rcgen::CertificateParams::new(vec![name.to_string()])
+        .and_then(|p| p.serialize_request(key))
+        .and_then(|r| r.pem())
+        .expect("csr")
+}
+
+async fn connect(op: &Operator, config: rustls::ClientConfig) -> Result<Tls, ConnError> {
+    let tcp = TcpStream::connect(op.address).await?;
+    let name = ServerName::IpAddress(op.address.ip().into());
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?)
+}
+
+/// Enrol `name` with `token`; the device, or the gateway's reason.
+async fn enrol(op: &Operator, name: &str, token: &str) -> Result<Device, String> {
+    enrol_with_csr(op, name, token, None).await
+}
+
+async fn enrol_with_csr(
+    op: &Operator,
+    name: &str,
+    token: &str,
+    csr_pem: Option<&str>,
+) -> Result<Device, String> {
+    let identity = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
+    let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let request = EnrolmentRequest {
+        token: token.into(),
+        terminal: name.into(),
+        labels: BTreeMap::new(),
+        identity: identity.public_key(),
+        tpm: false,
+        attestation_key: None,
+        tls_csr_pem: csr_pem.map_or_else(|| csr(name, &tls_key), str::to_string),
+        requested_at_ms: now_ms(),
+    };
+    let signed = SignedMessage::signed(&request, &identity)
+        .expect("sign")
+        .encode();
+    let tls = connect(op, enrolment_tls(op.fingerprint).expect("tls"))
+        .await
+        .map_err(|e| e.to_string())?;
+    match exchange_enrolment(tls, signed, op.fingerprint, name).await {
+        Ok(response) => Ok(Device {
+            name: name.into(),
+            identity,
+            tls_key,
+            cert_pem: response.client_certificate_pem,
+            ca_pem: response.ca_certificate_pem,
+        }),
+        Err(ConnError::EnrolmentRefused(reason)) => Err(reason),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Device {
+    fn tls(&self, cert_pem: &str, key: &rcgen::KeyPair) -> rustls::ClientConfig {
+        session_tls(
+            CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).expect("ca"),
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("cert"),
+            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key"),
+        )
+        .expect("tls")
+    }
+
+    /// A session claiming to be `claimed`, with this device's certificate.
+    async fn hello_as(&self, op: &Operator, claimed: &str) -> Tls {
+        self.hello_with(op, claimed, &self.cert_pem, &self.tls_key)
+            .await
+    }
+
+    async fn hello_with(
+        &self,
+        op: &Operator,
+        claimed: &str,
+        cert_pem: &str,
+        key: &rcgen::KeyPair,
+    ) -> Tls {
+        let mut tls = connect(op, self.tls(cert_pem, key))
+            .await
+            .expect("TLS with a certificate of the agent CA");
+        write_frame(
+            &mut tls,
+            &ToOperator::Hello {
+                terminal: claimed.into(),
+                agent_version: "test".into(),
+            },
+        )
+        .await
+        .expect("hello");
+        tls
+    }
+
+    /// An inventory signed by this device, claiming to be `terminal`.
+    fn inventory(&self, terminal: &str) -> Vec<u8> {
+        let report = InventoryReport {
+            terminal: terminal.into(),
+            sequence: now_ms(),
+            collected_at_ms: now_ms(),
+            inventory: Inventory {
+                terminal: terminal.into(),
+                ..Default::default()
+            },
+        };
+        SignedMessage::signed(&report, &self.identity)
+            .expect("sign")
+            .encode()
+    }
+}
+
+/// Whether the session serves: an inventory sent on it is acknowledged
+/// (true), or the gateway closes it (false).
+async fn serves(tls: &mut Tls, inventory: Vec<u8>) -> bool {
+    let digest = sha256(&inventory);
+    if write_frame(tls, &ToOperator::Inventory(inventory)).await.is_err() {
+        return false;
+    }
+    loop {
+        match read_frame::<_, ToAgent>(tls, 1 << 20).await {
+            Ok(ToAgent::Ack { digest: d }) if d == digest => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Wait until the gateway closes `tls` (whatever it sends first is read).
+async fn closed(tls: &mut Tls) {
+    while read_frame::<_, ToAgent>(tls, 1 << 20).await.is_ok() {}
+}
+
+#[test]
+fn names_that_could_pass_for_another_terminal_are_refused_at_enrolment() {
+    let op = Operator::start(Limits::default());
+    op.run(async {
+        enrol(&op, "nagoya-ward3-01", "batch").await.expect("victim");
+        // Names matched as DNS names (case-insensitive, wildcards) let these
+        // open the victim's sessions; now they are not names at all.
+        for (impostor, why) in [
+            (
+                "NAGOYA-WARD3-01",
+                "'N' is not allowed (lower-case letters, digits, '-' and '.' are)",
+            ),
+            (
+                "*.nagoya.example",
+                "'*' is not allowed (lower-case letters, digits, '-' and '.' are)",
+            ),
+            ("nagoya-ward3-01\n", "'\\n' is not allowed (lower-case letters, digits, '-' and '.' are)"),
+        ] {
+            assert_eq!(
+                enrol(&op, impostor, "batch").await.err(),
+                Some(format!(
+                    "malformed message: terminal name {impostor:?} is not valid: {why}"
+                )),
+            );
+        }
+    });
+    assert!(op.store.terminal("NAGOYA-WARD3-01").expect("db").is_none());
+    assert_eq!(op.store.terminals().len(), 1);
+}
+
+#[test]
+fn a_session_needs_the_key_enrolled_for_that_terminal() {
+    let op = Operator::start(Limits::default());
+    op.run(async {
+        let old = enrol(&op, "nagoya-ward3-01", "batch").await.expect("enrol");
+        let mallory = enrol(&op, "mallory-01", "batch").await.expect("enrol");
+        // Mallory's own certificate does not open the victim's session.
+        let mut s = mallory.hello_as(&op, "nagoya-ward3-01").await;
+        assert!(!serves(&mut s, mallory.inventory("nagoya-ward3-01")).await);
+        // The device is replaced: de-enrolled, the name enrolled again by
+        // a new device. The old device's certificate names the terminal
+        // exactly, and is still unexpired: it opens nothing any more.
+        assert!(op.store.forget_terminal("nagoya-ward3-01"));
+        let new = enrol(&op, "nagoya-ward3-01", "batch").await.expect("re-enrol");
+        let mut s = old.hello_as(&op, "nagoya-ward3-01").await;
+        assert!(!serves(&mut s, old.inventory("nagoya-ward3-01")).await);
+        let mut s = new.hello_as(&op, "nagoya-ward3-01").await;
+        assert!(serves(&mut s, new.inventory("nagoya-ward3-01")).await);
+    });
+}
+
+#[test]
+fn a_renewal_moves_the_session_binding_to_the_new_key() {
+    let op = Operator::start(Limits::default());
+    op.run(async {
+        let d = enrol(&op, "ward-01", "batch").await.expect("enrol");
+        let mut s = d.hello_as(&op, &d.name).await;
+        assert!(serves(&mut s, d.inventory(&d.name)).await);
+        let key2 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        write_frame(
+            &mut s,
+            &ToOperator::RenewCertificate {
+                csr_pem: csr("someone-else", &key2),
+            },
+        )
+        .await
+        .expect("renew");
+        let cert2 = loop {
+            match read_frame::<_, ToAgent>(&mut s, 1 << 20).await.expect("answer") {
+                ToAgent::Certificate { pem } => break pem,
+                ToAgent::RenewalRefused { reason } => panic!("renewal refused: {reason}"),
+                _ => continue,
+            }
+        };
+        drop(s);
+        // Until the new certificate is used, the old one still works (an
+        // agent that crashed before saving the new one is not locked out).
+        let mut s = d.hello_as(&op, &d.name).await;
+        assert!(serves(&mut s, d.inventory(&d.name)).await);
+        drop(s);
+        let mut s = d.hello_with(&op, &d.name, &cert2, &key2).await;
+        assert!(serves(&mut s, d.inventory(&d.name)).await);
+        drop(s);
+        // Once it is, the old certificate opens nothing.
+        let mut s = d.hello_as(&op, &d.name).await;
+        assert!(!serves(&mut s, d.inventory(&d.name)).await);
+    });
+}
+
+#[test]
+fn a_newer_session_replaces_the_older_which_leaves_the_terminal_online() {
+    let op = Operator::start(Limits::default());
+    op.run(async {
+        let d = enrol(&op, "ward-01", "batch").await.expect("enrol");
+        let mut older = d.hello_as(&op, &d.name).await;
+        assert!(serves(&mut older, d.inventory(&d.name)).await);
+        let mut newer = d.hello_as(&op, &d.name).await;
+        assert!(serves(&mut newer, d.inventory(&d.name)).await);
+        // The gateway ends the older session itself ...
+        closed(&mut older).await;
+        // ... and its end (recorded before the gateway closed it) does not
+        // mark the terminal offline.
+        assert_eq!(op.fleet.connected_terminals(), vec!["ward-01".to_string()]);
+        let record = op.store.terminal("ward-01").expect("db").expect("enrolled");
+        assert_eq!(record.offline_since_ms, 0, "connected, not offline");
+        assert!(serves(&mut newer, d.inventory(&d.name)).await);
+    });
+}
+
+#[test]
+fn a_refused_enrolment_spends_no_token() {
+    let op = Operator::start(Limits::default());
+    op.run(async {
+        let refused = enrol_with_csr(&op, "ward-01", "once", Some("not a CSR")).await;
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|r| r.starts_with("the certificate request is not acceptable")),
+            "{:?}",
+            refused.as_ref().map(|d| &d.name)
+        );
+        // The one-time token is still good.
+        enrol(&op, "ward-01", "once").await.expect("enrol");
+        assert_eq!(
+            enrol(&op, "ward-02", "once").await.err().as_deref(),
+            Some("the bootstrap token was already used")
+        );
+    });
+}
+
+#[test]
+fn an_oversized_first_frame_is_refused_before_it_is_read() {
+    // With a long opening timeout, only the size check can close it.
+    let op = Operator::start(Limits {
+        opening_timeout: Duration::from_secs(3600),
+        ..Limits::default()
+    });
+    op.run(async {
+        let mut tls = connect(&op, enrolment_tls(op.fingerprint).expect("tls"))
+            .await
+            .expect("tls");
+        // Announce 16 MiB, send a little of it.
+        tls.write_all(&(16u32 << 20).to_be_bytes()).await.expect("header");
+        tls.write_all(&[0u8; 1024]).await.expect("body");
+        tls.flush().await.expect("flush");
+        let mut rest = Vec::new();
+        let _ = tls.read_to_end(&mut rest).await;
+        assert!(rest.is_empty(), "closed without an answer");
+    });
+}
+
+#[test]
+fn connections_that_never_authenticate_do_not_lock_out_terminals() {
+    // Room for two sessions only; strangers' connections are not sessions.
+    let op = Operator::start(Limits {
+        max_sessions: 2,
+        max_opening_per_address: 60,
+        opening_timeout: Duration::from_secs(3600),
+        ..Limits::default()
+    });
+    op.run(async {
+        let d = enrol(&op, "ward-01", "batch").await.expect("enrol");
+        let mut idle = Vec::new();
+        for _ in 0..50 {
+            idle.push(TcpStream::connect(op.address).await.expect("connect"));
+        }
+        let mut s = d.hello_as(&op, &d.name).await;
+        assert!(serves(&mut s, d.inventory(&d.name)).await);
+        // One address cannot take every opening slot: over its share, its
+        // connections are closed at once, while other addresses get in.
+        for _ in 0..10 {
+            idle.push(TcpStream::connect(op.address).await.expect("connect"));
+        }
+        let mut over = TcpStream::connect(op.address).await.expect("connect");
+        let mut buf = [0u8; 1];
+        assert!(
+            matches!(over.read(&mut buf).await, Ok(0) | Err(_)),
+            "closed at once"
+        );
+        let other = tokio::net::TcpSocket::new_v4().expect("socket");
+        other
+            .bind("127.0.0.2:0".parse().expect("address"))
+            .expect("bind 127.0.0.2");
+        let tcp = other.connect(op.address).await.expect("connect");
+        let name = ServerName::IpAddress(op.address.ip().into());
+        let mut s = tokio_rustls::TlsConnector::from(Arc::new(d.tls(&d.cert_pem, &d.tls_key)))
+            .connect(name, tcp)
+            .await
+            .expect("TLS from another address");
+        write_frame(
+            &mut s,
+            &ToOperator::Hello {
+                terminal: d.name.clone(),
+                agent_version: "test".into(),
+            },
+        )
+        .await
+        .expect("hello");
+        assert!(serves(&mut s, d.inventory(&d.name)).await);
+    });
+}
+
+#[test]
+fn a_silent_session_is_pinged_then_closed() {
+    let op = Operator::start(Limits {
+        idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    });
+    op.run(async {
+        let d = enrol(&op, "ward-01", "batch").await.expect("enrol");
+        let mut s = d.hello_as(&op, &d.name).await;
+        // Answering pings keeps it open.
+        for _ in 0..3 {
+            assert_eq!(
+                read_frame::<_, ToAgent>(&mut s, 1 << 20).await.expect("ping"),
+                ToAgent::Ping
+            );
+            write_frame(&mut s, &ToOperator::Pong).await.expect("pong");
+        }
+        assert!(serves(&mut s, d.inventory(&d.name)).await);
+        // Not answering closes it.
+        assert_eq!(
+            read_frame::<_, ToAgent>(&mut s, 1 << 20).await.expect("ping"),
+            ToAgent::Ping
+        );
+        closed(&mut s).await;
+    });
+    assert!(op.fleet.connected_terminals().is_empty());
+}
