@@ -155,16 +155,41 @@ pub fn session_tls(
         .with_client_auth_cert(vec![cert], key)?)
 }
 
+/// The answer of a terminal without a TPM to a credential activation.
+pub fn no_tpm(_credential_blob: &[u8], _secret: &[u8]) -> Result<Vec<u8>, String> {
+    Err("this terminal has no TPM".into())
+}
+
 /// Send a signed enrolment request over `tls` and check the answer: signed
 /// by the dispatch key it announces, naming the pinned CA and `terminal`.
-pub async fn exchange_enrolment<S: AsyncRead + AsyncWrite + Unpin>(
+/// With a TPM, the operator first asks it to activate a credential:
+/// `activate` answers with the secret the TPM recovered (from the
+/// credential blob and the encrypted seed), or why not ([`no_tpm`]).
+pub async fn exchange_enrolment<S, F>(
     mut tls: S,
     signed_request: Vec<u8>,
     fingerprint: [u8; 32],
     terminal: &str,
-) -> Result<EnrolmentResponse, ConnError> {
+    activate: F,
+) -> Result<EnrolmentResponse, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnOnce(&[u8], &[u8]) -> Result<Vec<u8>, String>,
+{
     write_frame(&mut tls, &ToOperator::Enrol(signed_request)).await?;
-    let answer: ToAgent = read_frame(&mut tls, MAX_SESSION_FRAME).await?;
+    let mut answer: ToAgent = read_frame(&mut tls, MAX_SESSION_FRAME).await?;
+    if let ToAgent::ActivateCredential {
+        credential_blob,
+        secret,
+    } = &answer
+    {
+        let reply = match activate(credential_blob, secret) {
+            Ok(secret) => ToOperator::CredentialActivated { secret },
+            Err(reason) => ToOperator::ActivationFailed { reason },
+        };
+        write_frame(&mut tls, &reply).await?;
+        answer = read_frame(&mut tls, MAX_SESSION_FRAME).await?;
+    }
     let bytes = match answer {
         ToAgent::Enrolled(b) => b,
         ToAgent::EnrolmentRefused { reason } => {
@@ -264,12 +289,21 @@ impl Agent {
                 ),
                 None => None,
             },
+            ek_certificate: self.tpm.as_ref().and_then(|t| t.ek_certificate()),
             tls_csr_pem: csr,
             requested_at_ms: now_ms(),
         };
         let signed = SignedMessage::signed(&request, self.identity.as_ref())?.encode();
         let tls = self.connect(enrolment_tls(fingerprint)?).await?;
-        let response = exchange_enrolment(tls, signed, fingerprint, &self.config.terminal).await?;
+        let tpm = self.tpm.clone();
+        let activate = move |blob: &[u8], secret: &[u8]| match &tpm {
+            Some(t) => t
+                .activate_credential(blob, secret)
+                .map_err(|e| e.to_string()),
+            None => Err("this terminal has no TPM".to_string()),
+        };
+        let response =
+            exchange_enrolment(tls, signed, fingerprint, &self.config.terminal, activate).await?;
         let dir = self.store.dir();
         write_atomically(
             &dir.join("tls.key"),
@@ -508,7 +542,9 @@ impl Agent {
                                 Err(e) => eprintln!("tenet-agent: security certificate refused: {e}"),
                             }
                         }
-                        ToAgent::Enrolled(_) | ToAgent::EnrolmentRefused { .. } => {}
+                        ToAgent::Enrolled(_)
+                        | ToAgent::EnrolmentRefused { .. }
+                        | ToAgent::ActivateCredential { .. } => {}
                     }
                 }
                 Some(done) = done_rx.recv() => {

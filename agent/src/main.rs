@@ -267,6 +267,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Run { config } => {
+            // The presentation listener serves up to 1,024 peers at once.
+            tenet_protocol::listen::raise_open_files_limit();
             let agent = agent(&config)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -322,6 +324,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             progress_seconds,
             run_delay_ms,
         } => {
+            // One connection (a descriptor) per simulated terminal.
+            tenet_protocol::listen::raise_open_files_limit();
             let mut templates = Vec::new();
             for path in &inventories {
                 let files = if path.is_dir() {

@@ -40,7 +40,8 @@ use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
 use tokio::sync::Semaphore;
 
 use crate::connection::{
-    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, now_ms, read_frame, session_tls,
+    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, no_tpm, now_ms, read_frame,
+    session_tls,
     write_frame,
 };
 use crate::exec::{Limits, Loader, Runtime, System};
@@ -272,6 +273,7 @@ impl Terminal {
             identity: self.identity.public_key(),
             tpm: false,
             attestation_key: None,
+            ek_certificate: None,
             tls_csr_pem: csr,
             requested_at_ms: now_ms(),
         };
@@ -282,7 +284,7 @@ impl Terminal {
                 tokio_rustls::TlsConnector::from(Arc::new(enrolment_tls(shared.fingerprint)?))
                     .connect(shared.server_name.clone(), shared.tcp().await?)
                     .await?;
-            exchange_enrolment(tls, signed, shared.fingerprint, &self.name).await?
+            exchange_enrolment(tls, signed, shared.fingerprint, &self.name, no_tpm).await?
         };
         let bad = |e: rustls::pki_types::pem::Error| ConnError::Certificate(e.to_string());
         let ca =

@@ -197,6 +197,98 @@ impl TpmIdentity {
         Ok((created.key_handle, public))
     }
 
+    /// The TPM's RSA 2048 endorsement key certificate (DER) as its maker
+    /// wrote it to NV index 0x01c00002; `None` when it holds none.
+    pub fn ek_certificate(&self) -> Option<Vec<u8>> {
+        use tss_esapi::abstraction::AsymmetricAlgorithmSelection;
+        use tss_esapi::interface_types::key_bits::RsaKeyBits;
+        self.tss("read the EK certificate", |ctx| {
+            tss_esapi::abstraction::ek::retrieve_ek_pubcert(
+                ctx,
+                AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            )
+        })
+        .ok()
+    }
+
+    /// TPM2_ActivateCredential: recover the secret an issuer sealed to this
+    /// TPM's endorsement key (RSA 2048, default template) for the
+    /// attestation key's name. Works only if both keys are in this TPM.
+    pub fn activate_credential(
+        &self,
+        credential_blob: &[u8],
+        secret: &[u8],
+    ) -> Result<Vec<u8>, TpmError> {
+        use tss_esapi::abstraction::ek::create_ek_object_2;
+        use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, DefaultKey};
+        use tss_esapi::constants::SessionType;
+        use tss_esapi::handles::AuthHandle;
+        use tss_esapi::interface_types::key_bits::RsaKeyBits;
+        use tss_esapi::interface_types::session_handles::PolicySession;
+        use tss_esapi::structures::{EncryptedSecret, IdObject, SymmetricDefinition};
+
+        let blob = IdObject::try_from(credential_blob.to_vec()).map_err(|source| TpmError::Tss {
+            operation: "read the credential",
+            source,
+        })?;
+        let secret = EncryptedSecret::try_from(secret.to_vec()).map_err(|source| TpmError::Tss {
+            operation: "read the credential's secret",
+            source,
+        })?;
+        let (ak, _) = self.load_attestation_key()?;
+        let ek = match self.tss("create the endorsement key", |ctx| {
+            create_ek_object_2(
+                ctx,
+                AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+                DefaultKey,
+            )
+        }) {
+            Ok(ek) => ek,
+            Err(e) => {
+                self.flush(ak);
+                return Err(e);
+            }
+        };
+        // The EK's policy: PolicySecret on the endorsement hierarchy.
+        let activated = self.tss("activate the credential", |ctx| {
+            let session = ctx
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )?
+                .ok_or(tss_esapi::Error::WrapperError(
+                    tss_esapi::WrapperErrorKind::WrongValueFromTpm,
+                ))?;
+            let result = (|| {
+                let policy = PolicySession::try_from(session)?;
+                ctx.execute_with_session(Some(AuthSession::Password), |c| {
+                    c.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                })?;
+                ctx.execute_with_sessions((Some(AuthSession::Password), Some(session), None), |c| {
+                    c.activate_credential(ak, ek, blob, secret)
+                })
+            })();
+            if let Some(handle) = tss_esapi::handles::SessionHandle::try_from(session).ok() {
+                let _ = ctx.flush_context(handle.into());
+            }
+            result
+        });
+        self.flush(ek);
+        self.flush(ak);
+        Ok(activated?.value().to_vec())
+    }
+
     /// The SHA-256 bank's values of `pcrs` (at most 8, ascending).
     pub fn read_pcrs(&self, pcrs: &[u8]) -> Result<Vec<PcrValue>, TpmError> {
         let selection = selection(pcrs)?;

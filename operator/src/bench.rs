@@ -295,6 +295,7 @@ pub async fn converge(
             ..Default::default()
         },
         kubernetes: kubernetes.clone(),
+        tpm_roots: Vec::new(),
     };
     apply_policy(policy_yaml("1.0", &digest, window)).await?;
     let operator = tokio::spawn(async move {

@@ -111,7 +111,7 @@ pub fn reconcile(
                 record.audit = Audit::Requested {
                     nonce,
                     at_ms: now_ms,
-                    pcrs: if enrolled.tpm {
+                    pcrs: if enrolled.tpm_trust.proven() {
                         cp.pcrs.clone()
                     } else {
                         vec![]
@@ -121,7 +121,7 @@ pub fn reconcile(
                     terminal.clone(),
                     ToAgent::Audit {
                         nonce,
-                        pcrs: if enrolled.tpm {
+                        pcrs: if enrolled.tpm_trust.proven() {
                             cp.pcrs.clone()
                         } else {
                             vec![]

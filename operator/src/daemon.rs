@@ -77,6 +77,9 @@ pub struct Daemon {
     /// What the gateway's connections may cost (sessions, connections
     /// still opening, timeouts, queues).
     pub limits: crate::gateway::Limits,
+    /// PEM files of TPM manufacturers' CA certificates: a terminal's TPM
+    /// counts only once its EK certificate chains to one of them.
+    pub tpm_roots: Vec<PathBuf>,
     /// Kubernetes mode: the API server is the store and the policy source.
     pub kubernetes: Option<KubeSettings>,
 }
@@ -526,6 +529,8 @@ fn jitter() -> f64 {
 
 impl Daemon {
     pub async fn run(self, out: &mut (dyn Write + Send)) -> Result<(), DaemonError> {
+        let open_files = tenet_protocol::listen::raise_open_files_limit();
+        tracing::info!(open_files, "open files limit");
         let files_changed = Arc::new(tokio::sync::Notify::new());
         let mut kube = None;
         let data = match &self.kubernetes {
@@ -614,6 +619,9 @@ impl Daemon {
             client_cert_validity: Duration::from_secs(24 * 3600),
             now_ms,
             limits: self.limits.clone(),
+            tpm_roots: Arc::new(
+                crate::tpm_trust::TpmRoots::load(&self.tpm_roots).map_err(DaemonError::Usage)?,
+            ),
         });
         let reissued = reissue_pending(&data.store, &Retry::default(), now_ms())?;
         if reissued > 0 {

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::gateway::{Fleet, FleetError, Session, SessionTx, Sessions};
 use crate::pki::ClientKey;
+use crate::tpm_trust::TpmTrust;
 use crate::reconcile::certificate::{Audit, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoreError, StoredInventory};
@@ -307,7 +308,7 @@ impl StandaloneFleet {
             &report,
             nonce,
             enrolled.attestation_key.as_ref(),
-            enrolled.tpm,
+            &enrolled.tpm_trust,
             pcrs,
             record.baseline.as_deref(),
             inventory.as_ref().map(|i| &i.inventory),
@@ -335,10 +336,15 @@ impl StandaloneFleet {
 }
 
 impl Fleet for StandaloneFleet {
-    fn enrol(&self, request: &EnrolmentRequest, client_key: ClientKey) -> Result<(), String> {
+    fn enrol(
+        &self,
+        request: &EnrolmentRequest,
+        client_key: ClientKey,
+        tpm: TpmTrust,
+    ) -> Result<(), String> {
         tracing::info!(terminal = %request.terminal, tpm = request.tpm, key = %request.identity.fingerprint(), "enrolment request");
         self.store
-            .enrol(request, client_key, (self.now_ms)())
+            .enrol(request, client_key, tpm, (self.now_ms)())
             .map_err(|e| format!("the operator's store failed: {e}"))?
     }
 
@@ -450,12 +456,13 @@ mod tests {
             identity: terminal.public_key(),
             tpm: true,
             attestation_key: None,
+            ek_certificate: None,
             tls_csr_pem: String::new(),
             requested_at_ms: NOW,
         };
-        assert_eq!(fleet.enrol(&request, [0; 32]), Ok(()));
+        assert_eq!(fleet.enrol(&request, [0; 32], TpmTrust::None), Ok(()));
         assert_eq!(
-            fleet.enrol(&request, [0; 32]),
+            fleet.enrol(&request, [0; 32], TpmTrust::None),
             Err("the bootstrap token was already used".into())
         );
         Setup {

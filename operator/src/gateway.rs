@@ -34,6 +34,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 
 use crate::pki::{Ca, ClientKey, client_key};
+use crate::tpm_trust::{TpmRoots, TpmTrust, activation_matches, make_credential};
+use tenet_protocol::audit::attestation_key_name;
 
 pub use tokio_rustls::TlsAcceptor;
 
@@ -64,7 +66,12 @@ pub trait Fleet: Send + Sync + 'static {
     /// Check the bootstrap token and register the terminal, its identity
     /// key and the client key of the certificate it will be given; `Err`
     /// is the reason given to the agent (and no token is spent).
-    fn enrol(&self, request: &EnrolmentRequest, client_key: ClientKey) -> Result<(), String>;
+    fn enrol(
+        &self,
+        request: &EnrolmentRequest,
+        client_key: ClientKey,
+        tpm: TpmTrust,
+    ) -> Result<(), String>;
     /// Whether a session of `terminal` may use the client key its
     /// certificate certifies (the one enrolled or last renewed).
     fn admit(&self, terminal: &str, client_key: &ClientKey) -> bool;
@@ -186,6 +193,10 @@ fn queued_size(m: &ToAgent) -> usize {
                 + packages.iter().chain(services).map(String::len).sum::<usize>()
         }
         ToAgent::SecurityCertificate { certificate } => certificate.as_ref().map_or(0, Vec::len),
+        ToAgent::ActivateCredential {
+            credential_blob,
+            secret,
+        } => credential_blob.len() + secret.len(),
         ToAgent::Ack { .. } | ToAgent::InventoryWanted | ToAgent::Ping => 0,
     }
 }
@@ -294,6 +305,8 @@ pub struct Gateway {
     pub client_cert_validity: Duration,
     pub now_ms: fn() -> u64,
     pub limits: Limits,
+    /// The TPM manufacturers' roots EK certificates must chain to.
+    pub tpm_roots: Arc<TpmRoots>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -424,7 +437,7 @@ impl Gateway {
             })??;
         match first {
             ToOperator::Enrol(bytes) => {
-                let answer = match self.enrol(&bytes) {
+                let answer = match self.enrol(&mut tls, &bytes).await {
                     Ok(response) => match self.fleet.settled().await {
                         Ok(()) => ToAgent::Enrolled(response),
                         Err(e) => ToAgent::EnrolmentRefused {
@@ -466,7 +479,11 @@ impl Gateway {
         }
     }
 
-    fn enrol(&self, bytes: &[u8]) -> Result<Vec<u8>, String> {
+    async fn enrol<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        tls: &mut S,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let request = verify_enrolment_request(bytes).map_err(|e| e.to_string())?;
         // Everything that can refuse the request comes before the token is
         // spent: the certificate is made first, and thrown away if the
@@ -479,7 +496,21 @@ impl Gateway {
                 self.client_cert_validity,
             )
             .map_err(|e| e.to_string())?;
-        self.fleet.enrol(&request, client_key)?;
+        let tpm = tokio::time::timeout(self.limits.opening_timeout, self.tpm_trust(tls, &request))
+            .await
+            .unwrap_or_else(|_| TpmTrust::Claimed {
+                reason: "the credential activation was not answered in time".into(),
+            });
+        match &tpm {
+            TpmTrust::Claimed { reason } => {
+                tracing::warn!(terminal = %request.terminal, %reason, "TPM claimed, not proven: counted as no TPM");
+            }
+            TpmTrust::Proven => {
+                tracing::info!(terminal = %request.terminal, "TPM proven: EK certificate verified, attestation key activated");
+            }
+            TpmTrust::None => {}
+        }
+        self.fleet.enrol(&request, client_key, tpm)?;
         let response = EnrolmentResponse {
             terminal: request.terminal,
             trust: self.trust.clone(),
@@ -570,7 +601,10 @@ impl Gateway {
                     continue;
                 }
                 ToOperator::Pong => continue,
-                ToOperator::Hello { .. } | ToOperator::Enrol(_) => {
+                ToOperator::Hello { .. }
+                | ToOperator::Enrol(_)
+                | ToOperator::CredentialActivated { .. }
+                | ToOperator::ActivationFailed { .. } => {
                     break Err(GatewayError::Refused(
                         "Hello and Enrol come first, once".into(),
                     ));
@@ -599,6 +633,55 @@ impl Gateway {
         drop(tx);
         writer_task.abort();
         result
+    }
+
+    /// How far the enrolling terminal's TPM is trusted: its EK certificate
+    /// against the manufacturers' roots, then credential activation (one
+    /// more round on the enrolment connection) for its attestation key.
+    async fn tpm_trust<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        tls: &mut S,
+        request: &EnrolmentRequest,
+    ) -> TpmTrust {
+        if !request.tpm {
+            return TpmTrust::None;
+        }
+        let claimed = |reason: String| TpmTrust::Claimed { reason };
+        let (Some(ak), Some(ek_der)) = (&request.attestation_key, &request.ek_certificate) else {
+            return claimed("no attestation key or EK certificate was sent".into());
+        };
+        let ek = match self.tpm_roots.verify_ek(ek_der, (self.now_ms)()) {
+            Ok(ek) => ek,
+            Err(reason) => return claimed(reason),
+        };
+        let Some(name) = attestation_key_name(ak) else {
+            return claimed("the attestation key is not an ECDSA P-256 key".into());
+        };
+        let credential = match make_credential(&ek, &name) {
+            Ok(c) => c,
+            Err(reason) => return claimed(reason),
+        };
+        let challenge = ToAgent::ActivateCredential {
+            credential_blob: credential.credential_blob,
+            secret: credential.secret,
+        };
+        if write_frame(tls, &challenge).await.is_err() {
+            return claimed("the credential could not be sent".into());
+        }
+        match read_frame::<_, ToOperator>(tls, MAX_OPENING_FRAME).await {
+            Ok(ToOperator::CredentialActivated { secret })
+                if activation_matches(&credential.credential, &secret) =>
+            {
+                TpmTrust::Proven
+            }
+            Ok(ToOperator::CredentialActivated { .. }) => claimed(
+                "the TPM recovered another secret: the attestation key is not in the TPM the EK certificate belongs to".into(),
+            ),
+            Ok(ToOperator::ActivationFailed { reason }) => {
+                claimed(format!("the terminal's TPM could not activate the credential: {reason}"))
+            }
+            Ok(_) | Err(_) => claimed("no answer to the credential activation".into()),
+        }
     }
 
     /// A renewed client certificate for the session's terminal (the name is

@@ -14,3 +14,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod store;
+pub mod tpm_trust;

@@ -99,6 +99,13 @@ enum Command {
         /// Connections from one address that have not authenticated yet.
         #[arg(long, default_value_t = 256)]
         max_opening_per_address: usize,
+        /// A PEM file of TPM manufacturer CA certificates (roots and
+        /// intermediates; repeat for more). A terminal's TPM counts only when
+        /// its EK certificate chains to one of them and credential activation
+        /// proves its attestation key is in that TPM; otherwise it is "claimed"
+        /// and capped as if it had none.
+        #[arg(long = "tpm-ca", value_name = "PEM")]
+        tpm_roots: Vec<PathBuf>,
     },
     /// Bootstrap tokens for enrolling terminals.
     #[command(subcommand)]
@@ -413,6 +420,7 @@ fn main() -> ExitCode {
             max_connections,
             max_opening,
             max_opening_per_address,
+            tpm_roots,
         } => {
             init_logging(log_format);
             let policies = policies.unwrap_or_default();
@@ -459,6 +467,7 @@ fn main() -> ExitCode {
                     ..Default::default()
                 },
                 kubernetes,
+                tpm_roots,
             };
             let result = tokio::runtime::Runtime::new()
                 .map_err(|e| e.to_string())

@@ -33,6 +33,7 @@ use tenet_protocol::wire::{decode, encode, sha256};
 
 use crate::reconcile::certificate::CertRecord;
 use crate::reconcile::state::PairState;
+use crate::tpm_trust::TpmTrust;
 
 const TERMINALS: TableDefinition<&str, &[u8]> = TableDefinition::new("terminals");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
@@ -76,6 +77,8 @@ pub struct TerminalRecord {
     /// after a renewal the old and the new one until the new one is used.
     /// A certificate for this name with any other key opens no session.
     pub client_keys: Vec<[u8; 32]>,
+    /// Whether its TPM was proven at enrolment (`tpm` is only its claim).
+    pub tpm_trust: TpmTrust,
 }
 
 /// A bootstrap token, kept as its hash.
@@ -601,6 +604,7 @@ impl Store {
         &self,
         request: &EnrolmentRequest,
         client_key: [u8; 32],
+        tpm_trust: TpmTrust,
         now_ms: u64,
     ) -> Result<Result<(), String>, StoreError> {
         Ok(self.change(|m| {
@@ -633,6 +637,7 @@ impl Store {
                         last_sequence: 0,
                         offline_since_ms: 0,
                         client_keys: vec![client_key],
+                        tpm_trust,
                     };
                     m.write(Table::Terminals, &request.terminal, &record);
                     m.terminals.insert(request.terminal.clone(), record);
@@ -1025,6 +1030,7 @@ mod tests {
                 .public_key(),
             tpm: false,
             attestation_key: None,
+            ek_certificate: None,
             tls_csr_pem: String::new(),
             requested_at_ms: 0,
         }
@@ -1054,7 +1060,7 @@ mod tests {
                 s.add_token(&format!("tok-{t}"), &token(None, 1000))
                     .expect("token");
                 assert_eq!(
-                    s.enrol(&request(&format!("tok-{t}"), t), [0; 32], 1).expect("db"),
+                    s.enrol(&request(&format!("tok-{t}"), t), [0; 32], TpmTrust::None, 1).expect("db"),
                     Ok(())
                 );
                 s.set_pair(t, "it/a", &pair).expect("pair");
@@ -1085,7 +1091,7 @@ mod tests {
         s.add_token("t-2", &token(Some("ward-02"), 1000))
             .expect("token");
         s.add_token("t-3", &token(None, 10)).expect("token");
-        let refusal = |t: &str, name: &str| s.enrol(&request(t, name), [0; 32], 100).expect("db").err();
+        let refusal = |t: &str, name: &str| s.enrol(&request(t, name), [0; 32], TpmTrust::None, 100).expect("db").err();
         assert_eq!(
             refusal("nope", "ward-01").as_deref(),
             Some("the bootstrap token is not valid")
@@ -1117,7 +1123,7 @@ mod tests {
         {
             let s = Store::open(&path).expect("open");
             s.add_token("t", &token(None, u64::MAX)).expect("token");
-            assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], 0).expect("db"), Ok(()));
+            assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], TpmTrust::None, 0).expect("db"), Ok(()));
             assert_eq!(s.next_sequence("ward-01").expect("db"), Some(1));
             assert_eq!(s.next_sequence("ward-01").expect("db"), Some(2));
             assert_eq!(s.next_sequence("nobody").expect("db"), None);
@@ -1252,7 +1258,7 @@ mod tests {
         disk.full.store(true, std::sync::atomic::Ordering::SeqCst);
         let s = Store::with_backend(Box::new(disk.clone())).expect("open");
         s.add_token("t", &token(None, u64::MAX)).expect("token");
-        assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], 0).expect("db"), Ok(()));
+        assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], TpmTrust::None, 0).expect("db"), Ok(()));
         let written = s.written();
         // Whoever waits to acknowledge is told why, and acknowledges nothing.
         let e = rt.block_on(s.durable(written)).expect_err("not durable");
@@ -1279,7 +1285,7 @@ mod tests {
         let again = Store::with_backend(Box::new(disk.clone())).expect("reopen");
         assert!(again.terminal("ward-01").expect("db").is_some());
         assert_eq!(
-            again.enrol(&request("t", "ward-02"), [0; 32], 0).expect("db"),
+            again.enrol(&request("t", "ward-02"), [0; 32], TpmTrust::None, 0).expect("db"),
             Err("the bootstrap token was already used".into())
         );
     }

@@ -89,6 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         identity: tkey.public_key(),
         tpm: true,
         attestation_key: None,
+        ek_certificate: None,
         tls_csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n"
             .into(),
         requested_at_ms: 1,

@@ -24,6 +24,13 @@ pub struct EnrolmentRequest {
     /// With a TPM: the restricted attestation key (P-256) its quotes are
     /// signed with, registered here so the issuer can check them.
     pub attestation_key: Option<PublicKey>,
+    /// With a TPM: its endorsement key certificate (DER, RSA 2048, as the
+    /// manufacturer wrote it into the TPM's NV index 0x01c00002). The
+    /// operator checks it against the manufacturers' roots and proves,
+    /// by credential activation, that the attestation key lives in that
+    /// TPM; until then the TPM is only claimed.
+    #[serde(with = "serde_bytes")]
+    pub ek_certificate: Option<Vec<u8>>,
     /// A PKCS#10 request (PEM) for the mTLS client certificate; its key is
     /// the agent's transport key, kept apart from the identity key.
     pub tls_csr_pem: String,
@@ -39,6 +46,10 @@ impl fmt::Debug for EnrolmentRequest {
             .field("identity", &self.identity)
             .field("tpm", &self.tpm)
             .field("attestation_key", &self.attestation_key)
+            .field(
+                "ek_certificate",
+                &self.ek_certificate.as_ref().map(Vec::len),
+            )
             .field("tls_csr_pem", &self.tls_csr_pem.len())
             .field("requested_at_ms", &self.requested_at_ms)
             .finish()
@@ -95,6 +106,11 @@ impl Message for EnrolmentRequest {
         check_terminal_name(&self.terminal).map_err(Rejection::Malformed)?;
         limit("the label list", self.labels.len(), MAX_LABELS)?;
         limit("the certificate request", self.tls_csr_pem.len(), MAX_PEM)?;
+        limit(
+            "the EK certificate",
+            self.ek_certificate.as_ref().map_or(0, Vec::len),
+            MAX_PEM,
+        )?;
         for (k, v) in &self.labels {
             limit("a label", k.len() + v.len(), MAX_NAME * 4)?;
         }

@@ -11,6 +11,26 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+/// Raise this process's soft limit on open files to its hard limit (a
+/// server holding thousands of connections needs one descriptor each);
+/// the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum
+        && limit.current != Some(hard)
+    {
+        let raised = rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return hard;
+        }
+    }
+    limit.current.unwrap_or(u64::MAX)
+}
+
 /// The longest wait after failed accepts in a row.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 

@@ -193,13 +193,16 @@ mod tests {
             "UnknownKey",
         );
 
-        // A level the issuer never signed: one byte of the certificate changed.
-        let mut raised = good.clone();
-        let at = raised
-            .windows(1)
-            .rposition(|b| b[0] == 80)
-            .expect("the level byte");
-        raised[at] = 100;
+        // A level the issuer never signed: the body's level raised, the
+        // issuer's signature kept.
+        let raised = {
+            let mut frame =
+                SignedMessage::decode(&good, crate::wire::Kind::SecurityCertificate).expect("frame");
+            let mut c: SecurityCertificate = frame.open().expect("certificate");
+            c.level = 100;
+            frame.body = crate::wire::encode(&c);
+            frame.encode()
+        };
         ends(
             reason(
                 present(&raised, [1; 32], &w.terminal, NOW).expect("p"),

@@ -35,12 +35,33 @@ pub enum ToOperator {
     },
     /// A signed `AuditReport`, the answer to `ToAgent::Audit`.
     Audit(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The secret `ToAgent::ActivateCredential` carried, as the TPM
+    /// recovered it: proof that the attestation key and the certified
+    /// endorsement key are in the same TPM. Only during an enrolment.
+    CredentialActivated {
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+    },
+    /// The TPM could not activate the credential, and why.
+    ActivationFailed {
+        reason: String,
+    },
     Pong,
 }
 
 /// What the gateway sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToAgent {
+    /// During an enrolment with a TPM: a secret only the TPM holding both
+    /// the certified endorsement key and the attestation key can recover
+    /// (TPM2_MakeCredential's `credentialBlob` and `secret`, contents of
+    /// the TPM2B structures). Answered with `CredentialActivated`.
+    ActivateCredential {
+        #[serde(with = "serde_bytes")]
+        credential_blob: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        secret: Vec<u8>,
+    },
     /// A signed `EnrolmentResponse`, or why enrolment was refused.
     Enrolled(#[serde(with = "serde_bytes")] Vec<u8>),
     EnrolmentRefused {

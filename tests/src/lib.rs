@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tenet::gateway::{Fleet, FleetError, Gateway, Session, Sessions};
 use tenet::pki::ClientKey;
+use tenet::tpm_trust::TpmTrust;
 use tenet::pki::Ca;
 use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
@@ -57,6 +58,8 @@ pub struct MemoryFleet {
     pub sessions: Sessions,
     /// The client keys each terminal's sessions may use, newest last.
     pub client_keys: Mutex<HashMap<String, Vec<ClientKey>>>,
+    /// How far each terminal's TPM was trusted at enrolment.
+    pub tpm_trust: Mutex<HashMap<String, TpmTrust>>,
     pub events: Mutex<mpsc::Sender<Event>>,
     /// While set, reports are refused as "cannot store now".
     pub unavailable: std::sync::atomic::AtomicBool,
@@ -88,7 +91,12 @@ impl MemoryFleet {
 }
 
 impl Fleet for MemoryFleet {
-    fn enrol(&self, request: &EnrolmentRequest, client_key: ClientKey) -> Result<(), String> {
+    fn enrol(
+        &self,
+        request: &EnrolmentRequest,
+        client_key: ClientKey,
+        tpm: TpmTrust,
+    ) -> Result<(), String> {
         if request.token != self.token {
             return Err("the bootstrap token is not valid".into());
         }
@@ -100,6 +108,9 @@ impl Fleet for MemoryFleet {
         drop(ids);
         if let Ok(mut k) = self.client_keys.lock() {
             k.insert(request.terminal.clone(), vec![client_key]);
+        }
+        if let Ok(mut t) = self.tpm_trust.lock() {
+            t.insert(request.terminal.clone(), tpm);
         }
         self.emit(Event::Enrolled(request.terminal.clone()));
         Ok(())
@@ -223,6 +234,7 @@ impl TestGateway {
             client_cert_validity: validity,
             now_ms,
             limits: Default::default(),
+            tpm_roots: Default::default(),
         });
         runtime.spawn(gw.serve(listener));
         TestGateway {
@@ -431,6 +443,7 @@ impl Fixture {
             identities: Mutex::default(),
             sessions: Sessions::default(),
             client_keys: Mutex::default(),
+            tpm_trust: Mutex::default(),
             events: Mutex::new(tx),
             unavailable: Default::default(),
         });

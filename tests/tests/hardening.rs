@@ -14,10 +14,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tenet::fleet::StandaloneFleet;
 use tenet::gateway::{Gateway, Limits, TlsAcceptor};
+use tenet::tpm_trust::TpmRoots;
 use tenet::pki::Ca;
 use tenet::reconcile::state::Retry;
 use tenet::store::{Store, TokenRecord};
-use tenet_agent::connection::{ConnError, enrolment_tls, exchange_enrolment, session_tls};
+use tenet_agent::connection::{ConnError, enrolment_tls, exchange_enrolment, no_tpm, session_tls};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
 use tenet_protocol::inventory::{Inventory, InventoryReport};
 use tenet_protocol::session::{ToAgent, ToOperator, read_frame, write_frame};
@@ -93,6 +94,7 @@ impl Operator {
             client_cert_validity: Duration::from_secs(3600),
             now_ms,
             limits,
+            tpm_roots: Arc::new(TpmRoots::default()),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -161,6 +163,7 @@ async fn enrol_with_csr(
         identity: identity.public_key(),
         tpm: false,
         attestation_key: None,
+        ek_certificate: None,
         tls_csr_pem: csr_pem.map_or_else(|| csr(name, &tls_key), str::to_string),
         requested_at_ms: now_ms(),
     };
@@ -170,7 +173,7 @@ async fn enrol_with_csr(
     let tls = connect(op, enrolment_tls(op.fingerprint).expect("tls"))
         .await
         .map_err(|e| e.to_string())?;
-    match exchange_enrolment(tls, signed, op.fingerprint, name).await {
+    match exchange_enrolment(tls, signed, op.fingerprint, name, no_tpm).await {
         Ok(response) => Ok(Device {
             name: name.into(),
             identity,
@@ -487,4 +490,57 @@ fn a_silent_session_is_pinged_then_closed() {
         closed(&mut s).await;
     });
     assert!(op.fleet.connected_terminals().is_empty());
+}
+
+/// `GET /metrics` on `port`: the body, or why not.
+fn scrape(port: u16) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    Ok(body)
+}
+
+#[test]
+fn the_metrics_listener_outlives_running_out_of_file_descriptors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = dir.path();
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    let (port, metrics) = (tenet_e2e::free_port(), tenet_e2e::free_port());
+    // A hard limit of 64 open files: the operator cannot raise it, and a
+    // flood of scrapers runs it out of descriptors.
+    let operator = std::process::Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg(tenet_e2e::binary("tenet"))
+        .args(["operator", "--policies", "policies", "--data", "data"])
+        .args(["--admin-key", "admin.pub", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{metrics}"))
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("operator.log")).expect("log"))
+        .spawn()
+        .expect("prlimit runs the operator");
+    let _operator = tenet_e2e::Running(operator);
+    tenet_e2e::wait_until(PATIENCE, "metrics served", || {
+        scrape(metrics).is_ok_and(|b| b.starts_with("HTTP/1.1 200"))
+    });
+    let flood: Vec<std::net::TcpStream> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).ok())
+        .collect();
+    assert!(flood.len() > 64, "the flood got in: {}", flood.len());
+    drop(flood);
+    // Once the descriptors are free again, scrapes are answered again.
+    tenet_e2e::wait_until(PATIENCE, "metrics served after the flood", || {
+        scrape(metrics).is_ok_and(|b| b.starts_with("HTTP/1.1 200"))
+    });
+    let log = std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default();
+    assert!(!log.contains("panicked"), "{log}");
 }

@@ -10,6 +10,7 @@
 //! `decide` is the whole decision, a pure function of the record, the
 //! policy, the terminal's compliance and the clock.
 
+use crate::tpm_trust::TpmTrust;
 use serde::{Deserialize, Serialize};
 use tenet_protocol::PublicKey;
 use tenet_protocol::audit::{AuditReport, PcrValue, QuoteError, verify_quote};
@@ -76,6 +77,10 @@ pub enum AuditAttestation {
     Quoted,
     /// No TPM: the posture is the terminal's word.
     Unattested,
+    /// A TPM the terminal claims but never proved (no EK certificate from
+    /// a configured manufacturer, or the credential activation failed):
+    /// counted as no TPM, and its quotes count for nothing.
+    Claimed,
 }
 
 /// A terminal's certificate record.
@@ -156,7 +161,7 @@ fn attestation(audit: &Audit) -> Attestation {
             ..
         } => Attestation::Verified,
         Audit::Passed {
-            attestation: AuditAttestation::Unattested,
+            attestation: AuditAttestation::Unattested | AuditAttestation::Claimed,
             ..
         } => Attestation::NoTpm,
         _ => Attestation::Failed,
@@ -276,7 +281,7 @@ pub fn external_audit(
     report: &AuditReport,
     expected_nonce: &[u8; 32],
     attestation_key: Option<&PublicKey>,
-    tpm: bool,
+    tpm: &TpmTrust,
     pcrs: &[u8],
     baseline: Option<&[PcrValue]>,
     inventory: Option<&Inventory>,
@@ -311,8 +316,12 @@ pub fn external_audit(
             }
         }
     }
-    if !tpm {
-        return Ok((AuditAttestation::Unattested, None));
+    match tpm {
+        TpmTrust::None => return Ok((AuditAttestation::Unattested, None)),
+        // Its quotes are signed by a key nobody proved to be in a TPM: they
+        // neither raise the level nor set the PCR baseline.
+        TpmTrust::Claimed { .. } => return Ok((AuditAttestation::Claimed, None)),
+        TpmTrust::Proven => {}
     }
     let key = attestation_key.ok_or_else(|| QuoteError::NoAttestationKey.to_string())?;
     let quote = report
