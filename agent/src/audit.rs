@@ -249,7 +249,8 @@ pub async fn serve(
         let presenter = presenter.clone();
         let sync_audit = sync_audit.clone();
         async move {
-            let Ok(Ok(mut tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            let Ok(Ok(mut tls)) =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             else {
                 return;
             };

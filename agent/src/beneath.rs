@@ -66,9 +66,7 @@ pub fn write_beneath(root: &Path, path: &str, data: &[u8], mode: u32) -> Result<
             other => other,
         }
         .map_err(|e| match e {
-            Errno::LOOP | Errno::XDEV => {
-                escapes(&format!("{component:?} is a symbolic link"))
-            }
+            Errno::LOOP | Errno::XDEV => escapes(&format!("{component:?} is a symbolic link")),
             Errno::NOTDIR => escapes(&format!("{component:?} is not a directory")),
             e => io(e),
         })?;

@@ -5,8 +5,8 @@
 //! dispatch's evidence. It never depends on kube.
 
 pub mod audit;
-pub mod beneath;
 pub mod bench;
+pub mod beneath;
 pub mod config;
 pub mod connection;
 pub mod dispatch;

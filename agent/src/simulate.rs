@@ -41,8 +41,7 @@ use tokio::sync::Semaphore;
 
 use crate::connection::{
     ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, no_tpm, now_ms, read_frame,
-    session_tls,
-    write_frame,
+    session_tls, write_frame,
 };
 use crate::exec::{Limits, Loader, Runtime, System};
 

@@ -227,14 +227,16 @@ impl TpmIdentity {
         use tss_esapi::interface_types::session_handles::PolicySession;
         use tss_esapi::structures::{EncryptedSecret, IdObject, SymmetricDefinition};
 
-        let blob = IdObject::try_from(credential_blob.to_vec()).map_err(|source| TpmError::Tss {
-            operation: "read the credential",
-            source,
-        })?;
-        let secret = EncryptedSecret::try_from(secret.to_vec()).map_err(|source| TpmError::Tss {
-            operation: "read the credential's secret",
-            source,
-        })?;
+        let blob =
+            IdObject::try_from(credential_blob.to_vec()).map_err(|source| TpmError::Tss {
+                operation: "read the credential",
+                source,
+            })?;
+        let secret =
+            EncryptedSecret::try_from(secret.to_vec()).map_err(|source| TpmError::Tss {
+                operation: "read the credential's secret",
+                source,
+            })?;
         let (ak, _) = self.load_attestation_key()?;
         let ek = match self.tss("create the endorsement key", |ctx| {
             create_ek_object_2(

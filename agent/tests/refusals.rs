@@ -275,7 +275,10 @@ fn write_files_stays_under_its_granted_paths() {
     // runs as root, and this would have written the terminal's /etc/passwd.
     std::os::unix::fs::symlink(t.root.join("etc"), t.root.join("etc/hospital/conf"))
         .expect("symlink");
-    assert_eq!(run("/etc/hospital/conf/passwd"), Outcome::Exited { code: -6 });
+    assert_eq!(
+        run("/etc/hospital/conf/passwd"),
+        Outcome::Exited { code: -6 }
+    );
     assert!(!t.root.join("etc/passwd").exists());
     // Nor does a link planted where the old writer put its temporary file.
     std::fs::write(t.root.join("etc/shadow"), "root:secret\n").expect("write");
@@ -402,7 +405,10 @@ fn artifacts_run_with_a_clean_environment_and_die_whole_at_the_deadline() {
             "the agent's environment leaked into the artifact: {names:?}"
         );
     }
-    assert!(names.contains(&"TENET_ROOT") && names.contains(&"PATH"), "{names:?}");
+    assert!(
+        names.contains(&"TENET_ROOT") && names.contains(&"PATH"),
+        "{names:?}"
+    );
     // The child it started was killed with it (gone, or a zombie nobody reaped).
     let pid = std::fs::read_to_string(t.root.join("child.pid")).expect("pid");
     let stat = format!("/proc/{}/stat", pid.trim());

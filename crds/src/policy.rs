@@ -318,10 +318,17 @@ pub struct CertificateTemplate {
     #[schemars(range(max = 100))]
     pub minimum_level: u32,
     /// The PCRs (SHA-256 bank) a terminal's TPM quotes in each audit; the
-    /// first verified quote sets the values later ones must match.
+    /// first verified quote sets the values later ones must match, unless
+    /// `expectedPcrs` pins them.
     #[serde(default = "default_pcrs")]
     #[schemars(length(min = 1, max = 8), inner(range(max = 23)))]
     pub pcrs: Vec<u32>,
+    /// Pinned SHA-256 values of quoted PCRs, by index (`"7": <64 hex
+    /// digits>`): every quote must show exactly these, from the first one
+    /// on, instead of trusting whatever the first quote showed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 24))]
+    pub expected_pcrs: BTreeMap<String, String>,
 }
 
 fn default_pcrs() -> Vec<u32> {

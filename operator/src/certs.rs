@@ -32,6 +32,18 @@ pub fn cert_policy(p: &CompiledPolicy) -> Option<CertPolicy> {
             .iter()
             .filter_map(|i| u8::try_from(*i).ok())
             .collect(),
+        pinned: c
+            .expected_pcrs
+            .iter()
+            .filter_map(|(i, v)| {
+                Some(tenet_protocol::audit::PcrValue {
+                    index: i.parse().ok()?,
+                    sha256: crate::policy::compile::pinned_value(v)?,
+                })
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
     })
 }
 
@@ -116,6 +128,7 @@ pub fn reconcile(
                     } else {
                         vec![]
                     },
+                    pinned: cp.pinned.clone(),
                 };
                 round.outgoing.push((
                     terminal.clone(),

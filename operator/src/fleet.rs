@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 
 use crate::gateway::{Fleet, FleetError, Session, SessionTx, Sessions};
 use crate::pki::ClientKey;
-use crate::tpm_trust::TpmTrust;
 use crate::reconcile::certificate::{Audit, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoreError, StoredInventory};
+use crate::tpm_trust::TpmTrust;
 
 /// Something the reconcile loop should look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +291,13 @@ impl StandaloneFleet {
         let Some(mut record) = self.store.certificate(terminal) else {
             return Err(Rejection::Replay("an audit report nobody asked for".into()).into());
         };
-        let Audit::Requested { nonce, pcrs, .. } = &record.audit else {
+        let Audit::Requested {
+            nonce,
+            pcrs,
+            pinned,
+            ..
+        } = &record.audit
+        else {
             return Err(Rejection::Replay("an audit report nobody asked for".into()).into());
         };
         if report.nonce != *nonce {
@@ -310,6 +316,7 @@ impl StandaloneFleet {
             enrolled.attestation_key.as_ref(),
             &enrolled.tpm_trust,
             pcrs,
+            pinned,
             record.baseline.as_deref(),
             inventory.as_ref().map(|i| &i.inventory),
         ) {

@@ -115,7 +115,9 @@ pub struct Sessions(Mutex<HashMap<String, Session>>);
 
 impl Sessions {
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Register `session`; true when it replaced an older one.
@@ -190,7 +192,11 @@ fn queued_size(m: &ToAgent) -> usize {
             ..
         } => {
             pcrs.len()
-                + packages.iter().chain(services).map(String::len).sum::<usize>()
+                + packages
+                    .iter()
+                    .chain(services)
+                    .map(String::len)
+                    .sum::<usize>()
         }
         ToAgent::SecurityCertificate { certificate } => certificate.as_ref().map_or(0, Vec::len),
         ToAgent::ActivateCredential {
@@ -405,8 +411,7 @@ impl Gateway {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let from_here = o.by_address.get(&address).copied().unwrap_or(0);
-        if o.total >= self.limits.max_opening || from_here >= self.limits.max_opening_per_address
-        {
+        if o.total >= self.limits.max_opening || from_here >= self.limits.max_opening_per_address {
             return None;
         }
         o.total += 1;
@@ -452,7 +457,9 @@ impl Gateway {
                 };
                 tokio::time::timeout(self.limits.opening_timeout, written)
                     .await
-                    .map_err(|_| GatewayError::Refused("the answer was not read in time".into()))??;
+                    .map_err(|_| {
+                        GatewayError::Refused("the answer was not read in time".into())
+                    })??;
                 drop(opening);
                 Ok(())
             }
@@ -465,7 +472,11 @@ impl Gateway {
                     )));
                 };
                 let Ok(slot) = sessions.clone().try_acquire_owned() else {
-                    tracing::warn!(terminal, limit = self.limits.max_sessions, "session limit reached; connection closed");
+                    tracing::warn!(
+                        terminal,
+                        limit = self.limits.max_sessions,
+                        "session limit reached; connection closed"
+                    );
                     return Err(GatewayError::Refused("too many sessions".into()));
                 };
                 drop(opening);

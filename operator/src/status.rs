@@ -41,6 +41,9 @@ pub struct TerminalLine {
     /// Since when it is offline (unix ms), when it was connected before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_since_ms: Option<u64>,
+    /// Its TPM: `none`, `proven`, or `claimed: <why not proven>`.
+    #[serde(default)]
+    pub tpm: String,
     pub policies: Vec<PairLine>,
     /// Its security certificate, when a policy asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,6 +146,11 @@ pub fn collect(
             last_inventory_ms: store.inventory(&name)?.map(|i| i.received_ms),
             offline_since_ms: (!online && record.offline_since_ms > 0)
                 .then_some(record.offline_since_ms),
+            tpm: match &record.tpm_trust {
+                crate::tpm_trust::TpmTrust::None => "none".into(),
+                crate::tpm_trust::TpmTrust::Proven => "proven".into(),
+                crate::tpm_trust::TpmTrust::Claimed { reason } => format!("claimed: {reason}"),
+            },
             policies: by_terminal.remove(&name).unwrap_or_default(),
             terminal: name,
         });
@@ -254,6 +262,9 @@ pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::
             .map(|ms| format!(", last inventory {}", crate::cli::payload::rfc3339(ms)))
             .unwrap_or_default()
     )?;
+    if t.tpm != "none" && !t.tpm.is_empty() {
+        writeln!(out, "  TPM {}", t.tpm)?;
+    }
     for p in &t.policies {
         let attempts = if p.attempts > 0 {
             format!(" (attempt {})", p.attempts)

@@ -884,8 +884,7 @@ impl Store {
             // goes on from there (its spec digest is forgotten, so the
             // re-created one is a new generation), never back to 1.
             if let Some((_, generation)) = m.policies.get(policy).copied() {
-                m.policies
-                    .insert(policy.to_string(), ([0; 32], generation));
+                m.policies.insert(policy.to_string(), ([0; 32], generation));
                 m.write(Table::Policies, policy, &([0u8; 32], generation));
             }
             terminals.len()
@@ -1060,7 +1059,8 @@ mod tests {
                 s.add_token(&format!("tok-{t}"), &token(None, 1000))
                     .expect("token");
                 assert_eq!(
-                    s.enrol(&request(&format!("tok-{t}"), t), [0; 32], TpmTrust::None, 1).expect("db"),
+                    s.enrol(&request(&format!("tok-{t}"), t), [0; 32], TpmTrust::None, 1)
+                        .expect("db"),
                     Ok(())
                 );
                 s.set_pair(t, "it/a", &pair).expect("pair");
@@ -1091,7 +1091,11 @@ mod tests {
         s.add_token("t-2", &token(Some("ward-02"), 1000))
             .expect("token");
         s.add_token("t-3", &token(None, 10)).expect("token");
-        let refusal = |t: &str, name: &str| s.enrol(&request(t, name), [0; 32], TpmTrust::None, 100).expect("db").err();
+        let refusal = |t: &str, name: &str| {
+            s.enrol(&request(t, name), [0; 32], TpmTrust::None, 100)
+                .expect("db")
+                .err()
+        };
         assert_eq!(
             refusal("nope", "ward-01").as_deref(),
             Some("the bootstrap token is not valid")
@@ -1123,7 +1127,11 @@ mod tests {
         {
             let s = Store::open(&path).expect("open");
             s.add_token("t", &token(None, u64::MAX)).expect("token");
-            assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], TpmTrust::None, 0).expect("db"), Ok(()));
+            assert_eq!(
+                s.enrol(&request("t", "ward-01"), [0; 32], TpmTrust::None, 0)
+                    .expect("db"),
+                Ok(())
+            );
             assert_eq!(s.next_sequence("ward-01").expect("db"), Some(1));
             assert_eq!(s.next_sequence("ward-01").expect("db"), Some(2));
             assert_eq!(s.next_sequence("nobody").expect("db"), None);
@@ -1258,7 +1266,11 @@ mod tests {
         disk.full.store(true, std::sync::atomic::Ordering::SeqCst);
         let s = Store::with_backend(Box::new(disk.clone())).expect("open");
         s.add_token("t", &token(None, u64::MAX)).expect("token");
-        assert_eq!(s.enrol(&request("t", "ward-01"), [0; 32], TpmTrust::None, 0).expect("db"), Ok(()));
+        assert_eq!(
+            s.enrol(&request("t", "ward-01"), [0; 32], TpmTrust::None, 0)
+                .expect("db"),
+            Ok(())
+        );
         let written = s.written();
         // Whoever waits to acknowledge is told why, and acknowledges nothing.
         let e = rt.block_on(s.durable(written)).expect_err("not durable");
@@ -1285,7 +1297,9 @@ mod tests {
         let again = Store::with_backend(Box::new(disk.clone())).expect("reopen");
         assert!(again.terminal("ward-01").expect("db").is_some());
         assert_eq!(
-            again.enrol(&request("t", "ward-02"), [0; 32], TpmTrust::None, 0).expect("db"),
+            again
+                .enrol(&request("t", "ward-02"), [0; 32], TpmTrust::None, 0)
+                .expect("db"),
             Err("the bootstrap token was already used".into())
         );
     }

@@ -84,7 +84,9 @@ impl TpmRoots {
     /// Verify an EK certificate (DER) against the roots; its RSA public key.
     pub fn verify_ek(&self, der: &[u8], now_ms: u64) -> Result<rsa::PublicKey, String> {
         if self.roots.is_empty() {
-            return Err("no TPM manufacturer roots are configured (tenet operator --tpm-ca)".into());
+            return Err(
+                "no TPM manufacturer roots are configured (tenet operator --tpm-ca)".into(),
+            );
         }
         let anchors: Vec<_> = self
             .roots
@@ -104,7 +106,9 @@ impl TpmRoots {
             None,
         )
         .map_err(|e| {
-            format!("the EK certificate does not chain to a configured TPM manufacturer root: {e:?}")
+            format!(
+                "the EK certificate does not chain to a configured TPM manufacturer root: {e:?}"
+            )
         })?;
         rsa::PublicKey::from_public_key_der(ee.subject_public_key_info().as_ref())
             .map_err(|e| format!("the EK certificate's key is not RSA: {e}"))
@@ -257,7 +261,10 @@ mod tests {
     #[test]
     fn without_roots_no_ek_is_trusted() {
         assert_eq!(
-            TpmRoots::default().verify_ek(b"anything", 0).err().as_deref(),
+            TpmRoots::default()
+                .verify_ek(b"anything", 0)
+                .err()
+                .as_deref(),
             Some("no TPM manufacturer roots are configured (tenet operator --tpm-ca)")
         );
     }

@@ -96,6 +96,10 @@ const BROKEN: &[(&str, &str)] = &[
         "3:1: metadata.name: missing field `name`",
     ),
     (
+        "pinned-pcr-not-quoted.yaml",
+        "13:12: spec.certificate.expectedPcrs.9: PCR 9 is pinned but not quoted: add it to spec.certificate.pcrs",
+    ),
+    (
         "certificate-validity-too-long.yaml",
         "11:15: spec.certificate.validity: \"100000000000h\" is longer than the longest validity the operator issues (720h): security certificates are short-lived",
     ),

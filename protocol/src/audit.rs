@@ -33,7 +33,7 @@ const MAX_ATTEST: usize = 1024;
 const MAX_POSTURE_ITEMS: usize = 4096;
 
 /// One PCR of the SHA-256 bank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PcrValue {
     pub index: u8,
     pub sha256: [u8; 32],
@@ -302,10 +302,11 @@ pub fn verify_quote(
     Ok(info)
 }
 
-/// Marshal a TPMS_ATTEST of type quote, as a TPM does (for the tests:
-/// quotes signed by a software key).
-#[cfg(test)]
-fn marshal_quote(extra_data: &[u8], pcrs: &[PcrValue], clock_ms: u64) -> Vec<u8> {
+/// Marshal a TPMS_ATTEST of type quote, as a TPM does. Anyone can make
+/// one and sign it with a software key: a quote proves something only when
+/// its attestation key was proven to live in a TPM (credential activation
+/// at enrolment). The tests use it to forge quotes.
+pub fn marshal_quote(extra_data: &[u8], pcrs: &[PcrValue], clock_ms: u64) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&TPM_GENERATED.to_be_bytes());
     out.extend_from_slice(&ST_ATTEST_QUOTE.to_be_bytes());

@@ -196,8 +196,8 @@ mod tests {
         // A level the issuer never signed: the body's level raised, the
         // issuer's signature kept.
         let raised = {
-            let mut frame =
-                SignedMessage::decode(&good, crate::wire::Kind::SecurityCertificate).expect("frame");
+            let mut frame = SignedMessage::decode(&good, crate::wire::Kind::SecurityCertificate)
+                .expect("frame");
             let mut c: SecurityCertificate = frame.open().expect("certificate");
             c.level = 100;
             frame.body = crate::wire::encode(&c);

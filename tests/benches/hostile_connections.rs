@@ -78,8 +78,7 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir = dir.path();
     std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
-    let admin =
-        tenet_protocol::KeyPair::generate(tenet_protocol::Algorithm::Ed25519).expect("key");
+    let admin = tenet_protocol::KeyPair::generate(tenet_protocol::Algorithm::Ed25519).expect("key");
     std::fs::write(
         dir.join("admin.pub"),
         tenet_protocol::Signer::public_key(&admin).to_pem(),

@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use tenet::gateway::{Fleet, FleetError, Gateway, Session, Sessions};
+use tenet::pki::Ca;
 use tenet::pki::ClientKey;
 use tenet::tpm_trust::TpmTrust;
-use tenet::pki::Ca;
 use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
 use tenet_protocol::envelope::DispatchEnvelope;
@@ -637,11 +637,15 @@ pub fn install_bundle(admin: &KeyPair, deb: &Path) -> SignedMessage {
 }
 
 /// A software TPM (swtpm) on loopback, started by the test and stopped
-/// when dropped. (The agent's own tests have the same helper: they cannot
-/// depend on this crate, which depends on the operator.)
+/// when dropped. It is manufactured first as a real one is: RSA and ECC
+/// endorsement keys, and their EK certificates written into its NV memory,
+/// signed by a local CA of its own (swtpm_setup with swtpm_localca), whose
+/// certificates [`Swtpm::manufacturer_ca`] names. (The agent's own tests
+/// have a plain copy of this helper: they cannot depend on this crate,
+/// which depends on the operator.)
 pub struct Swtpm {
     child: std::process::Child,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
     pub port: u16,
 }
 
@@ -657,6 +661,40 @@ impl Swtpm {
             return None;
         }
         let state = tempfile::tempdir().expect("tempdir");
+        let dir = state.path();
+        // A local CA of this TPM's own (tests run in parallel; the default
+        // one under /var/lib is shared).
+        std::fs::create_dir_all(dir.join("ca")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("tpm")).expect("mkdir");
+        std::fs::write(
+            dir.join("swtpm-localca.conf"),
+            format!(
+                "statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n",
+                ca = dir.join("ca").display()
+            ),
+        )
+        .expect("localca config");
+        std::fs::write(
+            dir.join("swtpm_setup.conf"),
+            format!(
+                "create_certs_tool = /usr/bin/swtpm_localca\ncreate_certs_tool_config = {}\ncreate_certs_tool_options = /etc/swtpm-localca.options\nactive_pcr_banks = sha256\n",
+                dir.join("swtpm-localca.conf").display()
+            ),
+        )
+        .expect("setup config");
+        let out = Command::new("swtpm_setup")
+            .args(["--tpm2", "--create-ek-cert", "--tpm-state"])
+            .arg(dir.join("tpm"))
+            .arg("--config")
+            .arg(dir.join("swtpm_setup.conf"))
+            .output()
+            .expect("swtpm_setup runs");
+        assert!(
+            out.status.success(),
+            "swtpm_setup: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         // The swtpm TCTI expects the control port right after the server port.
         let port = loop {
             let a = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
@@ -668,7 +706,7 @@ impl Swtpm {
         let child = Command::new("swtpm")
             .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
             .arg("--tpmstate")
-            .arg(format!("dir={}", state.path().display()))
+            .arg(format!("dir={}", dir.join("tpm").display()))
             .arg("--server")
             .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
             .arg("--ctrl")
@@ -680,11 +718,17 @@ impl Swtpm {
         wait_until(Duration::from_secs(10), "swtpm listening", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Some(Swtpm {
-            child,
-            _state: state,
-            port,
-        })
+        Some(Swtpm { child, state, port })
+    }
+
+    /// The PEM files of the CA that signed this TPM's EK certificates (its
+    /// "manufacturer"): the root and the issuing CA, for `--tpm-ca`.
+    pub fn manufacturer_ca(&self) -> Vec<PathBuf> {
+        let ca = self.state.path().join("ca");
+        vec![
+            ca.join("swtpm-localca-rootca-cert.pem"),
+            ca.join("issuercert.pem"),
+        ]
     }
 
     pub fn tcti(&self) -> String {

@@ -47,6 +47,17 @@ fn verify(dir: &Path, peer: &str, extra: &[&str]) -> (i32, String) {
     )
 }
 
+/// The terminal's line in the operator's status file.
+fn terminal_status(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("data/status.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["terminals"]
+        .as_array()?
+        .iter()
+        .find(|t| t["terminal"] == TERMINAL)
+        .cloned()
+}
+
 /// The certificate line of the terminal in the operator's status file.
 fn cert_status(dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("data/status.json")).ok()?;
@@ -118,7 +129,7 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
 
     let port = free_port();
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut operator = start_operator(dir, port, &lines);
+    let mut operator = start_operator(dir, port, &lines, &tpm.manufacturer_ca());
     let present_port = free_port();
     let peer = format!("127.0.0.1:{present_port}");
     std::fs::write(
@@ -163,6 +174,14 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
     );
     let first = cert_status(dir).expect("status");
     assert_eq!(first["audit"], "passed (Quoted)", "{first}");
+    // The TPM proved itself at enrolment: its EK certificate chains to the
+    // manufacturer's CA, and it activated the credential for its AK.
+    assert_eq!(
+        terminal_status(dir).expect("status")["tpm"],
+        "proven",
+        "{:?}",
+        terminal_status(dir)
+    );
     let (code, text) = verify(
         dir,
         &peer,
@@ -394,7 +413,7 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
         .expect("TPM")
         .extend_pcr(7, [0x77; 32])
         .expect("extend PCR 7");
-    let _operator = start_operator(dir, port, &lines);
+    let _operator = start_operator(dir, port, &lines, &tpm.manufacturer_ca());
     agent_process = start_agent(dir);
     let failed_on_pcr = || {
         cert_status(dir).is_some_and(|c| {
@@ -430,7 +449,12 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
     drop(agent_process);
 }
 
-fn start_operator(dir: &Path, port: u16, lines: &Arc<Mutex<Vec<String>>>) -> Running {
+fn start_operator(
+    dir: &Path,
+    port: u16,
+    lines: &Arc<Mutex<Vec<String>>>,
+    tpm_ca: &[std::path::PathBuf],
+) -> Running {
     let mut operator = Command::new(binary("tenet"))
         .args([
             "operator",
@@ -443,6 +467,11 @@ fn start_operator(dir: &Path, port: u16, lines: &Arc<Mutex<Vec<String>>>) -> Run
             "--listen",
         ])
         .arg(format!("127.0.0.1:{port}"))
+        .args(
+            tpm_ca
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--tpm-ca"), p.as_os_str()]),
+        )
         .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(
@@ -462,8 +491,9 @@ fn start_operator(dir: &Path, port: u16, lines: &Arc<Mutex<Vec<String>>>) -> Run
         }
     });
     let running = Running(operator);
-    wait_until(Duration::from_secs(30), "the operator's data", || {
+    wait_until(Duration::from_secs(30), "the operator's gateway", || {
         dir.join("data/dispatch.key.pub").exists()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     running
 }
@@ -494,4 +524,68 @@ impl CloneKey for KeyPair {
     fn clone_key(&self) -> KeyPair {
         KeyPair::from_pkcs8_pem(&self.to_pkcs8_pem().expect("pem")).expect("key")
     }
+}
+
+/// A TPM that cannot prove itself counts as none: the operator trusts
+/// another manufacturer than the one that certified this TPM's EK, so the
+/// terminal's TPM is only claimed, its quotes count for nothing, and its
+/// level is capped at 60 although every policy is met.
+#[test]
+fn an_unproven_tpm_is_capped_as_if_there_were_none() {
+    let Some(tpm) = Swtpm::start() else { return };
+    let Some(other) = Swtpm::start() else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    std::fs::write(
+        dir.join("policies/posture.yaml"),
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: antivirus, namespace: it }\nspec:\n  selector: { matchLabels: { site: nagoya } }\n  requirements:\n    - service: { name: clamav-daemon, state: running }\n  certificate: { validity: 1h, renewBefore: 15m, minimumLevel: 50 }\n",
+    )
+    .expect("policy");
+    std::fs::write(dir.join("inventory.yaml"), inventory("120.0-1", "running")).expect("inv");
+    let port = free_port();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let _operator = start_operator(dir, port, &lines, &other.manufacturer_ca());
+    std::fs::write(
+        dir.join("agent.yaml"),
+        format!(
+            "terminal: {TERMINAL}\ndata: agent-data\nlabels: {{ site: nagoya }}\ninventory: {{ file: inventory.yaml }}\nidentity:\n  tpm: {{ tcti: \"{}\" }}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n",
+            tpm.tcti()
+        ),
+    )
+    .expect("agent config");
+    let (token, fingerprint) = create_token(dir, &["--terminal", TERMINAL]);
+    let out = agent(
+        dir,
+        &[
+            "enrol",
+            "--config",
+            "agent.yaml",
+            "--token",
+            &token,
+            "--ca-fingerprint",
+            &fingerprint,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _agent = start_agent(dir);
+    wait_until(Duration::from_secs(30), "a certificate", || {
+        cert_status(dir).is_some_and(|c| c["level"].is_u64())
+    });
+    let c = cert_status(dir).expect("status");
+    assert_eq!(c["level"], 60, "{c}");
+    assert_eq!(c["audit"], "passed (Claimed)", "{c}");
+    let t = terminal_status(dir).expect("status");
+    assert!(
+        t["tpm"].as_str().is_some_and(|s| s.starts_with(
+            "claimed: the EK certificate does not chain to a configured TPM manufacturer root"
+        )),
+        "{t}"
+    );
 }

@@ -14,10 +14,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tenet::fleet::StandaloneFleet;
 use tenet::gateway::{Gateway, Limits, TlsAcceptor};
-use tenet::tpm_trust::TpmRoots;
 use tenet::pki::Ca;
 use tenet::reconcile::state::Retry;
 use tenet::store::{Store, TokenRecord};
+use tenet::tpm_trust::{TpmRoots, TpmTrust};
 use tenet_agent::connection::{ConnError, enrolment_tls, exchange_enrolment, no_tpm, session_tls};
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
 use tenet_protocol::inventory::{Inventory, InventoryReport};
@@ -52,6 +52,10 @@ struct Operator {
 
 impl Operator {
     fn start(limits: Limits) -> Operator {
+        Operator::start_with(limits, TpmRoots::default())
+    }
+
+    fn start_with(limits: Limits, tpm_roots: TpmRoots) -> Operator {
         let dir = tempfile::tempdir().expect("tempdir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -72,7 +76,8 @@ impl Operator {
                 )
                 .expect("token");
         }
-        let (fleet, changes) = StandaloneFleet::new(store.clone(), Retry::default(), now_ms, || 0.0);
+        let (fleet, changes) =
+            StandaloneFleet::new(store.clone(), Retry::default(), now_ms, || 0.0);
         // Nobody runs the reconcile loop here; its channel may fill.
         drop(changes);
         let fleet = Arc::new(fleet);
@@ -94,7 +99,7 @@ impl Operator {
             client_cert_validity: Duration::from_secs(3600),
             now_ms,
             limits,
-            tpm_roots: Arc::new(TpmRoots::default()),
+            tpm_roots: Arc::new(tpm_roots),
         });
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -154,9 +159,22 @@ async fn enrol_with_csr(
     token: &str,
     csr_pem: Option<&str>,
 ) -> Result<Device, String> {
+    enrol_claiming(op, name, token, csr_pem, |_| {}, no_tpm).await
+}
+
+/// Enrol with the request changed by `claim` (a TPM, its keys), answering
+/// a credential activation with `activate`.
+async fn enrol_claiming(
+    op: &Operator,
+    name: &str,
+    token: &str,
+    csr_pem: Option<&str>,
+    claim: impl FnOnce(&mut EnrolmentRequest),
+    activate: impl FnOnce(&[u8], &[u8]) -> Result<Vec<u8>, String>,
+) -> Result<Device, String> {
     let identity = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
     let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
-    let request = EnrolmentRequest {
+    let mut request = EnrolmentRequest {
         token: token.into(),
         terminal: name.into(),
         labels: BTreeMap::new(),
@@ -167,13 +185,14 @@ async fn enrol_with_csr(
         tls_csr_pem: csr_pem.map_or_else(|| csr(name, &tls_key), str::to_string),
         requested_at_ms: now_ms(),
     };
+    claim(&mut request);
     let signed = SignedMessage::signed(&request, &identity)
         .expect("sign")
         .encode();
     let tls = connect(op, enrolment_tls(op.fingerprint).expect("tls"))
         .await
         .map_err(|e| e.to_string())?;
-    match exchange_enrolment(tls, signed, op.fingerprint, name, no_tpm).await {
+    match exchange_enrolment(tls, signed, op.fingerprint, name, activate).await {
         Ok(response) => Ok(Device {
             name: name.into(),
             identity,
@@ -245,7 +264,10 @@ impl Device {
 /// (true), or the gateway closes it (false).
 async fn serves(tls: &mut Tls, inventory: Vec<u8>) -> bool {
     let digest = sha256(&inventory);
-    if write_frame(tls, &ToOperator::Inventory(inventory)).await.is_err() {
+    if write_frame(tls, &ToOperator::Inventory(inventory))
+        .await
+        .is_err()
+    {
         return false;
     }
     loop {
@@ -266,7 +288,9 @@ async fn closed(tls: &mut Tls) {
 fn names_that_could_pass_for_another_terminal_are_refused_at_enrolment() {
     let op = Operator::start(Limits::default());
     op.run(async {
-        enrol(&op, "nagoya-ward3-01", "batch").await.expect("victim");
+        enrol(&op, "nagoya-ward3-01", "batch")
+            .await
+            .expect("victim");
         // Names matched as DNS names (case-insensitive, wildcards) let these
         // open the victim's sessions; now they are not names at all.
         for (impostor, why) in [
@@ -278,7 +302,10 @@ fn names_that_could_pass_for_another_terminal_are_refused_at_enrolment() {
                 "*.nagoya.example",
                 "'*' is not allowed (lower-case letters, digits, '-' and '.' are)",
             ),
-            ("nagoya-ward3-01\n", "'\\n' is not allowed (lower-case letters, digits, '-' and '.' are)"),
+            (
+                "nagoya-ward3-01\n",
+                "'\\n' is not allowed (lower-case letters, digits, '-' and '.' are)",
+            ),
         ] {
             assert_eq!(
                 enrol(&op, impostor, "batch").await.err(),
@@ -305,7 +332,9 @@ fn a_session_needs_the_key_enrolled_for_that_terminal() {
         // a new device. The old device's certificate names the terminal
         // exactly, and is still unexpired: it opens nothing any more.
         assert!(op.store.forget_terminal("nagoya-ward3-01"));
-        let new = enrol(&op, "nagoya-ward3-01", "batch").await.expect("re-enrol");
+        let new = enrol(&op, "nagoya-ward3-01", "batch")
+            .await
+            .expect("re-enrol");
         let mut s = old.hello_as(&op, "nagoya-ward3-01").await;
         assert!(!serves(&mut s, old.inventory("nagoya-ward3-01")).await);
         let mut s = new.hello_as(&op, "nagoya-ward3-01").await;
@@ -330,7 +359,10 @@ fn a_renewal_moves_the_session_binding_to_the_new_key() {
         .await
         .expect("renew");
         let cert2 = loop {
-            match read_frame::<_, ToAgent>(&mut s, 1 << 20).await.expect("answer") {
+            match read_frame::<_, ToAgent>(&mut s, 1 << 20)
+                .await
+                .expect("answer")
+            {
                 ToAgent::Certificate { pem } => break pem,
                 ToAgent::RenewalRefused { reason } => panic!("renewal refused: {reason}"),
                 _ => continue,
@@ -404,7 +436,9 @@ fn an_oversized_first_frame_is_refused_before_it_is_read() {
             .await
             .expect("tls");
         // Announce 16 MiB, send a little of it.
-        tls.write_all(&(16u32 << 20).to_be_bytes()).await.expect("header");
+        tls.write_all(&(16u32 << 20).to_be_bytes())
+            .await
+            .expect("header");
         tls.write_all(&[0u8; 1024]).await.expect("body");
         tls.flush().await.expect("flush");
         let mut rest = Vec::new();
@@ -476,7 +510,9 @@ fn a_silent_session_is_pinged_then_closed() {
         // Answering pings keeps it open.
         for _ in 0..3 {
             assert_eq!(
-                read_frame::<_, ToAgent>(&mut s, 1 << 20).await.expect("ping"),
+                read_frame::<_, ToAgent>(&mut s, 1 << 20)
+                    .await
+                    .expect("ping"),
                 ToAgent::Ping
             );
             write_frame(&mut s, &ToOperator::Pong).await.expect("pong");
@@ -484,7 +520,9 @@ fn a_silent_session_is_pinged_then_closed() {
         assert!(serves(&mut s, d.inventory(&d.name)).await);
         // Not answering closes it.
         assert_eq!(
-            read_frame::<_, ToAgent>(&mut s, 1 << 20).await.expect("ping"),
+            read_frame::<_, ToAgent>(&mut s, 1 << 20)
+                .await
+                .expect("ping"),
             ToAgent::Ping
         );
         closed(&mut s).await;
@@ -543,4 +581,141 @@ fn the_metrics_listener_outlives_running_out_of_file_descriptors() {
     });
     let log = std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// The TPM trust the operator recorded for `terminal`.
+fn tpm_trust(op: &Operator, terminal: &str) -> TpmTrust {
+    op.store
+        .terminal(terminal)
+        .expect("db")
+        .expect("enrolled")
+        .tpm_trust
+}
+
+#[test]
+fn only_a_tpm_that_proves_itself_counts_as_one() {
+    let Some(swtpm) = tenet_e2e::Swtpm::start() else {
+        return;
+    };
+    let roots = TpmRoots::load(&swtpm.manufacturer_ca()).expect("manufacturer CA");
+    let op = Operator::start_with(Limits::default(), roots);
+    let tpm = tenet_agent::tpm::TpmIdentity::open(&swtpm.tcti()).expect("TPM");
+    let real_ak = tpm.attestation_key().expect("AK");
+    let real_ek = tpm
+        .ek_certificate()
+        .expect("swtpm_setup wrote an EK certificate");
+    let software_ak = KeyPair::generate(Algorithm::EcdsaP256)
+        .expect("key")
+        .public_key();
+    let claim = |ak: &tenet_protocol::PublicKey, ek: Option<Vec<u8>>| {
+        let ak = ak.clone();
+        move |r: &mut EnrolmentRequest| {
+            r.tpm = true;
+            r.attestation_key = Some(ak);
+            r.ek_certificate = ek;
+        }
+    };
+    // A forged EK certificate: a CA of the attacker's own.
+    let forged_ek = {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let ek_key = rcgen::KeyPair::generate().expect("key");
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .signed_by(&ek_key, &issuer)
+            .expect("ek")
+            .der()
+            .to_vec()
+    };
+    op.run(async {
+        // 1. A software key said to be the AK, nothing else: claimed.
+        enrol_claiming(
+            &op,
+            "soft-01",
+            "batch",
+            None,
+            claim(&software_ak, None),
+            no_tpm,
+        )
+        .await
+        .expect("enrolled");
+        // 2. A forged EK certificate: claimed, with the reason.
+        enrol_claiming(
+            &op,
+            "forged-01",
+            "batch",
+            None,
+            claim(&software_ak, Some(forged_ek)),
+            no_tpm,
+        )
+        .await
+        .expect("enrolled");
+        // 3. The genuine EK certificate (copied) with a software AK: the
+        // operator's credential is sealed to the real TPM, which cannot open
+        // it for an AK it does not hold; the attacker cannot open it at all.
+        enrol_claiming(
+            &op,
+            "copied-ek-01",
+            "batch",
+            None,
+            claim(&software_ak, Some(real_ek.clone())),
+            |blob, secret| {
+                tpm.activate_credential(blob, secret)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
+        .expect("enrolled");
+        enrol_claiming(
+            &op,
+            "copied-ek-02",
+            "batch",
+            None,
+            claim(&software_ak, Some(real_ek.clone())),
+            |_, _| Ok(vec![0x42; 32]),
+        )
+        .await
+        .expect("enrolled");
+        // 4. The real TPM with its own AK and EK: proven.
+        enrol_claiming(
+            &op,
+            "genuine-01",
+            "batch",
+            None,
+            claim(&real_ak, Some(real_ek.clone())),
+            |blob, secret| {
+                tpm.activate_credential(blob, secret)
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await
+        .expect("enrolled");
+    });
+    let claimed = |name: &str| match tpm_trust(&op, name) {
+        TpmTrust::Claimed { reason } => reason,
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(
+        claimed("soft-01"),
+        "no attestation key or EK certificate was sent"
+    );
+    assert!(
+        claimed("forged-01")
+            .starts_with("the EK certificate does not chain to a configured TPM manufacturer root"),
+        "{}",
+        claimed("forged-01")
+    );
+    assert!(
+        claimed("copied-ek-01")
+            .starts_with("the terminal's TPM could not activate the credential: "),
+        "{}",
+        claimed("copied-ek-01")
+    );
+    assert_eq!(
+        claimed("copied-ek-02"),
+        "the TPM recovered another secret: the attestation key is not in the TPM the EK certificate belongs to"
+    );
+    assert_eq!(tpm_trust(&op, "genuine-01"), TpmTrust::Proven);
 }

@@ -413,6 +413,12 @@ fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     }
 }
 
+/// A pinned PCR value: 64 hex digits (an optional `sha256:` prefix).
+pub fn pinned_value(text: &str) -> Option<[u8; 32]> {
+    let hex_digits = text.strip_prefix("sha256:").unwrap_or(text);
+    hex::decode(hex_digits).ok()?.try_into().ok()
+}
+
 /// The longest validity a security certificate may have: 30 days. Expiry
 /// is the only revocation, so a longer one would vouch for a posture
 /// long gone (and a huge one overflowed the expiry time).
@@ -451,6 +457,26 @@ fn check_certificate(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
             "spec.certificate.minimumLevel",
             "must be between 0 and 100",
         ));
+    }
+    for (index, value) in &c.expected_pcrs {
+        let path = format!("spec.certificate.expectedPcrs.{index}");
+        match index.parse::<u32>() {
+            Ok(i) if c.pcrs.contains(&i) => {}
+            Ok(i) if i <= 23 => errors.push(FieldError::new(
+                path.clone(),
+                format!("PCR {i} is pinned but not quoted: add it to spec.certificate.pcrs"),
+            )),
+            _ => errors.push(FieldError::new(
+                path.clone(),
+                format!("{index:?} is not a PCR index (0 to 23)"),
+            )),
+        }
+        if pinned_value(value).is_none() {
+            errors.push(FieldError::new(
+                path,
+                format!("{value:?} is not a SHA-256 value (64 hex digits)"),
+            ));
+        }
     }
 }
 

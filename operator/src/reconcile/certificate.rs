@@ -33,6 +33,9 @@ pub struct CertPolicy {
     pub minimum_level: u8,
     /// PCRs to quote (SHA-256 bank).
     pub pcrs: Vec<u8>,
+    /// Values the admins pinned for some of them (ascending by index);
+    /// empty: the first verified quote sets the baseline.
+    pub pinned: Vec<PcrValue>,
 }
 
 /// The certificate currently issued.
@@ -56,6 +59,8 @@ pub enum Audit {
         at_ms: u64,
         /// The PCRs asked for.
         pcrs: Vec<u8>,
+        /// The values the policy pins, at the time of the request.
+        pinned: Vec<PcrValue>,
     },
     /// The external audit accepted the agent's report.
     Passed {
@@ -283,6 +288,7 @@ pub fn external_audit(
     attestation_key: Option<&PublicKey>,
     tpm: &TpmTrust,
     pcrs: &[u8],
+    pinned: &[PcrValue],
     baseline: Option<&[PcrValue]>,
     inventory: Option<&Inventory>,
 ) -> Result<(AuditAttestation, Option<Vec<PcrValue>>), String> {
@@ -335,10 +341,17 @@ pub fn external_audit(
     if quoted != wanted {
         return Err(format!("the quote covers PCRs {quoted:?}, not {wanted:?}"));
     }
-    verify_quote(quote, key, expected_nonce, baseline).map_err(|e| e.to_string())?;
+    // Pinned values are checked from the first quote on; without them the
+    // first verified quote sets the baseline (trust on first use).
+    let expected = if pinned.is_empty() {
+        baseline
+    } else {
+        Some(pinned)
+    };
+    verify_quote(quote, key, expected_nonce, expected).map_err(|e| e.to_string())?;
     Ok((
         AuditAttestation::Quoted,
-        baseline.is_none().then(|| quote.pcrs.clone()),
+        expected.is_none().then(|| quote.pcrs.clone()),
     ))
 }
 
@@ -415,6 +428,7 @@ mod tests {
             renew_before_ms: 900_000,
             minimum_level: 60,
             pcrs: (0..8).collect(),
+            pinned: vec![],
         }
     }
 
@@ -441,6 +455,101 @@ mod tests {
     const ALL: &[(u32, bool)] = &[(1, true), (1, true)];
     const HALF: &[(u32, bool)] = &[(1, true), (1, false)];
 
+    /// An audit report whose quote a software "attestation key" forged:
+    /// any PCR values, signed over the right nonce.
+    fn forged(ak: &KeyPair, nonce: [u8; 32]) -> AuditReport {
+        let pcrs: Vec<PcrValue> = (0..8)
+            .map(|index| PcrValue {
+                index,
+                sha256: [0x42; 32],
+            })
+            .collect();
+        let attest = tenet_protocol::audit::marshal_quote(&nonce, &pcrs, 1);
+        AuditReport {
+            terminal: "ward-01".into(),
+            nonce,
+            audited_at_ms: NOW,
+            presentation_key: ak.public_key(),
+            posture: Default::default(),
+            quote: Some(tenet_protocol::audit::Quote {
+                signature: ak.sign(&attest).expect("sign"),
+                attest,
+                pcrs,
+            }),
+        }
+    }
+
+    #[test]
+    fn quotes_of_an_unproven_tpm_count_for_nothing() {
+        let ak = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
+        let report = forged(&ak, [9; 32]);
+        let pcrs: Vec<u8> = (0..8).collect();
+        let audit = |trust: &TpmTrust| {
+            external_audit(
+                &report,
+                &[9; 32],
+                Some(&ak.public_key()),
+                trust,
+                &pcrs,
+                &[],
+                None,
+                None,
+            )
+        };
+        // Had the key been proven (the old code took the enrolment's word for
+        // it), the forged quote would count and its PCRs become the baseline.
+        let (attestation, baseline) = audit(&TpmTrust::Proven).expect("verifies");
+        assert_eq!(attestation, AuditAttestation::Quoted);
+        assert!(baseline.is_some());
+        // Claimed, not proven: nothing of the quote is used.
+        let claimed = TpmTrust::Claimed {
+            reason: "no attestation key or EK certificate was sent".into(),
+        };
+        assert_eq!(audit(&claimed), Ok((AuditAttestation::Claimed, None)));
+        assert_eq!(
+            attestation_level_of(AuditAttestation::Claimed),
+            Attestation::NoTpm,
+            "capped as without a TPM"
+        );
+    }
+
+    #[test]
+    fn pinned_pcr_values_are_checked_from_the_first_quote() {
+        let ak = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
+        let report = forged(&ak, [9; 32]);
+        let pcrs: Vec<u8> = (0..8).collect();
+        let audit = |pinned: &[PcrValue]| {
+            external_audit(
+                &report,
+                &[9; 32],
+                Some(&ak.public_key()),
+                &TpmTrust::Proven,
+                &pcrs,
+                pinned,
+                None,
+                None,
+            )
+        };
+        // The admins pinned PCR 7 to another value: the very first quote fails.
+        let other = [PcrValue {
+            index: 7,
+            sha256: [0x07; 32],
+        }];
+        let refused = audit(&other).expect_err("refused");
+        assert!(refused.starts_with("PCR 7 is "), "{refused}");
+        // Pinned to what the terminal shows: quoted, and no baseline is
+        // taken from the quote (the pin stays the reference).
+        let same = [PcrValue {
+            index: 7,
+            sha256: [0x42; 32],
+        }];
+        assert_eq!(audit(&same), Ok((AuditAttestation::Quoted, None)));
+    }
+
+    fn attestation_level_of(a: AuditAttestation) -> Attestation {
+        attestation(&passed(NOW, a))
+    }
+
     #[test]
     fn first_an_audit_then_a_certificate() {
         let p = policy();
@@ -451,6 +560,7 @@ mod tests {
         r.audit = Audit::Requested {
             nonce: [0; 32],
             pcrs: vec![],
+            pinned: vec![],
             at_ms: NOW,
         };
         assert_eq!(decide(&r, &p, ALL, true, NOW + 1_000), Step::Nothing);
@@ -603,6 +713,7 @@ mod tests {
         r.audit = Audit::Requested {
             nonce: [0; 32],
             pcrs: vec![],
+            pinned: vec![],
             at_ms: NOW + 2_700_000,
         };
         let c = conditions(&r, NOW + 2_700_001);

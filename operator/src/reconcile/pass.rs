@@ -543,7 +543,12 @@ mod tests {
                 tls_csr_pem: String::new(),
                 requested_at_ms: NOW,
             };
-            assert_eq!(store.enrol(&req, [0; 32], crate::tpm_trust::TpmTrust::None, NOW).expect("db"), Ok(()));
+            assert_eq!(
+                store
+                    .enrol(&req, [0; 32], crate::tpm_trust::TpmTrust::None, NOW)
+                    .expect("db"),
+                Ok(())
+            );
             set_inventory(&store, name, version, 1, NOW);
         }
         let bundle = Bundle {
