@@ -281,9 +281,8 @@ impl TpmIdentity {
                     c.activate_credential(ak, ek, blob, secret)
                 })
             })();
-            if let Some(handle) = tss_esapi::handles::SessionHandle::try_from(session).ok() {
-                let _ = ctx.flush_context(handle.into());
-            }
+            let handle = tss_esapi::handles::SessionHandle::from(session);
+            let _ = ctx.flush_context(handle.into());
             result
         });
         self.flush(ek);

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::gateway::{Fleet, FleetError, Session, SessionTx, Sessions};
 use crate::pki::ClientKey;
-use crate::reconcile::certificate::{Audit, external_audit};
+use crate::reconcile::certificate::{Audit, Expected, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoreError, StoredInventory};
 use crate::tpm_trust::TpmTrust;
@@ -310,32 +310,32 @@ impl StandaloneFleet {
             .ok_or_else(|| Rejection::Malformed(format!("{terminal} is not enrolled")))?;
         let inventory = self.store.inventory(terminal).map_err(store_err)?;
         let now = (self.now_ms)();
-        record.audit = match external_audit(
-            &report,
+        let expected = Expected {
             nonce,
-            enrolled.attestation_key.as_ref(),
-            &enrolled.tpm_trust,
+            attestation_key: enrolled.attestation_key.as_ref(),
+            tpm: &enrolled.tpm_trust,
             pcrs,
             pinned,
-            record.baseline.as_deref(),
-            inventory.as_ref().map(|i| &i.inventory),
-        ) {
-            Ok((attestation, baseline)) => {
-                if baseline.is_some() {
-                    record.baseline = baseline;
-                }
-                tracing::info!(terminal, ?attestation, "audit passed");
-                Audit::Passed {
-                    at_ms: now,
-                    attestation,
-                    presentation_key: report.presentation_key,
-                }
-            }
-            Err(reason) => {
-                tracing::warn!(terminal, %reason, "audit failed");
-                Audit::Failed { at_ms: now, reason }
-            }
+            baseline: record.baseline.as_deref(),
         };
+        record.audit =
+            match external_audit(&report, &expected, inventory.as_ref().map(|i| &i.inventory)) {
+                Ok((attestation, baseline)) => {
+                    if baseline.is_some() {
+                        record.baseline = baseline;
+                    }
+                    tracing::info!(terminal, ?attestation, "audit passed");
+                    Audit::Passed {
+                        at_ms: now,
+                        attestation,
+                        presentation_key: report.presentation_key,
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(terminal, %reason, "audit failed");
+                    Audit::Failed { at_ms: now, reason }
+                }
+            };
         self.store.set_certificate(terminal, &record);
         let _ = self.changes.send(Change::Inventory(terminal.to_string()));
         Ok(())

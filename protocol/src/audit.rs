@@ -334,6 +334,46 @@ pub fn marshal_quote(extra_data: &[u8], pcrs: &[PcrValue], clock_ms: u64) -> Vec
     out
 }
 
+/// The marshalled TPMT_PUBLIC of the attestation key the agent derives
+/// for `key`: its fixed template (ECDSA P-256 over SHA-256, restricted
+/// signing, fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, no
+/// policy) with the point filled in. What the TPM hashes into the key's
+/// name; `None` for a key that is not P-256.
+pub fn attestation_key_public_area(key: &PublicKey) -> Option<Vec<u8>> {
+    let PublicKey::EcdsaP256(k) = key else {
+        return None;
+    };
+    let point = k.to_sec1_point(false);
+    let xy = point.as_bytes().get(1..65)?;
+    let mut out = Vec::with_capacity(92);
+    let u16be = |out: &mut Vec<u8>, v: u16| out.extend_from_slice(&v.to_be_bytes());
+    u16be(&mut out, 0x0023); // type: TPM_ALG_ECC
+    u16be(&mut out, 0x000B); // nameAlg: TPM_ALG_SHA256
+    // fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | restricted | sign
+    out.extend_from_slice(&0x0005_0072u32.to_be_bytes());
+    u16be(&mut out, 0); // authPolicy: empty
+    u16be(&mut out, 0x0010); // symmetric: TPM_ALG_NULL
+    u16be(&mut out, 0x0018); // scheme: TPM_ALG_ECDSA
+    u16be(&mut out, 0x000B); //   with SHA-256
+    u16be(&mut out, 0x0003); // curve: TPM_ECC_NIST_P256
+    u16be(&mut out, 0x0010); // kdf: TPM_ALG_NULL
+    for half in [&xy[..32], &xy[32..]] {
+        u16be(&mut out, 32);
+        out.extend_from_slice(half);
+    }
+    Some(out)
+}
+
+/// The TPM name of the attestation key for `key`: the name algorithm
+/// (SHA-256) and the digest of its public area. Credential activation
+/// binds a secret to it.
+pub fn attestation_key_name(key: &PublicKey) -> Option<Vec<u8>> {
+    let area = attestation_key_public_area(key)?;
+    let mut name = vec![0x00, 0x0B];
+    name.extend_from_slice(&sha256(&area));
+    Some(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,44 +475,4 @@ mod tests {
             Err(QuoteError::Malformed(_))
         ));
     }
-}
-
-/// The marshalled TPMT_PUBLIC of the attestation key the agent derives
-/// for `key`: its fixed template (ECDSA P-256 over SHA-256, restricted
-/// signing, fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, no
-/// policy) with the point filled in. What the TPM hashes into the key's
-/// name; `None` for a key that is not P-256.
-pub fn attestation_key_public_area(key: &PublicKey) -> Option<Vec<u8>> {
-    let PublicKey::EcdsaP256(k) = key else {
-        return None;
-    };
-    let point = k.to_sec1_point(false);
-    let xy = point.as_bytes().get(1..65)?;
-    let mut out = Vec::with_capacity(92);
-    let u16be = |out: &mut Vec<u8>, v: u16| out.extend_from_slice(&v.to_be_bytes());
-    u16be(&mut out, 0x0023); // type: TPM_ALG_ECC
-    u16be(&mut out, 0x000B); // nameAlg: TPM_ALG_SHA256
-    // fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | restricted | sign
-    out.extend_from_slice(&0x0005_0072u32.to_be_bytes());
-    u16be(&mut out, 0); // authPolicy: empty
-    u16be(&mut out, 0x0010); // symmetric: TPM_ALG_NULL
-    u16be(&mut out, 0x0018); // scheme: TPM_ALG_ECDSA
-    u16be(&mut out, 0x000B); //   with SHA-256
-    u16be(&mut out, 0x0003); // curve: TPM_ECC_NIST_P256
-    u16be(&mut out, 0x0010); // kdf: TPM_ALG_NULL
-    for half in [&xy[..32], &xy[32..]] {
-        u16be(&mut out, 32);
-        out.extend_from_slice(half);
-    }
-    Some(out)
-}
-
-/// The TPM name of the attestation key for `key`: the name algorithm
-/// (SHA-256) and the digest of its public area. Credential activation
-/// binds a secret to it.
-pub fn attestation_key_name(key: &PublicKey) -> Option<Vec<u8>> {
-    let area = attestation_key_public_area(key)?;
-    let mut name = vec![0x00, 0x0B];
-    name.extend_from_slice(&sha256(&area));
-    Some(name)
 }

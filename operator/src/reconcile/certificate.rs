@@ -275,6 +275,22 @@ pub fn decide(
     }
 }
 
+/// What an audit report must show: the request's nonce and PCRs, and what
+/// the operator knows of the terminal's TPM.
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    pub nonce: &'a [u8; 32],
+    /// The attestation key registered at enrolment.
+    pub attestation_key: Option<&'a PublicKey>,
+    pub tpm: &'a TpmTrust,
+    /// The PCRs asked for.
+    pub pcrs: &'a [u8],
+    /// Values the policy pins (checked from the first quote on).
+    pub pinned: &'a [PcrValue],
+    /// The values the first verified quote showed, when nothing is pinned.
+    pub baseline: Option<&'a [PcrValue]>,
+}
+
 /// The issuer's external audit of an agent's (signature-verified) audit
 /// report: the nonce is the one sent; with a TPM, the quote verifies with
 /// the attestation key registered at enrolment, covers the policy's PCRs
@@ -284,14 +300,17 @@ pub fn decide(
 /// baseline when this quote set it.
 pub fn external_audit(
     report: &AuditReport,
-    expected_nonce: &[u8; 32],
-    attestation_key: Option<&PublicKey>,
-    tpm: &TpmTrust,
-    pcrs: &[u8],
-    pinned: &[PcrValue],
-    baseline: Option<&[PcrValue]>,
+    expected: &Expected<'_>,
     inventory: Option<&Inventory>,
 ) -> Result<(AuditAttestation, Option<Vec<PcrValue>>), String> {
+    let Expected {
+        nonce: expected_nonce,
+        attestation_key,
+        tpm,
+        pcrs,
+        pinned,
+        baseline,
+    } = *expected;
     if report.nonce != *expected_nonce {
         return Err("the audit answers another request (wrong nonce)".into());
     }
@@ -485,16 +504,16 @@ mod tests {
         let report = forged(&ak, [9; 32]);
         let pcrs: Vec<u8> = (0..8).collect();
         let audit = |trust: &TpmTrust| {
-            external_audit(
-                &report,
-                &[9; 32],
-                Some(&ak.public_key()),
-                trust,
-                &pcrs,
-                &[],
-                None,
-                None,
-            )
+            let key = ak.public_key();
+            let expected = Expected {
+                nonce: &[9; 32],
+                attestation_key: Some(&key),
+                tpm: trust,
+                pcrs: &pcrs,
+                pinned: &[],
+                baseline: None,
+            };
+            external_audit(&report, &expected, None)
         };
         // Had the key been proven (the old code took the enrolment's word for
         // it), the forged quote would count and its PCRs become the baseline.
@@ -519,16 +538,16 @@ mod tests {
         let report = forged(&ak, [9; 32]);
         let pcrs: Vec<u8> = (0..8).collect();
         let audit = |pinned: &[PcrValue]| {
-            external_audit(
-                &report,
-                &[9; 32],
-                Some(&ak.public_key()),
-                &TpmTrust::Proven,
-                &pcrs,
+            let key = ak.public_key();
+            let expected = Expected {
+                nonce: &[9; 32],
+                attestation_key: Some(&key),
+                tpm: &TpmTrust::Proven,
+                pcrs: &pcrs,
                 pinned,
-                None,
-                None,
-            )
+                baseline: None,
+            };
+            external_audit(&report, &expected, None)
         };
         // The admins pinned PCR 7 to another value: the very first quote fails.
         let other = [PcrValue {
