@@ -225,8 +225,12 @@ pub fn presentation_tls(terminal: &str) -> Result<rustls::ServerConfig, String> 
 /// comparison): an internal audit on every request.
 pub type SyncAudit = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
-/// Peers served at once by the presentation listener; one more is closed.
+/// Peers served at once by the presentation listener, in all and from one
+/// address; one more is closed.
 pub const MAX_PEERS: usize = 1024;
+pub const MAX_PEERS_PER_ADDRESS: usize = 64;
+/// How long one peer connection may last, however busy.
+const PEER_LIFETIME: Duration = Duration::from_secs(600);
 /// How long a peer has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a connection may stay silent between two challenges.
@@ -243,38 +247,44 @@ pub async fn serve(
     now_ms: fn() -> u64,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tenet_protocol::listen::accept_loop(listener, MAX_PEERS, move |tcp, _| {
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let presenter = presenter.clone();
-        let sync_audit = sync_audit.clone();
-        async move {
-            let Ok(Ok(mut tls)) =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            else {
-                return;
-            };
-            // One connection may ask again and again.
-            loop {
-                let answered = tenet_protocol::present_tls::answer(&mut tls, |bound| {
-                    let presenter = presenter.clone();
-                    let sync_audit = sync_audit.clone();
-                    async move {
-                        if let Some(audit) = sync_audit {
-                            match tokio::task::spawn_blocking(move || audit()).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(e)) => return PresentAnswer::Unavailable(e),
-                                Err(e) => return PresentAnswer::Unavailable(e.to_string()),
+    tenet_protocol::listen::accept_loop(
+        listener,
+        MAX_PEERS,
+        MAX_PEERS_PER_ADDRESS,
+        move |tcp, _| {
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let presenter = presenter.clone();
+            let sync_audit = sync_audit.clone();
+            async move {
+                let Ok(Ok(mut tls)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                // One connection may ask again and again, for a while.
+                let until = tokio::time::Instant::now() + PEER_LIFETIME;
+                while tokio::time::Instant::now() < until {
+                    let answered = tenet_protocol::present_tls::answer(&mut tls, |bound| {
+                        let presenter = presenter.clone();
+                        let sync_audit = sync_audit.clone();
+                        async move {
+                            if let Some(audit) = sync_audit {
+                                match tokio::task::spawn_blocking(move || audit()).await {
+                                    Ok(Ok(())) => {}
+                                    Ok(Err(e)) => return PresentAnswer::Unavailable(e),
+                                    Err(e) => return PresentAnswer::Unavailable(e.to_string()),
+                                }
                             }
+                            presenter.answer(bound, now_ms())
                         }
-                        presenter.answer(bound, now_ms())
+                    });
+                    if !matches!(tokio::time::timeout(PEER_IDLE, answered).await, Ok(Ok(_))) {
+                        break;
                     }
-                });
-                if !matches!(tokio::time::timeout(PEER_IDLE, answered).await, Ok(Ok(_))) {
-                    break;
                 }
             }
-        }
-    })
+        },
+    )
     .await;
 }

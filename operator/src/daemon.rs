@@ -706,7 +706,7 @@ impl Daemon {
                         match backend.deleted_terminals().await {
                             Ok(gone) => {
                                 for t in gone {
-                                    if data.store.forget_terminal(&t) {
+                                    if fleet.forget_terminal(&t) {
                                         let _ = writeln!(
                                             out,
                                             "terminal {t} de-enrolled (its Terminal resource was deleted)"

@@ -144,6 +144,15 @@ impl StandaloneFleet {
             .unwrap_or_default()
     }
 
+    /// De-enrol a terminal (its Terminal resource was deleted): its records
+    /// go, and its session ends now, not at its next message. Whether it
+    /// was enrolled.
+    pub fn forget_terminal(&self, terminal: &str) -> bool {
+        let gone = self.store.forget_terminal(terminal);
+        self.sessions.end(terminal);
+        gone
+    }
+
     /// The sender of a connected terminal.
     pub fn sender(&self, terminal: &str) -> Option<SessionTx> {
         self.sessions.sender(terminal)
@@ -373,28 +382,33 @@ impl Fleet for StandaloneFleet {
 
     fn connected(&self, terminal: &str, session: Session) {
         tracing::info!(terminal, session = session.id, "connected");
-        if self.sessions.insert(terminal, session) {
+        let replaced = self.sessions.insert_then(terminal, session, || {
+            if let Err(e) = self.store.set_offline_since(terminal, 0) {
+                tracing::error!(terminal, error = %e, "cannot record the connection");
+            }
+        });
+        if replaced {
             tracing::warn!(
                 terminal,
                 "a newer session replaced the terminal's older one"
             );
         }
-        if let Err(e) = self.store.set_offline_since(terminal, 0) {
-            tracing::error!(terminal, error = %e, "cannot record the connection");
-        }
         let _ = self.changes.send(Change::Connected(terminal.to_string()));
     }
 
     fn disconnected(&self, terminal: &str, id: u64) {
-        if !self.sessions.remove(terminal, id) {
+        let now = (self.now_ms)();
+        let live = self.sessions.remove_then(terminal, id, || {
+            if let Err(e) = self.store.set_offline_since(terminal, now) {
+                tracing::error!(terminal, error = %e, "cannot record the disconnection");
+            }
+        });
+        if !live {
             // A replaced session: the terminal is still connected.
             tracing::info!(terminal, session = id, "replaced session ended");
             return;
         }
         tracing::info!(terminal, session = id, "disconnected");
-        if let Err(e) = self.store.set_offline_since(terminal, (self.now_ms)()) {
-            tracing::error!(terminal, error = %e, "cannot record the disconnection");
-        }
         let _ = self
             .changes
             .send(Change::Disconnected(terminal.to_string()));
@@ -415,8 +429,12 @@ impl Fleet for StandaloneFleet {
             .inspect_err(|r| self.count(r))
     }
 
-    fn enrolled(&self, terminal: &str) -> bool {
-        self.store.is_enrolled(terminal)
+    fn still_admitted(&self, terminal: &str, client_key: &ClientKey) -> bool {
+        self.store.client_key_admitted(terminal, client_key)
+    }
+
+    fn check_enrolment(&self, request: &EnrolmentRequest) -> Result<(), String> {
+        self.store.check_enrolment(request, (self.now_ms)())
     }
 
     fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {

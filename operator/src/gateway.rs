@@ -88,10 +88,14 @@ pub trait Fleet: Send + Sync + 'static {
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
     /// A signed audit report, the answer to an audit request.
     fn audit(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError>;
-    /// Whether the terminal is (still) enrolled; its session ends when not.
-    fn enrolled(&self, _terminal: &str) -> bool {
-        true
-    }
+    /// Whether a session of `terminal` with `client_key` may still act:
+    /// the terminal is enrolled and the key is still one of its keys. Asked
+    /// on every message; the session ends when not.
+    fn still_admitted(&self, terminal: &str, client_key: &ClientKey) -> bool;
+    /// Whether an enrolment request's token would be accepted now, without
+    /// spending it: asked before the costly work (a certificate, the TPM's
+    /// credential), so a stranger without a token gets none of it.
+    fn check_enrolment(&self, request: &EnrolmentRequest) -> Result<(), String>;
     /// Wait until everything taken so far is durable: the gateway answers
     /// an enrolment and acknowledges a report only then. `Err` says why
     /// it cannot be now.
@@ -122,16 +126,32 @@ impl Sessions {
 
     /// Register `session`; true when it replaced an older one.
     pub fn insert(&self, terminal: &str, session: Session) -> bool {
-        let old = self.map().insert(terminal.to_string(), session);
+        self.insert_then(terminal, session, || ())
+    }
+
+    /// Register `session` and run `then` before anyone else can see or
+    /// change `terminal`'s session (what records it as online).
+    pub fn insert_then(&self, terminal: &str, session: Session, then: impl FnOnce()) -> bool {
+        let mut map = self.map();
+        let old = map.insert(terminal.to_string(), session);
+        then();
         old.inspect(|o| o.replaced.notify_one()).is_some()
     }
 
     /// Forget session `id` of `terminal`, when it is still the live one;
     /// true when it was.
     pub fn remove(&self, terminal: &str, id: u64) -> bool {
+        self.remove_then(terminal, id, || ())
+    }
+
+    /// Like [`Sessions::remove`], running `then` (what records the terminal
+    /// as offline) only when it was the live one, before a newer session
+    /// can register.
+    pub fn remove_then(&self, terminal: &str, id: u64, then: impl FnOnce()) -> bool {
         let mut map = self.map();
         if map.get(terminal).is_some_and(|s| s.id == id) {
             map.remove(terminal);
+            then();
             true
         } else {
             false
@@ -327,7 +347,7 @@ pub enum GatewayError {
     Refused(String),
 }
 
-pub use tenet_protocol::session::{MAX_OPENING_FRAME, read_frame, write_frame};
+pub use tenet_protocol::session::{MAX_OPENING_FRAME, read_frame, write_frame, write_message};
 
 /// Messages from authenticated agents are small but for reports with an
 /// inventory. A frame's buffer grows with the bytes that arrive.
@@ -365,6 +385,22 @@ impl Drop for OpeningSlot {
     }
 }
 
+/// The unit the per-address limit counts: an IPv4 address, or an IPv6 /64
+/// (one host gets a whole /64, and can pick any address in it).
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
+    }
+}
+
 fn next_session_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
@@ -387,7 +423,7 @@ impl Gateway {
                     continue;
                 }
             };
-            let Some(slot) = self.opening_slot(&opening, peer.ip()) else {
+            let Some(slot) = self.opening_slot(&opening, address_group(peer.ip())) else {
                 refused += 1;
                 if refused.is_power_of_two() {
                     tracing::warn!(%peer, refused, "too many connections opening (in all or from this address); connection closed");
@@ -496,6 +532,7 @@ impl Gateway {
         bytes: &[u8],
     ) -> Result<Vec<u8>, String> {
         let request = verify_enrolment_request(bytes).map_err(|e| e.to_string())?;
+        self.fleet.check_enrolment(&request)?;
         // Everything that can refuse the request comes before the token is
         // spent: the certificate is made first, and thrown away if the
         // token is then refused.
@@ -516,7 +553,7 @@ impl Gateway {
             TpmTrust::Claimed { reason } => {
                 tracing::warn!(terminal = %request.terminal, %reason, "TPM claimed, not proven: counted as no TPM");
             }
-            TpmTrust::Proven => {
+            TpmTrust::Proven { .. } => {
                 tracing::info!(terminal = %request.terminal, "TPM proven: EK certificate verified, attestation key activated");
             }
             TpmTrust::None => {}
@@ -544,6 +581,9 @@ impl Gateway {
         let (tx, mut rx) = SessionTx::channel(QUEUED_MESSAGES, self.limits.max_queued_bytes);
         let id = next_session_id();
         let replaced = Arc::new(Notify::new());
+        // The writer gives up on an agent that does not read what it is sent
+        // (one message not taken within the idle timeout), and says so.
+        let writer_gone = Arc::new(Notify::new());
         self.fleet.connected(
             &terminal,
             Session {
@@ -552,12 +592,16 @@ impl Gateway {
                 replaced: replaced.clone(),
             },
         );
+        let write_timeout = self.limits.idle_timeout;
+        let gone = writer_gone.clone();
         let writer_task = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
-                if write_frame(&mut writer, &m).await.is_err() {
+                let written = tokio::time::timeout(write_timeout, write_message(&mut writer, &m));
+                if !matches!(written.await, Ok(Ok(()))) {
                     break;
                 }
             }
+            gone.notify_one();
         });
         let result = loop {
             // One read per frame, kept across pings: a frame that arrives
@@ -567,10 +611,16 @@ impl Gateway {
             let mut pinged = false;
             let message = loop {
                 tokio::select! {
-                    m = &mut read => break m.map_err(GatewayError::from),
+                    // An ended session handles nothing more, even frames
+                    // that already arrived.
+                    biased;
                     () = replaced.notified() => break Err(GatewayError::Refused(
                         "ended: a newer session of this terminal replaced it, or it was de-enrolled".into(),
                     )),
+                    () = writer_gone.notified() => break Err(GatewayError::Refused(
+                        "the agent does not read what it is sent".into(),
+                    )),
+                    m = &mut read => break m.map_err(GatewayError::from),
                     () = tokio::time::sleep(self.limits.idle_timeout) => {
                         if pinged {
                             break Err(GatewayError::Refused("the agent stopped answering".into()));
@@ -584,9 +634,9 @@ impl Gateway {
                 Ok(m) => m,
                 Err(e) => break Err(e),
             };
-            if !self.fleet.enrolled(&terminal) {
+            if !self.fleet.still_admitted(&terminal, &key) {
                 break Err(GatewayError::Refused(format!(
-                    "{terminal} is no longer enrolled"
+                    "{terminal} is no longer enrolled with this session's key"
                 )));
             }
             let ack = match &message {
@@ -661,8 +711,8 @@ impl Gateway {
         let (Some(ak), Some(ek_der)) = (&request.attestation_key, &request.ek_certificate) else {
             return claimed("no attestation key or EK certificate was sent".into());
         };
-        let ek = match self.tpm_roots.verify_ek(ek_der, (self.now_ms)()) {
-            Ok(ek) => ek,
+        let (ek, ek_id) = match self.tpm_roots.verify_ek(ek_der, (self.now_ms)()) {
+            Ok(verified) => verified,
             Err(reason) => return claimed(reason),
         };
         let Some(name) = attestation_key_name(ak) else {
@@ -683,7 +733,7 @@ impl Gateway {
             Ok(ToOperator::CredentialActivated { secret })
                 if activation_matches(&credential.credential, &secret) =>
             {
-                TpmTrust::Proven
+                TpmTrust::Proven { ek: ek_id }
             }
             Ok(ToOperator::CredentialActivated { .. }) => claimed(
                 "the TPM recovered another secret: the attestation key is not in the TPM the EK certificate belongs to".into(),
@@ -721,5 +771,83 @@ impl Gateway {
                 reason: format!("the operator cannot record the renewal now: {e}"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenet_protocol::session::SharedBytes;
+
+    fn dispatch(bundle: &SharedBytes) -> ToAgent {
+        ToAgent::Dispatch {
+            envelope: vec![0; 1000],
+            bundle: bundle.clone(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_session_queue_is_bounded_in_bytes_and_shares_bundles() {
+        // 10 MiB bundle, 4 KiB of room: a bundle is counted once per message
+        // as its envelope only, because every message shares one copy.
+        let bundle = SharedBytes::new(vec![7; 10 << 20]);
+        let (tx, mut rx) = SessionTx::channel(64, 4096);
+        let mut queued = 0;
+        while tx.try_send(dispatch(&bundle)).is_ok() {
+            queued += 1;
+        }
+        assert_eq!(
+            queued, 3,
+            "3 x (1000 + 64) bytes fit in 4096, a 4th does not"
+        );
+        assert_eq!(tx.queued_bytes(), 3 * 1064);
+        assert_eq!(
+            std::sync::Arc::strong_count(&bundle.0),
+            4,
+            "one bundle, shared by the three queued messages"
+        );
+        // What the writer takes frees its room.
+        assert!(matches!(rx.recv().await, Some(ToAgent::Dispatch { .. })));
+        assert_eq!(tx.queued_bytes(), 2 * 1064);
+        assert_eq!(tx.try_send(dispatch(&bundle)), Ok(()));
+        // Bounded in messages too.
+        let (tx, _rx) = SessionTx::channel(2, 1 << 20);
+        assert_eq!(tx.try_send(ToAgent::Ping), Ok(()));
+        assert_eq!(tx.try_send(ToAgent::Ping), Ok(()));
+        assert_eq!(tx.try_send(ToAgent::Ping), Err(NotQueued));
+        assert_eq!(tx.queued_bytes(), 128, "a refused message leaves no count");
+    }
+
+    #[test]
+    fn a_replaced_session_ends_and_its_end_changes_nothing() {
+        let sessions = Sessions::default();
+        let session = |id| {
+            let (to_agent, _) = SessionTx::channel(1, 1024);
+            Session {
+                id,
+                to_agent,
+                replaced: Arc::new(Notify::new()),
+            }
+        };
+        let (older, newer) = (session(1), session(2));
+        let older_replaced = older.replaced.clone();
+        assert!(!sessions.insert("ward-01", older));
+        assert!(sessions.insert("ward-01", newer));
+        // The older one was told to end (the permit waits for its loop).
+        let told = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(60), older_replaced.notified()).await
+            });
+        assert!(told.is_ok());
+        assert!(
+            !sessions.remove("ward-01", 1),
+            "the older one's end is ignored"
+        );
+        assert_eq!(sessions.names(), vec!["ward-01".to_string()]);
+        assert!(sessions.remove("ward-01", 2));
+        assert!(sessions.is_empty());
     }
 }

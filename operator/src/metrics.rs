@@ -181,10 +181,11 @@ impl Metrics {
         out
     }
 
-    /// Serve `GET /metrics` on `listener`, 64 scrapes at once at most;
+    /// Serve `GET /metrics` on `listener`, 64 scrapes at once at most (16
+    /// from one address);
     /// accept errors (out of file descriptors) are waited out.
     pub async fn serve(self: std::sync::Arc<Self>, listener: tokio::net::TcpListener) {
-        tenet_protocol::listen::accept_loop(listener, 64, move |mut stream, _| {
+        tenet_protocol::listen::accept_loop(listener, 64, 16, move |mut stream, _| {
             let metrics = self.clone();
             async move {
                 let mut request = Vec::new();

@@ -148,7 +148,7 @@ pub fn collect(
                 .then_some(record.offline_since_ms),
             tpm: match &record.tpm_trust {
                 crate::tpm_trust::TpmTrust::None => "none".into(),
-                crate::tpm_trust::TpmTrust::Proven => "proven".into(),
+                crate::tpm_trust::TpmTrust::Proven { .. } => "proven".into(),
                 crate::tpm_trust::TpmTrust::Claimed { reason } => format!("claimed: {reason}"),
             },
             policies: by_terminal.remove(&name).unwrap_or_default(),

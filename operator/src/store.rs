@@ -81,6 +81,27 @@ pub struct TerminalRecord {
     pub tpm_trust: TpmTrust,
 }
 
+/// Whether `request` may enrol now: its token exists, has uses left, has
+/// not expired, names this terminal when bound to one, and the name is free.
+fn token_verdict(m: &Mem, request: &EnrolmentRequest, now_ms: u64) -> Result<(), String> {
+    match m.tokens.get(&token_key(&request.token)) {
+        None => Err("the bootstrap token is not valid".to_string()),
+        Some(t) if t.uses_left == 0 => Err("the bootstrap token was already used".into()),
+        Some(t) if t.expires_ms <= now_ms => Err("the bootstrap token has expired".into()),
+        Some(TokenRecord {
+            terminal: Some(name),
+            ..
+        }) if *name != request.terminal => {
+            Err(format!("the bootstrap token is for terminal {name:?}"))
+        }
+        Some(_) if m.terminals.contains_key(&request.terminal) => Err(format!(
+            "terminal {:?} is already enrolled",
+            request.terminal
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// A bootstrap token, kept as its hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -608,22 +629,28 @@ impl Store {
         now_ms: u64,
     ) -> Result<Result<(), String>, StoreError> {
         Ok(self.change(|m| {
+            token_verdict(m, request, now_ms)?;
             let key = token_key(&request.token);
-            let exists = m.terminals.contains_key(&request.terminal);
+            // One TPM proves one terminal: an EK already proving another
+            // would let one real TPM vouch for any number of fakes.
+            let tpm_trust = match tpm_trust {
+                TpmTrust::Proven { ek } => match m
+                    .terminals
+                    .iter()
+                    .find(|(_, r)| r.tpm_trust == TpmTrust::Proven { ek })
+                {
+                    Some((other, _)) => TpmTrust::Claimed {
+                        reason: format!(
+                            "its TPM (EK sha256:{}) already proves terminal {other:?}",
+                            hex::encode(ek)
+                        ),
+                    },
+                    None => TpmTrust::Proven { ek },
+                },
+                other => other,
+            };
             match m.tokens.get(&key).cloned() {
                 None => Err("the bootstrap token is not valid".to_string()),
-                Some(t) if t.uses_left == 0 => Err("the bootstrap token was already used".into()),
-                Some(t) if t.expires_ms <= now_ms => Err("the bootstrap token has expired".into()),
-                Some(TokenRecord {
-                    terminal: Some(name),
-                    ..
-                }) if name != request.terminal => {
-                    Err(format!("the bootstrap token is for terminal {name:?}"))
-                }
-                Some(_) if exists => Err(format!(
-                    "terminal {:?} is already enrolled",
-                    request.terminal
-                )),
                 Some(mut t) => {
                     t.uses_left -= 1;
                     m.write(Table::Tokens, &key, &t);
@@ -933,6 +960,9 @@ impl Store {
     /// its registered keys. The newest key's first use retires the older
     /// one (a renewal is complete once the new certificate is in use).
     pub fn admit_client_key(&self, terminal: &str, key: &[u8; 32]) -> bool {
+        if !self.client_key_admitted(terminal, key) {
+            return false;
+        }
         self.change(|m| {
             let Some(record) = m.terminals.get(terminal) else {
                 return false;
@@ -951,14 +981,35 @@ impl Store {
         })
     }
 
+    /// Whether `key` is (still) one of `terminal`'s client keys, without
+    /// changing anything: checked on every message of a session, so a
+    /// session whose key was retired or whose terminal was de-enrolled (and
+    /// maybe enrolled again by another device) can do nothing more.
+    pub fn client_key_admitted(&self, terminal: &str, key: &[u8; 32]) -> bool {
+        self.mem()
+            .terminals
+            .get(terminal)
+            .is_some_and(|r| r.client_keys.contains(key))
+    }
+
+    /// Whether an enrolment request's token would be accepted now, without
+    /// spending it (the gateway checks before it does costly work).
+    pub fn check_enrolment(&self, request: &EnrolmentRequest, now_ms: u64) -> Result<(), String> {
+        token_verdict(&self.mem(), request, now_ms)
+    }
+
     /// A renewed certificate for `key` is about to be given to `terminal`,
     /// whose session uses `current`: both are accepted until `key` is used.
-    /// False when the terminal is no longer enrolled.
+    /// False when the terminal is no longer enrolled, or `current` is no
+    /// longer one of its keys (a retired key cannot renew itself back).
     pub fn renew_client_key(&self, terminal: &str, current: &[u8; 32], key: [u8; 32]) -> bool {
         self.change(|m| {
             let Some(mut r) = m.terminals.get(terminal).cloned() else {
                 return false;
             };
+            if !r.client_keys.contains(current) {
+                return false;
+            }
             r.client_keys = vec![*current, key];
             m.write(Table::Terminals, terminal, &r);
             m.terminals.insert(terminal.to_string(), r);
@@ -1302,6 +1353,35 @@ mod tests {
                 .expect("db"),
             Err("the bootstrap token was already used".into())
         );
+    }
+
+    #[test]
+    fn client_keys_renew_once_and_a_retired_key_stays_retired() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("db")).expect("open");
+        s.add_token("t", &token(None, u64::MAX)).expect("token");
+        let (k1, k2, k3) = ([1; 32], [2; 32], [3; 32]);
+        assert_eq!(
+            s.enrol(&request("t", "ward-01"), k1, TpmTrust::None, 0)
+                .expect("db"),
+            Ok(())
+        );
+        assert!(s.admit_client_key("ward-01", &k1));
+        assert!(!s.admit_client_key("ward-01", &k2), "not yet");
+        assert!(s.renew_client_key("ward-01", &k1, k2));
+        assert!(
+            s.admit_client_key("ward-01", &k1),
+            "until the new one is used"
+        );
+        assert!(
+            s.admit_client_key("ward-01", &k2),
+            "first use of the new key"
+        );
+        assert!(!s.client_key_admitted("ward-01", &k1), "retired");
+        // A session still open on the retired key cannot renew back in.
+        assert!(!s.renew_client_key("ward-01", &k1, k3));
+        assert!(!s.client_key_admitted("ward-01", &k3));
+        assert!(s.client_key_admitted("ward-01", &k2));
     }
 
     #[test]

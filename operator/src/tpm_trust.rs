@@ -31,13 +31,15 @@ pub enum TpmTrust {
     None,
     /// It says it has one, but that is not proven; the reason a person reads.
     Claimed { reason: String },
-    /// EK certificate verified, attestation key proven in that TPM.
-    Proven,
+    /// EK certificate verified, attestation key proven in that TPM; `ek`
+    /// is the SHA-256 of the EK's SubjectPublicKeyInfo (one TPM proves one
+    /// terminal).
+    Proven { ek: [u8; 32] },
 }
 
 impl TpmTrust {
     pub fn proven(&self) -> bool {
-        matches!(self, TpmTrust::Proven)
+        matches!(self, TpmTrust::Proven { .. })
     }
 }
 
@@ -81,8 +83,9 @@ impl TpmRoots {
         self.roots.is_empty()
     }
 
-    /// Verify an EK certificate (DER) against the roots; its RSA public key.
-    pub fn verify_ek(&self, der: &[u8], now_ms: u64) -> Result<rsa::PublicKey, String> {
+    /// Verify an EK certificate (DER) against the roots; its RSA public key,
+    /// and the SHA-256 of its SubjectPublicKeyInfo (which TPM it is).
+    pub fn verify_ek(&self, der: &[u8], now_ms: u64) -> Result<(rsa::PublicKey, [u8; 32]), String> {
         if self.roots.is_empty() {
             return Err(
                 "no TPM manufacturer roots are configured (tenet operator --tpm-ca)".into(),
@@ -110,8 +113,10 @@ impl TpmRoots {
                 "the EK certificate does not chain to a configured TPM manufacturer root: {e:?}"
             )
         })?;
-        rsa::PublicKey::from_public_key_der(ee.subject_public_key_info().as_ref())
-            .map_err(|e| format!("the EK certificate's key is not RSA: {e}"))
+        let spki = ee.subject_public_key_info();
+        let key = rsa::PublicKey::from_public_key_der(spki.as_ref())
+            .map_err(|e| format!("the EK certificate's key is not RSA: {e}"))?;
+        Ok((key, sha256(spki.as_ref())))
     }
 }
 

@@ -4,8 +4,9 @@
 //! waits and tries again, backing off, instead of spinning on the error or
 //! ending the listener for good.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,17 +32,61 @@ pub fn raise_open_files_limit() -> u64 {
     limit.current.unwrap_or(u64::MAX)
 }
 
+/// A place among one address's connections, given back on drop.
+struct AddressSlot {
+    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    address: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+        address: IpAddr,
+        limit: usize,
+    ) -> Option<AddressSlot> {
+        let mut c = counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = c.entry(address).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = c.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// The longest wait after failed accepts in a row.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Accept connections on `listener` for ever, handing each to `serve` in a
-/// task of its own, at most `max` at once.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, max: usize, serve: F)
+/// task of its own, at most `max` at once and `per_address` from one IP
+/// address.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, max: usize, per_address: usize, serve: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let by_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     let mut backoff = Duration::ZERO;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -59,9 +104,14 @@ where
             drop(stream);
             continue;
         };
+        let Some(from_here) = AddressSlot::take(&by_address, peer.ip(), per_address) else {
+            drop(stream);
+            continue;
+        };
         let served = serve(stream, peer);
         tokio::spawn(async move {
             served.await;
+            drop(from_here);
             drop(slot);
         });
     }
@@ -77,7 +127,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (hold_tx, hold_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(accept_loop(listener, 2, move |mut s, _| {
+        tokio::spawn(accept_loop(listener, 2, 2, move |mut s, _| {
             let mut hold = hold_rx.clone();
             async move {
                 let _ = s.write_all(b"hi").await;

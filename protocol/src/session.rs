@@ -142,11 +142,12 @@ impl<'de> Deserialize<'de> for SharedBytes {
     }
 }
 
-/// The largest first frame the gateway reads from a connection that has not
-/// authenticated yet: a `Hello`, or an `Enrol` (a signed enrolment request
-/// is at most about 50 KiB: token, name, 64 labels, a certificate request).
-/// Memory a stranger can make the gateway hold stays this small.
-pub const MAX_OPENING_FRAME: usize = 64 * 1024;
+/// The largest frame the gateway reads from a connection that has not
+/// authenticated yet: a `Hello`, an `Enrol` (a signed enrolment request is
+/// at most about 70 KiB: token, name, 64 labels, a certificate request, an
+/// EK certificate) or its credential activation answer. Memory a stranger
+/// can make the gateway hold stays this small.
+pub const MAX_OPENING_FRAME: usize = 128 * 1024;
 
 /// The largest frame either side reads: a bundle and an envelope.
 pub const MAX_SESSION_FRAME: usize = Kind::PayloadBundle.max_frame_bytes_const() + 1024 * 1024;
@@ -194,6 +195,21 @@ mod tests {
         assert_eq!(len, f.len() - 4);
         assert_eq!(unframe::<ToAgent>(&f[4..]).expect("decodes"), m);
         assert!(frame_length([0xff; 4], 1024).is_err());
+        // A dispatch written from its parts is the same frame.
+        for size in [0, 1, 127, 128, 300, 70_000] {
+            let m = ToAgent::Dispatch {
+                envelope: vec![9; 33],
+                bundle: vec![4; size].into(),
+            };
+            let ToAgent::Dispatch { envelope, bundle } = &m else {
+                unreachable!()
+            };
+            let (head, len) = dispatch_head(envelope, bundle.len());
+            let mut whole = (len as u32).to_be_bytes().to_vec();
+            whole.extend_from_slice(&head);
+            whole.extend_from_slice(bundle);
+            assert_eq!(whole, frame(&m), "bundle of {size} bytes");
+        }
         // A shared bundle is a plain byte string on the wire.
         #[derive(Serialize)]
         struct Plain(#[serde(with = "serde_bytes")] Vec<u8>);
@@ -235,6 +251,48 @@ where
         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
     }
     Ok(unframe(&body)?)
+}
+
+/// Write one message as a frame and flush it, a dispatch's bundle straight
+/// from its shared copy (no copy of the bundle per terminal it is sent to).
+#[cfg(feature = "io")]
+pub async fn write_message<W>(w: &mut W, message: &ToAgent) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let ToAgent::Dispatch { envelope, bundle } = message else {
+        return write_frame(w, message).await;
+    };
+    let (head, len) = dispatch_head(envelope, bundle.len());
+    w.write_all(&(len as u32).to_be_bytes()).await?;
+    w.write_all(&head).await?;
+    w.write_all(bundle).await?;
+    w.flush().await
+}
+
+#[cfg(any(feature = "io", test))]
+/// The encoding of `ToAgent::Dispatch` up to its bundle's bytes, and the
+/// whole body's length: the message with an empty bundle, its last byte
+/// (the empty bundle's length, 0) replaced by the real length.
+fn dispatch_head(envelope: &[u8], bundle_len: usize) -> (Vec<u8>, usize) {
+    let mut head = encode(&ToAgent::Dispatch {
+        envelope: envelope.to_vec(),
+        bundle: SharedBytes::default(),
+    });
+    head.pop();
+    let mut n = bundle_len as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            head.push(byte);
+            break;
+        }
+        head.push(byte | 0x80);
+    }
+    let len = head.len() + bundle_len;
+    (head, len)
 }
 
 /// Write one message as a frame and flush it.

@@ -116,6 +116,19 @@ impl Fleet for MemoryFleet {
         Ok(())
     }
 
+    fn still_admitted(&self, terminal: &str, client_key: &ClientKey) -> bool {
+        self.client_keys
+            .lock()
+            .is_ok_and(|k| k.get(terminal).is_some_and(|k| k.contains(client_key)))
+    }
+
+    fn check_enrolment(&self, request: &EnrolmentRequest) -> Result<(), String> {
+        if request.token != self.token {
+            return Err("the bootstrap token is not valid".into());
+        }
+        Ok(())
+    }
+
     fn admit(&self, terminal: &str, client_key: &ClientKey) -> bool {
         let Ok(mut keys) = self.client_keys.lock() else {
             return false;
@@ -134,6 +147,7 @@ impl Fleet for MemoryFleet {
             return false;
         };
         keys.get_mut(terminal)
+            .filter(|k| k.contains(current))
             .map(|k| *k = vec![*current, renewed])
             .is_some()
     }

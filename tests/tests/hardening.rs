@@ -328,10 +328,14 @@ fn a_session_needs_the_key_enrolled_for_that_terminal() {
         // Mallory's own certificate does not open the victim's session.
         let mut s = mallory.hello_as(&op, "nagoya-ward3-01").await;
         assert!(!serves(&mut s, mallory.inventory("nagoya-ward3-01")).await);
-        // The device is replaced: de-enrolled, the name enrolled again by
-        // a new device. The old device's certificate names the terminal
-        // exactly, and is still unexpired: it opens nothing any more.
-        assert!(op.store.forget_terminal("nagoya-ward3-01"));
+        // The device is replaced: de-enrolled (its session ends at once,
+        // not at its next message), the name enrolled again by a new
+        // device. The old device's certificate names the terminal exactly,
+        // and is still unexpired: it opens nothing any more.
+        let mut live = old.hello_as(&op, "nagoya-ward3-01").await;
+        assert!(serves(&mut live, old.inventory("nagoya-ward3-01")).await);
+        assert!(op.fleet.forget_terminal("nagoya-ward3-01"));
+        closed(&mut live).await;
         let new = enrol(&op, "nagoya-ward3-01", "batch")
             .await
             .expect("re-enrol");
@@ -374,12 +378,42 @@ fn a_renewal_moves_the_session_binding_to_the_new_key() {
         let mut s = d.hello_as(&op, &d.name).await;
         assert!(serves(&mut s, d.inventory(&d.name)).await);
         drop(s);
+        // A session on the old key stays open while the new key is first used.
+        let mut stale = d.hello_as(&op, &d.name).await;
+        assert!(serves(&mut stale, d.inventory(&d.name)).await);
         let mut s = d.hello_with(&op, &d.name, &cert2, &key2).await;
         assert!(serves(&mut s, d.inventory(&d.name)).await);
         drop(s);
-        // Once it is, the old certificate opens nothing.
+        // Once it is, the old certificate opens nothing ...
         let mut s = d.hello_as(&op, &d.name).await;
         assert!(!serves(&mut s, d.inventory(&d.name)).await);
+        // ... and the session still open on it (replaced anyway) cannot
+        // renew its way back in with a key of its own.
+        let key3 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let _ = write_frame(
+            &mut stale,
+            &ToOperator::RenewCertificate {
+                csr_pem: csr("ward-01", &key3),
+            },
+        )
+        .await;
+        loop {
+            match read_frame::<_, ToAgent>(&mut stale, 1 << 20).await {
+                Ok(ToAgent::Certificate { .. }) => panic!("a retired key renewed itself"),
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        assert!(
+            !op.store.client_key_admitted(
+                "ward-01",
+                &tenet::pki::client_key(
+                    &CertificateDer::from_pem_slice(d.cert_pem.as_bytes()).expect("pem")
+                )
+                .expect("key")
+            ),
+            "the retired key stays retired"
+        );
     });
 }
 
@@ -570,11 +604,27 @@ fn the_metrics_listener_outlives_running_out_of_file_descriptors() {
     tenet_e2e::wait_until(PATIENCE, "metrics served", || {
         scrape(metrics).is_ok_and(|b| b.starts_with("HTTP/1.1 200"))
     });
-    let flood: Vec<std::net::TcpStream> = (0..200)
-        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", metrics)).ok())
-        .collect();
+    // From eight addresses (16 scrapes each are served at once): enough
+    // held connections to exhaust the 64 descriptors.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let flood: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+        let mut flood = Vec::new();
+        for i in 0..200u8 {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            let from: std::net::SocketAddr =
+                format!("127.0.0.{}:0", 1 + i % 8).parse().expect("address");
+            socket.bind(from).expect("bind a loopback address");
+            if let Ok(s) = socket.connect(([127, 0, 0, 1], metrics).into()).await {
+                flood.push(s);
+            }
+        }
+        flood
+    });
     assert!(flood.len() > 64, "the flood got in: {}", flood.len());
-    drop(flood);
+    runtime.block_on(async move { drop(flood) });
     // Once the descriptors are free again, scrapes are answered again.
     tenet_e2e::wait_until(PATIENCE, "metrics served after the flood", || {
         scrape(metrics).is_ok_and(|b| b.starts_with("HTTP/1.1 200"))
@@ -678,20 +728,22 @@ fn only_a_tpm_that_proves_itself_counts_as_one() {
         )
         .await
         .expect("enrolled");
-        // 4. The real TPM with its own AK and EK: proven.
-        enrol_claiming(
-            &op,
-            "genuine-01",
-            "batch",
-            None,
-            claim(&real_ak, Some(real_ek.clone())),
-            |blob, secret| {
-                tpm.activate_credential(blob, secret)
-                    .map_err(|e| e.to_string())
-            },
-        )
-        .await
-        .expect("enrolled");
+        // 4. The real TPM with its own AK and EK: proven, once.
+        for name in ["genuine-01", "genuine-02"] {
+            enrol_claiming(
+                &op,
+                name,
+                "batch",
+                None,
+                claim(&real_ak, Some(real_ek.clone())),
+                |blob, secret| {
+                    tpm.activate_credential(blob, secret)
+                        .map_err(|e| e.to_string())
+                },
+            )
+            .await
+            .expect("enrolled");
+        }
     });
     let claimed = |name: &str| match tpm_trust(&op, name) {
         TpmTrust::Claimed { reason } => reason,
@@ -717,5 +769,13 @@ fn only_a_tpm_that_proves_itself_counts_as_one() {
         claimed("copied-ek-02"),
         "the TPM recovered another secret: the attestation key is not in the TPM the EK certificate belongs to"
     );
-    assert_eq!(tpm_trust(&op, "genuine-01"), TpmTrust::Proven);
+    assert!(tpm_trust(&op, "genuine-01").proven());
+    // One TPM proves one terminal: the same TPM enrolled again as another
+    // name activates the credential, but stays claimed.
+    assert!(
+        claimed("genuine-02").starts_with("its TPM (EK sha256:")
+            && claimed("genuine-02").ends_with("already proves terminal \"genuine-01\""),
+        "{}",
+        claimed("genuine-02")
+    );
 }

@@ -346,7 +346,7 @@ pub fn external_audit(
         // Its quotes are signed by a key nobody proved to be in a TPM: they
         // neither raise the level nor set the PCR baseline.
         TpmTrust::Claimed { .. } => return Ok((AuditAttestation::Claimed, None)),
-        TpmTrust::Proven => {}
+        TpmTrust::Proven { .. } => {}
     }
     let key = attestation_key.ok_or_else(|| QuoteError::NoAttestationKey.to_string())?;
     let quote = report
@@ -360,18 +360,30 @@ pub fn external_audit(
     if quoted != wanted {
         return Err(format!("the quote covers PCRs {quoted:?}, not {wanted:?}"));
     }
-    // Pinned values are checked from the first quote on; without them the
-    // first verified quote sets the baseline (trust on first use).
-    let expected = if pinned.is_empty() {
-        baseline
-    } else {
-        Some(pinned)
-    };
-    verify_quote(quote, key, expected_nonce, expected).map_err(|e| e.to_string())?;
+    // Pinned values are checked from the first quote on; the others against
+    // the baseline the first verified quote set (trust on first use).
+    let expected = expected_pcrs(pinned, baseline);
+    verify_quote(quote, key, expected_nonce, expected.as_deref()).map_err(|e| e.to_string())?;
     Ok((
         AuditAttestation::Quoted,
-        expected.is_none().then(|| quote.pcrs.clone()),
+        baseline.is_none().then(|| quote.pcrs.clone()),
     ))
+}
+
+/// The values a quote must show: the pinned ones, and the baseline's for
+/// the PCRs nothing pins. `None`: anything (the first quote).
+fn expected_pcrs(pinned: &[PcrValue], baseline: Option<&[PcrValue]>) -> Option<Vec<PcrValue>> {
+    if pinned.is_empty() && baseline.is_none() {
+        return None;
+    }
+    let mut expected = pinned.to_vec();
+    for b in baseline.unwrap_or_default() {
+        if !pinned.iter().any(|p| p.index == b.index) {
+            expected.push(*b);
+        }
+    }
+    expected.sort_unstable();
+    Some(expected)
 }
 
 /// A condition as `tenet status` and the SecurityCertificate resource show it.
@@ -517,7 +529,7 @@ mod tests {
         };
         // Had the key been proven (the old code took the enrolment's word for
         // it), the forged quote would count and its PCRs become the baseline.
-        let (attestation, baseline) = audit(&TpmTrust::Proven).expect("verifies");
+        let (attestation, baseline) = audit(&TpmTrust::Proven { ek: [1; 32] }).expect("verifies");
         assert_eq!(attestation, AuditAttestation::Quoted);
         assert!(baseline.is_some());
         // Claimed, not proven: nothing of the quote is used.
@@ -542,7 +554,7 @@ mod tests {
             let expected = Expected {
                 nonce: &[9; 32],
                 attestation_key: Some(&key),
-                tpm: &TpmTrust::Proven,
+                tpm: &TpmTrust::Proven { ek: [1; 32] },
                 pcrs: &pcrs,
                 pinned,
                 baseline: None,
@@ -556,13 +568,28 @@ mod tests {
         }];
         let refused = audit(&other).expect_err("refused");
         assert!(refused.starts_with("PCR 7 is "), "{refused}");
-        // Pinned to what the terminal shows: quoted, and no baseline is
-        // taken from the quote (the pin stays the reference).
+        // Pinned to what the terminal shows: quoted; the quote still sets
+        // the baseline for the PCRs nothing pins.
         let same = [PcrValue {
             index: 7,
             sha256: [0x42; 32],
         }];
-        assert_eq!(audit(&same), Ok((AuditAttestation::Quoted, None)));
+        let (attestation, baseline) = audit(&same).expect("quoted");
+        assert_eq!(attestation, AuditAttestation::Quoted);
+        assert_eq!(baseline.map(|b| b.len()), Some(8));
+        // A pin on PCR 7 does not turn off the baseline of the others.
+        let mut changed: Vec<PcrValue> = report.quote.as_ref().expect("quote").pcrs.clone();
+        changed[3].sha256 = [0x33; 32];
+        changed[7].sha256 = [0x77; 32];
+        assert_eq!(
+            expected_pcrs(&same, Some(&changed)).map(|e| e[3].sha256),
+            Some([0x33; 32])
+        );
+        assert_eq!(
+            expected_pcrs(&same, Some(&changed)).map(|e| e[7].sha256),
+            Some([0x42; 32]),
+            "the pin wins over the baseline"
+        );
     }
 
     fn attestation_level_of(a: AuditAttestation) -> Attestation {
