@@ -467,6 +467,7 @@ fn start_operator(
             "--listen",
         ])
         .arg(format!("127.0.0.1:{port}"))
+        .args(["--metrics", "127.0.0.1:0"])
         .args(
             tpm_ca
                 .iter()
@@ -490,11 +491,19 @@ fn start_operator(
             lines.lock().expect("lines").push(l);
         }
     });
-    let running = Running(operator);
-    wait_until(Duration::from_secs(30), "the operator's gateway", || {
-        dir.join("data/dispatch.key.pub").exists()
-            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let mut running = Running(operator);
+    let started = std::time::Instant::now();
+    while !(dir.join("data/dispatch.key.pub").exists()
+        && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    {
+        let exited = running.0.try_wait().ok().flatten();
+        assert!(
+            exited.is_none() && started.elapsed() < Duration::from_secs(60),
+            "the operator's gateway is not up ({exited:?}): {}",
+            std::fs::read_to_string(dir.join("operator.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     running
 }
 

@@ -140,7 +140,7 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
     std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
     let mut digests = Vec::new();
-    for v in ["2.0", "3.0"] {
+    for v in ["2.0", "3.0", "4.0"] {
         let name = format!("install-bench-app-{}", &v[..1]);
         let (bytes, digest) =
             tenet::bench::simulated_install_bundle(&admin, &name, "bench-app", &format!("{v}-1"))
@@ -405,5 +405,32 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
             "{.status.compliance}",
         ) == "0/0"
     });
+
+    // Re-created under the same name (its metadata.generation starts again
+    // at 1), with a new version: its envelopes carry a newer generation than
+    // any the agents saw, so it rolls out instead of being refused as a
+    // rollback.
+    std::fs::write(
+        dir.join("policy.yaml"),
+        policy("4.0", &digests[2].0, &digests[2].1, 100),
+    )
+    .expect("policy");
+    cp.kubectl_ok(&[
+        "apply",
+        "-f",
+        dir.join("policy.yaml").to_str().expect("path"),
+    ]);
+    let remaining = TERMINALS - 1;
+    wait_until(
+        Duration::from_secs(90),
+        "the re-created policy converged",
+        || {
+            jsonpath(
+                &cp,
+                &["terminalpolicy", "bench-app", "-n", "hospital-it"],
+                "{.status.observedGeneration} {.status.compliant}/{.status.selected} {.status.conditions[0].reason}",
+            ) == format!("1 {remaining}/{remaining} Converged")
+        },
+    );
     drop(b);
 }
