@@ -130,7 +130,9 @@ impl Sessions {
     }
 
     /// Register `session` and run `then` before anyone else can see or
-    /// change `terminal`'s session (what records it as online).
+    /// change `terminal`'s session (what records it as online). `then`
+    /// runs under the sessions lock: it may take the store's lock (the
+    /// store never calls back into the sessions), never this one.
     pub fn insert_then(&self, terminal: &str, session: Session, then: impl FnOnce()) -> bool {
         let mut map = self.map();
         let old = map.insert(terminal.to_string(), session);
@@ -347,6 +349,7 @@ pub enum GatewayError {
     Refused(String),
 }
 
+use tenet_protocol::listen::{ConnectionSlots, Slot};
 pub use tenet_protocol::session::{MAX_OPENING_FRAME, read_frame, write_frame, write_message};
 
 /// Messages from authenticated agents are small but for reports with an
@@ -355,35 +358,6 @@ const MAX_FROM_AGENT: usize = 16 * 1024 * 1024;
 
 /// Messages queued for one agent at most.
 const QUEUED_MESSAGES: usize = 64;
-
-/// Connections still opening, by source address.
-#[derive(Default)]
-struct Opening {
-    total: usize,
-    by_address: HashMap<IpAddr, usize>,
-}
-
-/// A place among the opening connections, given back on drop.
-struct OpeningSlot {
-    opening: Arc<Mutex<Opening>>,
-    address: IpAddr,
-}
-
-impl Drop for OpeningSlot {
-    fn drop(&mut self) {
-        let mut o = self
-            .opening
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        o.total -= 1;
-        if let Some(n) = o.by_address.get_mut(&self.address) {
-            *n -= 1;
-            if *n == 0 {
-                o.by_address.remove(&self.address);
-            }
-        }
-    }
-}
 
 /// The unit the per-address limit counts: an IPv4 address, or an IPv6 /64
 /// (one host gets a whole /64, and can pick any address in it).
@@ -410,7 +384,8 @@ impl Gateway {
     /// Accept connections until the listener fails.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let sessions = Arc::new(tokio::sync::Semaphore::new(self.limits.max_sessions));
-        let opening = Arc::new(Mutex::new(Opening::default()));
+        let opening =
+            ConnectionSlots::new(self.limits.max_opening, self.limits.max_opening_per_address);
         let mut refused: u64 = 0;
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -423,7 +398,7 @@ impl Gateway {
                     continue;
                 }
             };
-            let Some(slot) = self.opening_slot(&opening, address_group(peer.ip())) else {
+            let Some(slot) = opening.take(address_group(peer.ip())) else {
                 refused += 1;
                 if refused.is_power_of_two() {
                     tracing::warn!(%peer, refused, "too many connections opening (in all or from this address); connection closed");
@@ -442,26 +417,10 @@ impl Gateway {
         }
     }
 
-    fn opening_slot(&self, opening: &Arc<Mutex<Opening>>, address: IpAddr) -> Option<OpeningSlot> {
-        let mut o = opening
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let from_here = o.by_address.get(&address).copied().unwrap_or(0);
-        if o.total >= self.limits.max_opening || from_here >= self.limits.max_opening_per_address {
-            return None;
-        }
-        o.total += 1;
-        *o.by_address.entry(address).or_insert(0) += 1;
-        Some(OpeningSlot {
-            opening: opening.clone(),
-            address,
-        })
-    }
-
     async fn handle(
         &self,
         stream: tokio::net::TcpStream,
-        opening: OpeningSlot,
+        opening: Slot,
         sessions: &Arc<tokio::sync::Semaphore>,
     ) -> Result<(), GatewayError> {
         // A client that does not finish its handshake and a small first
@@ -603,12 +562,20 @@ impl Gateway {
             }
             gone.notify_one();
         });
+        // One idle timer per session, not one per message: when it fires,
+        // it is pushed back to the last message's time plus the timeout
+        // unless the session really was silent that long (a timer per
+        // message cost the 10,000-terminal benchmark about a tenth).
+        let idle = self.limits.idle_timeout;
+        let mut last_heard = tokio::time::Instant::now();
+        let mut pinged = false;
+        let timer = tokio::time::sleep(idle);
+        tokio::pin!(timer);
         let result = loop {
             // One read per frame, kept across pings: a frame that arrives
             // slowly is not cut in two.
             let read = read_frame::<_, ToOperator>(&mut reader, MAX_FROM_AGENT);
             tokio::pin!(read);
-            let mut pinged = false;
             let message = loop {
                 tokio::select! {
                     // An ended session handles nothing more, even frames
@@ -621,15 +588,24 @@ impl Gateway {
                         "the agent does not read what it is sent".into(),
                     )),
                     m = &mut read => break m.map_err(GatewayError::from),
-                    () = tokio::time::sleep(self.limits.idle_timeout) => {
+                    () = &mut timer => {
+                        let silent_until = last_heard + idle;
+                        if tokio::time::Instant::now() < silent_until {
+                            timer.as_mut().reset(silent_until);
+                            continue;
+                        }
                         if pinged {
                             break Err(GatewayError::Refused("the agent stopped answering".into()));
                         }
                         pinged = true;
+                        last_heard = tokio::time::Instant::now();
+                        timer.as_mut().reset(last_heard + idle);
                         let _ = tx.try_send(ToAgent::Ping);
                     }
                 }
             };
+            last_heard = tokio::time::Instant::now();
+            pinged = false;
             let message = match message {
                 Ok(m) => m,
                 Err(e) => break Err(e),

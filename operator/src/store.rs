@@ -1017,11 +1017,6 @@ impl Store {
         })
     }
 
-    /// Whether a terminal is enrolled (without copying its record).
-    pub fn is_enrolled(&self, name: &str) -> bool {
-        self.mem().terminals.contains_key(name)
-    }
-
     /// Whether a token with this hash was ever added.
     pub fn has_token_hash(&self, hash: &str) -> bool {
         self.mem().tokens.contains_key(hash)

@@ -79,10 +79,6 @@ impl TpmRoots {
         Ok(out)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.roots.is_empty()
-    }
-
     /// Verify an EK certificate (DER) against the roots; its RSA public key,
     /// and the SHA-256 of its SubjectPublicKeyInfo (which TPM it is).
     pub fn verify_ek(&self, der: &[u8], now_ms: u64) -> Result<(rsa::PublicKey, [u8; 32]), String> {

@@ -32,43 +32,68 @@ pub fn raise_open_files_limit() -> u64 {
     limit.current.unwrap_or(u64::MAX)
 }
 
-/// A place among one address's connections, given back on drop.
-struct AddressSlot {
-    counts: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+/// Connections held at once, in all and by address group: a place is
+/// taken when a connection is accepted and given back when its [`Slot`] is
+/// dropped. Shared by [`accept_loop`] and the operator's gateway (for its
+/// connections that have not authenticated yet).
+pub struct ConnectionSlots {
+    max: usize,
+    per_address: usize,
+    counts: std::sync::Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One place among [`ConnectionSlots`].
+pub struct Slot {
+    slots: Arc<ConnectionSlots>,
     address: IpAddr,
 }
 
-impl AddressSlot {
-    fn take(
-        counts: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-        address: IpAddr,
-        limit: usize,
-    ) -> Option<AddressSlot> {
-        let mut c = counts
+impl ConnectionSlots {
+    pub fn new(max: usize, per_address: usize) -> Arc<ConnectionSlots> {
+        Arc::new(ConnectionSlots {
+            max,
+            per_address,
+            counts: Default::default(),
+        })
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = c.entry(address).or_insert(0);
-        if *n >= limit {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for a connection from `address` (callers may group
+    /// addresses, an IPv6 /64 as one), or `None` when either limit is reached.
+    pub fn take(self: &Arc<Self>, address: IpAddr) -> Option<Slot> {
+        let mut c = self.counts();
+        let from_here = c.by_address.get(&address).copied().unwrap_or(0);
+        if c.total >= self.max || from_here >= self.per_address {
             return None;
         }
-        *n += 1;
-        Some(AddressSlot {
-            counts: counts.clone(),
+        c.total += 1;
+        *c.by_address.entry(address).or_insert(0) += 1;
+        Some(Slot {
+            slots: self.clone(),
             address,
         })
     }
 }
 
-impl Drop for AddressSlot {
+impl Drop for Slot {
     fn drop(&mut self) {
-        let mut c = self
-            .counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = c.get_mut(&self.address) {
+        let mut c = self.slots.counts();
+        c.total -= 1;
+        if let Some(n) = c.by_address.get_mut(&self.address) {
             *n -= 1;
             if *n == 0 {
-                c.remove(&self.address);
+                c.by_address.remove(&self.address);
             }
         }
     }
@@ -85,8 +110,7 @@ where
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max));
-    let by_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let slots = ConnectionSlots::new(max, per_address);
     let mut backoff = Duration::ZERO;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -100,18 +124,13 @@ where
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let Some(from_here) = AddressSlot::take(&by_address, peer.ip(), per_address) else {
+        let Some(slot) = slots.take(peer.ip()) else {
             drop(stream);
             continue;
         };
         let served = serve(stream, peer);
         tokio::spawn(async move {
             served.await;
-            drop(from_here);
             drop(slot);
         });
     }

@@ -132,31 +132,11 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
     let mut operator = start_operator(dir, port, &lines, &tpm.manufacturer_ca());
     let present_port = free_port();
     let peer = format!("127.0.0.1:{present_port}");
-    std::fs::write(
-        dir.join("agent.yaml"),
-        format!(
-            "terminal: {TERMINAL}\ndata: agent-data\nlabels: {{ site: nagoya }}\ninventory: {{ file: inventory.yaml }}\nidentity:\n  tpm: {{ tcti: \"{}\" }}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\npresentation: {{ listen: \"{peer}\" }}\n",
-            tpm.tcti()
-        ),
-    )
-    .expect("agent config");
-    let (token, fingerprint) = create_token(dir, &["--terminal", TERMINAL]);
-    let out = agent(
+    enrol_agent(
         dir,
-        &[
-            "enrol",
-            "--config",
-            "agent.yaml",
-            "--token",
-            &token,
-            "--ca-fingerprint",
-            &fingerprint,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &tpm,
+        port,
+        &format!("presentation: {{ listen: \"{peer}\" }}\n"),
     );
     let mut agent_process = start_agent(dir);
     let issuer = ["--issuer-key", "data/dispatch.key.pub"];
@@ -507,6 +487,37 @@ fn start_operator(
     running
 }
 
+/// Write the agent's configuration (its keys in `tpm`, the operator on
+/// `port`, `extra` YAML lines) and enrol it with a token bound to TERMINAL.
+fn enrol_agent(dir: &Path, tpm: &Swtpm, port: u16, extra: &str) {
+    std::fs::write(
+        dir.join("agent.yaml"),
+        format!(
+            "terminal: {TERMINAL}\ndata: agent-data\nlabels: {{ site: nagoya }}\ninventory: {{ file: inventory.yaml }}\nidentity:\n  tpm: {{ tcti: \"{}\" }}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n{extra}",
+            tpm.tcti()
+        ),
+    )
+    .expect("agent config");
+    let (token, fingerprint) = create_token(dir, &["--terminal", TERMINAL]);
+    let out = agent(
+        dir,
+        &[
+            "enrol",
+            "--config",
+            "agent.yaml",
+            "--token",
+            &token,
+            "--ca-fingerprint",
+            &fingerprint,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn start_agent(dir: &Path) -> Running {
     Running(
         Command::new(binary("tenet-agent"))
@@ -557,32 +568,7 @@ fn an_unproven_tpm_is_capped_as_if_there_were_none() {
     let port = free_port();
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let _operator = start_operator(dir, port, &lines, &other.manufacturer_ca());
-    std::fs::write(
-        dir.join("agent.yaml"),
-        format!(
-            "terminal: {TERMINAL}\ndata: agent-data\nlabels: {{ site: nagoya }}\ninventory: {{ file: inventory.yaml }}\nidentity:\n  tpm: {{ tcti: \"{}\" }}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n",
-            tpm.tcti()
-        ),
-    )
-    .expect("agent config");
-    let (token, fingerprint) = create_token(dir, &["--terminal", TERMINAL]);
-    let out = agent(
-        dir,
-        &[
-            "enrol",
-            "--config",
-            "agent.yaml",
-            "--token",
-            &token,
-            "--ca-fingerprint",
-            &fingerprint,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    enrol_agent(dir, &tpm, port, "");
     let _agent = start_agent(dir);
     wait_until(Duration::from_secs(30), "a certificate", || {
         cert_status(dir).is_some_and(|c| c["level"].is_u64())
