@@ -253,17 +253,26 @@ where
     Ok(unframe(&body)?)
 }
 
-/// Write one message as a frame and flush it, a dispatch's bundle straight
-/// from its shared copy (no copy of the bundle per terminal it is sent to).
+/// Bundles larger than this are written straight from their shared copy.
+#[cfg(feature = "io")]
+const STREAMED_BUNDLE: usize = 64 * 1024;
+
+/// Write one message as a frame and flush it, a large dispatch bundle
+/// straight from its shared copy (no copy of it per terminal it is sent to).
 #[cfg(feature = "io")]
 pub async fn write_message<W>(w: &mut W, message: &ToAgent) -> std::io::Result<()>
 where
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::AsyncWriteExt;
+    // A small bundle is copied into one frame: one write (one TLS record,
+    // one system call) costs less than copying a few KiB.
     let ToAgent::Dispatch { envelope, bundle } = message else {
         return write_frame(w, message).await;
     };
+    if bundle.len() <= STREAMED_BUNDLE {
+        return write_frame(w, message).await;
+    }
     let (head, len) = dispatch_head(envelope, bundle.len());
     w.write_all(&(len as u32).to_be_bytes()).await?;
     w.write_all(&head).await?;
