@@ -9,14 +9,6 @@ use std::time::Duration;
 
 use tenet_e2e::{Event, Fixture, wait_for};
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -34,7 +26,7 @@ fn main() {
     let mut samples = Vec::new();
     for _ in 0..10 {
         std::thread::sleep(Duration::from_secs(1));
-        if let Some(kib) = rss_kib(pid) {
+        if let Some(kib) = tenet_e2e::rss_kib(pid) {
             samples.push(kib);
         }
     }

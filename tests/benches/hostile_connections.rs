@@ -24,14 +24,6 @@ use tokio::net::{TcpSocket, TcpStream};
 const CONNECTIONS: usize = 1000;
 const ADDRESSES: [&str; 4] = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 async fn tcp(from: &str, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(format!("{from}:0").parse().expect("address"))?;
@@ -126,11 +118,11 @@ fn main() {
         let pid = running.0.id();
         // Settled: the gateway's first connections (the probe above) gone.
         std::thread::sleep(Duration::from_secs(1));
-        let before = rss_kib(pid).unwrap_or(0);
+        let before = tenet_e2e::rss_kib(pid).unwrap_or(0);
         let held = runtime.block_on(open(shape, to, fingerprint));
         // Let the gateway take what was sent.
         std::thread::sleep(Duration::from_secs(2));
-        let during = rss_kib(pid).unwrap_or(0);
+        let during = tenet_e2e::rss_kib(pid).unwrap_or(0);
         println!(
             "{{\"shape\": \"{shape}\", \"opened\": {}, \"rss_kib_before\": {before}, \"rss_kib_during\": {during}, \"kib_per_connection\": {:.1}}}",
             held.len(),
