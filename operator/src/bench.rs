@@ -17,7 +17,9 @@ use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
 use tenet_protocol::wire::{digest_string, sha256};
 use tenet_protocol::{Algorithm, KeyPair, SignedMessage};
 
-use crate::daemon::{Daemon, Probe, create_token};
+use crate::daemon::{Daemon, Probe};
+use crate::metrics::Metrics;
+use crate::tokens::{Inbox, create_token};
 
 const INSTALLER_WAT: &str = include_str!("../../examples/payloads/install-deb.wat");
 const INSTALLER_SH: &str = include_str!("../../examples/payloads/install-deb.sh");
@@ -138,7 +140,7 @@ pub fn simulated_install_bundle(
         size: data.len() as u64,
         data: data.to_vec(),
     };
-    let now = crate::cli::payload::now_ms();
+    let now = crate::time::now_ms();
     let b = PayloadBundle {
         manifest: Manifest {
             name: name.into(),
@@ -313,9 +315,14 @@ pub async fn converge(
         None,
         u32::try_from(terminals).map_err(setup)?,
         Duration::from_secs(3600),
-        kubernetes.as_ref().map(|k| k.namespace.as_str()),
+        kubernetes
+            .as_ref()
+            .map_or(Inbox::Directory, |k| Inbox::Secret {
+                namespace: &k.namespace,
+            }),
         &mut std::io::sink(),
     )
+    .await
     .map_err(setup)?;
     let baseline = rss_bytes();
     let log = std::fs::File::create(work.join("simulate.log")).map_err(setup)?;
@@ -358,9 +365,10 @@ pub async fn converge(
             // enrolments' resources for people written first.
             let deadline = Instant::now() + Duration::from_secs(120);
             let mut rx = probe.passes.subscribe();
-            while probe.api_pending.load(std::sync::atomic::Ordering::Relaxed) > 0
-                || probe.api_writes.load(std::sync::atomic::Ordering::Relaxed) == 0
-            {
+            while {
+                let now = Counters::read(&probe.metrics);
+                now.api_pending > 0 || now.api_writes == 0
+            } {
                 if Instant::now() > deadline {
                     return Err(setup(
                         "the enrolments' resources were not written within 120 s",
@@ -378,17 +386,7 @@ pub async fn converge(
         if let Ok(mut r) = probe.round_trips.lock() {
             r.clear();
         }
-        let commits_before = probe
-            .store_commits
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let handed_before = probe.handed_over.load(std::sync::atomic::Ordering::Relaxed);
-        let passes_before = probe.passes_run.load(std::sync::atomic::Ordering::Relaxed);
-        let micros_before = probe.pass_micros.load(std::sync::atomic::Ordering::Relaxed);
-        let undelivered_before = probe.undelivered.load(std::sync::atomic::Ordering::Relaxed);
-        let writes_before = probe.api_writes.load(std::sync::atomic::Ordering::Relaxed);
-        let ledger_before = probe
-            .api_ledger_writes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let before = Counters::read(&probe.metrics);
         let t0 = Instant::now();
         write(
             &policies.join("bench.yaml"),
@@ -407,16 +405,15 @@ pub async fn converge(
         )
         .await?;
         let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let ledger_at_convergence = probe
-            .api_ledger_writes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let ledger_at_convergence = Counters::read(&probe.metrics).api_ledger_writes;
         if kubernetes.is_some() {
             // The resources for people are written behind: count those too.
             let deadline = Instant::now() + Duration::from_secs(120);
             let mut rx = probe.passes.subscribe();
-            while probe.api_pending.load(std::sync::atomic::Ordering::Relaxed) > 0
-                || probe.api_writes.load(std::sync::atomic::Ordering::Relaxed) == writes_before
-            {
+            while {
+                let now = Counters::read(&probe.metrics);
+                now.api_pending > 0 || now.api_writes == before.api_writes
+            } {
                 if Instant::now() > deadline {
                     return Err(setup(
                         "the resources for people were not all written within 120 s",
@@ -433,14 +430,9 @@ pub async fn converge(
             .unwrap_or_default();
         trips.sort();
         let end = rss_bytes();
-        let passes = probe
-            .passes_run
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(passes_before);
-        let micros = probe
-            .pass_micros
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .saturating_sub(micros_before);
+        let after = Counters::read(&probe.metrics);
+        let passes = after.passes.saturating_sub(before.passes);
+        let pass_time = after.pass_time.saturating_sub(before.pass_time);
         let converged = probe
             .passes
             .borrow()
@@ -460,36 +452,20 @@ pub async fn converge(
             operator_rss_connected_bytes: connected_rss,
             rss_per_terminal_bytes: end.saturating_sub(baseline) / terminals.max(1) as u64,
             setup_ms,
-            store_commits: probe
-                .store_commits
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(commits_before),
+            store_commits: after.commits.saturating_sub(before.commits),
             passes,
-            pass_mean_ms: micros as f64 / 1000.0 / passes.max(1) as f64,
-            dispatches: probe
-                .handed_over
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(handed_before),
-            undelivered: probe
-                .undelivered
-                .load(std::sync::atomic::Ordering::Relaxed)
-                .saturating_sub(undelivered_before),
+            pass_mean_ms: pass_time.as_secs_f64() * 1000.0 / passes.max(1) as f64,
+            dispatches: after.handed_over.saturating_sub(before.handed_over),
+            undelivered: after.undelivered.saturating_sub(before.undelivered),
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            api_writes: kubernetes.as_ref().map(|_| {
-                probe
-                    .api_writes
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    .saturating_sub(writes_before)
-            }),
+            api_writes: kubernetes
+                .as_ref()
+                .map(|_| after.api_writes.saturating_sub(before.api_writes)),
             api_ledger_writes: kubernetes
                 .as_ref()
-                .map(|_| ledger_at_convergence.saturating_sub(ledger_before)),
+                .map(|_| ledger_at_convergence.saturating_sub(before.api_ledger_writes)),
             api_writes_per_terminal: kubernetes.as_ref().map(|_| {
-                probe
-                    .api_writes
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    .saturating_sub(writes_before) as f64
-                    / terminals.max(1) as f64
+                after.api_writes.saturating_sub(before.api_writes) as f64 / terminals.max(1) as f64
             }),
         })
     }
@@ -498,6 +474,35 @@ pub async fn converge(
     let _ = child.wait();
     operator.abort();
     result
+}
+
+/// The operator's counters at one moment, read from its metrics registry.
+struct Counters {
+    commits: u64,
+    handed_over: u64,
+    undelivered: u64,
+    passes: u64,
+    pass_time: Duration,
+    api_writes: u64,
+    api_ledger_writes: u64,
+    api_pending: u64,
+}
+
+impl Counters {
+    fn read(m: &Metrics) -> Counters {
+        let (passes, pass_time) = m.passes();
+        let (api_writes, api_ledger_writes, api_pending) = m.api();
+        Counters {
+            commits: m.store_commits.get() as u64,
+            handed_over: m.handed_over.get(),
+            undelivered: m.undelivered.get(),
+            passes,
+            pass_time,
+            api_writes,
+            api_ledger_writes,
+            api_pending,
+        }
+    }
 }
 
 /// The `tenet-agent` next to this executable.

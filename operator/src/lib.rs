@@ -1,10 +1,12 @@
-//! The Tenet operator as a library: the policy language, and the admin
-//! commands the `tenet` binary exposes. `main.rs` only parses arguments.
+//! The Tenet operator as a library: the policy language, the reconciler,
+//! the gateway agents connect to, and the admin commands the `tenet` binary
+//! exposes (`cli`). `main.rs` only calls `cli::main`.
 
 pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod daemon;
+pub mod data_dir;
 pub mod fleet;
 pub mod gateway;
 pub mod kubernetes;
@@ -14,4 +16,6 @@ pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod store;
+pub mod time;
+pub mod tokens;
 pub mod tpm_trust;

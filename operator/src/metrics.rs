@@ -36,7 +36,22 @@ pub struct Metrics {
     refused: Family<ReasonLabel, Counter>,
     refused_seen: Mutex<BTreeMap<String, u64>>,
     pub reconcile_seconds: Histogram,
+    /// Passes run and their total time: what the histogram counts, for a
+    /// program that embeds the operator (the benchmark).
+    passes: Counter,
+    pass_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub round_trip_seconds: Histogram,
+    /// Envelopes handed to a terminal's connection, and envelopes that
+    /// could not be (reissued fresh).
+    pub handed_over: Counter,
+    pub undelivered: Counter,
+    /// Database commits (each one fsync, or one API write batch).
+    pub store_commits: Gauge,
+    /// Kubernetes mode: writes to the API server so far, of which to the
+    /// ledger (Remediation status), and resources not yet written.
+    api_writes: Gauge,
+    api_ledger_writes: Gauge,
+    api_pending: Gauge,
 }
 
 impl Default for Metrics {
@@ -94,7 +109,59 @@ impl Metrics {
             "from handing an envelope to its terminal's connection to its verified report",
             round_trip_seconds.clone(),
         );
+        let passes = Counter::default();
+        registry.register("reconcile_passes", "reconcile passes run", passes.clone());
+        let pass_seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "reconcile_pass_seconds",
+            "time spent in reconcile passes",
+            pass_seconds.clone(),
+        );
+        let handed_over = Counter::default();
+        registry.register(
+            "envelopes_handed_over",
+            "envelopes handed to a terminal's connection",
+            handed_over.clone(),
+        );
+        let undelivered = Counter::default();
+        registry.register(
+            "envelopes_undelivered",
+            "envelopes that could not be handed over (the terminal went away); reissued fresh",
+            undelivered.clone(),
+        );
+        let store_commits = Gauge::default();
+        registry.register(
+            "store_commits",
+            "database commits since the start",
+            store_commits.clone(),
+        );
+        let api_writes = Gauge::default();
+        registry.register(
+            "kubernetes_writes",
+            "Kubernetes mode: writes to the API server since the start",
+            api_writes.clone(),
+        );
+        let api_ledger_writes = Gauge::default();
+        registry.register(
+            "kubernetes_ledger_writes",
+            "Kubernetes mode: writes of Remediation status (the ledger) since the start",
+            api_ledger_writes.clone(),
+        );
+        let api_pending = Gauge::default();
+        registry.register(
+            "kubernetes_pending_writes",
+            "Kubernetes mode: resources changed but not yet written to the API server",
+            api_pending.clone(),
+        );
         Metrics {
+            passes,
+            pass_seconds,
+            handed_over,
+            undelivered,
+            store_commits,
+            api_writes,
+            api_ledger_writes,
+            api_pending,
             round_trip_seconds,
             registry,
             pairs,
@@ -172,6 +239,33 @@ impl Metrics {
 
     pub fn observe_pass(&self, took: Duration) {
         self.reconcile_seconds.observe(took.as_secs_f64());
+        self.passes.inc();
+        self.pass_seconds.inc_by(took.as_secs_f64());
+    }
+
+    /// Reconcile passes run so far, and their total time.
+    pub fn passes(&self) -> (u64, Duration) {
+        (
+            self.passes.get(),
+            Duration::from_secs_f64(self.pass_seconds.get()),
+        )
+    }
+
+    /// Kubernetes mode: the API writes so far, of which to the ledger, and
+    /// the resources not yet written.
+    pub fn observe_api(&self, writes: u64, ledger_writes: u64, pending: u64) {
+        self.api_writes.set(writes as i64);
+        self.api_ledger_writes.set(ledger_writes as i64);
+        self.api_pending.set(pending as i64);
+    }
+
+    /// What `observe_api` last saw: (writes, ledger writes, pending).
+    pub fn api(&self) -> (u64, u64, u64) {
+        (
+            self.api_writes.get() as u64,
+            self.api_ledger_writes.get() as u64,
+            self.api_pending.get() as u64,
+        )
     }
 
     /// The exposition text.

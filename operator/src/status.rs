@@ -255,11 +255,11 @@ pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::
         t.terminal,
         match (t.connected, t.offline_since_ms) {
             (true, _) => "connected".to_string(),
-            (false, Some(ms)) => format!("offline since {}", crate::cli::payload::rfc3339(ms)),
+            (false, Some(ms)) => format!("offline since {}", crate::time::rfc3339(ms)),
             (false, None) => "offline (never connected)".to_string(),
         },
         t.last_inventory_ms
-            .map(|ms| format!(", last inventory {}", crate::cli::payload::rfc3339(ms)))
+            .map(|ms| format!(", last inventory {}", crate::time::rfc3339(ms)))
             .unwrap_or_default()
     )?;
     if t.tpm != "none" && !t.tpm.is_empty() {
@@ -288,7 +288,7 @@ pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::
                 (Some(l), Some(until)) => format!(
                     "level {l}, serial {}, until {}",
                     c.serial.as_deref().unwrap_or("?"),
-                    crate::cli::payload::rfc3339(until)
+                    crate::time::rfc3339(until)
                 ),
                 _ => "none".to_string(),
             },

@@ -9,6 +9,8 @@ pub mod bundle;
 pub mod certificate;
 pub mod enrol;
 pub mod envelope;
+#[cfg(feature = "io")]
+pub mod host;
 pub mod inventory;
 pub mod keys;
 #[cfg(feature = "io")]

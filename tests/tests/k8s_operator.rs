@@ -264,6 +264,47 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
             )
         },
     );
+    // `kubectl get terminals` shows each terminal's level (of its
+    // certificate) and when it last reported.
+    wait_until(Duration::from_secs(20), "Terminals at level 60", || {
+        all(
+            &["terminals", "-n", "tenet-system"],
+            "{.items[*].status.securityLevel}",
+            "60",
+        )
+    });
+    let table = cp.kubectl_ok(&["get", "terminals", "-n", "tenet-system"]);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "SITE",
+            "CONNECTED",
+            "COMPLIANT",
+            "LEVEL",
+            "LAST-REPORT"
+        ],
+        "{table}"
+    );
+    let ward = table
+        .lines()
+        .find(|l| l.starts_with("ward-00001 "))
+        .unwrap_or_else(|| panic!("no ward-00001 in\n{table}"));
+    let columns: Vec<&str> = ward.split_whitespace().collect();
+    assert_eq!(columns.get(4), Some(&"60"), "{table}");
+    // An age (`12s`, `3m`), not `<none>`.
+    assert!(
+        columns
+            .get(5)
+            .is_some_and(|age| age.ends_with('s') || age.ends_with('m')),
+        "{table}"
+    );
     let owner = jsonpath(
         &cp,
         &[

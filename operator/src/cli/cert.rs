@@ -1,14 +1,66 @@
 //! `tenet cert verify`: check a peer's security certificate by
 //! challenge-response, as a server would before it lets a terminal in.
 
+use crate::time::now_ms;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tenet_protocol::PublicKey;
 use tenet_protocol::present_tls::{PresentAnswer, ask, client_config};
 use tenet_protocol::presentation::{Requirements, verify_presentation};
+
+#[derive(clap::Subcommand)]
+pub enum CertCommand {
+    /// Ask a terminal (or a server running the agent) for its security
+    /// certificate over TLS with a fresh challenge, and check it: signed by
+    /// the issuer, valid now, answered to this challenge on this connection
+    /// by the key the certificate names, for the expected subject, at the
+    /// required level. Exit 0: verified; 1: refused, with the reason
+    /// (expired, wrong issuer, level too low, bad signature, challenge
+    /// mismatch, wrong subject); 2: the peer could not be asked.
+    Verify {
+        /// The peer's presentation address (the agent's `presentation.listen`).
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: String,
+        /// The lowest acceptable security level (0-100).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        min_level: u8,
+        /// The issuer's public key (the operator's DATA/dispatch.key.pub).
+        #[arg(long, value_name = "FILE")]
+        issuer_key: PathBuf,
+        /// The terminal the peer must be.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+}
+
+pub fn run(
+    command: CertCommand,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let CertCommand::Verify {
+        peer,
+        min_level,
+        issuer_key,
+        subject,
+        timeout,
+    } = command;
+    verify(
+        &peer,
+        &issuer_key,
+        min_level,
+        subject.as_deref(),
+        Duration::from_secs(timeout),
+        stdout,
+        stderr,
+    )
+}
 
 /// Exit codes: 0 verified; 1 refused (the reason is printed); 2 the peer
 /// could not be asked (unreachable, no certificate, bad usage).
@@ -77,7 +129,7 @@ pub fn verify(
                 cert.level,
                 cert.issuer,
                 cert.issuer_key,
-                crate::cli::payload::rfc3339(cert.not_after_ms),
+                crate::time::rfc3339(cert.not_after_ms),
                 started.elapsed().as_secs_f64() * 1000.0
             )?;
             Ok(0)
@@ -95,11 +147,11 @@ fn describe(e: &tenet_protocol::Rejection) -> String {
     match e {
         R::Expired { deadline_ms, .. } => format!(
             "the certificate expired at {}",
-            crate::cli::payload::rfc3339(*deadline_ms)
+            crate::time::rfc3339(*deadline_ms)
         ),
         R::NotYetValid { not_before_ms, .. } => format!(
             "the certificate is not valid before {}",
-            crate::cli::payload::rfc3339(*not_before_ms)
+            crate::time::rfc3339(*not_before_ms)
         ),
         R::UnknownKey { key } => {
             format!("wrong issuer: the certificate is signed by key {key}, not the issuer's")
@@ -133,10 +185,4 @@ async fn ask_peer(peer: &str) -> Result<(PresentAnswer, [u8; 32]), String> {
         .map_err(|e| format!("TLS: {e}"))?;
     let challenge = tenet_protocol::keys::random_bytes().map_err(|e| e.to_string())?;
     ask(&mut tls, challenge).await.map_err(|e| e.to_string())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

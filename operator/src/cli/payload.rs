@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tenet_protocol::bundle::{
@@ -14,6 +13,7 @@ use tenet_protocol::wire::{digest_string, parse_digest, sha256};
 use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, SignedMessage, Signer};
 
 use super::Output;
+use crate::time::{now_ms, rfc3339};
 
 /// A command failed for a reason a person can act on.
 #[derive(Debug, thiserror::Error)]
@@ -39,18 +39,59 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     }
 }
 
-/// A unix time in milliseconds as RFC 3339 (UTC).
-pub fn rfc3339(ms: u64) -> String {
-    i64::try_from(ms)
-        .ok()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .map_or_else(|| format!("{ms} ms"), |t| t.to_string())
+#[derive(clap::Subcommand)]
+pub enum PayloadCommand {
+    /// Build an unsigned bundle from a WASM module (.wat or .wasm) and artifacts.
+    Build(BuildArgs),
+    /// Add a signature with an admin key. The bundle's digest does not change.
+    Sign {
+        bundle: PathBuf,
+        /// The admin's private key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Write the signed bundle here instead of in place.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify signatures (k of n trusted keys), digest and expiry. Exits 0
+    /// when the bundle verifies; otherwise 1 with the reason.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted admin public key (repeat).
+        #[arg(long = "trust")]
+        trust: Vec<PathBuf>,
+        /// How many of the trusted keys must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// The digest a policy pins (sha256:...); the bundle must have it.
+        #[arg(long)]
+        digest: Option<String>,
+    },
+    /// Show what a bundle holds (signatures are listed, not checked).
+    Inspect {
+        bundle: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Run a `tenet payload` command: 0 when it did what it says, 1 with the
+/// reason on stderr.
+pub fn run(command: PayloadCommand, stdout: &mut dyn Write) -> std::io::Result<i32> {
+    let result = match command {
+        PayloadCommand::Build(args) => build(&args, stdout).map(|()| 0),
+        PayloadCommand::Sign { bundle, key, out } => {
+            sign(&bundle, &key, out.as_deref(), stdout).map(|()| 0)
+        }
+        PayloadCommand::Verify {
+            bundle,
+            trust,
+            threshold,
+            digest,
+        } => verify(&bundle, &trust, threshold, digest.as_deref(), stdout),
+        PayloadCommand::Inspect { bundle, output } => inspect(&bundle, output, stdout).map(|()| 0),
+    };
+    Ok(super::exit_code(result))
 }
 
 /// `tenet keygen --out KEY`: a new private key (0600) and `KEY.pub`.
@@ -69,14 +110,27 @@ pub fn keygen(out_path: &Path, algorithm: Algorithm, out: &mut dyn Write) -> Res
 }
 
 /// Arguments of `tenet payload build`.
+#[derive(clap::Args)]
 pub struct BuildArgs {
+    /// The module: WebAssembly text (.wat) or binary (.wasm).
+    #[arg(long)]
     pub module: PathBuf,
+    #[arg(long)]
     pub name: String,
+    #[arg(long, default_value = "1.0.0")]
     pub version: String,
+    #[arg(long, default_value = "")]
     pub description: String,
+    /// A capability the module needs (repeat): run-artifact, read-inventory, write-files, log.
+    #[arg(long = "capability")]
     pub capabilities: Vec<String>,
+    /// A file shipped with the module, digest-pinned (repeat).
+    #[arg(long = "artifact")]
     pub artifacts: Vec<PathBuf>,
+    /// How long the bundle may be run: 30d, 12h, 90m.
+    #[arg(long, default_value = "30d")]
     pub expires_in: String,
+    #[arg(long)]
     pub out: PathBuf,
 }
 
@@ -167,12 +221,9 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Replace `path` whole (mode 0644: a bundle is not secret).
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    tenet_protocol::host::write_atomically(path, bytes, 0o644).map_err(io(path))
 }
 
 fn read_frame(path: &Path) -> Result<SignedMessage, CliError> {

@@ -1,7 +1,7 @@
 //! `tenet policy check` and `tenet policy plan`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -35,6 +35,45 @@ fn summaries(set: &PolicySet) -> Vec<PolicySummary<'_>> {
             requirements: p.compiled.requirements.len(),
         })
         .collect()
+}
+
+#[derive(clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Validate every policy in a directory. Exits 0 when all are valid;
+    /// otherwise 1, with every error on its own line as FILE:LINE:COL: message.
+    Check {
+        /// The policy directory (read recursively; hidden files are skipped).
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show, for each terminal in an inventory, which policies select it,
+    /// which requirements fail and why, and which payload would be sent.
+    /// Nothing is sent.
+    Plan {
+        /// The policy directory.
+        dir: PathBuf,
+        /// An inventory file (one YAML document per terminal) or a directory of them.
+        #[arg(long)]
+        inventory: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+pub fn run(
+    command: PolicyCommand,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> std::io::Result<i32> {
+    match command {
+        PolicyCommand::Check { dir, output } => check(&dir, output, stdout, stderr),
+        PolicyCommand::Plan {
+            dir,
+            inventory,
+            output,
+        } => plan(&dir, &inventory, output, stdout, stderr),
+    }
 }
 
 /// `tenet policy check DIR`: 0 when every policy is valid, 1 otherwise.

@@ -21,6 +21,7 @@
 //! Server-side apply under one field manager, `tenet-operator`, for the
 //! resources.
 
+use crate::time::now_ms;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,11 +33,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
+use tenet_crds::terminal::{IdentityKey, PolicyCompliance, TerminalSpec, TerminalStatus};
 use tenet_crds::{Remediation, SecurityCertificate, Terminal};
 
-use crate::reconcile::certificate::CertRecord;
+use crate::reconcile::certificate::{Audit, CertRecord};
 use crate::reconcile::state::PairState;
-use crate::store::{Backend, Change, LiveDispatch, PairRecord, StoreError, Table, TerminalRecord};
+use crate::store::{
+    Backend, Change, LiveDispatch, PairRecord, StoreError, StoredInventory, Table, TerminalRecord,
+};
 
 pub const FIELD_MANAGER: &str = "tenet-operator";
 pub const TOKENS_SECRET: &str = "tenet-tokens";
@@ -114,6 +118,11 @@ struct Objects {
     /// Pair key → live dispatch.
     dispatches: BTreeMap<String, LiveDispatch>,
     certificates: BTreeMap<String, CertRecord>,
+    /// Terminal → when its newest verified inventory arrived (inventories
+    /// stay out of the ledger; only their time is kept here).
+    inventory_ms: HashMap<String, u64>,
+    /// Terminal → the `lastReportTime` its resource was last written with.
+    report_written_ms: HashMap<String, u64>,
     /// What was last written of each object (to skip unchanged ones).
     written: HashMap<String, serde_json::Value>,
 }
@@ -146,12 +155,6 @@ pub struct KubeBackend {
     published: Mutex<BTreeSet<String>>,
     /// Policy key → uid, for owner references (filled by the policy watcher).
     pub policy_uids: Arc<Mutex<HashMap<String, String>>>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -328,16 +331,18 @@ impl KubeBackend {
     }
 
     async fn write_object(&self, d: &Dirty) -> Result<(), kube::Error> {
-        let rfc = crate::cli::payload::rfc3339;
+        let rfc = crate::time::rfc3339;
         match d {
             Dirty::Terminal(name) => {
-                let (record, pairs) = {
+                let (record, pairs, certificate, inventory_ms) = {
                     let Ok(o) = self.objects.lock() else {
                         return Ok(());
                     };
                     (
                         o.terminals.get(name).cloned(),
                         o.pairs.get(name).cloned().unwrap_or_default(),
+                        o.certificates.get(name).cloned(),
+                        o.inventory_ms.get(name).copied(),
                     )
                 };
                 let Some(record) = record else { return Ok(()) };
@@ -348,22 +353,16 @@ impl KubeBackend {
                 if published && api.get_metadata_opt(name).await?.is_none() {
                     return Ok(());
                 }
-                let body = json!({
-                    "apiVersion": "tenet.dev/v1alpha1",
-                    "kind": "Terminal",
-                    "metadata": { "name": name },
-                    "spec": {
-                        "identity": {
-                            "algorithm": record.identity.algorithm().name(),
-                            "publicKey": b64(&record.identity.to_bytes()),
-                            "fingerprint": record.identity.fingerprint().to_hex(),
-                            "tpm": record.tpm,
-                        },
-                        "site": record.labels.get("site"),
-                    }
-                });
-                self.apply(&api, name, body, Some(terminal_status(&record, &pairs)))
-                    .await?;
+                let status = terminal_status(&record, &pairs, certificate.as_ref(), inventory_ms);
+                let last_report_ms = last_report_ms(certificate.as_ref(), inventory_ms);
+                let body = serde_json::to_value(Terminal::new(name, terminal_spec(&record)))
+                    .map_err(kube::Error::SerdeError)?;
+                let status = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
+                self.apply(&api, name, body, Some(status)).await?;
+                if let Ok(mut o) = self.objects.lock() {
+                    o.report_written_ms
+                        .insert(name.clone(), last_report_ms.unwrap_or(0));
+                }
                 if let Ok(mut p) = self.published.lock() {
                     p.insert(name.clone());
                 }
@@ -635,8 +634,25 @@ impl KubeBackend {
                         }
                     }
                     dirty.insert(Dirty::Certificate(key.clone()));
+                    // Its security level is in the Terminal's status.
+                    dirty.insert(Dirty::Terminal(key.clone()));
                 }
-                Table::Tokens | Table::Inventories | Table::Policies => {}
+                Table::Inventories => {
+                    let Some(received_ms) = StoredInventory::received_ms_of(value) else {
+                        continue;
+                    };
+                    o.inventory_ms.insert(key.clone(), received_ms);
+                    // The Terminal's lastReportTime follows its inventories
+                    // at most every LAST_REPORT_EVERY_MS (an inventory
+                    // comes every few minutes per terminal; a write per
+                    // inventory would multiply the API writes), and with
+                    // every other change of its status.
+                    let written = o.report_written_ms.get(key).copied().unwrap_or(0);
+                    if received_ms >= written + LAST_REPORT_EVERY_MS {
+                        dirty.insert(Dirty::Terminal(key.clone()));
+                    }
+                }
+                Table::Tokens | Table::Policies => {}
             }
         }
         drop((o, dirty));
@@ -658,31 +674,71 @@ impl KubeBackend {
     }
 }
 
-/// A Terminal's status for people: compliance with each policy selecting it.
+/// How often at most a terminal's inventories alone rewrite its
+/// `lastReportTime`: 15 minutes.
+const LAST_REPORT_EVERY_MS: u64 = 15 * 60 * 1000;
+
+/// A Terminal's spec: its identity key and site, from enrolment.
+fn terminal_spec(record: &TerminalRecord) -> TerminalSpec {
+    TerminalSpec {
+        identity: IdentityKey {
+            algorithm: record.identity.algorithm().name().to_string(),
+            public_key: b64(&record.identity.to_bytes()),
+            fingerprint: record.identity.fingerprint().to_hex(),
+            tpm: record.tpm,
+        },
+        site: record.labels.get("site").cloned(),
+    }
+}
+
+/// When the terminal last sent a verified inventory or audit report.
+fn last_report_ms(certificate: Option<&CertRecord>, inventory_ms: Option<u64>) -> Option<u64> {
+    let audit_ms = certificate.and_then(|c| match c.audit {
+        Audit::Passed { at_ms, .. } => Some(at_ms),
+        _ => None,
+    });
+    inventory_ms.max(audit_ms).filter(|ms| *ms > 0)
+}
+
+/// A Terminal's status for people: compliance with each policy selecting
+/// it, the security level of its certificate, and its last report.
 fn terminal_status(
     record: &TerminalRecord,
     pairs: &BTreeMap<String, PairRecord>,
-) -> serde_json::Value {
-    let mut policies = Vec::new();
-    let mut compliant = 0;
-    for (policy, p) in pairs {
-        if p.state == PairState::Compliant {
-            compliant += 1;
-        }
-        let reason = match &p.state {
-            PairState::Drifted { reason, .. } | PairState::Failed { reason, .. } => reason.clone(),
-            _ => String::new(),
-        };
-        policies.push(json!({
-            "policy": policy, "generation": p.generation, "state": p.state.name(), "reason": reason,
-        }));
+    certificate: Option<&CertRecord>,
+    inventory_ms: Option<u64>,
+) -> TerminalStatus {
+    let policies: Vec<PolicyCompliance> = pairs
+        .iter()
+        .map(|(policy, p)| PolicyCompliance {
+            policy: policy.clone(),
+            generation: i64::try_from(p.generation).unwrap_or(i64::MAX),
+            state: p.state.name().to_string(),
+            reason: match &p.state {
+                PairState::Drifted { reason, .. } | PairState::Failed { reason, .. } => {
+                    reason.clone()
+                }
+                _ => String::new(),
+            },
+        })
+        .collect();
+    let compliant = pairs
+        .values()
+        .filter(|p| p.state == PairState::Compliant)
+        .count();
+    TerminalStatus {
+        connected: record.offline_since_ms == 0,
+        offline_since: (record.offline_since_ms > 0)
+            .then(|| crate::time::rfc3339(record.offline_since_ms)),
+        last_report_time: last_report_ms(certificate, inventory_ms).map(crate::time::rfc3339),
+        compliance: Some(format!("{compliant}/{}", policies.len())),
+        policies,
+        security_level: certificate
+            .and_then(|c| c.issued.as_ref())
+            .map(|i| u32::from(i.level)),
+        facts: BTreeMap::new(),
+        conditions: Vec::new(),
     }
-    json!({
-        "connected": record.offline_since_ms == 0,
-        "offlineSince": (record.offline_since_ms > 0).then(|| crate::cli::payload::rfc3339(record.offline_since_ms)),
-        "compliance": format!("{compliant}/{}", policies.len()),
-        "policies": policies,
-    })
 }
 
 /// Shared with the daemon, which reads its counts and its tokens.

@@ -7,6 +7,7 @@
 //! (exits): another replica may already hold it, and this one must not
 //! dispatch beside it.
 
+use crate::time::now_ms;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -41,12 +42,6 @@ pub fn claim(lease: Option<(&str, u64, u64)>, me: &str, now_ms: u64) -> Claim {
         }
         Some(_) => Claim::Wait,
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn micro(ms: u64) -> Option<MicroTime> {

@@ -85,9 +85,7 @@ impl Policies {
         };
         tokio::spawn(async move {
             while latest.changed().await.is_ok() {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let now = crate::time::now_ms();
                 let s = latest.borrow_and_update().clone();
                 writer.publish(&s, now).await;
             }
@@ -272,12 +270,12 @@ impl StatusWriter {
             };
             let changed = self.ready.get(&s.policy).is_none_or(|r| r != reason);
             let transition = if changed {
-                crate::cli::payload::rfc3339(now_ms)
+                crate::time::rfc3339(now_ms)
             } else {
                 self.written
                     .get(&s.policy)
                     .and_then(|w| w["since"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| crate::cli::payload::rfc3339(now_ms))
+                    .unwrap_or_else(|| crate::time::rfc3339(now_ms))
             };
             let body = json!({
                 "apiVersion": "tenet.dev/v1alpha1",

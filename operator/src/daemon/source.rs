@@ -1,0 +1,245 @@
+//! Where the operator's inputs come from: the policies, the bootstrap
+//! tokens and, in Kubernetes mode, the Terminals people deleted.
+//!
+//! - [`DirectorySource`]: a policy directory (a git checkout: GitOps) and
+//!   the data directory's token inbox.
+//! - [`KubeSource`]: TerminalPolicy resources in every namespace, the token
+//!   Secret, and Terminal resources deleted by hand (de-enrolment).
+//!
+//! A git remote is the next kind of source: it belongs here, beside these.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tenet_protocol::wire::sha256;
+
+use crate::daemon::DaemonError;
+use crate::fleet::StandaloneFleet;
+use crate::kubernetes::{KubeBackend, Policies};
+use crate::policy::{CompiledPolicy, load_dir, yaml_files};
+use crate::reconcile::pass::PolicyStatus;
+use crate::store::Store;
+
+/// What a source holds after its last refresh.
+#[derive(Default)]
+pub struct Loaded {
+    /// The policies in force, their generations stamped by the store.
+    pub policies: Vec<CompiledPolicy>,
+    /// Why a policy is not (or not in its latest form) in force.
+    pub errors: Vec<String>,
+    /// The git commit the policies came from, when there is one.
+    pub revision: Option<String>,
+}
+
+pub enum Source {
+    Directory(DirectorySource),
+    Kubernetes(KubeSource),
+}
+
+impl Source {
+    /// Take in what changed: new tokens, deleted terminals, policies.
+    pub async fn refresh(
+        &mut self,
+        store: &Store,
+        fleet: &StandaloneFleet,
+        out: &mut (dyn Write + Send),
+    ) -> Result<&Loaded, DaemonError> {
+        match self {
+            Source::Directory(d) => {
+                crate::tokens::import_inbox(&d.data, store)?;
+                d.reload(store)?;
+                Ok(&d.loaded)
+            }
+            Source::Kubernetes(k) => {
+                k.refresh(store, fleet, out).await?;
+                Ok(&k.loaded)
+            }
+        }
+    }
+
+    pub fn loaded(&self) -> &Loaded {
+        match self {
+            Source::Directory(d) => &d.loaded,
+            Source::Kubernetes(k) => &k.loaded,
+        }
+    }
+
+    /// Tell the source what became of its policies (Kubernetes: their
+    /// status and Ready condition).
+    pub fn publish(&self, statuses: &[PolicyStatus]) {
+        if let Source::Kubernetes(k) = self {
+            k.policies.publish(statuses);
+        }
+    }
+}
+
+/// The envelopes' generation of each policy: the store's, which only goes
+/// up (a file's or a resource's own can start again at 1).
+fn stamp_generations(store: &Store, policies: &mut [CompiledPolicy]) -> Result<(), DaemonError> {
+    for p in policies {
+        let spec = serde_json::to_vec(p.spec.as_ref()).unwrap_or_default();
+        p.generation = store.policy_generation(&p.key(), sha256(&spec))? as i64;
+    }
+    Ok(())
+}
+
+/// A policy directory and the token inbox of the data directory.
+pub struct DirectorySource {
+    dir: PathBuf,
+    data: PathBuf,
+    /// The last good generation of each policy (with its file), kept while
+    /// its file is broken.
+    good: BTreeMap<String, (PathBuf, CompiledPolicy)>,
+    /// Path, modification time and size of every file last loaded: the
+    /// directory is parsed and compiled again only when this changes.
+    stamp: Option<Vec<(PathBuf, SystemTime, u64)>>,
+    /// The directory could not be listed last time (logged once).
+    unreadable: bool,
+    loaded: Loaded,
+}
+
+impl DirectorySource {
+    pub fn new(dir: PathBuf, data: PathBuf) -> DirectorySource {
+        DirectorySource {
+            dir,
+            data,
+            good: BTreeMap::new(),
+            stamp: None,
+            unreadable: false,
+            loaded: Loaded::default(),
+        }
+    }
+
+    fn reload(&mut self, store: &Store) -> Result<(), DaemonError> {
+        let files = match yaml_files(&self.dir) {
+            Ok(files) => files,
+            Err(e) => {
+                // Out of file descriptors, or the directory is gone: what
+                // is in force stays, and nothing is re-read (nor `git`
+                // started) until it can be listed again.
+                if !self.unreadable {
+                    tracing::error!(error = %e, "cannot list the policy directory; the policies in force stay");
+                    self.unreadable = true;
+                    if self.stamp.is_none() {
+                        self.loaded.errors = vec![e.to_string()];
+                    }
+                }
+                return Ok(());
+            }
+        };
+        self.unreadable = false;
+        let stamp: Vec<_> = files
+            .into_iter()
+            .filter_map(|p| {
+                let m = std::fs::metadata(&p).ok()?;
+                Some((p, m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()))
+            })
+            .collect();
+        if self.stamp.as_ref() == Some(&stamp) {
+            return Ok(());
+        }
+        self.stamp = Some(stamp);
+        let set = load_dir(&self.dir);
+        let broken: HashSet<&Path> = set.errors.iter().map(|e| e.file.as_path()).collect();
+        let mut next = BTreeMap::new();
+        for p in &set.policies {
+            next.insert(p.compiled.key(), (p.file.clone(), p.compiled.clone()));
+        }
+        // A policy whose file is broken now keeps its last good generation.
+        for (key, (file, compiled)) in &self.good {
+            if !next.contains_key(key) && broken.contains(file.as_path()) {
+                next.insert(key.clone(), (file.clone(), compiled.clone()));
+            }
+        }
+        let mut policies: Vec<CompiledPolicy> = next.values().map(|(_, p)| p.clone()).collect();
+        stamp_generations(store, &mut policies)?;
+        let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+        if errors != self.loaded.errors {
+            for e in &errors {
+                tracing::error!(error = %e, "policy error; the last good version stays in force");
+            }
+        }
+        self.good = next;
+        self.loaded = Loaded {
+            policies,
+            errors,
+            revision: git_revision(&self.dir),
+        };
+        Ok(())
+    }
+}
+
+/// The commit checked out in `dir`, when it is in a git work tree.
+fn git_revision(dir: &Path) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .filter(|r| !r.is_empty())
+}
+
+/// The Kubernetes API: TerminalPolicies, the token Secret, and deleted
+/// Terminals.
+pub struct KubeSource {
+    pub backend: Arc<KubeBackend>,
+    policies: Policies,
+    loaded: Loaded,
+}
+
+impl KubeSource {
+    pub fn new(backend: Arc<KubeBackend>, policies: Policies) -> KubeSource {
+        KubeSource {
+            backend,
+            policies,
+            loaded: Loaded::default(),
+        }
+    }
+
+    async fn refresh(
+        &mut self,
+        store: &Store,
+        fleet: &StandaloneFleet,
+        out: &mut (dyn Write + Send),
+    ) -> Result<(), DaemonError> {
+        match self.backend.tokens().await {
+            Ok(tokens) => crate::tokens::import_secret(tokens, store)?,
+            Err(e) => tracing::warn!(error = %e, "cannot read the token Secret"),
+        }
+        match self.backend.deleted_terminals().await {
+            Ok(gone) => {
+                for t in gone {
+                    if fleet.forget_terminal(&t) {
+                        let _ = writeln!(
+                            out,
+                            "terminal {t} de-enrolled (its Terminal resource was deleted)"
+                        );
+                        tracing::warn!(terminal = %t, "de-enrolled: its Terminal resource was deleted");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
+        }
+        let (mut policies, errors) = self.policies.refresh(store).await;
+        stamp_generations(store, &mut policies)?;
+        if errors != self.loaded.errors {
+            for e in &errors {
+                tracing::error!(error = %e, "policy error");
+            }
+        }
+        self.loaded = Loaded {
+            policies,
+            errors,
+            revision: None,
+        };
+        Ok(())
+    }
+}

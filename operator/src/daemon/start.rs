@@ -1,0 +1,221 @@
+//! Start-up: open the data directory (or win the Kubernetes Lease and read
+//! the state from the API server), check the admin keys, start the gateway
+//! and the metrics endpoint, and reissue what was in flight at the last
+//! stop. What it returns is the loop's state.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tenet_protocol::bundle::BundleTrust;
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::host::now_ms;
+use tenet_protocol::{KeyPair, PublicKey, Signer};
+
+use super::source::{DirectorySource, KubeSource, Source};
+use super::steps::Running;
+use super::{Daemon, DaemonError, KubeSettings, io, reissue_pending};
+use crate::data_dir::{DataDir, open_data, open_keys, tokens_dir};
+use crate::fleet::StandaloneFleet;
+use crate::gateway::{Gateway, TlsAcceptor};
+use crate::reconcile::state::Retry;
+use crate::store::Store;
+
+impl Daemon {
+    pub(super) async fn start(self, out: &mut (dyn Write + Send)) -> Result<Running, DaemonError> {
+        let open_files = tenet_protocol::listen::raise_open_files_limit();
+        tracing::info!(open_files, "open files limit");
+        let files_changed = Arc::new(tokio::sync::Notify::new());
+        let (data, source) = match &self.kubernetes {
+            None => (
+                open_data(&self.data, out)?,
+                Source::Directory(DirectorySource::new(
+                    self.policies.clone(),
+                    self.data.clone(),
+                )),
+            ),
+            Some(k) => self.lead(k, files_changed.clone(), out).await?,
+        };
+        let (trust, bundle_trust) = self.trust(&data.dispatch_key)?;
+        let (fleet, changes) = StandaloneFleet::new(
+            data.store.clone(),
+            Retry::default(),
+            now_ms,
+            super::steps::jitter,
+        );
+        let fleet = Arc::new(fleet);
+        let gateway = Arc::new(Gateway {
+            acceptor: TlsAcceptor::from(Arc::new(data.ca.server_config(&self.names)?)),
+            ca: data.ca.clone(),
+            trust,
+            dispatch_key: data.dispatch_key.clone(),
+            fleet: fleet.clone(),
+            client_cert_validity: Duration::from_secs(24 * 3600),
+            now_ms,
+            limits: self.limits.clone(),
+            tpm_roots: Arc::new(
+                crate::tpm_trust::TpmRoots::load(&self.tpm_roots).map_err(DaemonError::Usage)?,
+            ),
+        });
+        let reissued = reissue_pending(&data.store, &Retry::default(), now_ms())?;
+        if reissued > 0 {
+            let _ = writeln!(
+                out,
+                "{reissued} dispatch(es) pending at the last stop will be reissued with fresh envelopes"
+            );
+        }
+        let listener = tokio::net::TcpListener::bind(&self.listen)
+            .await
+            .map_err(io(Path::new(&self.listen)))?;
+        let address = listener.local_addr().map_err(io(Path::new(&self.listen)))?;
+        let _ = writeln!(
+            out,
+            "gateway listening on {address} (agent CA {}); policies from {}, bundles from {}",
+            data.ca.fingerprint(),
+            self.policies.display(),
+            self.bundles.display()
+        );
+        let _ = out.flush();
+        tokio::spawn(gateway.serve(listener));
+        let metrics = self
+            .probe
+            .as_ref()
+            .map_or_else(Default::default, |p| p.metrics.clone());
+        if let Some(addr) = &self.metrics {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io(Path::new(addr)))?;
+            let _ = writeln!(
+                out,
+                "metrics at http://{}/metrics",
+                l.local_addr().map_err(io(Path::new(addr)))?
+            );
+            tokio::spawn(metrics.clone().serve(l));
+        }
+        if let Some(p) = &self.probe {
+            p.address.send_replace(Some(address));
+        }
+        let watcher = watch_dirs(
+            &[&self.policies, &self.bundles, &tokens_dir(&self.data)],
+            files_changed.clone(),
+        );
+        Ok(Running::new(
+            self,
+            data,
+            source,
+            fleet,
+            changes,
+            bundle_trust,
+            metrics,
+            files_changed,
+            watcher,
+        ))
+    }
+
+    /// Kubernetes mode: wait for the Lease, then read the state from the API
+    /// server; the keys and the CA come from the data directory (a Secret).
+    async fn lead(
+        &self,
+        k: &KubeSettings,
+        files_changed: Arc<tokio::sync::Notify>,
+        out: &mut (dyn Write + Send),
+    ) -> Result<(DataDir, Source), DaemonError> {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            DaemonError::Usage(format!(
+                "cannot reach the Kubernetes API (KUBECONFIG or in-cluster): {e}"
+            ))
+        })?;
+        let _ = writeln!(
+            out,
+            "{}: waiting for the Lease {}/{}",
+            k.identity,
+            k.namespace,
+            crate::kubernetes::leader::LEASE
+        );
+        let _ = out.flush();
+        crate::kubernetes::leader::lead(
+            kube::Api::namespaced(client.clone(), &k.namespace),
+            k.identity.clone(),
+            k.lease,
+        )
+        .await;
+        let _ = writeln!(out, "{}: leader", k.identity);
+        let (dispatch_key, ca) = open_keys(&self.data, out)?;
+        let backend = Arc::new(crate::kubernetes::KubeBackend::new(
+            client.clone(),
+            &k.namespace,
+            tokio::runtime::Handle::current(),
+        ));
+        backend.start_writer();
+        let store = tokio::task::block_in_place(|| Store::with_backend(Box::new(backend.clone())))?;
+        let policies = crate::kubernetes::Policies::watch(
+            client,
+            files_changed,
+            backend.policy_uids.clone(),
+            backend.writes.clone(),
+            &k.identity,
+        );
+        policies.ready().await;
+        Ok((
+            DataDir {
+                dispatch_key,
+                ca,
+                store: Arc::new(store),
+            },
+            Source::Kubernetes(KubeSource::new(backend, policies)),
+        ))
+    }
+
+    /// What agents are told to trust (pinned at enrolment), and what a
+    /// bundle needs to be used: the admin keys and their threshold.
+    fn trust(&self, dispatch_key: &KeyPair) -> Result<(TrustAnchors, BundleTrust), DaemonError> {
+        let admin_keys = self
+            .admin_keys
+            .iter()
+            .map(|p| PublicKey::read_pem_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if admin_keys.is_empty()
+            || usize::from(self.admin_threshold) > admin_keys.len()
+            || self.admin_threshold == 0
+        {
+            return Err(DaemonError::Usage(format!(
+                "need at least {} admin key(s) (--admin-key) for a threshold of {}",
+                self.admin_threshold.max(1),
+                self.admin_threshold
+            )));
+        }
+        let anchors = TrustAnchors {
+            admin_keys: admin_keys.clone(),
+            admin_threshold: self.admin_threshold,
+            dispatch_key: dispatch_key.public_key(),
+            issuer_key: dispatch_key.public_key(),
+        };
+        let bundles = BundleTrust {
+            admin_keys,
+            threshold: usize::from(self.admin_threshold),
+        };
+        Ok((anchors, bundles))
+    }
+}
+
+/// Wake the loop when anything changes in the policy, bundle or token
+/// directory (an edit, a new file, a `git pull`); the tick still catches
+/// anything a watcher misses.
+fn watch_dirs(
+    dirs: &[&Path],
+    wake: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |_event| wake.notify_one())
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "cannot watch the policy directory; polling only"),
+        )
+        .ok()?;
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch; polling only");
+        }
+    }
+    Some(watcher)
+}

@@ -1,0 +1,344 @@
+//! The steps of the operator's loop, each a method of [`Running`], the
+//! loop's state. `Daemon::run` calls them in order, for ever.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tenet_protocol::KeyPair;
+use tenet_protocol::bundle::BundleTrust;
+use tenet_protocol::host::now_ms;
+use tenet_protocol::session::ToAgent;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::bundles::BundleCache;
+use super::source::Source;
+use super::{Daemon, DaemonError};
+use crate::data_dir::{DataDir, status_file};
+use crate::fleet::{Change, StandaloneFleet};
+use crate::metrics::Metrics;
+use crate::policy::CompiledPolicy;
+use crate::reconcile::pass::{Bundle, Evaluations, Outgoing, Pass, PolicyStatus};
+use crate::reconcile::state::Retry;
+use crate::store::Store;
+
+/// How often security certificates are reconciled at most.
+const CERTS_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the status file and the policy lines are brought up to date.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+
+pub(super) fn jitter() -> f64 {
+    tenet_protocol::keys::random_bytes().map_or(0.5, |b| f64::from(b[0]) / 255.0)
+}
+
+/// What one reconcile pass produced.
+pub(super) struct PassResult {
+    pub outgoing: Vec<Outgoing>,
+    pub statuses: Vec<PolicyStatus>,
+}
+
+/// The state the loop carries from one round to the next.
+pub(super) struct Running {
+    settings: Daemon,
+    store: Arc<Store>,
+    dispatch_key: Arc<KeyPair>,
+    fleet: Arc<StandaloneFleet>,
+    /// What the gateway saw (a report, a connection): a reason to run now.
+    changes: UnboundedReceiver<Change>,
+    /// A file changed in a watched directory (or a policy resource changed).
+    files_changed: Arc<tokio::sync::Notify>,
+    _watcher: Option<notify::RecommendedWatcher>,
+    source: Source,
+    bundle_trust: BundleTrust,
+    bundle_cache: BundleCache,
+    bundle_problems: Vec<String>,
+    bundles: HashMap<String, Bundle>,
+    policies: Vec<CompiledPolicy>,
+    evaluations: Mutex<Evaluations>,
+    metrics: Arc<Metrics>,
+    /// The directories are looked at when the watcher says something
+    /// changed, and at least every tick (bundles expire; a watcher can miss
+    /// events): not on every agent message.
+    refreshed_at: Option<Instant>,
+    certs_at: Instant,
+    status_at: Instant,
+    /// The status was brought up to date in this round.
+    reported: bool,
+    last_statuses: Vec<PolicyStatus>,
+    last_written: Option<crate::status::Status>,
+}
+
+impl Running {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        settings: Daemon,
+        data: DataDir,
+        source: Source,
+        fleet: Arc<StandaloneFleet>,
+        changes: UnboundedReceiver<Change>,
+        bundle_trust: BundleTrust,
+        metrics: Arc<Metrics>,
+        files_changed: Arc<tokio::sync::Notify>,
+        watcher: Option<notify::RecommendedWatcher>,
+    ) -> Running {
+        let long_ago = Instant::now() - STATUS_EVERY.max(CERTS_EVERY);
+        Running {
+            settings,
+            store: data.store,
+            dispatch_key: data.dispatch_key,
+            fleet,
+            changes,
+            files_changed,
+            _watcher: watcher,
+            source,
+            bundle_trust,
+            bundle_cache: BundleCache::default(),
+            bundle_problems: Vec::new(),
+            bundles: HashMap::new(),
+            policies: Vec::new(),
+            evaluations: Mutex::new(Evaluations::default()),
+            metrics,
+            refreshed_at: None,
+            certs_at: long_ago,
+            status_at: long_ago,
+            reported: false,
+            last_statuses: Vec::new(),
+            last_written: None,
+        }
+    }
+
+    /// Policies, tokens and bundles: read again when a watched file changed
+    /// or a tick passed.
+    pub(super) async fn refresh(
+        &mut self,
+        out: &mut (dyn Write + Send),
+    ) -> Result<(), DaemonError> {
+        if self
+            .refreshed_at
+            .is_some_and(|t| t.elapsed() < self.settings.tick)
+        {
+            return Ok(());
+        }
+        self.refreshed_at = Some(Instant::now());
+        self.policies = self
+            .source
+            .refresh(&self.store, &self.fleet, out)
+            .await?
+            .policies
+            .clone();
+        let (loaded, problems) =
+            self.bundle_cache
+                .load(&self.settings.bundles, &self.bundle_trust, now_ms());
+        if problems != self.bundle_problems {
+            for p in &problems {
+                tracing::warn!(problem = %p, "bundle not used");
+            }
+            self.bundle_problems = problems;
+        }
+        self.bundles = loaded;
+        Ok(())
+    }
+
+    /// One pass over every (terminal, policy) pair.
+    pub(super) fn reconcile(&mut self) -> Result<PassResult, DaemonError> {
+        let started = Instant::now();
+        let online = |t: &str| self.fleet.sender(t).is_some();
+        let (outgoing, statuses) = Pass {
+            store: &self.store,
+            policies: &self.policies,
+            bundles: &self.bundles,
+            dispatch_key: self.dispatch_key.as_ref(),
+            online: &online,
+            retry: Retry::default(),
+            now_ms: now_ms(),
+            jitter: jitter(),
+            evaluations: Some(&self.evaluations),
+        }
+        .run()?;
+        self.metrics.observe_pass(started.elapsed());
+        self.source.publish(&statuses);
+        if let Source::Kubernetes(k) = &self.source {
+            self.metrics.observe_api(
+                k.backend.writes.load(std::sync::atomic::Ordering::Relaxed),
+                k.backend
+                    .ledger_writes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                k.backend.pending(),
+            );
+        }
+        self.metrics.dispatches.inc_by(outgoing.len() as u64);
+        Ok(PassResult { outgoing, statuses })
+    }
+
+    /// Hand the envelopes of a pass to their terminals' connections, once
+    /// they are durable (with their sequence numbers and nonce
+    /// commitments). One that cannot be handed over is reissued fresh.
+    pub(super) async fn dispatch(&mut self, outgoing: Vec<Outgoing>) -> Result<(), DaemonError> {
+        if outgoing.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.durable(self.store.written()).await {
+            // Not sent: they stay out and are retried after their deadline.
+            tracing::error!(error = %e, count = outgoing.len(), "dispatches not sent: the database cannot commit");
+            return Ok(());
+        }
+        for o in outgoing {
+            let delivered = self.fleet.sender(&o.terminal).is_some_and(|tx| {
+                tx.try_send(ToAgent::Dispatch {
+                    envelope: o.envelope.clone(),
+                    bundle: o.bundle.clone(),
+                })
+                .is_ok()
+            });
+            if delivered {
+                self.metrics.handed_over.inc();
+                self.fleet.sent(o.envelope_digest);
+                tracing::info!(terminal = %o.terminal, policy = %o.policy, "dispatched");
+            } else {
+                self.metrics.undelivered.inc();
+                tracing::info!(terminal = %o.terminal, policy = %o.policy, "undelivered; will reissue");
+                crate::reconcile::pass::undelivered(&self.store, &o, &Retry::default(), now_ms())?;
+            }
+        }
+        // Handing envelopes over woke thousands of connection writers; the
+        // last one woken sits in this worker's LIFO slot, which no other
+        // worker may steal. Found by `tenet bench converge`: without this
+        // yield, that terminal's envelope waited seconds, or for ever, while
+        // this loop kept running passes. Yield so the slot runs now.
+        tokio::task::yield_now().await;
+        Ok(())
+    }
+
+    /// Security certificates: audits, issuance, renewal. Their decisions are
+    /// in seconds (renewal, audit timeouts): a sweep of every terminal at
+    /// most four times a second, not on every agent message.
+    pub(super) async fn certificates(
+        &mut self,
+        out: &mut (dyn Write + Send),
+    ) -> Result<(), DaemonError> {
+        if self.certs_at.elapsed() < CERTS_EVERY {
+            return Ok(());
+        }
+        self.certs_at = Instant::now();
+        let online = |t: &str| self.fleet.sender(t).is_some();
+        let round = crate::certs::reconcile(
+            &self.store,
+            &self.policies,
+            self.dispatch_key.as_ref(),
+            &online,
+            now_ms(),
+        )?;
+        for e in &round.events {
+            let _ = writeln!(out, "{e}");
+        }
+        if round.outgoing.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.durable(self.store.written()).await {
+            tracing::error!(error = %e, "certificate messages not sent: the database cannot commit");
+            return Ok(());
+        }
+        for (terminal, message) in round.outgoing {
+            if let Some(tx) = self.fleet.sender(&terminal) {
+                let _ = tx.try_send(message);
+            }
+        }
+        Ok(())
+    }
+
+    /// What people and programs see: round-trip times, the probe, and at
+    /// most twice a second the status file, the metrics and the policy
+    /// lines on stdout (it lists every terminal).
+    pub(super) fn report(
+        &mut self,
+        statuses: Vec<PolicyStatus>,
+        out: &mut (dyn Write + Send),
+    ) -> Result<(), DaemonError> {
+        let round_trips = self.fleet.take_round_trips();
+        for d in &round_trips {
+            self.metrics.round_trip_seconds.observe(d.as_secs_f64());
+        }
+        self.metrics.store_commits.set(self.store.commits() as i64);
+        if let Some(p) = &self.settings.probe {
+            if let Ok(mut r) = p.round_trips.lock() {
+                r.extend(round_trips);
+            }
+            p.passes
+                .send_replace((self.fleet.connected_count(), statuses.clone()));
+        }
+        self.reported = self.status_at.elapsed() >= STATUS_EVERY;
+        if !self.reported {
+            return Ok(());
+        }
+        self.status_at = Instant::now();
+        let loaded = self.source.loaded();
+        let status = crate::status::Status {
+            source_revision: loaded.revision.clone(),
+            ..crate::status::collect(
+                &self.store,
+                &statuses,
+                &self.fleet.connected_terminals(),
+                self.fleet.refusals(),
+                &loaded.errors,
+                now_ms(),
+            )?
+        };
+        self.metrics.update(&status);
+        // Kubernetes mode: the resources are the status (and the data
+        // directory is a read-only Secret).
+        if matches!(self.source, Source::Directory(_))
+            && self.last_written.as_ref() != Some(&status)
+        {
+            let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
+            if let Err(e) = tenet_protocol::host::write_atomically(
+                &status_file(&self.settings.data),
+                &json,
+                0o644,
+            ) {
+                tracing::error!(error = %e, "cannot write the status file");
+            }
+            self.last_written = Some(status);
+        }
+        if statuses != self.last_statuses {
+            print_statuses(&statuses, out);
+            self.last_statuses = statuses;
+        }
+        Ok(())
+    }
+
+    /// Until the next agent message, file change or tick (or the status is
+    /// due); a burst of messages is taken by one pass.
+    pub(super) async fn wait(&mut self) {
+        let wait = if self.reported {
+            self.settings.tick
+        } else {
+            STATUS_EVERY
+                .saturating_sub(self.status_at.elapsed())
+                .min(self.settings.tick)
+        };
+        tokio::select! {
+            _ = self.changes.recv() => {}
+            _ = self.files_changed.notified() => self.refreshed_at = None,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        while self.changes.try_recv().is_ok() {}
+    }
+}
+
+fn print_statuses(statuses: &[PolicyStatus], out: &mut (dyn Write + Send)) {
+    for s in statuses {
+        let held = s
+            .held
+            .as_deref()
+            .map(|h| format!(" (held: {h})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{} gen {}: {} selected, {} compliant, {} drifted, {} remediating, {} failed{held}",
+            s.policy, s.generation, s.selected, s.compliant, s.drifted, s.remediating, s.failed
+        );
+    }
+    let _ = out.flush();
+}

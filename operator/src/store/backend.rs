@@ -1,0 +1,46 @@
+//! The seam between the store's working set and where records live
+//! durably: an embedded redb database ([`super::Redb`]) or the
+//! Kubernetes API (`crate::kubernetes::KubeBackend`).
+
+use super::StoreError;
+
+/// The kinds of record the store keeps; a [`Backend`] stores each kind
+/// under its own name (a redb table here; API resources in Kubernetes
+/// mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    Terminals,
+    Tokens,
+    Pairs,
+    Dispatches,
+    Inventories,
+    Policies,
+    Certificates,
+}
+
+impl Table {
+    pub const ALL: [Table; 7] = [
+        Table::Terminals,
+        Table::Tokens,
+        Table::Pairs,
+        Table::Dispatches,
+        Table::Inventories,
+        Table::Policies,
+        Table::Certificates,
+    ];
+}
+
+/// One change as a backend stores it: the kind, the key and the canonical
+/// encoding of the record.
+pub type Change = (Table, String, Vec<u8>);
+
+/// Where the store's records live durably. The store keeps the working set
+/// in memory and hands the backend batches of changes in order; a batch is
+/// durable (or failed, and handed again) before anything it implies leaves
+/// the operator.
+pub trait Backend: Send + Sync + 'static {
+    /// Every record, at open.
+    fn load(&self) -> Result<Vec<Change>, StoreError>;
+    /// Store a batch of changes atomically and durably.
+    fn commit(&self, batch: &[Change]) -> Result<(), StoreError>;
+}

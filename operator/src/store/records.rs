@@ -1,0 +1,98 @@
+//! The records the store keeps, as they are encoded (the protocol's
+//! canonical encoding) in every backend.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tenet_protocol::PublicKey;
+use tenet_protocol::inventory::Inventory;
+use tenet_protocol::report::DispatchRecord;
+use tenet_protocol::wire::sha256;
+
+use crate::reconcile::state::PairState;
+use crate::tpm_trust::TpmTrust;
+
+/// An enrolled terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalRecord {
+    pub identity: PublicKey,
+    pub labels: BTreeMap<String, String>,
+    pub tpm: bool,
+    /// The TPM attestation key its quotes must be signed with.
+    pub attestation_key: Option<PublicKey>,
+    pub enrolled_at_ms: u64,
+    /// The last envelope sequence number issued to it.
+    pub last_sequence: u64,
+    /// When its last connection ended (0: never connected, or connected now).
+    pub offline_since_ms: u64,
+    /// The mTLS client keys (SHA-256 of the SubjectPublicKeyInfo) its
+    /// sessions may use, newest last: the key certified at enrolment, and
+    /// after a renewal the old and the new one until the new one is used.
+    /// A certificate for this name with any other key opens no session.
+    pub client_keys: Vec<[u8; 32]>,
+    /// Whether its TPM was proven at enrolment (`tpm` is only its claim).
+    pub tpm_trust: TpmTrust,
+}
+
+/// A bootstrap token, kept as its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// The terminal name the token is for, when an admin bound it to one.
+    pub terminal: Option<String>,
+    pub expires_ms: u64,
+    /// How many more terminals may enrol with it (1 for a one-time token).
+    pub uses_left: u32,
+}
+
+/// The live dispatch of a pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveDispatch {
+    pub policy_generation: u64,
+    /// When it was issued (the operator's clock).
+    pub issued_ms: u64,
+    pub sequence: u64,
+    pub record: DispatchRecord,
+}
+
+/// A terminal's latest verified inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInventory {
+    /// The agent's sequence (its collection time): newer replaces older.
+    pub sequence: u64,
+    /// When the operator received it (its own clock).
+    pub received_ms: u64,
+    pub inventory: Inventory,
+}
+
+impl StoredInventory {
+    /// `received_ms` of an encoded record, without decoding its inventory
+    /// (the Kubernetes backend keeps only that of each inventory).
+    pub fn received_ms_of(encoded: &[u8]) -> Option<u64> {
+        // The first two fields, in order: postcard encodes a struct as its
+        // fields one after the other.
+        let ((_sequence, received_ms), _rest): ((u64, u64), _) =
+            postcard::take_from_bytes(encoded).ok()?;
+        Some(received_ms)
+    }
+}
+
+/// The reconcile state of a pair, with the generation it applies to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairRecord {
+    pub generation: u64,
+    pub state: PairState,
+    pub updated_ms: u64,
+    /// Converged through a verified remediation in this generation (what a
+    /// rollout counts as a success).
+    pub remediated: bool,
+}
+
+/// The key of a pair's records: terminal, NUL, policy.
+pub(super) fn pair_key(terminal: &str, policy: &str) -> String {
+    format!("{terminal}\u{0}{policy}")
+}
+
+/// The key a bootstrap token is stored under: the hex SHA-256 of its text.
+pub fn token_key(token: &str) -> String {
+    hex::encode(sha256(token.as_bytes()))
+}

@@ -1,0 +1,131 @@
+//! Write-behind: a flusher thread commits the queued changes in *group
+//! commits* (all the changes made while one commit is being made go into
+//! the next), and [`super::Store::durable`] waits for a change's commit.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::backend::Backend;
+use super::memory::Mem;
+use super::{Store, StoreError};
+
+/// How far the database on disk has caught up.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Durable {
+    /// Every change up to this number is committed.
+    pub(super) written: u64,
+    /// Why the last commit failed, while it keeps failing.
+    pub(super) error: Option<String>,
+}
+
+pub(super) struct Inner {
+    pub(super) backend: Box<dyn Backend>,
+    pub(super) mem: Mutex<Mem>,
+    /// Serialises commits, so they reach the disk in order.
+    pub(super) committing: Mutex<()>,
+    /// Set when there is something to commit, or the store closes.
+    pub(super) wake: (Mutex<(bool, bool)>, Condvar),
+    pub(super) durable: tokio::sync::watch::Sender<Durable>,
+    /// Commits made (each one fsync).
+    pub(super) commits: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    pub(super) fn mem(&self) -> MutexGuard<'_, Mem> {
+        // A panic while holding the lock cannot leave a half-made change:
+        // every change is made in memory and queued in one step.
+        self.mem
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Commit everything queued so far, in one transaction.
+    pub(super) fn commit(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self
+            .committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (batch, written) = {
+            let mut m = self.mem();
+            (std::mem::take(&mut m.pending), m.written)
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let result = self.backend.commit(&batch);
+        match result {
+            Ok(()) => {
+                self.commits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.durable.send_replace(Durable {
+                    written,
+                    error: None,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // Keep the batch, in order, ahead of what came since: the
+                // next commit tries it again.
+                let mut m = self.mem();
+                let newer = std::mem::take(&mut m.pending);
+                m.pending = batch;
+                m.pending.extend(newer);
+                drop(m);
+                self.durable.send_modify(|d| d.error = Some(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn wake_flusher(&self) {
+        let (lock, cv) = &self.wake;
+        if let Ok(mut w) = lock.lock() {
+            w.0 = true;
+            cv.notify_one();
+        }
+    }
+}
+
+/// The flusher thread: commit whenever something is queued; after a failed
+/// commit, try again every second.
+pub(super) fn flusher(inner: Arc<Inner>) {
+    let (lock, cv) = &inner.wake;
+    loop {
+        {
+            let Ok(mut w) = lock.lock() else { return };
+            while !w.0 && !w.1 {
+                w = match cv.wait(w) {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+            }
+            if w.1 {
+                return;
+            }
+            w.0 = false;
+        }
+        if let Err(e) = inner.commit() {
+            tracing::error!(error = %e, "cannot commit to the database; retrying every second");
+            std::thread::sleep(Duration::from_secs(1));
+            inner.wake_flusher();
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        {
+            let (lock, cv) = &self.inner.wake;
+            if let Ok(mut w) = lock.lock() {
+                w.1 = true;
+                cv.notify_one();
+            }
+        }
+        if let Some(t) = self.flusher.take() {
+            let _ = t.join();
+        }
+        if let Err(e) = self.inner.commit() {
+            tracing::error!(error = %e, "changes not committed at close");
+        }
+    }
+}

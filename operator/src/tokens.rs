@@ -1,0 +1,154 @@
+//! Bootstrap tokens: `tenet token create` mints one, prints it once and
+//! leaves only its hash for the operator, in the data directory's token
+//! inbox (standalone) or in the Secret `tenet-tokens` (Kubernetes). The
+//! running operator imports those hashes into its store, where enrolment
+//! spends them.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tenet_protocol::host::{now_ms, write_new};
+use tenet_protocol::wire::{decode, encode, sha256};
+
+use crate::daemon::{DaemonError, io};
+use crate::data_dir::tokens_dir;
+use crate::store::{Store, TokenRecord, token_key};
+
+/// A bootstrap token waiting in `DATA/tokens/` for the operator to import.
+#[derive(Serialize, Deserialize)]
+struct PendingToken {
+    hash: String,
+    record: TokenRecord,
+}
+
+/// A bootstrap token just made, and the fingerprint of the CA agents must
+/// find at the gateway.
+pub struct IssuedToken {
+    pub token: String,
+    pub ca_fingerprint: String,
+}
+
+/// Where a new token's hash goes.
+pub enum Inbox<'a> {
+    /// `DATA/tokens/`, which the standalone operator watches.
+    Directory,
+    /// The Secret `tenet-tokens` of this namespace (KUBECONFIG), which the
+    /// Kubernetes leader reads.
+    Secret { namespace: &'a str },
+}
+
+/// `tenet token create`: a one-time bootstrap token (or one for `uses`
+/// terminals). Only its hash is written; the token is printed once, with
+/// the enrolment command.
+pub async fn create_token(
+    data: &Path,
+    terminal: Option<String>,
+    uses: u32,
+    ttl: Duration,
+    inbox: Inbox<'_>,
+    out: &mut dyn Write,
+) -> Result<IssuedToken, DaemonError> {
+    if uses == 0 || (uses > 1 && terminal.is_some()) {
+        return Err(DaemonError::Usage(
+            "--uses must be at least 1, and 1 for a token bound to one --terminal".into(),
+        ));
+    }
+    let dir = tokens_dir(data);
+    if matches!(inbox, Inbox::Directory) && !dir.is_dir() {
+        return Err(DaemonError::Usage(format!(
+            "{} has no tokens/ directory: start `tenet operator --data {}` once first",
+            data.display(),
+            data.display()
+        )));
+    }
+    let ca_fingerprint = ca_fingerprint(data)?;
+    let token = hex::encode(tenet_protocol::keys::random_bytes()?);
+    let pending = PendingToken {
+        hash: token_key(&token),
+        record: TokenRecord {
+            terminal,
+            expires_ms: now_ms() + ttl.as_millis() as u64,
+            uses_left: uses,
+        },
+    };
+    match inbox {
+        Inbox::Directory => {
+            let path = dir.join(format!("{}.token", &pending.hash[..16]));
+            write_new(&path, &encode(&pending), 0o600).map_err(io(&path))?;
+        }
+        Inbox::Secret { namespace } => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| DaemonError::Usage(format!("cannot reach the Kubernetes API: {e}")))?;
+            crate::kubernetes::add_token(
+                client,
+                namespace,
+                &pending.hash,
+                &encode(&pending.record),
+            )
+            .await
+            .map_err(|e| DaemonError::Usage(format!("cannot write the token Secret: {e}")))?;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "token {token}\nca-fingerprint {ca_fingerprint}\nenrol a terminal with:\n  tenet-agent enrol --config agent.yaml --token {token} --ca-fingerprint {ca_fingerprint}"
+    );
+    Ok(IssuedToken {
+        token,
+        ca_fingerprint,
+    })
+}
+
+/// The fingerprint agents pin for the gateway: of `DATA/ca.pem`.
+fn ca_fingerprint(data: &Path) -> Result<String, DaemonError> {
+    let path = data.join("ca.pem");
+    let ca = std::fs::read(&path).map_err(io(&path))?;
+    let ca_der =
+        <rustls::pki_types::CertificateDer as rustls::pki_types::pem::PemObject>::from_pem_slice(
+            &ca,
+        )
+        .map_err(|e| DaemonError::Usage(format!("ca.pem: {e}")))?;
+    Ok(format!("sha256:{}", hex::encode(sha256(&ca_der))))
+}
+
+/// Import every `*.token` of the data directory's inbox into the store, and
+/// delete it. A file that is not a token is logged and deleted too.
+pub fn import_inbox(data: &Path, store: &Store) -> Result<(), DaemonError> {
+    let dir = tokens_dir(data);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        if path.extension().is_none_or(|x| x != "token") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        match decode::<PendingToken>(&bytes) {
+            Ok(p) => store.add_token_hash(&p.hash, &p.record)?,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "not a token file; ignored")
+            }
+        }
+        std::fs::remove_file(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Import the hashes of the token Secret (Kubernetes mode) that the store
+/// does not hold yet.
+pub fn import_secret(tokens: Vec<(String, Vec<u8>)>, store: &Store) -> Result<(), DaemonError> {
+    for (hash, raw) in tokens {
+        if store.has_token_hash(&hash) {
+            continue;
+        }
+        match decode::<TokenRecord>(&raw) {
+            Ok(record) => store.add_token_hash(&hash, &record)?,
+            Err(e) => tracing::warn!(error = %e, "not a token; ignored"),
+        }
+    }
+    Ok(())
+}
