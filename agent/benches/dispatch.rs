@@ -4,7 +4,7 @@
 //! inventory, sign the report and queue it. Target: at most 20 ms.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tenet_agent::dispatch::Dispatcher;
@@ -15,11 +15,7 @@ use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::report::Outcome;
 use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use tenet_protocol::host::now_ms;
 
 fn bench(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -43,9 +43,7 @@ pub struct Row {
     pub verified: usize,
 }
 
-fn now_ms() -> u64 {
-    crate::connection::now_ms()
-}
+use tenet_protocol::host::now_ms;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -214,11 +214,7 @@ where
 
 pub use tenet_protocol::session::{read_frame, write_frame};
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use tenet_protocol::host::now_ms;
 
 /// A running agent.
 pub struct Agent {
@@ -362,11 +358,11 @@ impl Agent {
         if let Some(p) = &self.config.presentation {
             match self.presentation_listener(&p.listen).await {
                 Ok((listener, tls)) => {
-                    eprintln!(
-                        "tenet-agent: answering certificate challenges on {}",
-                        listener
+                    tracing::info!(
+                        address = %listener
                             .local_addr()
-                            .map_or(p.listen.clone(), |a| a.to_string())
+                            .map_or(p.listen.clone(), |a| a.to_string()),
+                        "answering certificate challenges"
                     );
                     tokio::spawn(crate::audit::serve(
                         self.presenter.clone(),
@@ -376,15 +372,15 @@ impl Agent {
                         now_ms,
                     ));
                 }
-                Err(e) => eprintln!("tenet-agent: no presentation listener: {e}"),
+                Err(e) => tracing::error!(error = %e, "no presentation listener"),
             }
         }
         let mut failures: u32 = 0;
         loop {
             let started = Instant::now();
             match self.session().await {
-                Ok(()) => eprintln!("tenet-agent: the operator closed the connection"),
-                Err(e) => eprintln!("tenet-agent: connection lost: {e}"),
+                Ok(()) => tracing::warn!("the operator closed the connection"),
+                Err(e) => tracing::warn!(error = %e, "connection lost"),
             }
             if started.elapsed() > Duration::from_secs(30) {
                 failures = 0;
@@ -486,9 +482,10 @@ impl Agent {
                                     // managers hold a global lock, and two installs at
                                     // once fail one of them.
                                     if !running.is_empty() {
-                                        eprintln!(
-                                            "tenet-agent: dispatch {} for {} waits for the running payload",
-                                            prepared.sequence, prepared.policy
+                                        tracing::info!(
+                                            "dispatch {} for {} waits for the running payload",
+                                            prepared.sequence,
+                                            prepared.policy
                                         );
                                     }
                                     waiting.push_back(prepared);
@@ -500,7 +497,7 @@ impl Agent {
                                     unacked.insert(sha256(&refused.report), refused.queued.clone());
                                     write_frame(writer, &ToOperator::Report(refused.report)).await?;
                                 }
-                                Err(e) => eprintln!("tenet-agent: cannot take the dispatch: {e}"),
+                                Err(e) => tracing::error!(error = %e, "cannot take the dispatch"),
                             }
                         }
                         ToAgent::Ack { digest } => {
@@ -525,21 +522,21 @@ impl Agent {
                         }
                         ToAgent::RenewalRefused { reason } => {
                             renewing = None;
-                            eprintln!("tenet-agent: certificate renewal refused: {reason}");
+                            tracing::warn!(%reason, "client certificate renewal refused");
                         }
                         ToAgent::Audit { nonce, pcrs, packages, services } => {
                             let request = crate::audit::AuditRequest { nonce, pcrs, packages, services };
                             match self.audit(&request) {
                                 Ok(report) => write_frame(writer, &ToOperator::Audit(report)).await?,
-                                Err(e) => eprintln!("tenet-agent: audit failed: {e}"),
+                                Err(e) => tracing::error!(error = %e, "audit failed"),
                             }
                         }
                         ToAgent::SecurityCertificate { certificate } => {
                             let issuer = self.store.trust()?.issuer_key;
                             match self.presenter.hold(certificate, &issuer, now_ms()) {
-                                Ok(Some(level)) => eprintln!("tenet-agent: security certificate at level {level} held"),
-                                Ok(None) => eprintln!("tenet-agent: security certificate withdrawn by the issuer"),
-                                Err(e) => eprintln!("tenet-agent: security certificate refused: {e}"),
+                                Ok(Some(level)) => tracing::info!(level, "security certificate held"),
+                                Ok(None) => tracing::warn!("security certificate withdrawn by the issuer"),
+                                Err(e) => tracing::error!(error = %e, "security certificate refused"),
                             }
                         }
                         ToAgent::Enrolled(_)
@@ -556,7 +553,7 @@ impl Agent {
                         }
                         Err(e) => {
                             running.retain(|_, k| !k.is_closed());
-                            eprintln!("tenet-agent: a dispatch failed: {e}");
+                            tracing::error!(error = %e, "a dispatch failed");
                         }
                     }
                     if running.is_empty() && let Some(next) = waiting.pop_front() {
@@ -708,15 +705,4 @@ pub(crate) fn jitter() -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert_eq!(backoff(0, 0.0), Duration::from_millis(200));
-        assert_eq!(backoff(1, 0.0), Duration::from_millis(400));
-        assert_eq!(backoff(3, 1.0), Duration::from_millis(2400));
-        assert_eq!(backoff(20, 0.0), Duration::from_secs(30));
-        assert_eq!(backoff(20, 1.0), Duration::from_secs(45));
-    }
-}
+mod tests;

@@ -4,7 +4,6 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -151,11 +150,7 @@ enum Command {
     },
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use tenet_protocol::host::now_ms;
 
 fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Agent> {
     let c = AgentConfig::read(config)?;
@@ -173,7 +168,23 @@ fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Ag
     })
 }
 
+/// Logs on stderr (stdout carries the loader's answers): TENET_LOG sets
+/// the filter (default `info`; wasmtime's and cranelift's chatter is
+/// quietened).
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TENET_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,cranelift=warn,wasmtime=warn,rustls=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
+    init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

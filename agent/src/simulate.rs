@@ -334,9 +334,11 @@ impl Terminal {
                 let key = (v.envelope.policy.clone(), v.envelope.policy_generation);
                 if self.settled.lock().is_ok_and(|s| s.contains(&key)) {
                     shared.counters.redispatched.fetch_add(1, Ordering::Relaxed);
-                    eprintln!(
-                        "tenet-agent simulate: {} got {} generation {} again after its success was acknowledged",
-                        self.name, key.0, key.1
+                    tracing::warn!(
+                        terminal = %self.name,
+                        policy = %key.0,
+                        generation = key.1,
+                        "dispatched again after its success was acknowledged"
                     );
                 }
                 matches!(
@@ -407,11 +409,14 @@ impl Terminal {
                         self.outbox_push(report.clone(), settles);
                         write_frame(&mut writer, &ToOperator::Report(report)).await?;
                     }
-                    ToAgent::Ack { digest } if self.outbox_remove(&digest) => {
-                        shared
-                            .counters
-                            .reports_acked
-                            .fetch_add(1, Ordering::Relaxed);
+                    ToAgent::Ack { digest } => {
+                        // A digest no longer in the outbox: acknowledged before.
+                        if self.outbox_remove(&digest) {
+                            shared
+                                .counters
+                                .reports_acked
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     ToAgent::InventoryWanted => {
                         write_frame(
@@ -450,7 +455,17 @@ impl Terminal {
                         .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
                         write_frame(&mut writer, &ToOperator::Audit(report)).await?;
                     }
-                    _ => {}
+                    // Simulated terminals answer no peers, so they keep no
+                    // security certificate, and they never ask to renew
+                    // their client certificate (a simulation is shorter
+                    // than its validity).
+                    ToAgent::SecurityCertificate { .. }
+                    | ToAgent::Certificate { .. }
+                    | ToAgent::RenewalRefused { .. } => {}
+                    // Enrolment messages: never within a session.
+                    ToAgent::Enrolled(_)
+                    | ToAgent::EnrolmentRefused { .. }
+                    | ToAgent::ActivateCredential { .. } => {}
                 }
             }
         }
@@ -505,7 +520,7 @@ impl Terminal {
             match self.enrol(&shared).await {
                 Ok(()) => break,
                 Err(ConnError::EnrolmentRefused(reason)) => {
-                    eprintln!("tenet-agent simulate: {} refused: {reason}", self.name);
+                    tracing::error!(terminal = %self.name, %reason, "enrolment refused");
                     shared.counters.failures.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
@@ -614,76 +629,4 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debian_file_names_give_package_and_version() {
-        assert_eq!(
-            deb_file_name("browser-a_120.0-1_all.deb"),
-            Some(("browser-a".into(), "120.0-1".into()))
-        );
-        assert_eq!(
-            deb_file_name("openssl_1%3a3.0.15-1_amd64.deb"),
-            Some(("openssl".into(), "1:3.0.15-1".into()))
-        );
-        assert_eq!(deb_file_name("browser-a.deb"), None);
-        assert_eq!(deb_file_name("a_1_all_x.deb"), None);
-        assert_eq!(deb_file_name("a_1_all.tar"), None);
-    }
-
-    #[test]
-    fn the_simulated_terminal_installs_removes_and_starts() {
-        let sys = SimSystem::new(Inventory {
-            packages: vec![Package {
-                name: "telnetd".into(),
-                version: "0.17".into(),
-                manager: PackageManager::Dpkg,
-            }],
-            ..Inventory::default()
-        });
-        let artifact = |name: &str| Artifact {
-            name: name.into(),
-            sha256: sha256(b"x"),
-            size: 1,
-            data: b"x".to_vec(),
-        };
-        let deb = artifact("browser-a_120.0-1_all.deb");
-        let installer = artifact("install-deb.sh");
-        let deadline = Instant::now();
-        let all = [installer.clone(), deb];
-        assert_eq!(
-            sys.run_artifact(&all, &installer, &["browser-a_120.0-1_all.deb"], deadline)
-                .0,
-            0
-        );
-        let (code, out) =
-            sys.run_artifact(&all, &installer, &["browser-a_121.0-1_all.deb"], deadline);
-        assert_eq!(code, 2, "not an artifact of the bundle");
-        assert!(String::from_utf8_lossy(&out).contains("cannot access archive"));
-        let remove = artifact("remove-packages.sh");
-        assert_eq!(sys.run_artifact(&[], &remove, &["telnetd"], deadline).0, 0);
-        let svc = artifact("ensure-service.sh");
-        assert_eq!(
-            sys.run_artifact(&[], &svc, &["clamav-daemon"], deadline).0,
-            0
-        );
-        let mut tampered = artifact("install-deb.sh");
-        tampered.data = b"y".to_vec();
-        assert_eq!(sys.run_artifact(&[], &tampered, &[], deadline).0, -3);
-        assert_eq!(
-            sys.run_artifact(&[], &artifact("rm-rf.sh"), &[], deadline)
-                .0,
-            127
-        );
-        let inv = sys.inventory().expect("inventory");
-        assert_eq!(
-            inv.packages
-                .iter()
-                .map(|p| (p.name.as_str(), p.version.as_str()))
-                .collect::<Vec<_>>(),
-            [("browser-a", "120.0-1")]
-        );
-        assert_eq!(inv.services[0].state, ServiceState::Running);
-    }
-}
+mod tests;

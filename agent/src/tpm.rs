@@ -103,9 +103,10 @@ impl TpmIdentity {
             .map(|m| String::from_utf8_lossy(&m.to_be_bytes()).into_owned())
             .unwrap_or_default();
         if is_software(tcti, &manufacturer) {
-            eprintln!(
-                "WARNING: the TPM at {tcti:?} is a software TPM (manufacturer {:?}): the identity key is NOT protected by hardware. Use it for tests only.",
-                manufacturer.trim()
+            tracing::warn!(
+                tcti = %tcti,
+                manufacturer = manufacturer.trim_matches(|c: char| c == '\0' || c.is_whitespace()),
+                "a software TPM: the identity key is NOT protected by hardware; use it for tests only"
             );
         }
         Ok(TpmIdentity {

@@ -28,7 +28,8 @@ fn reports_are_signed_by_a_tpm_held_key() {
         "{stdout}"
     );
     assert!(
-        stderr.contains("WARNING: the TPM at") && stderr.contains("software TPM"),
+        stderr.contains("WARN")
+            && stderr.contains("a software TPM: the identity key is NOT protected by hardware"),
         "{stderr}"
     );
 

@@ -15,12 +15,11 @@
 //! What the operator does with each message is behind [`Fleet`], so the
 //! standalone store and the Kubernetes store share this code.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tenet_protocol::enrol::{
@@ -31,12 +30,15 @@ use tenet_protocol::wire::sha256;
 use tenet_protocol::{KeyPair, Rejection, SignedMessage};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::pki::{Ca, ClientKey, client_key};
 use crate::tpm_trust::{TpmRoots, TpmTrust, activation_matches, make_credential};
 use tenet_protocol::audit::attestation_key_name;
 
+mod sessions;
+
+pub use sessions::{NotQueued, Session, SessionRx, SessionTx, Sessions};
 pub use tokio_rustls::TlsAcceptor;
 
 /// Why a report or inventory was not stored.
@@ -100,193 +102,6 @@ pub trait Fleet: Send + Sync + 'static {
     /// an enrolment and acknowledges a report only then. `Err` says why
     /// it cannot be now.
     fn settled(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
-}
-
-/// One live session of a terminal.
-#[derive(Clone)]
-pub struct Session {
-    /// Unique within the process: which session a disconnection is about.
-    pub id: u64,
-    pub to_agent: SessionTx,
-    /// Notified when a newer session of the same terminal replaces it.
-    pub replaced: Arc<Notify>,
-}
-
-/// The live sessions by terminal: one each. A newer session replaces the
-/// older (which is told to end); the older one ending then changes nothing.
-#[derive(Default)]
-pub struct Sessions(Mutex<HashMap<String, Session>>);
-
-impl Sessions {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Register `session`; true when it replaced an older one.
-    pub fn insert(&self, terminal: &str, session: Session) -> bool {
-        self.insert_then(terminal, session, || ())
-    }
-
-    /// Register `session` and run `then` before anyone else can see or
-    /// change `terminal`'s session (what records it as online). `then`
-    /// runs under the sessions lock: it may take the store's lock (the
-    /// store never calls back into the sessions), never this one.
-    pub fn insert_then(&self, terminal: &str, session: Session, then: impl FnOnce()) -> bool {
-        let mut map = self.map();
-        let old = map.insert(terminal.to_string(), session);
-        then();
-        old.inspect(|o| o.replaced.notify_one()).is_some()
-    }
-
-    /// Forget session `id` of `terminal`, when it is still the live one;
-    /// true when it was.
-    pub fn remove(&self, terminal: &str, id: u64) -> bool {
-        self.remove_then(terminal, id, || ())
-    }
-
-    /// Like [`Sessions::remove`], running `then` (what records the terminal
-    /// as offline) only when it was the live one, before a newer session
-    /// can register.
-    pub fn remove_then(&self, terminal: &str, id: u64, then: impl FnOnce()) -> bool {
-        let mut map = self.map();
-        if map.get(terminal).is_some_and(|s| s.id == id) {
-            map.remove(terminal);
-            then();
-            true
-        } else {
-            false
-        }
-    }
-
-    /// End `terminal`'s live session, if any (it was de-enrolled).
-    pub fn end(&self, terminal: &str) {
-        if let Some(s) = self.map().remove(terminal) {
-            s.replaced.notify_one();
-        }
-    }
-
-    pub fn sender(&self, terminal: &str) -> Option<SessionTx> {
-        self.map().get(terminal).map(|s| s.to_agent.clone())
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.map().keys().cloned().collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.map().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The sending side of a session's queue to its agent, bounded in bytes as
-/// well as in messages: an agent that stops reading holds at most
-/// `limit` bytes of the operator's memory (a bundle is one shared copy,
-/// counted once per message as its envelope only).
-#[derive(Clone)]
-pub struct SessionTx {
-    tx: mpsc::Sender<(ToAgent, usize)>,
-    queued: Arc<AtomicUsize>,
-    limit: usize,
-}
-
-/// A message was not queued: the queue is full or the session ended.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the session's queue is full or closed")]
-pub struct NotQueued;
-
-/// The bytes a queued message holds of its own (shared bundles aside).
-fn queued_size(m: &ToAgent) -> usize {
-    64 + match m {
-        ToAgent::Enrolled(b) => b.len(),
-        ToAgent::EnrolmentRefused { reason } | ToAgent::RenewalRefused { reason } => reason.len(),
-        ToAgent::Dispatch { envelope, .. } => envelope.len(),
-        ToAgent::Certificate { pem } => pem.len(),
-        ToAgent::Audit {
-            pcrs,
-            packages,
-            services,
-            ..
-        } => {
-            pcrs.len()
-                + packages
-                    .iter()
-                    .chain(services)
-                    .map(String::len)
-                    .sum::<usize>()
-        }
-        ToAgent::SecurityCertificate { certificate } => certificate.as_ref().map_or(0, Vec::len),
-        ToAgent::ActivateCredential {
-            credential_blob,
-            secret,
-        } => credential_blob.len() + secret.len(),
-        ToAgent::Ack { .. } | ToAgent::InventoryWanted | ToAgent::Ping => 0,
-    }
-}
-
-impl SessionTx {
-    /// A queue of at most `messages` messages and `limit` bytes, and its receiver.
-    pub fn channel(messages: usize, limit: usize) -> (SessionTx, SessionRx) {
-        let (tx, rx) = mpsc::channel(messages);
-        let queued = Arc::new(AtomicUsize::new(0));
-        (
-            SessionTx {
-                tx,
-                queued: queued.clone(),
-                limit,
-            },
-            SessionRx { rx, queued },
-        )
-    }
-
-    /// Queue `m` unless the queue is full (in messages or in bytes).
-    pub fn try_send(&self, m: ToAgent) -> Result<(), NotQueued> {
-        let size = queued_size(&m);
-        let before = self.queued.fetch_add(size, Ordering::AcqRel);
-        if before + size > self.limit {
-            self.queued.fetch_sub(size, Ordering::AcqRel);
-            return Err(NotQueued);
-        }
-        self.tx.try_send((m, size)).map_err(|_| {
-            self.queued.fetch_sub(size, Ordering::AcqRel);
-            NotQueued
-        })
-    }
-
-    /// Queue an answer to the agent's own message, waiting for room: the
-    /// agent that does not read its answers stops being read.
-    pub async fn send(&self, m: ToAgent) -> Result<(), NotQueued> {
-        let size = queued_size(&m);
-        self.queued.fetch_add(size, Ordering::AcqRel);
-        self.tx.send((m, size)).await.map_err(|_| {
-            self.queued.fetch_sub(size, Ordering::AcqRel);
-            NotQueued
-        })
-    }
-
-    /// The bytes queued now.
-    pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Acquire)
-    }
-}
-
-/// The receiving side of a [`SessionTx`].
-pub struct SessionRx {
-    rx: mpsc::Receiver<(ToAgent, usize)>,
-    queued: Arc<AtomicUsize>,
-}
-
-impl SessionRx {
-    pub async fn recv(&mut self) -> Option<ToAgent> {
-        let (m, size) = self.rx.recv().await?;
-        self.queued.fetch_sub(size, Ordering::AcqRel);
-        Some(m)
-    }
 }
 
 /// What a connection may cost before and after it authenticates.
@@ -751,79 +566,4 @@ impl Gateway {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tenet_protocol::session::SharedBytes;
-
-    fn dispatch(bundle: &SharedBytes) -> ToAgent {
-        ToAgent::Dispatch {
-            envelope: vec![0; 1000],
-            bundle: bundle.clone(),
-        }
-    }
-
-    #[tokio::test]
-    async fn a_session_queue_is_bounded_in_bytes_and_shares_bundles() {
-        // 10 MiB bundle, 4 KiB of room: a bundle is counted once per message
-        // as its envelope only, because every message shares one copy.
-        let bundle = SharedBytes::new(vec![7; 10 << 20]);
-        let (tx, mut rx) = SessionTx::channel(64, 4096);
-        let mut queued = 0;
-        while tx.try_send(dispatch(&bundle)).is_ok() {
-            queued += 1;
-        }
-        assert_eq!(
-            queued, 3,
-            "3 x (1000 + 64) bytes fit in 4096, a 4th does not"
-        );
-        assert_eq!(tx.queued_bytes(), 3 * 1064);
-        assert_eq!(
-            std::sync::Arc::strong_count(&bundle.0),
-            4,
-            "one bundle, shared by the three queued messages"
-        );
-        // What the writer takes frees its room.
-        assert!(matches!(rx.recv().await, Some(ToAgent::Dispatch { .. })));
-        assert_eq!(tx.queued_bytes(), 2 * 1064);
-        assert_eq!(tx.try_send(dispatch(&bundle)), Ok(()));
-        // Bounded in messages too.
-        let (tx, _rx) = SessionTx::channel(2, 1 << 20);
-        assert_eq!(tx.try_send(ToAgent::Ping), Ok(()));
-        assert_eq!(tx.try_send(ToAgent::Ping), Ok(()));
-        assert_eq!(tx.try_send(ToAgent::Ping), Err(NotQueued));
-        assert_eq!(tx.queued_bytes(), 128, "a refused message leaves no count");
-    }
-
-    #[test]
-    fn a_replaced_session_ends_and_its_end_changes_nothing() {
-        let sessions = Sessions::default();
-        let session = |id| {
-            let (to_agent, _) = SessionTx::channel(1, 1024);
-            Session {
-                id,
-                to_agent,
-                replaced: Arc::new(Notify::new()),
-            }
-        };
-        let (older, newer) = (session(1), session(2));
-        let older_replaced = older.replaced.clone();
-        assert!(!sessions.insert("ward-01", older));
-        assert!(sessions.insert("ward-01", newer));
-        // The older one was told to end (the permit waits for its loop).
-        let told = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(60), older_replaced.notified()).await
-            });
-        assert!(told.is_ok());
-        assert!(
-            !sessions.remove("ward-01", 1),
-            "the older one's end is ignored"
-        );
-        assert_eq!(sessions.names(), vec!["ward-01".to_string()]);
-        assert!(sessions.remove("ward-01", 2));
-        assert!(sessions.is_empty());
-    }
-}
+mod tests;

@@ -275,11 +275,7 @@ fn tokio_rustls_acceptor(config: tenet::pki::ServerConfig) -> tenet::gateway::Tl
     tenet::gateway::TlsAcceptor::from(Arc::new(config))
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use tenet_protocol::host::now_ms;
 
 /// A real .deb of an empty package with one file, built with dpkg-deb.
 pub fn build_deb(dir: &Path, name: &str, version: &str) -> PathBuf {

@@ -33,11 +33,7 @@ type Tls = tokio_rustls::client::TlsStream<TcpStream>;
 /// a loaded machine is slow, not wrong.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use tenet_e2e::now_ms;
 
 /// A gateway over the standalone fleet, with a batch token "batch" for ten
 /// terminals and a one-time token "once".

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tenet_protocol::bundle::{Artifact, Capability, Manifest, PayloadBundle};
 use tenet_protocol::envelope::DispatchEnvelope;
@@ -14,11 +13,7 @@ use tenet_protocol::report::{DispatchRecord, ExecutionReport, nonce_commitment, 
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Algorithm, KeyPair, Kind, PublicKey, Rejection, SignedMessage, Signer};
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use tenet_protocol::host::now_ms;
 
 pub fn payloads() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/payloads")

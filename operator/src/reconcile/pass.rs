@@ -12,12 +12,12 @@ use serde::Serialize;
 use tenet_protocol::bundle::Capability;
 use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::keys::random_bytes;
-use tenet_protocol::report::{DispatchRecord, REPORT_GRACE_MS, nonce_commitment};
+use tenet_protocol::report::{DispatchRecord, nonce_commitment};
 use tenet_protocol::wire::{digest_string, parse_digest};
 use tenet_protocol::{SignedMessage, Signer};
 
 use super::rollout::{Counts, Step, step};
-use super::state::{Event, PairState, Retry, exhausted, next};
+use super::state::{Event, Observed, PairState, Retry, apply_pass, next, unchanged_by_pass};
 use crate::policy::{CompiledPolicy, TerminalView, evaluate};
 use crate::store::{LiveDispatch, PairRecord, Store, StoreError, StoredInventory};
 
@@ -269,74 +269,35 @@ impl Pass<'_> {
             {
                 counts.selected += 1;
                 let current = pairs.get(terminal);
+                let seen = Observed {
+                    generation,
+                    drift,
+                    received_ms,
+                };
                 // The common cases change nothing and copy nothing: still
                 // compliant, still drifting for the same reason, still out.
-                if let Some(r) = current.filter(|r| r.generation == generation) {
-                    match (&r.state, drift) {
-                        (PairState::Compliant, None) => {
+                if let Some(r) = current.filter(|r| unchanged_by_pass(r, seen, &retry, self.now_ms))
+                {
+                    match &r.state {
+                        PairState::Compliant => {
                             status.compliant += 1;
                             counts.succeeded += usize::from(r.remediated);
-                            continue;
                         }
-                        (
-                            PairState::Drifted {
-                                attempts, reason, ..
-                            },
-                            Some(d),
-                        ) if (*attempts > 0 && *attempts < retry.max_attempts)
-                            || (*attempts == 0 && reason == d) =>
-                        {
+                        PairState::Drifted { .. } => {
                             status.drifted += 1;
                             if r.state.ready(self.now_ms) {
                                 candidates.push(terminal);
                             }
-                            continue;
                         }
-                        (PairState::Dispatched { deadline_ms, .. }, _)
-                            if self.now_ms <= deadline_ms.saturating_add(REPORT_GRACE_MS) =>
-                        {
+                        _ => {
                             status.remediating += 1;
                             counts.in_flight += 1;
-                            continue;
                         }
-                        _ => {}
                     }
+                    continue;
                 }
                 let before = current.cloned();
-                let mut record = before.clone().unwrap_or(PairRecord {
-                    generation,
-                    state: PairState::Unknown,
-                    updated_ms: self.now_ms,
-                    remediated: false,
-                });
-                let step = |s: &PairState, e: Event| next(s, &e, &retry, self.now_ms, self.jitter);
-                if record.generation != generation {
-                    record.state = step(&record.state, Event::PolicyChanged);
-                    record.generation = generation;
-                    record.remediated = false;
-                }
-                if let PairState::Dispatched { deadline_ms, .. } = record.state
-                    && self.now_ms > deadline_ms.saturating_add(REPORT_GRACE_MS)
-                {
-                    record.state = step(&record.state, Event::Expired);
-                }
-                // Verifying waits for an inventory received with the report
-                // (observed after the run) or after it.
-                let fresh = match record.state {
-                    PairState::Verifying { since_ms, .. } => received_ms >= since_ms,
-                    _ => true,
-                };
-                if fresh {
-                    let was_verifying = matches!(record.state, PairState::Verifying { .. });
-                    let drift = drift.map(str::to_string);
-                    record.state = step(&record.state, Event::Inventory { drift });
-                    if was_verifying && record.state == PairState::Compliant {
-                        record.remediated = true;
-                    }
-                }
-                if let Some(failed) = exhausted(&record.state, retry.max_attempts) {
-                    record.state = failed;
-                }
+                let mut record = apply_pass(current, seen, &retry, self.now_ms, self.jitter);
                 match &record.state {
                     PairState::Compliant => {
                         status.compliant += 1;
@@ -485,345 +446,4 @@ impl Pass<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use tenet_crds::TerminalPolicy;
-    use tenet_protocol::enrol::EnrolmentRequest;
-    use tenet_protocol::envelope::EnvelopeState;
-    use tenet_protocol::inventory::{Inventory, Package, PackageManager};
-    use tenet_protocol::{Algorithm, KeyPair};
-
-    use super::*;
-    use crate::store::{StoredInventory, TokenRecord};
-
-    const NOW: u64 = 1_790_000_000_000;
-
-    struct World {
-        _dir: tempfile::TempDir,
-        store: Store,
-        operator: KeyPair,
-        policy: CompiledPolicy,
-        bundles: HashMap<String, Bundle>,
-    }
-
-    fn policy(rollout: &str, digest: &str) -> CompiledPolicy {
-        let yaml = format!(
-            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: browser, namespace: it, generation: 2 }}\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= 120' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{digest}' }}\n    args: [browser-a.deb]\n    capabilities: [run-artifact, log]\n    timeoutSeconds: 60\n  rollout: {rollout}\n"
-        );
-        let p: TerminalPolicy = serde_yaml::from_str(&yaml).expect("policy");
-        crate::policy::compile(&p).expect("compiles")
-    }
-
-    fn world(terminals: &[(&str, &str)], rollout: &str) -> World {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(&dir.path().join("db")).expect("store");
-        for (name, version) in terminals {
-            let token = format!("token-{name}");
-            store
-                .add_token(
-                    &token,
-                    &TokenRecord {
-                        terminal: None,
-                        expires_ms: u64::MAX,
-                        uses_left: 1,
-                    },
-                )
-                .expect("token");
-            let req = EnrolmentRequest {
-                token,
-                terminal: name.to_string(),
-                labels: BTreeMap::new(),
-                identity: KeyPair::generate(Algorithm::Ed25519)
-                    .expect("key")
-                    .public_key(),
-                tpm: false,
-                attestation_key: None,
-                ek_certificate: None,
-                tls_csr_pem: String::new(),
-                requested_at_ms: NOW,
-            };
-            assert_eq!(
-                store
-                    .enrol(&req, [0; 32], crate::tpm_trust::TpmTrust::None, NOW)
-                    .expect("db"),
-                Ok(())
-            );
-            set_inventory(&store, name, version, 1, NOW);
-        }
-        let bundle = Bundle {
-            digest: [0xab; 32],
-            bytes: std::sync::Arc::new(b"bundle".to_vec()),
-        };
-        let policy = policy(rollout, &digest_string(&bundle.digest));
-        World {
-            _dir: dir,
-            store,
-            operator: KeyPair::generate(Algorithm::Ed25519).expect("key"),
-            policy,
-            bundles: [("install-browser-a".to_string(), bundle)].into(),
-        }
-    }
-
-    fn set_inventory(store: &Store, name: &str, version: &str, sequence: u64, received_ms: u64) {
-        let inventory = Inventory {
-            terminal: name.into(),
-            labels: [("site".to_string(), "nagoya".to_string())].into(),
-            packages: vec![Package {
-                name: "browser-a".into(),
-                version: version.into(),
-                manager: PackageManager::Dpkg,
-            }],
-            ..Inventory::default()
-        };
-        store
-            .put_inventory(
-                name,
-                StoredInventory {
-                    sequence,
-                    received_ms,
-                    inventory,
-                },
-            )
-            .expect("inventory");
-    }
-
-    fn pass(
-        w: &World,
-        now_ms: u64,
-        online: &dyn Fn(&str) -> bool,
-    ) -> (Vec<Outgoing>, PolicyStatus) {
-        let policies = [w.policy.clone()];
-        let p = Pass {
-            store: &w.store,
-            policies: &policies,
-            bundles: &w.bundles,
-            dispatch_key: &w.operator,
-            online,
-            retry: Retry::default(),
-            now_ms,
-            jitter: 0.0,
-            evaluations: None,
-        };
-        let (out, mut statuses) = p.run().expect("pass");
-        (out, statuses.remove(0))
-    }
-
-    fn state(w: &World, terminal: &str) -> PairState {
-        w.store
-            .pair(terminal, "it/browser")
-            .expect("db")
-            .expect("pair")
-            .state
-    }
-
-    #[test]
-    fn dispatches_within_the_rollout_limit_with_verifiable_envelopes() {
-        let w = world(
-            &[("a", "118.0-1"), ("b", "119.0-1"), ("c", "120.1-1")],
-            "{ maxInFlight: 1 }",
-        );
-        let (out, status) = pass(&w, NOW, &|_| true);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].terminal, "a");
-        assert_eq!(
-            (
-                status.selected,
-                status.compliant,
-                status.drifted,
-                status.remediating,
-                status.failed
-            ),
-            (3, 1, 1, 1, 0)
-        );
-        // The envelope verifies on the terminal, and the operator kept only
-        // the nonce's commitment.
-        let v = EnvelopeState::new("a")
-            .verify(&out[0].envelope, &w.operator.public_key(), NOW)
-            .expect("verifies");
-        assert_eq!(v.envelope.sequence, 1);
-        assert_eq!(v.envelope.policy_generation, 2);
-        assert_eq!(
-            v.envelope.capabilities,
-            vec![Capability::RunArtifact, Capability::Log]
-        );
-        let live = w
-            .store
-            .dispatch("a", "it/browser")
-            .expect("db")
-            .expect("live");
-        assert_eq!(
-            live.record.nonce_commitment,
-            nonce_commitment(&v.envelope.nonce)
-        );
-        assert!(matches!(
-            state(&w, "a"),
-            PairState::Dispatched {
-                attempt: 1,
-                sequence: 1,
-                ..
-            }
-        ));
-        // One in flight: nothing more until it resolves.
-        let (out, _) = pass(&w, NOW + 1, &|_| true);
-        assert!(out.is_empty());
-    }
-
-    #[test]
-    fn the_policys_max_attempts_decides_when_a_pair_fails() {
-        let mut w = world(&[("a", "118.0-1")], "{}");
-        if let Some(r) = std::sync::Arc::make_mut(&mut w.policy.spec)
-            .remediation
-            .as_mut()
-        {
-            r.max_attempts = 2;
-        }
-        pass(&w, NOW, &|_| true);
-        // Two failed attempts, as the fleet records them (it applies the
-        // operator's default limit of 5, not knowing the policy).
-        let failed_twice = PairRecord {
-            generation: 2,
-            state: PairState::Drifted {
-                attempts: 2,
-                retry_at_ms: NOW + 20_000,
-                reason: "the payload exited with 2".into(),
-            },
-            updated_ms: NOW,
-            remediated: false,
-        };
-        w.store
-            .set_pair("a", "it/browser", &failed_twice)
-            .expect("set");
-        let (out, status) = pass(&w, NOW + 30_000, &|_| true);
-        assert!(out.is_empty(), "no third attempt");
-        assert_eq!(status.failed, 1);
-        assert_eq!(
-            state(&w, "a"),
-            PairState::Failed {
-                attempts: 2,
-                reason: "the payload exited with 2".into()
-            }
-        );
-    }
-
-    #[test]
-    fn offline_terminals_wait() {
-        let w = world(&[("a", "118.0-1")], "{}");
-        let (out, status) = pass(&w, NOW, &|_| false);
-        assert!(out.is_empty());
-        assert_eq!(status.drifted, 1);
-        let (out, _) = pass(&w, NOW + 1, &|_| true);
-        assert_eq!(out.len(), 1);
-    }
-
-    #[test]
-    fn an_expired_dispatch_is_retried_after_backoff() {
-        let w = world(&[("a", "118.0-1")], "{}");
-        assert_eq!(pass(&w, NOW, &|_| true).0.len(), 1);
-        let late = NOW + 60_000 + REPORT_GRACE_MS + 1;
-        let (out, _) = pass(&w, late, &|_| true);
-        assert!(out.is_empty(), "not before the backoff");
-        match state(&w, "a") {
-            PairState::Drifted {
-                attempts: 1,
-                retry_at_ms,
-                reason,
-            } => {
-                assert_eq!(retry_at_ms, late + 10_000);
-                assert_eq!(reason, "no verified report before the deadline");
-            }
-            other => panic!("{other:?}"),
-        }
-        let (out, _) = pass(&w, late + 10_000, &|_| true);
-        assert_eq!(out.len(), 1);
-        let v = EnvelopeState::new("a")
-            .verify(&out[0].envelope, &w.operator.public_key(), late + 10_000)
-            .expect("verifies");
-        assert_eq!(
-            v.envelope.sequence, 2,
-            "a fresh envelope, never the stale one"
-        );
-    }
-
-    #[test]
-    fn verifying_converges_only_on_an_inventory_received_after_the_report() {
-        let w = world(&[("a", "118.0-1")], "{}");
-        pass(&w, NOW, &|_| true);
-        let rec = w.store.pair("a", "it/browser").expect("db").expect("pair");
-        let verifying = PairRecord {
-            state: PairState::Verifying {
-                attempt: 1,
-                since_ms: NOW + 5,
-            },
-            ..rec
-        };
-        w.store
-            .set_pair("a", "it/browser", &verifying)
-            .expect("set");
-        // The old inventory (received before) changes nothing.
-        pass(&w, NOW + 6, &|_| true);
-        assert!(matches!(state(&w, "a"), PairState::Verifying { .. }));
-        set_inventory(&w.store, "a", "120.0-1", 2, NOW + 7);
-        let (_, status) = pass(&w, NOW + 8, &|_| true);
-        assert_eq!(state(&w, "a"), PairState::Compliant);
-        assert_eq!(status.compliant, 1);
-        assert!(
-            w.store
-                .pair("a", "it/browser")
-                .expect("db")
-                .expect("pair")
-                .remediated
-        );
-    }
-
-    #[test]
-    fn an_undelivered_dispatch_is_reissued_fresh() {
-        let w = world(&[("a", "118.0-1")], "{}");
-        let (out, _) = pass(&w, NOW, &|_| true);
-        undelivered(&w.store, &out[0], &Retry::default(), NOW + 1).expect("undelivered");
-        assert!(matches!(
-            state(&w, "a"),
-            PairState::Drifted { attempts: 0, .. }
-        ));
-        let (out, _) = pass(&w, NOW + 2, &|_| true);
-        let v = EnvelopeState::new("a")
-            .verify(&out[0].envelope, &w.operator.public_key(), NOW + 2)
-            .expect("verifies");
-        assert_eq!(v.envelope.sequence, 2, "a fresh envelope");
-        assert!(matches!(
-            state(&w, "a"),
-            PairState::Dispatched { attempt: 1, .. }
-        ));
-    }
-
-    #[test]
-    fn a_missing_or_different_bundle_holds_the_policy() {
-        let mut w = world(&[("a", "118.0-1")], "{}");
-        w.bundles.clear();
-        let (out, status) = pass(&w, NOW, &|_| true);
-        assert!(out.is_empty());
-        assert_eq!(
-            status.held.as_deref(),
-            Some("bundle install-browser-a is missing")
-        );
-        w.bundles.insert(
-            "install-browser-a".into(),
-            Bundle {
-                digest: [1; 32],
-                bytes: Default::default(),
-            },
-        );
-        let (_, status) = pass(&w, NOW, &|_| true);
-        assert!(
-            status
-                .held
-                .as_deref()
-                .is_some_and(|h| h.starts_with("bundle install-browser-a has digest sha256:0101")),
-            "{status:?}"
-        );
-        assert!(matches!(
-            state(&w, "a"),
-            PairState::Drifted { attempts: 0, .. }
-        ));
-    }
-}
+mod tests;

@@ -21,6 +21,10 @@
 
 use std::time::Duration;
 
+use tenet_protocol::report::REPORT_GRACE_MS;
+
+use crate::store::PairRecord;
+
 /// The state of one (terminal, policy) pair.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PairState {
@@ -245,6 +249,91 @@ pub fn next(
     }
 }
 
+/// What a reconcile pass sees of one pair: the policy's generation, the
+/// terminal's drift from it (`None`: compliant) and when the inventory it
+/// was judged on arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub generation: u64,
+    pub drift: Option<&'a str>,
+    pub received_ms: u64,
+}
+
+/// Every transition a reconcile pass makes to a pair, in order: a new
+/// policy generation, an expired dispatch, the inventory (a Verifying pair
+/// only takes one that arrived after its report), and the policy's attempt
+/// limit. `None` is a pair seen for the first time. `updated_ms` is the
+/// caller's to set when the record changed.
+pub fn apply_pass(
+    current: Option<&PairRecord>,
+    seen: Observed<'_>,
+    retry: &Retry,
+    now_ms: u64,
+    jitter: f64,
+) -> PairRecord {
+    let mut record = current.cloned().unwrap_or(PairRecord {
+        generation: seen.generation,
+        state: PairState::Unknown,
+        updated_ms: now_ms,
+        remediated: false,
+    });
+    let step = |s: &PairState, e: Event| next(s, &e, retry, now_ms, jitter);
+    if record.generation != seen.generation {
+        record.state = step(&record.state, Event::PolicyChanged);
+        record.generation = seen.generation;
+        record.remediated = false;
+    }
+    if let PairState::Dispatched { deadline_ms, .. } = record.state
+        && now_ms > deadline_ms.saturating_add(REPORT_GRACE_MS)
+    {
+        record.state = step(&record.state, Event::Expired);
+    }
+    let fresh = match record.state {
+        PairState::Verifying { since_ms, .. } => seen.received_ms >= since_ms,
+        _ => true,
+    };
+    if fresh {
+        let was_verifying = matches!(record.state, PairState::Verifying { .. });
+        let drift = seen.drift.map(str::to_string);
+        record.state = step(&record.state, Event::Inventory { drift });
+        if was_verifying && record.state == PairState::Compliant {
+            record.remediated = true;
+        }
+    }
+    if let Some(failed) = exhausted(&record.state, retry.max_attempts) {
+        record.state = failed;
+    }
+    record
+}
+
+/// The pass's fast path: whether [`apply_pass`] would leave `record` as it
+/// is (still compliant; still drifting for the same reason, or between
+/// attempts; still out before its deadline), so the pass can skip it
+/// without copying anything. A property test holds the two together.
+pub fn unchanged_by_pass(
+    record: &PairRecord,
+    seen: Observed<'_>,
+    retry: &Retry,
+    now_ms: u64,
+) -> bool {
+    if record.generation != seen.generation {
+        return false;
+    }
+    match (&record.state, seen.drift) {
+        (PairState::Compliant, None) => true,
+        (
+            PairState::Drifted {
+                attempts, reason, ..
+            },
+            Some(d),
+        ) => (*attempts > 0 && *attempts < retry.max_attempts) || (*attempts == 0 && reason == d),
+        (PairState::Dispatched { deadline_ms, .. }, _) => {
+            now_ms <= deadline_ms.saturating_add(REPORT_GRACE_MS)
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,5 +520,63 @@ mod tests {
         assert_eq!(R.delay(3, 1.0), Duration::from_secs(60));
         assert_eq!(R.delay(10, 0.0), Duration::from_secs(60));
         assert_eq!(R.delay(10, 1.0), Duration::from_secs(90));
+    }
+
+    mod pass_fast_path {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn state() -> impl Strategy<Value = PairState> {
+            let reason = prop::sample::select(vec!["a", "b"]).prop_map(str::to_string);
+            prop_oneof![
+                Just(PairState::Unknown),
+                Just(PairState::Compliant),
+                (0u32..5, 0u64..200_000, reason.clone()).prop_map(
+                    |(attempts, retry_at_ms, reason)| {
+                        PairState::Drifted {
+                            attempts,
+                            retry_at_ms,
+                            reason,
+                        }
+                    }
+                ),
+                (0u32..5, 0u64..5, 0u64..200_000).prop_map(|(attempt, sequence, deadline_ms)| {
+                    PairState::Dispatched {
+                        attempt,
+                        sequence,
+                        deadline_ms,
+                    }
+                }),
+                (0u32..5, 0u64..200_000)
+                    .prop_map(|(attempt, since_ms)| PairState::Verifying { attempt, since_ms }),
+                (0u32..5, reason)
+                    .prop_map(|(attempts, reason)| PairState::Failed { attempts, reason }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 4096, rng_seed: proptest::test_runner::RngSeed::Fixed(19), ..ProptestConfig::default() })]
+            /// Whatever the pair, the pass and the time: when the fast path
+            /// skips a pair, the full transition would not have changed it.
+            #[test]
+            fn the_fast_path_skips_only_what_apply_leaves_unchanged(
+                state in state(),
+                generation in 1u64..3,
+                seen_generation in 1u64..3,
+                remediated: bool,
+                drift in prop::option::of(prop::sample::select(vec!["a", "b"])),
+                received_ms in 0u64..300_000,
+                now_ms in 0u64..300_000,
+                max_attempts in 1u32..4,
+                jitter in 0.0f64..1.0,
+            ) {
+                let record = PairRecord { generation, state, updated_ms: 0, remediated };
+                let seen = Observed { generation: seen_generation, drift, received_ms };
+                let retry = Retry { max_attempts, ..Retry::default() };
+                if unchanged_by_pass(&record, seen, &retry, now_ms) {
+                    prop_assert_eq!(apply_pass(Some(&record), seen, &retry, now_ms, jitter), record);
+                }
+            }
+        }
     }
 }

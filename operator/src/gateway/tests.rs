@@ -1,0 +1,74 @@
+use super::*;
+use tenet_protocol::session::SharedBytes;
+
+fn dispatch(bundle: &SharedBytes) -> ToAgent {
+    ToAgent::Dispatch {
+        envelope: vec![0; 1000],
+        bundle: bundle.clone(),
+    }
+}
+
+#[tokio::test]
+async fn a_session_queue_is_bounded_in_bytes_and_shares_bundles() {
+    // 10 MiB bundle, 4 KiB of room: a bundle is counted once per message
+    // as its envelope only, because every message shares one copy.
+    let bundle = SharedBytes::new(vec![7; 10 << 20]);
+    let (tx, mut rx) = SessionTx::channel(64, 4096);
+    let mut queued = 0;
+    while tx.try_send(dispatch(&bundle)).is_ok() {
+        queued += 1;
+    }
+    assert_eq!(
+        queued, 3,
+        "3 x (1000 + 64) bytes fit in 4096, a 4th does not"
+    );
+    assert_eq!(tx.queued_bytes(), 3 * 1064);
+    assert_eq!(
+        std::sync::Arc::strong_count(&bundle.0),
+        4,
+        "one bundle, shared by the three queued messages"
+    );
+    // What the writer takes frees its room.
+    assert!(matches!(rx.recv().await, Some(ToAgent::Dispatch { .. })));
+    assert_eq!(tx.queued_bytes(), 2 * 1064);
+    assert_eq!(tx.try_send(dispatch(&bundle)), Ok(()));
+    // Bounded in messages too.
+    let (tx, _rx) = SessionTx::channel(2, 1 << 20);
+    assert_eq!(tx.try_send(ToAgent::Ping), Ok(()));
+    assert_eq!(tx.try_send(ToAgent::Ping), Ok(()));
+    assert_eq!(tx.try_send(ToAgent::Ping), Err(NotQueued));
+    assert_eq!(tx.queued_bytes(), 128, "a refused message leaves no count");
+}
+
+#[test]
+fn a_replaced_session_ends_and_its_end_changes_nothing() {
+    let sessions = Sessions::default();
+    let session = |id| {
+        let (to_agent, _) = SessionTx::channel(1, 1024);
+        Session {
+            id,
+            to_agent,
+            replaced: Arc::new(Notify::new()),
+        }
+    };
+    let (older, newer) = (session(1), session(2));
+    let older_replaced = older.replaced.clone();
+    assert!(!sessions.insert("ward-01", older));
+    assert!(sessions.insert("ward-01", newer));
+    // The older one was told to end (the permit waits for its loop).
+    let told = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), older_replaced.notified()).await
+        });
+    assert!(told.is_ok());
+    assert!(
+        !sessions.remove("ward-01", 1),
+        "the older one's end is ignored"
+    );
+    assert_eq!(sessions.names(), vec!["ward-01".to_string()]);
+    assert!(sessions.remove("ward-01", 2));
+    assert!(sessions.is_empty());
+}
