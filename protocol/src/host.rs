@@ -24,6 +24,17 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result
     Ok(())
 }
 
+/// Replace `path` with `bytes` as [`write_atomically`] does, without
+/// waiting for the disk: for a file rewritten often whose loss at a crash
+/// costs nothing (a status file), so its fsyncs do not compete with the
+/// ones that matter.
+pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut tmp = temporary_beside(path, mode)?;
+    tmp.write_all(bytes)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Write a file that must not exist yet, whole: a reader watching the
 /// directory never sees half of it (the operator imports `*.token` files
 /// as soon as they appear). An existing file is left alone and is an
@@ -82,6 +93,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state");
         write_atomically(&path, b"one", 0o600).expect("write");
+        write_atomically(&path, b"two", 0o644).expect("replace");
+        replace(&path, b"three", 0o644).expect("replace without sync");
+        assert_eq!(std::fs::read(&path).expect("read"), b"three");
         write_atomically(&path, b"two", 0o644).expect("replace");
         assert_eq!(std::fs::read(&path).expect("read"), b"two");
         assert_eq!(

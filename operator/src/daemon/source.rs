@@ -123,10 +123,11 @@ impl DirectorySource {
                 if !self.unreadable {
                     tracing::error!(error = %e, "cannot list the policy directory; the policies in force stay");
                     self.unreadable = true;
-                    if self.stamp.is_none() {
-                        self.loaded.errors = vec![e.to_string()];
-                    }
                 }
+                // Shown in the status; read again in full once it can be
+                // listed.
+                self.loaded.errors = vec![e.to_string()];
+                self.stamp = None;
                 return Ok(());
             }
         };

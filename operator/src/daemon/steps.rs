@@ -292,11 +292,9 @@ impl Running {
             && self.last_written.as_ref() != Some(&status)
         {
             let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
-            if let Err(e) = tenet_protocol::host::write_atomically(
-                &status_file(&self.settings.data),
-                &json,
-                0o644,
-            ) {
+            if let Err(e) =
+                tenet_protocol::host::replace(&status_file(&self.settings.data), &json, 0o644)
+            {
                 tracing::error!(error = %e, "cannot write the status file");
             }
             self.last_written = Some(status);

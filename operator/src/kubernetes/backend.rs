@@ -368,6 +368,8 @@ impl KubeBackend {
                         _ => {
                             o.terminals.remove(key);
                             o.pairs.remove(key);
+                            o.inventory_ms.remove(key);
+                            o.report_written_ms.remove(key);
                         }
                     }
                 }
