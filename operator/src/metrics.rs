@@ -36,8 +36,9 @@ pub struct Metrics {
     refused: Family<ReasonLabel, Counter>,
     refused_seen: Mutex<BTreeMap<String, u64>>,
     pub reconcile_seconds: Histogram,
-    /// Passes run and their total time: what the histogram counts, for a
-    /// program that embeds the operator (the benchmark).
+    /// Passes run and their total time: the histogram's count and sum,
+    /// which prometheus-client reads back only in its tests, so kept again
+    /// for a program that embeds the operator (the benchmark).
     passes: Counter,
     pass_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     pub round_trip_seconds: Histogram,

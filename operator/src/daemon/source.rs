@@ -40,23 +40,20 @@ pub enum Source {
 }
 
 impl Source {
-    /// Take in what changed: new tokens, deleted terminals, policies.
+    /// Take in what changed: new tokens, deleted terminals, policies
+    /// (then in [`Source::loaded`]).
     pub async fn refresh(
         &mut self,
         store: &Store,
         fleet: &StandaloneFleet,
         out: &mut (dyn Write + Send),
-    ) -> Result<&Loaded, DaemonError> {
+    ) -> Result<(), DaemonError> {
         match self {
             Source::Directory(d) => {
                 crate::tokens::import_inbox(&d.data, store)?;
-                d.reload(store)?;
-                Ok(&d.loaded)
+                d.reload(store)
             }
-            Source::Kubernetes(k) => {
-                k.refresh(store, fleet, out).await?;
-                Ok(&k.loaded)
-            }
+            Source::Kubernetes(k) => k.refresh(store, fleet, out).await,
         }
     }
 
@@ -229,6 +226,7 @@ impl KubeSource {
             }
             Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
         }
+        self.backend.mark_expired(crate::time::now_ms());
         let (mut policies, errors) = self.policies.refresh(store).await;
         stamp_generations(store, &mut policies)?;
         if errors != self.loaded.errors {

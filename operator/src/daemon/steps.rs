@@ -18,7 +18,6 @@ use super::{Daemon, DaemonError};
 use crate::data_dir::{DataDir, status_file};
 use crate::fleet::{Change, StandaloneFleet};
 use crate::metrics::Metrics;
-use crate::policy::CompiledPolicy;
 use crate::reconcile::pass::{Bundle, Evaluations, Outgoing, Pass, PolicyStatus};
 use crate::reconcile::state::Retry;
 use crate::store::Store;
@@ -55,7 +54,6 @@ pub(super) struct Running {
     bundle_cache: BundleCache,
     bundle_problems: Vec<String>,
     bundles: HashMap<String, Bundle>,
-    policies: Vec<CompiledPolicy>,
     evaluations: Mutex<Evaluations>,
     metrics: Arc<Metrics>,
     /// The directories are looked at when the watcher says something
@@ -97,7 +95,6 @@ impl Running {
             bundle_cache: BundleCache::default(),
             bundle_problems: Vec::new(),
             bundles: HashMap::new(),
-            policies: Vec::new(),
             evaluations: Mutex::new(Evaluations::default()),
             metrics,
             refreshed_at: None,
@@ -122,12 +119,7 @@ impl Running {
             return Ok(());
         }
         self.refreshed_at = Some(Instant::now());
-        self.policies = self
-            .source
-            .refresh(&self.store, &self.fleet, out)
-            .await?
-            .policies
-            .clone();
+        self.source.refresh(&self.store, &self.fleet, out).await?;
         let (loaded, problems) =
             self.bundle_cache
                 .load(&self.settings.bundles, &self.bundle_trust, now_ms());
@@ -147,7 +139,7 @@ impl Running {
         let online = |t: &str| self.fleet.sender(t).is_some();
         let (outgoing, statuses) = Pass {
             store: &self.store,
-            policies: &self.policies,
+            policies: &self.source.loaded().policies,
             bundles: &self.bundles,
             dispatch_key: self.dispatch_key.as_ref(),
             online: &online,
@@ -225,7 +217,7 @@ impl Running {
         let online = |t: &str| self.fleet.sender(t).is_some();
         let round = crate::certs::reconcile(
             &self.store,
-            &self.policies,
+            &self.source.loaded().policies,
             self.dispatch_key.as_ref(),
             &online,
             now_ms(),

@@ -120,6 +120,9 @@ struct Objects {
     inventory_ms: HashMap<String, u64>,
     /// Terminal → the `lastReportTime` its resource was last written with.
     report_written_ms: HashMap<String, u64>,
+    /// Terminals whose certificate's expiry was seen (their resources were
+    /// written again for it); cleared by the next certificate record.
+    expiry_seen: BTreeSet<String>,
     /// What was last written of each object (to skip unchanged ones).
     written: HashMap<String, serde_json::Value>,
 }
@@ -275,6 +278,34 @@ impl KubeBackend {
         Ok(gone)
     }
 
+    /// A certificate that expired changes its resource (its Ready
+    /// condition) and its Terminal's (no level) with no change of record:
+    /// mark both to be written again, once per expiry.
+    pub fn mark_expired(&self, now_ms: u64) {
+        let (Ok(mut o), Ok(mut dirty)) = (self.objects.lock(), self.dirty.lock()) else {
+            return;
+        };
+        let expired: Vec<String> = o
+            .certificates
+            .iter()
+            .filter(|(t, c)| {
+                c.issued.as_ref().is_some_and(|i| i.not_after_ms <= now_ms)
+                    && !o.expiry_seen.contains(*t)
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        for t in expired {
+            dirty.insert(Dirty::Certificate(t.clone()));
+            dirty.insert(Dirty::Terminal(t.clone()));
+            o.expiry_seen.insert(t);
+        }
+        drop((o, dirty));
+        self.wake.notify_one();
+    }
+
     /// Objects for people not yet written (0: everything is out).
     pub fn pending(&self) -> u64 {
         self.dirty.lock().map_or(0, |d| d.len() as u64) + self.in_flight.load(Ordering::SeqCst)
@@ -410,6 +441,7 @@ impl KubeBackend {
                             o.certificates.remove(key);
                         }
                     }
+                    o.expiry_seen.remove(key);
                     dirty.insert(Dirty::Certificate(key.clone()));
                     // Its security level is in the Terminal's status.
                     dirty.insert(Dirty::Terminal(key.clone()));

@@ -19,13 +19,15 @@ use crate::store::{PairRecord, TerminalRecord};
 
 impl KubeBackend {
     /// Apply `body` to an object (and `status` to its status), unless it is
-    /// what was last written.
+    /// what was last written. With `create` false only the status is
+    /// written, which never creates the object (a 404 when it is gone).
     async fn apply<K>(
         &self,
         api: &Api<K>,
         name: &str,
         body: serde_json::Value,
         status: Option<serde_json::Value>,
+        create: bool,
     ) -> Result<(), kube::Error>
     where
         K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -44,8 +46,10 @@ impl KubeBackend {
         {
             return Ok(());
         }
-        api.patch(name, &Self::pp(), &Patch::Apply(&body)).await?;
-        self.count();
+        if create {
+            api.patch(name, &Self::pp(), &Patch::Apply(&body)).await?;
+            self.count();
+        }
         if let Some(status) = &status {
             let mut s = body.clone();
             s["status"] = status.clone();
@@ -82,18 +86,27 @@ impl KubeBackend {
                 };
                 let Some(record) = record else { return Ok(()) };
                 let api: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
-                // One this operator wrote and a person deleted is not
-                // written again: the daemon de-enrols the terminal.
+                // Once written, only its status is: a status write never
+                // creates the object, so a Terminal a person deleted stays
+                // deleted and the daemon de-enrols it. (A GET first, then an
+                // apply, re-created one deleted in between: the de-enrolment
+                // was lost, about one e2e run in twelve.)
                 let published = self.published.lock().is_ok_and(|p| p.contains(name));
-                if published && api.get_metadata_opt(name).await?.is_none() {
-                    return Ok(());
-                }
-                let status = terminal_status(&record, &pairs, certificate.as_ref(), inventory_ms);
+                let status = terminal_status(
+                    &record,
+                    &pairs,
+                    certificate.as_ref(),
+                    inventory_ms,
+                    crate::time::now_ms(),
+                );
                 let last_report_ms = last_report_ms(certificate.as_ref(), inventory_ms);
                 let body = serde_json::to_value(Terminal::new(name, terminal_spec(&record)))
                     .map_err(kube::Error::SerdeError)?;
                 let status = serde_json::to_value(status).map_err(kube::Error::SerdeError)?;
-                self.apply(&api, name, body, Some(status)).await?;
+                match self.apply(&api, name, body, Some(status), !published).await {
+                    Err(kube::Error::Api(e)) if published && e.code == 404 => return Ok(()),
+                    written => written?,
+                }
                 if let Ok(mut o) = self.objects.lock() {
                     o.report_written_ms
                         .insert(name.clone(), last_report_ms.unwrap_or(0));
@@ -178,7 +191,7 @@ impl KubeBackend {
                     }
                 });
                 let status = json!({ "phase": phase, "reason": reason });
-                self.apply(&api, &name, body, Some(status)).await
+                self.apply(&api, &name, body, Some(status), true).await
             }
             Dirty::Certificate(terminal) => {
                 let record = self
@@ -212,9 +225,7 @@ impl KubeBackend {
                         "renewBefore": format!("{}s", (record.renew_before_ms / 1000).min(validity - 1)),
                     }
                 });
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
+                let now = crate::time::now_ms();
                 let conditions: Vec<serde_json::Value> =
                     crate::reconcile::certificate::conditions(&record, now)
                         .into_iter()
@@ -235,7 +246,7 @@ impl KubeBackend {
                     "certificate": issued.map(|i| b64(&i.bytes)),
                     "conditions": conditions,
                 });
-                self.apply(&api, terminal, body, Some(status)).await
+                self.apply(&api, terminal, body, Some(status), true).await
             }
         }
     }
@@ -268,12 +279,15 @@ fn last_report_ms(certificate: Option<&CertRecord>, inventory_ms: Option<u64>) -
 }
 
 /// A Terminal's status for people: compliance with each policy selecting
-/// it, the security level of its certificate, and its last report.
-fn terminal_status(
+/// it, the security level of its certificate while that is valid at
+/// `now_ms` (none once it expired: `KubeBackend::mark_expired` has the
+/// Terminal written again then), and its last report.
+pub(super) fn terminal_status(
     record: &TerminalRecord,
     pairs: &BTreeMap<String, PairRecord>,
     certificate: Option<&CertRecord>,
     inventory_ms: Option<u64>,
+    now_ms: u64,
 ) -> TerminalStatus {
     let policies: Vec<PolicyCompliance> = pairs
         .iter()
@@ -302,6 +316,7 @@ fn terminal_status(
         policies,
         security_level: certificate
             .and_then(|c| c.issued.as_ref())
+            .filter(|i| now_ms < i.not_after_ms)
             .map(|i| u32::from(i.level)),
         facts: BTreeMap::new(),
         conditions: Vec::new(),
