@@ -75,8 +75,6 @@ pub fn reconcile(
     let selects = |terminal: &str, p: &CompiledPolicy| -> Option<PairState> {
         store
             .pair(terminal, &p.key())
-            .ok()
-            .flatten()
             .filter(|r| r.generation == p.generation.max(0) as u64)
             .map(|r| r.state)
     };

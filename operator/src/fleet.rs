@@ -24,7 +24,7 @@ use crate::gateway::{Fleet, FleetError, Session, SessionTx, Sessions};
 use crate::pki::ClientKey;
 use crate::reconcile::certificate::{Audit, Expected, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
-use crate::store::{PairRecord, Store, StoreError, StoredInventory};
+use crate::store::{PairRecord, Store, StoredInventory};
 use crate::tpm_trust::TpmTrust;
 
 /// Something the reconcile loop should look at.
@@ -49,12 +49,6 @@ pub struct StandaloneFleet {
     sent: Mutex<HashMap<[u8; 32], Instant>>,
     /// Dispatch-to-verified-report times not yet collected.
     round_trips: Mutex<Vec<Duration>>,
-}
-
-/// A store failure is the operator's problem, not the agent's: the message
-/// is not acknowledged and comes again.
-fn store_err(e: StoreError) -> FleetError {
-    FleetError::Unavailable(e.to_string())
 }
 
 /// The event a verified report means for its pair.
@@ -176,7 +170,6 @@ impl StandaloneFleet {
         let record = self
             .store
             .terminal(terminal)
-            .map_err(store_err)?
             .ok_or_else(|| Rejection::Malformed(format!("{terminal} is not enrolled")))?;
         let frame = SignedMessage::decode(bytes, kind)?;
         frame.verify_by(&record.identity)?;
@@ -190,13 +183,12 @@ impl StandaloneFleet {
         let (policy, live) = self
             .store
             .dispatches_of(terminal)
-            .map_err(store_err)?
             .into_iter()
             .find(|(_, d)| d.record.envelope_digest == report.envelope_digest)
             .ok_or_else(|| {
                 Rejection::Replay("the report answers no dispatch of this terminal".into())
             })?;
-        let pair = self.store.pair(terminal, &policy).map_err(store_err)?;
+        let pair = self.store.pair(terminal, &policy);
         let state = pair
             .as_ref()
             .map_or(PairState::Unknown, |p| p.state.clone());
@@ -220,10 +212,9 @@ impl StandaloneFleet {
             updated_ms: now,
             remediated: pair.as_ref().is_some_and(|p| p.remediated),
         };
-        let consumed = self
-            .store
-            .consume_dispatch(terminal, &policy, &report.envelope_digest, &record)
-            .map_err(store_err)?;
+        let consumed =
+            self.store
+                .consume_dispatch(terminal, &policy, &report.envelope_digest, &record);
         if consumed.is_none() {
             // Another copy of this report got there first.
             return Err(Rejection::Replay(
@@ -246,9 +237,7 @@ impl StandaloneFleet {
                 received_ms: now,
                 inventory,
             };
-            self.store
-                .put_inventory(terminal, stored)
-                .map_err(store_err)?;
+            self.store.put_inventory(terminal, stored);
         }
         let _ = self.changes.send(Change::Report {
             terminal: terminal.to_string(),
@@ -272,11 +261,7 @@ impl StandaloneFleet {
             received_ms: (self.now_ms)(),
             inventory: report.inventory,
         };
-        if self
-            .store
-            .put_inventory(terminal, stored)
-            .map_err(store_err)?
-        {
+        if self.store.put_inventory(terminal, stored) {
             let _ = self.changes.send(Change::Inventory(terminal.to_string()));
         }
         Ok(())
@@ -315,9 +300,8 @@ impl StandaloneFleet {
         let enrolled = self
             .store
             .terminal(terminal)
-            .map_err(store_err)?
             .ok_or_else(|| Rejection::Malformed(format!("{terminal} is not enrolled")))?;
-        let inventory = self.store.inventory(terminal).map_err(store_err)?;
+        let inventory = self.store.inventory(terminal);
         let now = (self.now_ms)();
         let expected = Expected {
             nonce,
@@ -359,9 +343,7 @@ impl Fleet for StandaloneFleet {
         tpm: TpmTrust,
     ) -> Result<(), String> {
         tracing::info!(terminal = %request.terminal, tpm = request.tpm, key = %request.identity.fingerprint(), "enrolment request");
-        self.store
-            .enrol(request, client_key, tpm, (self.now_ms)())
-            .map_err(|e| format!("the operator's store failed: {e}"))?
+        self.store.enrol(request, client_key, tpm, (self.now_ms)())
     }
 
     fn admit(&self, terminal: &str, client_key: &ClientKey) -> bool {
@@ -383,9 +365,7 @@ impl Fleet for StandaloneFleet {
     fn connected(&self, terminal: &str, session: Session) {
         tracing::info!(terminal, session = session.id, "connected");
         let replaced = self.sessions.insert_then(terminal, session, || {
-            if let Err(e) = self.store.set_offline_since(terminal, 0) {
-                tracing::error!(terminal, error = %e, "cannot record the connection");
-            }
+            self.store.set_offline_since(terminal, 0);
         });
         if replaced {
             tracing::warn!(
@@ -399,9 +379,7 @@ impl Fleet for StandaloneFleet {
     fn disconnected(&self, terminal: &str, id: u64) {
         let now = (self.now_ms)();
         let live = self.sessions.remove_then(terminal, id, || {
-            if let Err(e) = self.store.set_offline_since(terminal, now) {
-                tracing::error!(terminal, error = %e, "cannot record the disconnection");
-            }
+            self.store.set_offline_since(terminal, now);
         });
         if !live {
             // A replaced session: the terminal is still connected.

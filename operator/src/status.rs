@@ -125,7 +125,7 @@ pub fn collect(
     now_ms: u64,
 ) -> Result<Status, StoreError> {
     let mut by_terminal: BTreeMap<String, Vec<PairLine>> = BTreeMap::new();
-    for (terminal, policy, record) in store.pairs()? {
+    for (terminal, policy, record) in store.pairs() {
         by_terminal
             .entry(terminal)
             .or_default()
@@ -143,7 +143,7 @@ pub fn collect(
         terminals.push(TerminalLine {
             certificate: certificates.remove(&name),
             connected: online,
-            last_inventory_ms: store.inventory(&name)?.map(|i| i.received_ms),
+            last_inventory_ms: store.inventory(&name).map(|i| i.received_ms),
             offline_since_ms: (!online && record.offline_since_ms > 0)
                 .then_some(record.offline_since_ms),
             tpm: match &record.tpm_trust {

@@ -128,7 +128,7 @@ pub fn import_inbox(data: &Path, store: &Store) -> Result<(), DaemonError> {
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         match decode::<PendingToken>(&bytes) {
-            Ok(p) => store.add_token_hash(&p.hash, &p.record)?,
+            Ok(p) => store.add_token_hash(&p.hash, &p.record),
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "not a token file; ignored")
             }
@@ -140,15 +140,14 @@ pub fn import_inbox(data: &Path, store: &Store) -> Result<(), DaemonError> {
 
 /// Import the hashes of the token Secret (Kubernetes mode) that the store
 /// does not hold yet.
-pub fn import_secret(tokens: Vec<(String, Vec<u8>)>, store: &Store) -> Result<(), DaemonError> {
+pub fn import_secret(tokens: Vec<(String, Vec<u8>)>, store: &Store) {
     for (hash, raw) in tokens {
         if store.has_token_hash(&hash) {
             continue;
         }
         match decode::<TokenRecord>(&raw) {
-            Ok(record) => store.add_token_hash(&hash, &record)?,
+            Ok(record) => store.add_token_hash(&hash, &record),
             Err(e) => tracing::warn!(error = %e, "not a token; ignored"),
         }
     }
-    Ok(())
 }

@@ -115,18 +115,18 @@ pub fn reissue_pending(
     store: &Store,
     retry: &crate::reconcile::state::Retry,
     now_ms: u64,
-) -> Result<usize, DaemonError> {
+) -> usize {
     use crate::reconcile::state::{Event, PairState, next};
     let mut reissued = 0;
-    for (terminal, policy, mut record) in store.pairs()? {
+    for (terminal, policy, mut record) in store.pairs() {
         if matches!(record.state, PairState::Dispatched { .. }) {
             record.state = next(&record.state, &Event::Undelivered, retry, now_ms, 0.0);
             record.updated_ms = now_ms;
-            store.set_pair(&terminal, &policy, &record)?;
+            store.set_pair(&terminal, &policy, &record);
             reissued += 1;
         }
     }
-    Ok(reissued)
+    reissued
 }
 
 impl Daemon {

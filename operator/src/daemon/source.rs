@@ -75,12 +75,11 @@ impl Source {
 
 /// The envelopes' generation of each policy: the store's, which only goes
 /// up (a file's or a resource's own can start again at 1).
-fn stamp_generations(store: &Store, policies: &mut [CompiledPolicy]) -> Result<(), DaemonError> {
+fn stamp_generations(store: &Store, policies: &mut [CompiledPolicy]) {
     for p in policies {
         let spec = serde_json::to_vec(p.spec.as_ref()).unwrap_or_default();
-        p.generation = store.policy_generation(&p.key(), sha256(&spec))? as i64;
+        p.generation = store.policy_generation(&p.key(), sha256(&spec)) as i64;
     }
-    Ok(())
 }
 
 /// A policy directory and the token inbox of the data directory.
@@ -153,7 +152,7 @@ impl DirectorySource {
             }
         }
         let mut policies: Vec<CompiledPolicy> = next.values().map(|(_, p)| p.clone()).collect();
-        stamp_generations(store, &mut policies)?;
+        stamp_generations(store, &mut policies);
         let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
         if errors != self.loaded.errors {
             for e in &errors {
@@ -209,7 +208,7 @@ impl KubeSource {
         out: &mut (dyn Write + Send),
     ) -> Result<(), DaemonError> {
         match self.backend.tokens().await {
-            Ok(tokens) => crate::tokens::import_secret(tokens, store)?,
+            Ok(tokens) => crate::tokens::import_secret(tokens, store),
             Err(e) => tracing::warn!(error = %e, "cannot read the token Secret"),
         }
         match self.backend.deleted_terminals().await {
@@ -228,7 +227,7 @@ impl KubeSource {
         }
         self.backend.mark_expired(crate::time::now_ms());
         let (mut policies, errors) = self.policies.refresh(store).await;
-        stamp_generations(store, &mut policies)?;
+        stamp_generations(store, &mut policies);
         if errors != self.loaded.errors {
             for e in &errors {
                 tracing::error!(error = %e, "policy error");

@@ -191,7 +191,7 @@ impl Running {
             } else {
                 self.metrics.undelivered.inc();
                 tracing::info!(terminal = %o.terminal, policy = %o.policy, "undelivered; will reissue");
-                crate::reconcile::pass::undelivered(&self.store, &o, &Retry::default(), now_ms())?;
+                crate::reconcile::pass::undelivered(&self.store, &o, &Retry::default(), now_ms());
             }
         }
         // Handing envelopes over woke thousands of connection writers; the

@@ -15,16 +15,14 @@ struct Setup {
 fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
-    store
-        .add_token(
-            "tok",
-            &TokenRecord {
-                terminal: None,
-                expires_ms: u64::MAX,
-                uses_left: 1,
-            },
-        )
-        .expect("token");
+    store.add_token(
+        "tok",
+        &TokenRecord {
+            terminal: None,
+            expires_ms: u64::MAX,
+            uses_left: 1,
+        },
+    );
     let (fleet, changes) = StandaloneFleet::new(store, Retry::default(), || NOW, || 0.0);
     let terminal = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
     let request = EnrolmentRequest {
@@ -70,20 +68,17 @@ fn live(s: &Setup, nonce: [u8; 32]) -> DispatchRecord {
         updated_ms: NOW,
         remediated: false,
     };
-    s.fleet
-        .store
-        .start_dispatch(
-            "ward-01",
-            "ns/browser",
-            &LiveDispatch {
-                policy_generation: 1,
-                issued_ms: NOW,
-                sequence: 1,
-                record: record.clone(),
-            },
-            &pair,
-        )
-        .expect("dispatch");
+    s.fleet.store.start_dispatch(
+        "ward-01",
+        "ns/browser",
+        &LiveDispatch {
+            policy_generation: 1,
+            issued_ms: NOW,
+            sequence: 1,
+            record: record.clone(),
+        },
+        &pair,
+    );
     record
 }
 
@@ -105,7 +100,6 @@ fn state(s: &Setup) -> PairState {
     s.fleet
         .store
         .pair("ward-01", "ns/browser")
-        .expect("db")
         .expect("pair")
         .state
 }
@@ -227,11 +221,7 @@ fn only_the_newest_inventory_is_kept() {
     assert_eq!(s.fleet.inventory("ward-01", &new), Ok(()));
     assert_eq!(s.fleet.inventory("ward-01", &old), Ok(()));
     assert_eq!(
-        s.fleet
-            .store
-            .inventory("ward-01")
-            .expect("db")
-            .map(|i| i.sequence),
+        s.fleet.store.inventory("ward-01").map(|i| i.sequence),
         Some(20)
     );
     assert_eq!(

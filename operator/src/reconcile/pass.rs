@@ -132,18 +132,12 @@ fn capability(c: tenet_crds::policy::Capability) -> Capability {
 /// A dispatch that could not be handed to its terminal (it went offline
 /// between the pass and the send): it goes back to Drifted, ready, and the
 /// attempt does not count; the next pass issues a fresh envelope.
-pub fn undelivered(
-    store: &Store,
-    o: &Outgoing,
-    retry: &Retry,
-    now_ms: u64,
-) -> Result<(), StoreError> {
-    if let Some(mut record) = store.pair(&o.terminal, &o.policy)? {
+pub fn undelivered(store: &Store, o: &Outgoing, retry: &Retry, now_ms: u64) {
+    if let Some(mut record) = store.pair(&o.terminal, &o.policy) {
         record.state = next(&record.state, &Event::Undelivered, retry, now_ms, 0.0);
         record.updated_ms = now_ms;
-        store.set_pair(&o.terminal, &o.policy, &record)?;
+        store.set_pair(&o.terminal, &o.policy, &record);
     }
-    Ok(())
 }
 
 impl Pass<'_> {
@@ -375,11 +369,11 @@ impl Pass<'_> {
         // In terminal-name order (the inventories are), online ones only.
         let chosen: Vec<(&str, PairRecord)> = ready
             .filter(|t| (self.online)(t))
-            .filter_map(|t| Some((t, self.store.pair(t, &key).ok()??)))
+            .filter_map(|t| Some((t, self.store.pair(t, &key)?)))
             .take(count)
             .collect();
         for (terminal, record) in chosen {
-            let Some(sequence) = self.store.next_sequence(terminal)? else {
+            let Some(sequence) = self.store.next_sequence(terminal) else {
                 continue;
             };
             let nonce = random_bytes()?;
@@ -430,7 +424,7 @@ impl Pass<'_> {
                 ..record
             };
             // Recorded before it is sent: a crash now reissues, never duplicates.
-            self.store.start_dispatch(terminal, &key, &live, &started)?;
+            self.store.start_dispatch(terminal, &key, &live, &started);
             status.drifted = status.drifted.saturating_sub(1);
             status.remediating += 1;
             out.push(Outgoing {

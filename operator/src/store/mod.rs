@@ -163,27 +163,22 @@ impl Store {
     }
 
     /// Record a one-time bootstrap token (only its hash is kept).
-    pub fn add_token(&self, token: &str, record: &TokenRecord) -> Result<(), StoreError> {
+    pub fn add_token(&self, token: &str, record: &TokenRecord) {
         self.add_token_hash(&token_key(token), record)
     }
 
     /// Record a bootstrap token by the hex SHA-256 of its text.
-    pub fn add_token_hash(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+    pub fn add_token_hash(&self, hash: &str, record: &TokenRecord) {
         self.change(|m| {
             m.tokens.insert(hash.to_string(), record.clone());
             m.write(Table::Tokens, hash, record);
         });
-        Ok(())
     }
 
     /// The generation of a policy: 1 at first sight, one more each time
     /// its spec (by digest) changes. Never goes back.
-    pub fn policy_generation(
-        &self,
-        policy: &str,
-        spec_digest: [u8; 32],
-    ) -> Result<u64, StoreError> {
-        Ok(self.change(|m| match m.policies.get(policy) {
+    pub fn policy_generation(&self, policy: &str, spec_digest: [u8; 32]) -> u64 {
+        self.change(|m| match m.policies.get(policy) {
             Some((digest, generation)) if *digest == spec_digest => *generation,
             other => {
                 let generation = other.map_or(1, |(_, g)| g + 1);
@@ -192,23 +187,22 @@ impl Store {
                 m.write(Table::Policies, policy, &(spec_digest, generation));
                 generation
             }
-        }))
+        })
     }
 
     /// Enrol a terminal: the token must exist, have uses left, be unexpired
     /// and (when bound) name this terminal, and the name must be free; then
     /// one use of the token is spent and the terminal registered, in one
-    /// change. `Ok(Err(reason))` is a refusal to tell the agent.
-    /// Spend the bootstrap token and register the terminal, with the
-    /// client key of the certificate it is about to be given.
+    /// change, with the client key of the certificate it is about to be
+    /// given. `Err(reason)` is a refusal to tell the agent.
     pub fn enrol(
         &self,
         request: &EnrolmentRequest,
         client_key: [u8; 32],
         tpm_trust: TpmTrust,
         now_ms: u64,
-    ) -> Result<Result<(), String>, StoreError> {
-        Ok(self.change(|m| {
+    ) -> Result<(), String> {
+        self.change(|m| {
             token_verdict(m, request, now_ms)?;
             let key = token_key(&request.token);
             // One TPM proves one terminal: an EK already proving another
@@ -251,15 +245,15 @@ impl Store {
                     Ok(())
                 }
             }
-        }))
+        })
     }
 
-    pub fn terminal(&self, name: &str) -> Result<Option<TerminalRecord>, StoreError> {
-        Ok(self.mem().terminals.get(name).cloned())
+    pub fn terminal(&self, name: &str) -> Option<TerminalRecord> {
+        self.mem().terminals.get(name).cloned()
     }
 
     /// Record that a terminal's connection ended at `now_ms` (0: it is connected).
-    pub fn set_offline_since(&self, name: &str, now_ms: u64) -> Result<(), StoreError> {
+    pub fn set_offline_since(&self, name: &str, now_ms: u64) {
         self.change(|m| {
             if let Some(mut r) = m.terminals.get(name).cloned() {
                 r.offline_since_ms = now_ms;
@@ -267,30 +261,28 @@ impl Store {
                 m.terminals.insert(name.to_string(), r);
             }
         });
-        Ok(())
     }
 
     /// The next envelope sequence number for `terminal`. It is committed
     /// before any envelope carrying it is sent (the sender waits for
     /// [`Store::durable`]), so a restart never reuses one.
-    pub fn next_sequence(&self, terminal: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.change(|m| {
+    pub fn next_sequence(&self, terminal: &str) -> Option<u64> {
+        self.change(|m| {
             let mut r = m.terminals.get(terminal).cloned()?;
             r.last_sequence += 1;
             let next = r.last_sequence;
             m.write(Table::Terminals, terminal, &r);
             m.terminals.insert(terminal.to_string(), r);
             Some(next)
-        }))
+        })
     }
 
-    pub fn pair(&self, terminal: &str, policy: &str) -> Result<Option<PairRecord>, StoreError> {
-        Ok(self
-            .mem()
+    pub fn pair(&self, terminal: &str, policy: &str) -> Option<PairRecord> {
+        self.mem()
             .pairs
             .get(policy)
             .and_then(|p| p.get(terminal))
-            .cloned())
+            .cloned()
     }
 
     /// Read every pair of `policy` under one lock: `f` gets a lookup by
@@ -338,31 +330,20 @@ impl Store {
             .map(|r| r.remediated)
     }
 
-    pub fn set_pair(
-        &self,
-        terminal: &str,
-        policy: &str,
-        record: &PairRecord,
-    ) -> Result<(), StoreError> {
+    pub fn set_pair(&self, terminal: &str, policy: &str, record: &PairRecord) {
         let key = pair_key(terminal, policy);
         self.change(|m| {
             m.write(Table::Pairs, &key, record);
             m.set_pair(terminal, policy, record.clone());
         });
-        Ok(())
     }
 
     /// The live dispatch of a pair, if any.
-    pub fn dispatch(
-        &self,
-        terminal: &str,
-        policy: &str,
-    ) -> Result<Option<LiveDispatch>, StoreError> {
-        Ok(self
-            .mem()
+    pub fn dispatch(&self, terminal: &str, policy: &str) -> Option<LiveDispatch> {
+        self.mem()
             .dispatches
             .get(&pair_key(terminal, policy))
-            .cloned())
+            .cloned()
     }
 
     /// Record a new live dispatch for a pair (replacing one that is over)
@@ -373,7 +354,7 @@ impl Store {
         policy: &str,
         dispatch: &LiveDispatch,
         pair: &PairRecord,
-    ) -> Result<(), StoreError> {
+    ) {
         let key = pair_key(terminal, policy);
         self.change(|m| {
             m.write(Table::Dispatches, &key, dispatch);
@@ -381,7 +362,6 @@ impl Store {
             m.dispatches.insert(key, dispatch.clone());
             m.set_pair(terminal, policy, pair.clone());
         });
-        Ok(())
     }
 
     /// Mark the live dispatch with `envelope_digest` as answered and set the
@@ -394,9 +374,9 @@ impl Store {
         policy: &str,
         envelope_digest: &[u8; 32],
         pair: &PairRecord,
-    ) -> Result<Option<LiveDispatch>, StoreError> {
+    ) -> Option<LiveDispatch> {
         let key = pair_key(terminal, policy);
-        Ok(self.change(|m| {
+        self.change(|m| {
             let mut live = m.dispatches.get(&key).cloned()?;
             if live.record.consumed || live.record.envelope_digest != *envelope_digest {
                 return None;
@@ -407,17 +387,13 @@ impl Store {
             m.dispatches.insert(key, live.clone());
             m.set_pair(terminal, policy, pair.clone());
             Some(live)
-        }))
+        })
     }
 
     /// Keep a terminal's verified inventory unless a newer one (by the
     /// agent's sequence) is stored already; whether it was kept.
-    pub fn put_inventory(
-        &self,
-        terminal: &str,
-        stored: StoredInventory,
-    ) -> Result<bool, StoreError> {
-        Ok(self.change(|m| {
+    pub fn put_inventory(&self, terminal: &str, stored: StoredInventory) -> bool {
+        self.change(|m| {
             if m.inventories
                 .get(terminal)
                 .is_some_and(|old| old.sequence >= stored.sequence)
@@ -427,12 +403,12 @@ impl Store {
             m.write(Table::Inventories, terminal, &stored);
             m.inventories.insert(terminal.to_string(), Arc::new(stored));
             true
-        }))
+        })
     }
 
     /// The latest verified inventory of a terminal.
-    pub fn inventory(&self, terminal: &str) -> Result<Option<Arc<StoredInventory>>, StoreError> {
-        Ok(self.mem().inventories.get(terminal).cloned())
+    pub fn inventory(&self, terminal: &str) -> Option<Arc<StoredInventory>> {
+        self.mem().inventories.get(terminal).cloned()
     }
 
     /// Every enrolled terminal with its newest verified inventory (shared,
@@ -447,8 +423,8 @@ impl Store {
     }
 
     /// Every enrolled terminal's name.
-    pub fn terminal_names(&self) -> Result<Vec<String>, StoreError> {
-        Ok(self.mem().terminals.keys().cloned().collect())
+    pub fn terminal_names(&self) -> Vec<String> {
+        self.mem().terminals.keys().cloned().collect()
     }
 
     /// Every enrolled terminal.
@@ -461,14 +437,13 @@ impl Store {
     }
 
     /// The live dispatches of one terminal, by policy.
-    pub fn dispatches_of(&self, terminal: &str) -> Result<Vec<(String, LiveDispatch)>, StoreError> {
+    pub fn dispatches_of(&self, terminal: &str) -> Vec<(String, LiveDispatch)> {
         let prefix = format!("{terminal}\u{0}");
-        Ok(self
-            .mem()
+        self.mem()
             .dispatches
             .range(prefix.clone()..)
             .map_while(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
-            .collect())
+            .collect()
     }
 
     /// Forget a deleted policy: its pair states and live dispatches go, in
@@ -624,7 +599,7 @@ impl Store {
     }
 
     /// Every pair's record (for status and for resuming after a restart).
-    pub fn pairs(&self) -> Result<Vec<(String, String, PairRecord)>, StoreError> {
+    pub fn pairs(&self) -> Vec<(String, String, PairRecord)> {
         let mut out: Vec<(String, String, PairRecord)> = self
             .mem()
             .pairs
@@ -636,7 +611,7 @@ impl Store {
             })
             .collect();
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        Ok(out)
+        out
     }
 }
 

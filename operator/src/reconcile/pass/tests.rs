@@ -33,16 +33,14 @@ fn world(terminals: &[(&str, &str)], rollout: &str) -> World {
     let store = Store::open(&dir.path().join("db")).expect("store");
     for (name, version) in terminals {
         let token = format!("token-{name}");
-        store
-            .add_token(
-                &token,
-                &TokenRecord {
-                    terminal: None,
-                    expires_ms: u64::MAX,
-                    uses_left: 1,
-                },
-            )
-            .expect("token");
+        store.add_token(
+            &token,
+            &TokenRecord {
+                terminal: None,
+                expires_ms: u64::MAX,
+                uses_left: 1,
+            },
+        );
         let req = EnrolmentRequest {
             token,
             terminal: name.to_string(),
@@ -57,9 +55,7 @@ fn world(terminals: &[(&str, &str)], rollout: &str) -> World {
             requested_at_ms: NOW,
         };
         assert_eq!(
-            store
-                .enrol(&req, [0; 32], crate::tpm_trust::TpmTrust::None, NOW)
-                .expect("db"),
+            store.enrol(&req, [0; 32], crate::tpm_trust::TpmTrust::None, NOW),
             Ok(())
         );
         set_inventory(&store, name, version, 1, NOW);
@@ -89,16 +85,14 @@ fn set_inventory(store: &Store, name: &str, version: &str, sequence: u64, receiv
         }],
         ..Inventory::default()
     };
-    store
-        .put_inventory(
-            name,
-            StoredInventory {
-                sequence,
-                received_ms,
-                inventory,
-            },
-        )
-        .expect("inventory");
+    store.put_inventory(
+        name,
+        StoredInventory {
+            sequence,
+            received_ms,
+            inventory,
+        },
+    );
 }
 
 fn pass(w: &World, now_ms: u64, online: &dyn Fn(&str) -> bool) -> (Vec<Outgoing>, PolicyStatus) {
@@ -119,11 +113,7 @@ fn pass(w: &World, now_ms: u64, online: &dyn Fn(&str) -> bool) -> (Vec<Outgoing>
 }
 
 fn state(w: &World, terminal: &str) -> PairState {
-    w.store
-        .pair(terminal, "it/browser")
-        .expect("db")
-        .expect("pair")
-        .state
+    w.store.pair(terminal, "it/browser").expect("pair").state
 }
 
 #[test]
@@ -156,11 +146,7 @@ fn dispatches_within_the_rollout_limit_with_verifiable_envelopes() {
         v.envelope.capabilities,
         vec![Capability::RunArtifact, Capability::Log]
     );
-    let live = w
-        .store
-        .dispatch("a", "it/browser")
-        .expect("db")
-        .expect("live");
+    let live = w.store.dispatch("a", "it/browser").expect("live");
     assert_eq!(
         live.record.nonce_commitment,
         nonce_commitment(&v.envelope.nonce)
@@ -200,9 +186,7 @@ fn the_policys_max_attempts_decides_when_a_pair_fails() {
         updated_ms: NOW,
         remediated: false,
     };
-    w.store
-        .set_pair("a", "it/browser", &failed_twice)
-        .expect("set");
+    w.store.set_pair("a", "it/browser", &failed_twice);
     let (out, status) = pass(&w, NOW + 30_000, &|_| true);
     assert!(out.is_empty(), "no third attempt");
     assert_eq!(status.failed, 1);
@@ -258,7 +242,7 @@ fn an_expired_dispatch_is_retried_after_backoff() {
 fn verifying_converges_only_on_an_inventory_received_after_the_report() {
     let w = world(&[("a", "118.0-1")], "{}");
     pass(&w, NOW, &|_| true);
-    let rec = w.store.pair("a", "it/browser").expect("db").expect("pair");
+    let rec = w.store.pair("a", "it/browser").expect("pair");
     let verifying = PairRecord {
         state: PairState::Verifying {
             attempt: 1,
@@ -266,9 +250,7 @@ fn verifying_converges_only_on_an_inventory_received_after_the_report() {
         },
         ..rec
     };
-    w.store
-        .set_pair("a", "it/browser", &verifying)
-        .expect("set");
+    w.store.set_pair("a", "it/browser", &verifying);
     // The old inventory (received before) changes nothing.
     pass(&w, NOW + 6, &|_| true);
     assert!(matches!(state(&w, "a"), PairState::Verifying { .. }));
@@ -276,20 +258,14 @@ fn verifying_converges_only_on_an_inventory_received_after_the_report() {
     let (_, status) = pass(&w, NOW + 8, &|_| true);
     assert_eq!(state(&w, "a"), PairState::Compliant);
     assert_eq!(status.compliant, 1);
-    assert!(
-        w.store
-            .pair("a", "it/browser")
-            .expect("db")
-            .expect("pair")
-            .remediated
-    );
+    assert!(w.store.pair("a", "it/browser").expect("pair").remediated);
 }
 
 #[test]
 fn an_undelivered_dispatch_is_reissued_fresh() {
     let w = world(&[("a", "118.0-1")], "{}");
     let (out, _) = pass(&w, NOW, &|_| true);
-    undelivered(&w.store, &out[0], &Retry::default(), NOW + 1).expect("undelivered");
+    undelivered(&w.store, &out[0], &Retry::default(), NOW + 1);
     assert!(matches!(
         state(&w, "a"),
         PairState::Drifted { attempts: 0, .. }
