@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tenet_agent::dispatch::Dispatcher;
 use tenet_agent::store::Store;
 use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::TrustAnchors;
@@ -60,11 +59,11 @@ fn bench(c: &mut Criterion) {
     };
     let frame = SignedMessage::signed(&bundle, &admin).expect("sign");
     let (bundle_bytes, digest) = (frame.encode(), frame.body_digest());
-    let dispatcher = Dispatcher::new(
-        PathBuf::from(env!("CARGO_BIN_EXE_tenet-agent")),
-        config,
-        "bench-01".into(),
-    );
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_tenet-agent"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
 
     let mut sequence = 0;
     let mut group = c.benchmark_group("agent");
@@ -90,8 +89,17 @@ fn bench(c: &mut Criterion) {
             let env_bytes = SignedMessage::signed(&env, &operator)
                 .expect("sign")
                 .encode();
-            let done = dispatcher
-                .dispatch(&store, &identity, &env_bytes, &bundle_bytes, now_ms())
+            let done = runtime
+                .block_on(tenet_agent::dispatch::dispatch(
+                    &exe,
+                    &config,
+                    &store,
+                    &identity,
+                    "bench-01",
+                    &env_bytes,
+                    &bundle_bytes,
+                    now_ms(),
+                ))
                 .expect("dispatch");
             assert_eq!(done.outcome, Outcome::Exited { code: 0 });
             let _ = std::fs::remove_file(&done.queued);

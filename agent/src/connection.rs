@@ -9,27 +9,25 @@
 //! present a chain ending in that CA. Afterwards the CA certificate itself
 //! is pinned in the data directory.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tenet_protocol::enrol::{EnrolmentRequest, EnrolmentResponse};
 use tenet_protocol::inventory::InventoryReport;
+use tenet_protocol::session::SharedBytes;
 use tenet_protocol::session::{FrameError, MAX_SESSION_FRAME, ToAgent, ToOperator};
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Kind, Rejection, SignedMessage, Signer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::AgentConfig;
-use crate::dispatch::{self, Dispatched};
+use crate::dispatch;
+use crate::session::{Runs, Taken, Terminal};
 use crate::store::{Store, StoreError, write_atomically};
+pub use crate::tls::{enrolment_tls, session_tls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -51,108 +49,6 @@ pub enum ConnError {
     NoOperator,
     #[error("cannot sign: {0}")]
     Sign(#[from] tenet_protocol::keys::KeyError),
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Accepts a server whose chain includes the CA with the pinned SHA-256,
-/// and verifies the chain against that CA as an ordinary root.
-#[derive(Debug)]
-struct PinnedCa {
-    fingerprint: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCa {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| sha256(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General("the gateway's CA is not the pinned one".into())
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?
-        .verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The TLS client of an enrolment: no client certificate yet; the gateway
-/// must present the CA with `fingerprint`.
-pub fn enrolment_tls(fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, ConnError> {
-    let verifier = PinnedCa {
-        fingerprint,
-        provider: provider(),
-    };
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
-}
-
-/// The TLS client of a session: the pinned CA, and the terminal's client
-/// certificate.
-pub fn session_tls(
-    ca: CertificateDer<'static>,
-    cert: CertificateDer<'static>,
-    key: PrivateKeyDer<'static>,
-) -> Result<rustls::ClientConfig, ConnError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca)?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(vec![cert], key)?)
 }
 
 /// The answer of a terminal without a TPM to a credential activation.
@@ -228,6 +124,8 @@ pub struct Agent {
     pub presenter: Arc<crate::audit::Presenter>,
     /// The `tenet-agent` binary, for loaders.
     pub exe: PathBuf,
+    /// The payloads running and waiting.
+    pub runs: Runs,
 }
 
 impl Agent {
@@ -266,12 +164,7 @@ impl Agent {
         let fingerprint = tenet_protocol::wire::parse_digest(ca_fingerprint).ok_or_else(|| {
             ConnError::Certificate(format!("{ca_fingerprint:?} is not sha256:<64 hex digits>"))
         })?;
-        let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        let csr = rcgen::CertificateParams::new(vec![self.config.terminal.clone()])
-            .and_then(|p| p.serialize_request(&tls_key))
-            .and_then(|r| r.pem())
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+        let (tls_key, csr) = crate::tls::csr(&self.config.terminal)?;
         let request = EnrolmentRequest {
             token: token.to_string(),
             terminal: self.config.terminal.clone(),
@@ -296,7 +189,7 @@ impl Agent {
             Some(t) => t
                 .activate_credential(blob, secret)
                 .map_err(|e| e.to_string()),
-            None => Err("this terminal has no TPM".to_string()),
+            None => no_tpm(blob, secret),
         };
         let response =
             exchange_enrolment(tls, signed, fingerprint, &self.config.terminal, activate).await?;
@@ -394,193 +287,95 @@ impl Agent {
     /// One connection, until it ends.
     pub async fn session(&self) -> Result<(), ConnError> {
         let tls = self.connect(self.session_tls()?).await?;
-        let (mut reader, mut writer) = tokio::io::split(tls);
-        write_frame(
-            &mut writer,
-            &ToOperator::Hello {
-                terminal: self.config.terminal.clone(),
-                agent_version: env!("CARGO_PKG_VERSION").into(),
+        let every = Duration::from_secs(self.config.inventory_interval_seconds.max(1));
+        crate::session::hold(
+            self,
+            tls,
+            crate::session::Settings {
+                inventory_every: Some(every),
             },
         )
-        .await?;
-        let (msg_tx, mut msg_rx) = mpsc::channel::<Result<ToAgent, ConnError>>(16);
-        let reader_task = tokio::spawn(async move {
-            loop {
-                let m = read_frame::<_, ToAgent>(&mut reader, MAX_SESSION_FRAME)
-                    .await
-                    .map_err(ConnError::from);
-                let stop = m.is_err();
-                if msg_tx.send(m).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        let result = self.converse(&mut writer, &mut msg_rx).await;
-        reader_task.abort();
-        result
+        .await
     }
 
-    async fn converse<W: AsyncWrite + Unpin>(
+    async fn presentation_listener(
         &self,
-        writer: &mut W,
-        msg_rx: &mut mpsc::Receiver<Result<ToAgent, ConnError>>,
-    ) -> Result<(), ConnError> {
-        // Reports not yet acknowledged, by digest.
-        let mut unacked: HashMap<[u8; 32], PathBuf> = HashMap::new();
-        for (path, bytes) in self.store.pending_reports()? {
-            unacked.insert(sha256(&bytes), path);
-            write_frame(writer, &ToOperator::Report(bytes)).await?;
-        }
-        let mut last_inventory = self.inventory_report().ok();
-        if let Some(inv) = &last_inventory {
-            write_frame(writer, &ToOperator::Inventory(inv.clone())).await?;
-        }
-        // A renewal in flight: the new transport key, until the certificate comes.
-        let mut renewing: Option<rcgen::KeyPair> = None;
-        let mut ticks: u64 = 0;
-        if self.certificate_due() {
-            renewing = self.request_renewal(writer).await?;
-        }
-        let interval = Duration::from_secs(self.config.inventory_interval_seconds.max(1));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let (done_tx, mut done_rx) = mpsc::channel::<Result<Dispatched, String>>(16);
-        let mut running: HashMap<String, oneshot::Sender<()>> = HashMap::new();
-        // Dispatches waiting for the running one to end, in arrival order.
-        let mut waiting: std::collections::VecDeque<dispatch::Prepared> = Default::default();
-        let start = |prepared: dispatch::Prepared,
-                     running: &mut HashMap<String, oneshot::Sender<()>>|
-         -> Result<(), ConnError> {
-            let (kill_tx, kill_rx) = oneshot::channel();
-            running.insert(prepared.policy.clone(), kill_tx);
-            let cmd = dispatch::loader_command(&self.exe, &self.config_path, prepared.sequence);
-            let store = Store::open(self.store.dir())?;
-            let done = done_tx.clone();
-            tokio::spawn(async move {
-                let r = run_loader(cmd, prepared, store, kill_rx).await;
-                let _ = done.send(r).await;
-            });
-            Ok(())
-        };
-        loop {
-            tokio::select! {
-                m = msg_rx.recv() => {
-                    let m = match m {
-                        Some(Ok(m)) => m,
-                        Some(Err(e)) => return Err(e),
-                        None => return Ok(()),
-                    };
-                    match m {
-                        ToAgent::Dispatch { envelope, bundle } => {
-                            match dispatch::prepare(&self.store, self.identity.as_ref(), &self.config.terminal, &envelope, &bundle, now_ms()) {
-                                Ok(Ok(prepared)) => {
-                                    if let Some(kill) = running.remove(&prepared.policy) {
-                                        // A newer dispatch for the same policy supersedes it.
-                                        let _ = kill.send(());
-                                    }
-                                    waiting.retain(|w| w.policy != prepared.policy);
-                                    // One payload at a time, in arrival order: package
-                                    // managers hold a global lock, and two installs at
-                                    // once fail one of them.
-                                    if !running.is_empty() {
-                                        tracing::info!(
-                                            "dispatch {} for {} waits for the running payload",
-                                            prepared.sequence,
-                                            prepared.policy
-                                        );
-                                    }
-                                    waiting.push_back(prepared);
-                                    if running.is_empty() && let Some(next) = waiting.pop_front() {
-                                        start(next, &mut running)?;
-                                    }
-                                }
-                                Ok(Err(refused)) => {
-                                    unacked.insert(sha256(&refused.report), refused.queued.clone());
-                                    write_frame(writer, &ToOperator::Report(refused.report)).await?;
-                                }
-                                Err(e) => tracing::error!(error = %e, "cannot take the dispatch"),
-                            }
-                        }
-                        ToAgent::Ack { digest } => {
-                            if let Some(path) = unacked.remove(&digest) {
-                                self.store.acknowledge(&path)?;
-                            }
-                        }
-                        ToAgent::InventoryWanted => {
-                            if let Ok(inv) = self.inventory_report() {
-                                write_frame(writer, &ToOperator::Inventory(inv.clone())).await?;
-                                last_inventory = Some(inv);
-                            }
-                        }
-                        ToAgent::Ping => write_frame(writer, &ToOperator::Pong).await?,
-                        ToAgent::Certificate { pem } => {
-                            if let Some(key) = renewing.take() {
-                                // Used from the next connection on.
-                                let dir = self.store.dir();
-                                write_atomically(&dir.join("tls.key"), key.serialize_pem().as_bytes(), 0o600)?;
-                                write_atomically(&dir.join("tls.crt"), pem.as_bytes(), 0o644)?;
-                            }
-                        }
-                        ToAgent::RenewalRefused { reason } => {
-                            renewing = None;
-                            tracing::warn!(%reason, "client certificate renewal refused");
-                        }
-                        ToAgent::Audit { nonce, pcrs, packages, services } => {
-                            let request = crate::audit::AuditRequest { nonce, pcrs, packages, services };
-                            match self.audit(&request) {
-                                Ok(report) => write_frame(writer, &ToOperator::Audit(report)).await?,
-                                Err(e) => tracing::error!(error = %e, "audit failed"),
-                            }
-                        }
-                        ToAgent::SecurityCertificate { certificate } => {
-                            let issuer = self.store.trust()?.issuer_key;
-                            match self.presenter.hold(certificate, &issuer, now_ms()) {
-                                Ok(Some(level)) => tracing::info!(level, "security certificate held"),
-                                Ok(None) => tracing::warn!("security certificate withdrawn by the issuer"),
-                                Err(e) => tracing::error!(error = %e, "security certificate refused"),
-                            }
-                        }
-                        ToAgent::Enrolled(_)
-                        | ToAgent::EnrolmentRefused { .. }
-                        | ToAgent::ActivateCredential { .. } => {}
-                    }
-                }
-                Some(done) = done_rx.recv() => {
-                    match done {
-                        Ok(d) => {
-                            running.retain(|_, k| !k.is_closed());
-                            unacked.insert(sha256(&d.report), d.queued.clone());
-                            write_frame(writer, &ToOperator::Report(d.report)).await?;
-                        }
-                        Err(e) => {
-                            running.retain(|_, k| !k.is_closed());
-                            tracing::error!(error = %e, "a dispatch failed");
-                        }
-                    }
-                    if running.is_empty() && let Some(next) = waiting.pop_front() {
-                        start(next, &mut running)?;
-                    }
-                }
-                _ = tick.tick() => {
-                    ticks += 1;
-                    if renewing.is_none() && self.certificate_due() {
-                        renewing = self.request_renewal(writer).await?;
-                    }
-                    // On change, and at least every tenth interval.
-                    if let Ok(inv) = self.inventory_report() {
-                        let changed = last_inventory.as_ref().is_none_or(|last| inventory_changed(last, &inv));
-                        if changed || ticks.is_multiple_of(10) {
-                            write_frame(writer, &ToOperator::Inventory(inv.clone())).await?;
-                            last_inventory = Some(inv);
-                        }
-                    }
-                }
-            }
-        }
+        listen: &str,
+    ) -> Result<(tokio::net::TcpListener, Arc<rustls::ServerConfig>), String> {
+        let tls = crate::audit::presentation_tls(&self.config.terminal)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("{listen}: {e}"))?;
+        Ok((listener, Arc::new(tls)))
     }
 }
 
-impl Agent {
-    /// The internal audit the issuer asked for, signed.
+/// A real terminal: reports queue in files of the data directory, each
+/// payload runs in a loader process of its own.
+impl Terminal for Agent {
+    type Queued = PathBuf;
+
+    fn name(&self) -> &str {
+        &self.config.terminal
+    }
+
+    fn agent_version(&self) -> String {
+        env!("CARGO_PKG_VERSION").into()
+    }
+
+    fn inventory(&self) -> Result<Vec<u8>, ConnError> {
+        self.inventory_report()
+    }
+
+    fn outbox(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, ConnError> {
+        Ok(self.store.pending_reports()?)
+    }
+
+    fn acknowledge(&self, queued: PathBuf, _digest: &[u8; 32]) -> Result<(), ConnError> {
+        Ok(self.store.acknowledge(&queued)?)
+    }
+
+    fn take(&self, envelope: &[u8], bundle: SharedBytes) -> Result<Taken<PathBuf>, String> {
+        let prepared = dispatch::prepare(
+            &self.store,
+            self.identity.as_ref(),
+            &self.config.terminal,
+            envelope,
+            &bundle,
+            now_ms(),
+        )
+        .map_err(|e| e.to_string())?;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(refused) => {
+                return Ok(Taken::Refused {
+                    queued: refused.queued,
+                    report: refused.report,
+                });
+            }
+        };
+        let store = Store::open(self.store.dir()).map_err(|e| e.to_string())?;
+        let (exe, config) = (self.exe.clone(), self.config_path.clone());
+        let (policy, sequence) = (prepared.policy.clone(), prepared.sequence);
+        Ok(Taken::Run {
+            policy,
+            sequence,
+            run: Box::new(move |stop| {
+                Box::pin(async move {
+                    if let Err(e) =
+                        dispatch::run_loader(&exe, &config, &store, prepared, stop).await
+                    {
+                        tracing::error!(error = %e, "a dispatch failed");
+                    }
+                })
+            }),
+        })
+    }
+
+    fn runs(&self) -> &Runs {
+        &self.runs
+    }
+
     fn audit(&self, request: &crate::audit::AuditRequest) -> Result<Vec<u8>, String> {
         let inventory = self
             .config
@@ -599,19 +394,23 @@ impl Agent {
         )
     }
 
-    async fn presentation_listener(
-        &self,
-        listen: &str,
-    ) -> Result<(tokio::net::TcpListener, Arc<rustls::ServerConfig>), String> {
-        let tls = crate::audit::presentation_tls(&self.config.terminal)?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("{listen}: {e}"))?;
-        Ok((listener, Arc::new(tls)))
+    fn hold(&self, certificate: Option<Vec<u8>>) {
+        let issuer = match self.store.trust() {
+            Ok(t) => t.issuer_key,
+            Err(e) => {
+                tracing::error!(error = %e, "no pinned issuer key");
+                return;
+            }
+        };
+        match self.presenter.hold(certificate, &issuer, now_ms()) {
+            Ok(Some(level)) => tracing::info!(level, "security certificate held"),
+            Ok(None) => tracing::warn!("security certificate withdrawn by the issuer"),
+            Err(e) => tracing::error!(error = %e, "security certificate refused"),
+        }
     }
 
     /// Whether less than half of the client certificate's validity is left.
-    fn certificate_due(&self) -> bool {
+    fn renewal_due(&self) -> bool {
         let Ok(pem) = std::fs::read(self.store.dir().join("tls.crt")) else {
             return false;
         };
@@ -627,70 +426,11 @@ impl Agent {
         now >= start + (end - start) / 2
     }
 
-    /// Ask for a new client certificate for a fresh transport key.
-    async fn request_renewal<W: AsyncWrite + Unpin>(
-        &self,
-        writer: &mut W,
-    ) -> Result<Option<rcgen::KeyPair>, ConnError> {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        let csr_pem = rcgen::CertificateParams::new(vec![self.config.terminal.clone()])
-            .and_then(|p| p.serialize_request(&key))
-            .and_then(|r| r.pem())
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        write_frame(writer, &ToOperator::RenewCertificate { csr_pem }).await?;
-        Ok(Some(key))
-    }
-}
-
-/// Whether two signed inventory reports hold different inventories.
-fn inventory_changed(a: &[u8], b: &[u8]) -> bool {
-    let open = |bytes: &[u8]| {
-        SignedMessage::decode(bytes, Kind::InventoryReport)
-            .and_then(|f| f.open::<InventoryReport>())
-            .map(|r| r.inventory)
-            .ok()
-    };
-    open(a) != open(b)
-}
-
-/// Run a loader to its end, or kill it when superseded.
-async fn run_loader(
-    cmd: std::process::Command,
-    prepared: dispatch::Prepared,
-    store: Store,
-    kill: oneshot::Receiver<()>,
-) -> Result<Dispatched, String> {
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start the loader: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(&prepared.request)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let read = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out).await;
-        out
-    });
-    tokio::select! {
-        status = child.wait() => {
-            let status = status.map_err(|e| e.to_string())?;
-            let out = read.await.map_err(|e| e.to_string())?;
-            if !status.success() {
-                return Err(format!("the loader exited with {status}"));
-            }
-            dispatch::finish(&store, prepared.sequence, &out).map_err(|e| e.to_string())
-        }
-        _ = kill => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            Err(format!("dispatch {} of {} was superseded by a newer one", prepared.sequence, prepared.policy))
-        }
+    fn renewed(&self, key: rcgen::KeyPair, pem: &str) -> Result<(), ConnError> {
+        let dir = self.store.dir();
+        write_atomically(&dir.join("tls.key"), key.serialize_pem().as_bytes(), 0o600)?;
+        write_atomically(&dir.join("tls.crt"), pem.as_bytes(), 0o644)?;
+        Ok(())
     }
 }
 

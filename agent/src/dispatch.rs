@@ -5,19 +5,20 @@
 //! loader: the agent signs the refusal itself.
 //!
 //! [`prepare`] and [`finish`] are the synchronous halves; the loader runs
-//! in between, waited for by [`Dispatcher::dispatch`] (blocking) or by the
-//! connection loop (asynchronously, so that a newer dispatch for the same
-//! policy can kill it).
+//! in between, waited for by [`run_loader`], which a newer dispatch for the
+//! same policy can stop ([`crate::session::Runs`]). The loader's own side,
+//! the `tenet-agent load` process, is [`crate::load`].
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 use tenet_protocol::envelope::EnvelopeState;
 use tenet_protocol::report::{ExecutionReport, Outcome};
-use tenet_protocol::wire::{decode, encode, sha256};
+use tenet_protocol::wire::{decode, encode};
 use tenet_protocol::{Kind, Rejection, SignedMessage, Signer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 use crate::store::{Store, StoreError};
 
@@ -54,6 +55,8 @@ pub enum DispatchError {
     Loader(String),
     #[error("cannot sign: {0}")]
     Sign(#[from] tenet_protocol::keys::KeyError),
+    #[error("dispatch {sequence} of {policy} was superseded by a newer one")]
+    Superseded { sequence: u64, policy: String },
 }
 
 /// A finished dispatch: the signed report (already queued in the outbox).
@@ -126,25 +129,8 @@ fn refuse(
     r: &Rejection,
     now_ms: u64,
 ) -> Result<Dispatched, DispatchError> {
-    // Name the envelope by its digest only: nothing in it is trusted.
-    let digest = SignedMessage::decode(envelope, Kind::DispatchEnvelope)
-        .map(|f| f.body_digest())
-        .unwrap_or_else(|_| sha256(envelope));
-    let outcome = Outcome::Refused {
-        reason: r.reason().to_string(),
-        message: r.to_string(),
-    };
-    let report = ExecutionReport {
-        terminal: terminal.to_string(),
-        envelope_digest: digest,
-        nonce: [0; 32],
-        payload_digest: [0; 32],
-        outcome: outcome.clone(),
-        output_tail: Vec::new(),
-        observed: None,
-        started_at_ms: now_ms,
-        finished_at_ms: now_ms,
-    };
+    let report = crate::exec::refusal(terminal, envelope, r, now_ms);
+    let outcome = report.outcome.clone();
     let bytes = SignedMessage::signed(&report, identity)?.encode();
     // Refusals queue after everything else, keyed by time.
     let queued = store.push_report(u64::MAX / 2 + now_ms, &bytes)?;
@@ -169,55 +155,78 @@ pub fn loader_command(exe: &Path, config: &Path, sequence: u64) -> Command {
     c
 }
 
-/// Runs loaders, one process per dispatch, waiting for each.
-pub struct Dispatcher {
-    /// The `tenet-agent` binary (the loader is its `load` subcommand).
-    pub exe: PathBuf,
-    /// The agent's configuration file, passed to the loader.
-    pub config: PathBuf,
-    pub terminal: String,
-}
-
-impl Dispatcher {
-    pub fn new(exe: PathBuf, config: PathBuf, terminal: String) -> Dispatcher {
-        Dispatcher {
-            exe,
-            config,
-            terminal,
+/// Run a loader for `prepared` to its end and queue its report; stop it
+/// when `stop` fires (a newer dispatch for the same policy). A dropped
+/// sender does not stop it.
+pub async fn run_loader(
+    exe: &Path,
+    config: &Path,
+    store: &Store,
+    prepared: Prepared,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<Dispatched, DispatchError> {
+    let mut child = tokio::process::Command::from(loader_command(exe, config, prepared.sequence))
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| DispatchError::Spawn {
+            exe: exe.display().to_string(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(&prepared.request)
+            .await
+            .map_err(|e| DispatchError::Loader(format!("cannot hand over the dispatch: {e}")))?;
+    }
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| DispatchError::Loader("no stdout".into()))?;
+    let read = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out).await;
+        out
+    });
+    tokio::select! {
+        status = child.wait() => {
+            let status = status.map_err(|e| DispatchError::Loader(e.to_string()))?;
+            let out = read.await.map_err(|e| DispatchError::Loader(e.to_string()))?;
+            if !status.success() {
+                return Err(DispatchError::Loader(format!("exited with {status}")));
+            }
+            finish(store, prepared.sequence, &out)
+        }
+        Ok(()) = &mut stop => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            Err(DispatchError::Superseded {
+                sequence: prepared.sequence,
+                policy: prepared.policy,
+            })
         }
     }
+}
 
-    /// Verify and run one dispatch to its end.
-    pub fn dispatch(
-        &self,
-        store: &Store,
-        identity: &dyn Signer,
-        envelope: &[u8],
-        bundle: &[u8],
-        now_ms: u64,
-    ) -> Result<Dispatched, DispatchError> {
-        let prepared = match prepare(store, identity, &self.terminal, envelope, bundle, now_ms)? {
-            Ok(p) => p,
-            Err(refused) => return Ok(refused),
-        };
-        let mut child = loader_command(&self.exe, &self.config, prepared.sequence)
-            .spawn()
-            .map_err(|source| DispatchError::Spawn {
-                exe: self.exe.display().to_string(),
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(&prepared.request).map_err(|e| {
-                DispatchError::Loader(format!("cannot hand over the dispatch: {e}"))
-            })?;
+/// Verify one dispatch and run it through a loader to its end (the
+/// `tenet-agent dispatch` command, and the benchmark).
+#[allow(clippy::too_many_arguments)]
+pub async fn dispatch(
+    exe: &Path,
+    config: &Path,
+    store: &Store,
+    identity: &dyn Signer,
+    terminal: &str,
+    envelope: &[u8],
+    bundle: &[u8],
+    now_ms: u64,
+) -> Result<Dispatched, DispatchError> {
+    match prepare(store, identity, terminal, envelope, bundle, now_ms)? {
+        Ok(prepared) => {
+            // Nothing supersedes a run from the command line.
+            let (_never, stop) = oneshot::channel();
+            run_loader(exe, config, store, prepared, stop).await
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| DispatchError::Loader(e.to_string()))?;
-        if !out.status.success() {
-            return Err(DispatchError::Loader(format!("exited with {}", out.status)));
-        }
-        finish(store, prepared.sequence, &out.stdout)
+        Err(refused) => Ok(refused),
     }
 }
 

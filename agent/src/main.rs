@@ -1,19 +1,16 @@
 //! `tenet-agent`: the terminal agent. `main` parses arguments and calls the
 //! library.
 
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tenet_agent::config::AgentConfig;
-use tenet_agent::dispatch::{Dispatcher, LoadRequest, LoadResponse, exe_path};
-use tenet_agent::exec::{Limits, Loader};
+use tenet_agent::dispatch::exe_path;
 use tenet_agent::store::Store;
 use tenet_protocol::PublicKey;
 use tenet_protocol::enrol::TrustAnchors;
-use tenet_protocol::wire::{decode, encode};
 
 /// The Tenet terminal agent: reports what the terminal holds, and runs
 /// signed remediation payloads in a sandbox, proving each run with a
@@ -165,6 +162,7 @@ fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Ag
         tpm,
         presenter,
         exe: exe_path(),
+        runs: Default::default(),
     })
 }
 
@@ -251,8 +249,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let envelope =
                 std::fs::read(&envelope).with_context(|| envelope.display().to_string())?;
             let bundle = std::fs::read(&bundle).with_context(|| bundle.display().to_string())?;
-            let d = Dispatcher::new(exe_path(), config.clone(), c.terminal.clone());
-            let done = d.dispatch(&store, identity.as_ref(), &envelope, &bundle, now_ms())?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let done = runtime.block_on(tenet_agent::dispatch::dispatch(
+                &exe_path(),
+                &std::path::absolute(&config)?,
+                &store,
+                identity.as_ref(),
+                &c.terminal,
+                &envelope,
+                &bundle,
+                now_ms(),
+            ))?;
             if let Some(path) = report {
                 std::fs::write(&path, &done.report).with_context(|| path.display().to_string())?;
             }
@@ -377,38 +386,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::time::Duration::from_secs_f64(progress_seconds.max(0.05)),
             ))?;
         }
-        Command::Load { config, run_id } => {
-            let c = AgentConfig::read(&config)?;
-            let store = Store::open(&c.data)?;
-            let identity = c.identity(&store)?;
-            let trust = store.trust()?;
-            let mut input = Vec::new();
-            std::io::stdin().read_to_end(&mut input)?;
-            let request: LoadRequest =
-                decode(&input).map_err(|e| anyhow::anyhow!("bad load request: {e}"))?;
-            let work_dir = store.run_dir(run_id)?;
-            let os = std::sync::Arc::new(tenet_agent::exec::Os {
-                root: c.root.clone(),
-                work_dir: work_dir.clone(),
-                inventory: c.inventory_source(),
-                artifacts_written: Default::default(),
-            });
-            let runtime = tenet_agent::exec::Runtime::new().map_err(std::io::Error::other)?;
-            let loader = Loader {
-                terminal: &c.terminal,
-                trust: &trust,
-                identity: identity.as_ref(),
-                system: os,
-                runtime: &runtime,
-                limits: Limits::default(),
-                now_ms,
-            };
-            let result = loader.run(&request.envelope, &request.bundle, &request.state)?;
-            let _ = std::fs::remove_dir_all(&work_dir);
-            std::io::stdout().write_all(&encode(&LoadResponse {
-                report: result.report,
-            }))?;
-        }
+        Command::Load { config, run_id } => tenet_agent::load::serve(&config, run_id)?,
     }
     Ok(())
 }

@@ -28,22 +28,22 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tenet_protocol::bundle::Artifact;
 use tenet_protocol::enrol::{EnrolmentRequest, TrustAnchors};
 use tenet_protocol::envelope::EnvelopeState;
-use tenet_protocol::inventory::{
-    FileEntry, Inventory, InventoryReport, Package, PackageManager, Service, ServiceState,
-};
-use tenet_protocol::session::{MAX_SESSION_FRAME, ToAgent, ToOperator};
+use tenet_protocol::inventory::{Inventory, InventoryReport};
+use tenet_protocol::session::SharedBytes;
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
 use tokio::sync::Semaphore;
 
+use crate::audit::AuditRequest;
 use crate::connection::{
-    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, no_tpm, now_ms, read_frame,
-    session_tls, write_frame,
+    ConnError, backoff, enrolment_tls, exchange_enrolment, jitter, no_tpm, now_ms, session_tls,
 };
-use crate::exec::{Limits, Loader, Runtime, System};
+use crate::exec::{Limits, Loader, Runtime};
+use crate::session::{self, Runs, Settings, Taken, Terminal};
+
+mod system;
 
 /// What to simulate, and where the operator is.
 pub struct Options {
@@ -81,122 +81,7 @@ pub struct Counters {
     pub redispatched: AtomicU64,
 }
 
-/// The machine under one simulated agent.
-pub struct SimSystem {
-    inventory: Mutex<Inventory>,
-}
-
-/// Package name and version of a Debian file name `NAME_VERSION_ARCH.deb`.
-pub fn deb_file_name(name: &str) -> Option<(String, String)> {
-    let stem = name.strip_suffix(".deb")?;
-    let mut parts = stem.split('_');
-    let (package, version, _arch) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || package.is_empty() || version.is_empty() {
-        return None;
-    }
-    // Debian file names write an epoch's colon as %3a.
-    Some((package.to_string(), version.replace("%3a", ":")))
-}
-
-impl SimSystem {
-    pub fn new(inventory: Inventory) -> SimSystem {
-        SimSystem {
-            inventory: Mutex::new(inventory),
-        }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut Inventory) -> R) -> R {
-        let mut inv = self
-            .inventory
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut inv)
-    }
-}
-
-impl System for SimSystem {
-    fn inventory(&self) -> Result<Inventory, String> {
-        Ok(self.with(|i| i.clone()))
-    }
-
-    fn write_file(&self, path: &str, data: &[u8]) -> i32 {
-        self.with(|inv| {
-            inv.files.retain(|f| f.path != path);
-            inv.files.push(FileEntry {
-                path: path.to_string(),
-                sha256: hex::encode(sha256(data)),
-                size: data.len() as u64,
-            });
-        });
-        0
-    }
-
-    fn run_artifact(
-        &self,
-        artifacts: &[Artifact],
-        artifact: &Artifact,
-        args: &[&str],
-        _deadline: Instant,
-    ) -> (i32, Vec<u8>) {
-        if sha256(&artifact.data) != artifact.sha256 {
-            return (
-                -3,
-                format!(
-                    "artifact {} does not match its digest; not run\n",
-                    artifact.name
-                )
-                .into_bytes(),
-            );
-        }
-        let mut out = String::new();
-        let code = match artifact.name.as_str() {
-            "install-deb.sh" => self.with(|inv| {
-                for arg in args {
-                    let known = artifacts.iter().any(|a| a.name == *arg);
-                    let Some((name, version)) = deb_file_name(arg).filter(|_| known) else {
-                        out.push_str(&format!("dpkg: error: cannot access archive '{arg}'\n"));
-                        return 2;
-                    };
-                    inv.packages.retain(|p| p.name != name);
-                    out.push_str(&format!("Setting up {name} ({version}) ...\n"));
-                    inv.packages.push(Package {
-                        name,
-                        version,
-                        manager: PackageManager::Dpkg,
-                    });
-                }
-                0
-            }),
-            "remove-packages.sh" => self.with(|inv| {
-                for arg in args {
-                    if inv.packages.iter().any(|p| p.name == *arg) {
-                        out.push_str(&format!("Purging configuration files for {arg} ...\n"));
-                    }
-                    inv.packages.retain(|p| p.name != *arg);
-                }
-                0
-            }),
-            "ensure-service.sh" => self.with(|inv| {
-                let Some(name) = args.first() else {
-                    out.push_str("usage: ensure-service.sh SERVICE\n");
-                    return 2;
-                };
-                inv.services.retain(|s| s.name != *name);
-                inv.services.push(Service {
-                    name: name.to_string(),
-                    state: ServiceState::Running,
-                    enabled: true,
-                });
-                0
-            }),
-            other => {
-                out.push_str(&format!("the simulation has no model of {other}\n"));
-                127
-            }
-        };
-        (code, out.into_bytes())
-    }
-}
+pub use system::{SimSystem, deb_file_name};
 
 /// A (policy, generation) a successful report settles.
 type Settles = Option<(String, u64)>;
@@ -206,20 +91,22 @@ type Settles = Option<(String, u64)>;
 type Outgoing = (Vec<u8>, Settles, u64);
 
 /// One simulated terminal.
-struct Terminal {
+struct Simulated {
     name: String,
-    identity: KeyPair,
+    identity: Arc<KeyPair>,
     system: Arc<SimSystem>,
     envelopes: Mutex<EnvelopeState>,
-    trust: OnceLock<TrustAnchors>,
+    trust: OnceLock<Arc<TrustAnchors>>,
     tls: OnceLock<Arc<rustls::ClientConfig>>,
     /// Signed reports not yet acknowledged, with the (policy, generation)
     /// of the successful ones and the session they were first sent in.
-    outbox: Mutex<Vec<Outgoing>>,
+    outbox: Arc<Mutex<Vec<Outgoing>>>,
     /// Sessions so far.
-    sessions: AtomicU64,
+    sessions: Arc<AtomicU64>,
     /// (policy, generation) whose successful report was acknowledged.
     settled: Mutex<std::collections::HashSet<(String, u64)>>,
+    runs: Runs,
+    shared: Arc<Shared>,
 }
 
 struct Shared {
@@ -244,26 +131,14 @@ impl Shared {
     }
 }
 
-impl Terminal {
-    fn inventory_report(&self) -> Result<Vec<u8>, ConnError> {
-        let inventory = self.system.with(|i| i.clone());
-        let now = now_ms();
-        let report = InventoryReport {
-            terminal: self.name.clone(),
-            sequence: now,
-            collected_at_ms: now,
-            inventory,
-        };
-        Ok(SignedMessage::signed(&report, &self.identity)?.encode())
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
-    async fn enrol(&self, shared: &Shared) -> Result<(), ConnError> {
-        let tls_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        let csr = rcgen::CertificateParams::new(vec![self.name.clone()])
-            .and_then(|p| p.serialize_request(&tls_key))
-            .and_then(|r| r.pem())
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
+impl Simulated {
+    async fn enrol(&self) -> Result<(), ConnError> {
+        let shared = &self.shared;
+        let (tls_key, csr) = crate::tls::csr(&self.name)?;
         let labels = self.system.with(|i| i.labels.clone());
         let request = EnrolmentRequest {
             token: shared.token.clone(),
@@ -276,7 +151,7 @@ impl Terminal {
             tls_csr_pem: csr,
             requested_at_ms: now_ms(),
         };
-        let signed = SignedMessage::signed(&request, &self.identity)?.encode();
+        let signed = SignedMessage::signed(&request, self.identity.as_ref())?.encode();
         let response = {
             let _permit = shared.opening.acquire().await;
             let tls =
@@ -292,71 +167,13 @@ impl Terminal {
             .map_err(bad)?;
         let key = PrivateKeyDer::from_pem_slice(tls_key.serialize_pem().as_bytes()).map_err(bad)?;
         let _ = self.tls.set(Arc::new(session_tls(ca, cert, key)?));
-        let _ = self.trust.set(response.trust);
+        let _ = self.trust.set(Arc::new(response.trust));
         Ok(())
     }
 
-    /// Verify and run one dispatch in this process; the signed report, and
-    /// the (policy, generation) it settles when it succeeded.
-    #[allow(clippy::type_complexity)]
-    fn run(
-        &self,
-        shared: &Shared,
-        envelope: &[u8],
-        bundle: &[u8],
-    ) -> Result<(Vec<u8>, Option<(String, u64)>), ConnError> {
-        let trust = self
-            .trust
-            .get()
-            .ok_or_else(|| ConnError::Certificate("not enrolled".into()))?;
-        let mut state = self
-            .envelopes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let loader = Loader {
-            terminal: &self.name,
-            trust,
-            identity: &self.identity,
-            system: self.system.clone(),
-            runtime: &shared.runtime,
-            limits: Limits {
-                memory_bytes: 16 * 1024 * 1024,
-                max_run: Duration::from_secs(60),
-            },
-            now_ms,
-        };
-        let result = loader
-            .run(envelope, bundle, &state)
-            .map_err(|e| ConnError::Certificate(e.to_string()))?;
-        let settles = match &result.accepted {
-            Some(v) => {
-                state.accept(v);
-                let key = (v.envelope.policy.clone(), v.envelope.policy_generation);
-                if self.settled.lock().is_ok_and(|s| s.contains(&key)) {
-                    shared.counters.redispatched.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        terminal = %self.name,
-                        policy = %key.0,
-                        generation = key.1,
-                        "dispatched again after its success was acknowledged"
-                    );
-                }
-                matches!(
-                    result.outcome,
-                    tenet_protocol::report::Outcome::Exited { code: 0 }
-                )
-                .then_some(key)
-            }
-            None => {
-                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        };
-        Ok((result.report, settles))
-    }
-
     /// One connection, until it ends.
-    async fn session(self: &Arc<Self>, shared: &Arc<Shared>) -> Result<(), ConnError> {
+    async fn session(&self) -> Result<(), ConnError> {
+        let shared = &self.shared;
         let tls = self
             .tls
             .get()
@@ -369,159 +186,34 @@ impl Terminal {
                 .await?
         };
         self.sessions.fetch_add(1, Ordering::Relaxed);
-        let (mut reader, mut writer) = tokio::io::split(stream);
-        write_frame(
-            &mut writer,
-            &ToOperator::Hello {
-                terminal: self.name.clone(),
-                agent_version: concat!(env!("CARGO_PKG_VERSION"), "-simulated").into(),
+        shared.counters.connected.fetch_add(1, Ordering::Relaxed);
+        // Simulated inventories change only by payloads, whose reports
+        // carry them: no periodic look.
+        let result = session::hold(
+            self,
+            stream,
+            Settings {
+                inventory_every: None,
             },
         )
-        .await?;
-        let pending: Vec<Vec<u8>> = self.outbox_snapshot();
-        for report in pending {
-            write_frame(&mut writer, &ToOperator::Report(report)).await?;
-        }
-        write_frame(
-            &mut writer,
-            &ToOperator::Inventory(self.inventory_report()?),
-        )
-        .await?;
-        shared.counters.connected.fetch_add(1, Ordering::Relaxed);
-        let result = async {
-            loop {
-                let message: ToAgent = read_frame(&mut reader, MAX_SESSION_FRAME).await?;
-                match message {
-                    ToAgent::Dispatch { envelope, bundle } => {
-                        shared.counters.dispatches.fetch_add(1, Ordering::Relaxed);
-                        if !shared.run_delay.is_zero() {
-                            tokio::time::sleep(shared.run_delay).await;
-                        }
-                        let permit = shared.running.clone().acquire_owned().await;
-                        let (t, s) = (self.clone(), shared.clone());
-                        let report = tokio::task::spawn_blocking(move || {
-                            let _permit = permit;
-                            t.run(&s, &envelope, &bundle)
-                        })
-                        .await
-                        .map_err(|e| ConnError::Io(std::io::Error::other(e)))??;
-                        let (report, settles) = report;
-                        self.outbox_push(report.clone(), settles);
-                        write_frame(&mut writer, &ToOperator::Report(report)).await?;
-                    }
-                    ToAgent::Ack { digest } => {
-                        // A digest no longer in the outbox: acknowledged before.
-                        if self.outbox_remove(&digest) {
-                            shared
-                                .counters
-                                .reports_acked
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    ToAgent::InventoryWanted => {
-                        write_frame(
-                            &mut writer,
-                            &ToOperator::Inventory(self.inventory_report()?),
-                        )
-                        .await?;
-                    }
-                    ToAgent::Ping => write_frame(&mut writer, &ToOperator::Pong).await?,
-                    ToAgent::Audit {
-                        nonce,
-                        pcrs,
-                        packages,
-                        services,
-                    } => {
-                        // No TPM here: posture only. The certificate names
-                        // the identity key: simulated terminals answer no peers.
-                        let request = crate::audit::AuditRequest {
-                            nonce,
-                            pcrs,
-                            packages,
-                            services,
-                        };
-                        let inventory = self.system.with(|i| i.clone());
-                        let presentation = self.identity.public_key();
-                        let report = crate::audit::audit(
-                            &self.name,
-                            &self.identity,
-                            None,
-                            presentation,
-                            &inventory,
-                            std::path::Path::new("/nonexistent"),
-                            &request,
-                            now_ms(),
-                        )
-                        .map_err(|e| ConnError::Io(std::io::Error::other(e)))?;
-                        write_frame(&mut writer, &ToOperator::Audit(report)).await?;
-                    }
-                    // Simulated terminals answer no peers, so they keep no
-                    // security certificate, and they never ask to renew
-                    // their client certificate (a simulation is shorter
-                    // than its validity).
-                    ToAgent::SecurityCertificate { .. }
-                    | ToAgent::Certificate { .. }
-                    | ToAgent::RenewalRefused { .. } => {}
-                    // Enrolment messages: never within a session.
-                    ToAgent::Enrolled(_)
-                    | ToAgent::EnrolmentRefused { .. }
-                    | ToAgent::ActivateCredential { .. } => {}
-                }
-            }
-        }
         .await;
         shared.counters.connected.fetch_sub(1, Ordering::Relaxed);
         result
     }
 
-    fn outbox_snapshot(&self) -> Vec<Vec<u8>> {
-        self.outbox
-            .lock()
-            .map(|o| o.iter().map(|(r, _, _)| r.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    fn outbox_push(&self, report: Vec<u8>, settles: Option<(String, u64)>) {
-        let session = self.sessions.load(Ordering::Relaxed);
-        if let Ok(mut o) = self.outbox.lock() {
-            o.push((report, settles, session));
-        }
-    }
-
-    /// Drop an acknowledged report; whether it was there.
-    fn outbox_remove(&self, digest: &[u8; 32]) -> bool {
-        let Ok(mut o) = self.outbox.lock() else {
-            return false;
-        };
-        let Some(i) = o.iter().position(|(r, _, _)| sha256(r) == *digest) else {
-            return false;
-        };
-        // An acknowledgement says "taken", accepted or refused. One in the
-        // session that carried the envelope means the operator verified it
-        // (a genuine report of its own live dispatch); one resent after a
-        // reconnect may be refused because the envelope was superseded
-        // meanwhile (an operator restart reissues what was out).
-        let (_, settles, session) = o.remove(i);
-        if let (Some(key), true, Ok(mut settled)) = (
-            settles,
-            session == self.sessions.load(Ordering::Relaxed),
-            self.settled.lock(),
-        ) {
-            settled.insert(key);
-        }
-        true
-    }
-
     /// Enrol (retrying), then hold a connection for ever, reconnecting
     /// with the agent's jittered exponential backoff.
-    async fn live(self: Arc<Self>, shared: Arc<Shared>) {
+    async fn live(self: Arc<Self>) {
         let mut failures = 0u32;
         loop {
-            match self.enrol(&shared).await {
+            match self.enrol().await {
                 Ok(()) => break,
                 Err(ConnError::EnrolmentRefused(reason)) => {
                     tracing::error!(terminal = %self.name, %reason, "enrolment refused");
-                    shared.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .failures
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 Err(_) => {
@@ -530,11 +222,14 @@ impl Terminal {
                 }
             }
         }
-        shared.counters.enrolled.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .enrolled
+            .fetch_add(1, Ordering::Relaxed);
         failures = 0;
         loop {
             let started = Instant::now();
-            let _ = self.session(&shared).await;
+            let _ = self.session().await;
             if started.elapsed() > Duration::from_secs(30) {
                 failures = 0;
             }
@@ -542,6 +237,191 @@ impl Terminal {
             failures = failures.saturating_add(1);
         }
     }
+
+    fn trust(&self) -> Result<Arc<TrustAnchors>, String> {
+        self.trust
+            .get()
+            .cloned()
+            .ok_or_else(|| "not enrolled".to_string())
+    }
+
+    /// Queue a signed report.
+    fn push(
+        outbox: &Mutex<Vec<Outgoing>>,
+        sessions: &AtomicU64,
+        report: Vec<u8>,
+        settles: Settles,
+    ) {
+        lock(outbox).push((report, settles, sessions.load(Ordering::Relaxed)));
+    }
+}
+
+/// A simulated terminal in a session: reports queue in memory, payloads
+/// run in this process on the simulated machine.
+impl Terminal for Simulated {
+    type Queued = ();
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn agent_version(&self) -> String {
+        concat!(env!("CARGO_PKG_VERSION"), "-simulated").into()
+    }
+
+    fn inventory(&self) -> Result<Vec<u8>, ConnError> {
+        let inventory = self.system.with(|i| i.clone());
+        let now = now_ms();
+        let report = InventoryReport {
+            terminal: self.name.clone(),
+            sequence: now,
+            collected_at_ms: now,
+            inventory,
+        };
+        Ok(SignedMessage::signed(&report, self.identity.as_ref())?.encode())
+    }
+
+    fn outbox(&self) -> Result<Vec<((), Vec<u8>)>, ConnError> {
+        Ok(lock(&self.outbox)
+            .iter()
+            .map(|(r, _, _)| ((), r.clone()))
+            .collect())
+    }
+
+    fn acknowledge(&self, (): (), digest: &[u8; 32]) -> Result<(), ConnError> {
+        let mut outbox = lock(&self.outbox);
+        let Some(i) = outbox.iter().position(|(r, _, _)| sha256(r) == *digest) else {
+            return Ok(());
+        };
+        self.shared
+            .counters
+            .reports_acked
+            .fetch_add(1, Ordering::Relaxed);
+        // An acknowledgement says "taken", accepted or refused. One in the
+        // session that carried the envelope means the operator verified it
+        // (a genuine report of its own live dispatch); one resent after a
+        // reconnect may be refused because the envelope was superseded
+        // meanwhile (an operator restart reissues what was out).
+        let (_, settles, session) = outbox.remove(i);
+        if let Some(key) = settles
+            && session == self.sessions.load(Ordering::Relaxed)
+        {
+            lock(&self.settled).insert(key);
+        }
+        Ok(())
+    }
+
+    /// Verify the envelope and record it as used, as a real agent does;
+    /// the payload then runs against the state before it, as a real
+    /// loader's does.
+    fn take(&self, envelope: &[u8], bundle: SharedBytes) -> Result<Taken<()>, String> {
+        let shared = self.shared.clone();
+        shared.counters.dispatches.fetch_add(1, Ordering::Relaxed);
+        let trust = self.trust()?;
+        let now = now_ms();
+        let mut state = lock(&self.envelopes);
+        let before = state.clone();
+        let verified = match before.verify(envelope, &trust.dispatch_key, now) {
+            Ok(v) => v,
+            Err(r) => {
+                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let report = crate::exec::refusal(&self.name, envelope, &r, now);
+                let report = SignedMessage::signed(&report, self.identity.as_ref())
+                    .map_err(|e| e.to_string())?
+                    .encode();
+                Self::push(&self.outbox, &self.sessions, report.clone(), None);
+                return Ok(Taken::Refused { queued: (), report });
+            }
+        };
+        state.accept(&verified);
+        let env = &verified.envelope;
+        let key = (env.policy.clone(), env.policy_generation);
+        if lock(&self.settled).contains(&key) {
+            shared.counters.redispatched.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                terminal = %self.name,
+                policy = %key.0,
+                generation = key.1,
+                "dispatched again after its success was acknowledged"
+            );
+        }
+        let (policy, sequence) = (env.policy.clone(), env.sequence);
+        let envelope = envelope.to_vec();
+        let (name, identity, system) = (
+            self.name.clone(),
+            self.identity.clone(),
+            self.system.clone(),
+        );
+        let (outbox, sessions) = (self.outbox.clone(), self.sessions.clone());
+        Ok(Taken::Run {
+            policy,
+            sequence,
+            run: Box::new(move |_stop| {
+                // In process, a run cannot be stopped half way; a
+                // superseded one ends and is reported like any other.
+                Box::pin(async move {
+                    if !shared.run_delay.is_zero() {
+                        tokio::time::sleep(shared.run_delay).await;
+                    }
+                    let permit = shared.running.clone().acquire_owned().await;
+                    let s = shared.clone();
+                    let ran = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        Loader {
+                            terminal: &name,
+                            trust: &trust,
+                            identity: identity.as_ref(),
+                            system,
+                            runtime: &s.runtime,
+                            limits: Limits {
+                                memory_bytes: 16 * 1024 * 1024,
+                                max_run: Duration::from_secs(60),
+                            },
+                            now_ms,
+                        }
+                        .run(&envelope, &bundle, &before)
+                    })
+                    .await;
+                    match ran {
+                        Ok(Ok(result)) => {
+                            let settles = matches!(
+                                result.outcome,
+                                tenet_protocol::report::Outcome::Exited { code: 0 }
+                            )
+                            .then_some(key);
+                            Simulated::push(&outbox, &sessions, result.report, settles);
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "a simulated run failed"),
+                        Err(e) => tracing::error!(error = %e, "a simulated run panicked"),
+                    }
+                })
+            }),
+        })
+    }
+
+    fn runs(&self) -> &Runs {
+        &self.runs
+    }
+
+    /// No TPM here: posture only. The certificate names the identity key:
+    /// simulated terminals answer no peers.
+    fn audit(&self, request: &AuditRequest) -> Result<Vec<u8>, String> {
+        let inventory = self.system.with(|i| i.clone());
+        crate::audit::audit(
+            &self.name,
+            self.identity.as_ref(),
+            None,
+            self.identity.public_key(),
+            &inventory,
+            std::path::Path::new("/nonexistent"),
+            request,
+            now_ms(),
+        )
+    }
+
+    // Simulated terminals answer no peers, so they keep no security
+    // certificate, and they never renew their client certificate (a
+    // simulation is shorter than its validity): the trait's defaults.
 }
 
 /// The inventory terminal `index` starts from: its template, renamed.
@@ -589,18 +469,20 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
     });
     for i in 0..options.count {
         let inventory = terminal_inventory(&options.templates, &options.prefix, i);
-        let terminal = Arc::new(Terminal {
+        let terminal = Arc::new(Simulated {
             name: inventory.terminal.clone(),
-            identity: KeyPair::generate(Algorithm::Ed25519)?,
+            identity: Arc::new(KeyPair::generate(Algorithm::Ed25519)?),
             envelopes: Mutex::new(EnvelopeState::new(inventory.terminal.clone())),
             system: Arc::new(SimSystem::new(inventory)),
             trust: OnceLock::new(),
             tls: OnceLock::new(),
-            outbox: Mutex::default(),
+            outbox: Arc::default(),
             settled: Mutex::default(),
-            sessions: AtomicU64::new(0),
+            sessions: Arc::default(),
+            runs: Runs::default(),
+            shared: shared.clone(),
         });
-        tokio::spawn(terminal.live(shared.clone()));
+        tokio::spawn(terminal.live());
     }
     let started = Instant::now();
     let mut last = String::new();
@@ -627,6 +509,3 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
         }
     }
 }
-
-#[cfg(test)]
-mod tests;
