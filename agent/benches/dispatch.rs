@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tenet_agent::store::Store;
+use tenet_agent::store::LocalState;
 use tenet_protocol::bundle::{Manifest, PayloadBundle};
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::envelope::DispatchEnvelope;
@@ -29,7 +29,7 @@ fn bench(c: &mut Criterion) {
         "terminal: bench-01\ndata: data\ninventory:\n  file: inventory.yaml\n",
     )
     .expect("config");
-    let store = Store::open(&dir.path().join("data")).expect("store");
+    let store = LocalState::open(&dir.path().join("data")).expect("store");
     let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
     let operator = KeyPair::generate(Algorithm::Ed25519).expect("key");
     store

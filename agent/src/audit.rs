@@ -23,7 +23,7 @@ use tenet_protocol::inventory::{Inventory, ServiceState};
 use tenet_protocol::present_tls::PresentAnswer;
 use tenet_protocol::{Algorithm, KeyPair, PublicKey, SignedMessage, Signer};
 
-use crate::store::{Store, StoreError, write_atomically};
+use crate::store::{LocalState, StoreError, write_atomically};
 use crate::tpm::TpmIdentity;
 
 /// What the issuer asks for.
@@ -120,7 +120,7 @@ pub struct Presenter {
 impl Presenter {
     /// The presentation key (made on first use) and the certificate kept
     /// from the last run, if any.
-    pub fn open(store: &Store, terminal: &str) -> Result<Presenter, StoreError> {
+    pub fn open(store: &LocalState, terminal: &str) -> Result<Presenter, StoreError> {
         let path = store.dir().join("presentation.key");
         if !path.exists() {
             KeyPair::generate(Algorithm::Ed25519)?.write_files(&path)?;

@@ -24,7 +24,7 @@ use tenet_protocol::inventory::Facts;
 use tenet_protocol::Signer;
 
 use crate::inventory::{DpkgInventory, FileInventory, InventorySource};
-use crate::store::{Store, StoreError};
+use crate::store::{LocalState, StoreError};
 use std::rc::Rc;
 
 use crate::tpm::{SharedTpm, TpmError, TpmIdentity};
@@ -34,7 +34,7 @@ pub enum IdentityError {
     #[error(transparent)]
     Tpm(#[from] TpmError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    LocalState(#[from] StoreError),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,7 +168,7 @@ impl AgentConfig {
     /// The identity key: the TPM's when configured, otherwise the file key
     /// (created on first use). The public key is written to
     /// `DATA/identity.key.pub` either way.
-    pub fn identity(&self, store: &Store) -> Result<Box<dyn Signer>, IdentityError> {
+    pub fn identity(&self, store: &LocalState) -> Result<Box<dyn Signer>, IdentityError> {
         Ok(self.identity_and_tpm(store)?.0)
     }
 
@@ -176,7 +176,7 @@ impl AgentConfig {
     #[allow(clippy::type_complexity)]
     pub fn identity_and_tpm(
         &self,
-        store: &Store,
+        store: &LocalState,
     ) -> Result<(Box<dyn Signer>, Option<Rc<TpmIdentity>>), IdentityError> {
         Ok(match &self.identity.tpm {
             Some(tpm) => {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::AgentConfig;
 use crate::dispatch;
 use crate::session::{Runs, Taken, Terminal};
-use crate::store::{Store, StoreError, write_atomically};
+use crate::store::{LocalState, StoreError, write_atomically};
 pub use crate::tls::{enrolment_tls, session_tls};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum ConnError {
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    LocalState(#[from] StoreError),
     #[error("{0}")]
     Protocol(#[from] Rejection),
     #[error("certificate: {0}")]
@@ -116,7 +116,7 @@ pub(crate) use tenet_protocol::host::now_ms;
 pub struct Agent {
     pub config: AgentConfig,
     pub config_path: PathBuf,
-    pub store: Store,
+    pub store: LocalState,
     pub identity: Box<dyn Signer>,
     /// The TPM the identity key lives in, for quotes.
     pub tpm: Option<std::rc::Rc<crate::tpm::TpmIdentity>>,
@@ -354,7 +354,7 @@ impl Terminal for Agent {
                 });
             }
         };
-        let store = Store::open(self.store.dir()).map_err(|e| e.to_string())?;
+        let store = LocalState::open(self.store.dir()).map_err(|e| e.to_string())?;
         let (exe, config) = (self.exe.clone(), self.config_path.clone());
         let (policy, sequence) = (prepared.policy.clone(), prepared.sequence);
         Ok(Taken::Run {

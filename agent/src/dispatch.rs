@@ -20,7 +20,7 @@ use tenet_protocol::{Kind, Rejection, SignedMessage, Signer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use crate::store::{Store, StoreError};
+use crate::store::{LocalState, StoreError};
 
 /// What the agent hands its loader on stdin.
 #[derive(Serialize, Deserialize)]
@@ -44,7 +44,7 @@ pub struct LoadResponse {
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
     #[error(transparent)]
-    Store(#[from] StoreError),
+    LocalState(#[from] StoreError),
     #[error("cannot start the loader {exe}: {source}")]
     Spawn {
         exe: String,
@@ -77,7 +77,7 @@ pub struct Prepared {
 /// Verify `envelope` against the pinned dispatch key and the remembered
 /// state; record it as used. A refusal comes back signed and queued.
 pub fn prepare(
-    store: &Store,
+    store: &LocalState,
     identity: &dyn Signer,
     terminal: &str,
     envelope: &[u8],
@@ -105,7 +105,11 @@ pub fn prepare(
 }
 
 /// Read the loader's answer and queue its report.
-pub fn finish(store: &Store, sequence: u64, stdout: &[u8]) -> Result<Dispatched, DispatchError> {
+pub fn finish(
+    store: &LocalState,
+    sequence: u64,
+    stdout: &[u8],
+) -> Result<Dispatched, DispatchError> {
     let response: LoadResponse =
         decode(stdout).map_err(|e| DispatchError::Loader(format!("unreadable answer: {e}")))?;
     let frame = SignedMessage::decode(&response.report, Kind::ExecutionReport)
@@ -122,7 +126,7 @@ pub fn finish(store: &Store, sequence: u64, stdout: &[u8]) -> Result<Dispatched,
 }
 
 fn refuse(
-    store: &Store,
+    store: &LocalState,
     identity: &dyn Signer,
     terminal: &str,
     envelope: &[u8],
@@ -161,7 +165,7 @@ pub fn loader_command(exe: &Path, config: &Path, sequence: u64) -> Command {
 pub async fn run_loader(
     exe: &Path,
     config: &Path,
-    store: &Store,
+    store: &LocalState,
     prepared: Prepared,
     mut stop: oneshot::Receiver<()>,
 ) -> Result<Dispatched, DispatchError> {
@@ -213,7 +217,7 @@ pub async fn run_loader(
 pub async fn dispatch(
     exe: &Path,
     config: &Path,
-    store: &Store,
+    store: &LocalState,
     identity: &dyn Signer,
     terminal: &str,
     envelope: &[u8],

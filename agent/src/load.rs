@@ -16,13 +16,13 @@ use tenet_protocol::wire::{decode, encode};
 use crate::config::AgentConfig;
 use crate::dispatch::{LoadRequest, LoadResponse};
 use crate::exec::{Limits, Loader, Os, Runtime};
-use crate::store::Store;
+use crate::store::LocalState;
 
 /// Serve one load request from stdin; `run_id` names the private working
 /// directory of the run.
 pub fn serve(config: &Path, run_id: u64) -> anyhow::Result<()> {
     let c = AgentConfig::read(config)?;
-    let store = Store::open(&c.data)?;
+    let store = LocalState::open(&c.data)?;
     let identity = c.identity(&store)?;
     let trust = store.trust()?;
     let mut input = Vec::new();

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tenet_agent::config::AgentConfig;
 use tenet_agent::dispatch::exe_path;
-use tenet_agent::store::Store;
+use tenet_agent::store::LocalState;
 use tenet_protocol::PublicKey;
 use tenet_protocol::enrol::TrustAnchors;
 
@@ -151,7 +151,7 @@ use tenet_protocol::host::now_ms;
 
 fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Agent> {
     let c = AgentConfig::read(config)?;
-    let store = Store::open(&c.data)?;
+    let store = LocalState::open(&c.data)?;
     let (identity, tpm) = c.identity_and_tpm(&store)?;
     let presenter = std::sync::Arc::new(tenet_agent::audit::Presenter::open(&store, &c.terminal)?);
     Ok(tenet_agent::connection::Agent {
@@ -207,7 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             issuer_key,
         } => {
             let c = AgentConfig::read(&config)?;
-            let store = Store::open(&c.data)?;
+            let store = LocalState::open(&c.data)?;
             let dispatch_key = PublicKey::read_pem_file(&dispatch_key)?;
             let admin_keys = admin_keys
                 .iter()
@@ -244,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report,
         } => {
             let c = AgentConfig::read(&config)?;
-            let store = Store::open(&c.data)?;
+            let store = LocalState::open(&c.data)?;
             let identity = c.identity(&store)?;
             let envelope =
                 std::fs::read(&envelope).with_context(|| envelope.display().to_string())?;

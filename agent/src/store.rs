@@ -38,8 +38,10 @@ pub enum StoreError {
     Key(#[from] KeyError),
 }
 
+/// The agent's state in its data directory (named apart from the
+/// operator's `Store` and wasmtime's `Store`).
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct LocalState {
     dir: PathBuf,
 }
 
@@ -56,9 +58,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Stor
     tenet_protocol::host::write_atomically(path, bytes, mode).map_err(io(path))
 }
 
-impl Store {
+impl LocalState {
     /// Open (creating, mode 0700) a data directory.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path) -> Result<LocalState, StoreError> {
         for d in [dir.to_path_buf(), dir.join("outbox"), dir.join("run")] {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -66,7 +68,7 @@ impl Store {
                 .create(&d)
                 .map_err(io(&d))?;
         }
-        Ok(Store {
+        Ok(LocalState {
             dir: dir.to_path_buf(),
         })
     }
@@ -121,7 +123,7 @@ impl Store {
         write_atomically(&self.dir.join("envelope-state"), &encode(state), 0o600)
     }
 
-    /// Queue a signed report; it stays until [`Store::acknowledge`].
+    /// Queue a signed report; it stays until [`LocalState::acknowledge`].
     pub fn push_report(&self, sequence: u64, bytes: &[u8]) -> Result<PathBuf, StoreError> {
         let path = self
             .dir

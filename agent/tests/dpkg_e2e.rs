@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use tenet_protocol::bundle::Capability;
 use tenet_protocol::report::Outcome;
+use tenet_test_support::build_deb;
 
 #[test]
 fn install_payload_upgrades_browser_a_through_dpkg() {

@@ -8,6 +8,7 @@ use common::*;
 use tenet_protocol::bundle::Capability;
 use tenet_protocol::report::Outcome;
 use tenet_protocol::{Algorithm, KeyPair, SignedMessage};
+use tenet_test_support::build_deb;
 
 const CAPS: [Capability; 2] = [Capability::RunArtifact, Capability::Log];
 

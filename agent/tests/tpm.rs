@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use tenet_protocol::report::Outcome;
 use tenet_protocol::{Algorithm, Signer};
+use tenet_test_support::Swtpm;
 
 #[test]
 fn reports_are_signed_by_a_tpm_held_key() {

@@ -22,21 +22,24 @@ use tokio::sync::mpsc;
 
 use crate::gateway::{Fleet, FleetError, Session, SessionTx, Sessions};
 use crate::pki::ClientKey;
-use crate::reconcile::certificate::{Audit, Expected, external_audit};
+use crate::reconcile::posture::{Audit, Expected, external_audit};
 use crate::reconcile::state::{Event, PairState, Retry, next};
 use crate::store::{PairRecord, Store, StoredInventory};
 use crate::tpm_trust::TpmTrust;
 
-/// Something the reconcile loop should look at.
+/// Something the reconcile loop should wake up for and look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub enum Wake {
     Connected(String),
     Disconnected(String),
     Inventory(String),
     Report { terminal: String, policy: String },
 }
 
-pub struct StandaloneFleet {
+/// The operator's side of the agents' sessions, in both modes: it holds
+/// the sessions, verifies what agents send (reports, inventories, audits)
+/// and records it in the store, and wakes the reconcile loop.
+pub struct OperatorFleet {
     pub store: Arc<Store>,
     pub retry: Retry,
     pub now_ms: fn() -> u64,
@@ -44,7 +47,7 @@ pub struct StandaloneFleet {
     sessions: Sessions,
     /// Reports and inventories refused, by reason.
     refused: Mutex<BTreeMap<&'static str, u64>>,
-    changes: mpsc::UnboundedSender<Change>,
+    changes: mpsc::UnboundedSender<Wake>,
     /// When each envelope in flight was handed to its connection.
     sent: Mutex<HashMap<[u8; 32], Instant>>,
     /// Dispatch-to-verified-report times not yet collected.
@@ -84,16 +87,16 @@ pub fn report_event(outcome: &Outcome, output_tail: &[u8]) -> Event {
     }
 }
 
-impl StandaloneFleet {
+impl OperatorFleet {
     pub fn new(
         store: Arc<Store>,
         retry: Retry,
         now_ms: fn() -> u64,
         jitter: fn() -> f64,
-    ) -> (StandaloneFleet, mpsc::UnboundedReceiver<Change>) {
+    ) -> (OperatorFleet, mpsc::UnboundedReceiver<Wake>) {
         let (changes, rx) = mpsc::unbounded_channel();
         (
-            StandaloneFleet {
+            OperatorFleet {
                 store,
                 retry,
                 now_ms,
@@ -239,7 +242,7 @@ impl StandaloneFleet {
             };
             self.store.put_inventory(terminal, stored);
         }
-        let _ = self.changes.send(Change::Report {
+        let _ = self.changes.send(Wake::Report {
             terminal: terminal.to_string(),
             policy,
         });
@@ -262,13 +265,13 @@ impl StandaloneFleet {
             inventory: report.inventory,
         };
         if self.store.put_inventory(terminal, stored) {
-            let _ = self.changes.send(Change::Inventory(terminal.to_string()));
+            let _ = self.changes.send(Wake::Inventory(terminal.to_string()));
         }
         Ok(())
     }
 }
 
-impl StandaloneFleet {
+impl OperatorFleet {
     /// The external audit of an agent's audit report: its signature by the
     /// terminal, an outstanding request with its nonce, then
     /// `external_audit`. The verdict goes in the certificate record.
@@ -330,12 +333,12 @@ impl StandaloneFleet {
                 }
             };
         self.store.set_certificate(terminal, &record);
-        let _ = self.changes.send(Change::Inventory(terminal.to_string()));
+        let _ = self.changes.send(Wake::Inventory(terminal.to_string()));
         Ok(())
     }
 }
 
-impl Fleet for StandaloneFleet {
+impl Fleet for OperatorFleet {
     fn enrol(
         &self,
         request: &EnrolmentRequest,
@@ -373,7 +376,7 @@ impl Fleet for StandaloneFleet {
                 "a newer session replaced the terminal's older one"
             );
         }
-        let _ = self.changes.send(Change::Connected(terminal.to_string()));
+        let _ = self.changes.send(Wake::Connected(terminal.to_string()));
     }
 
     fn disconnected(&self, terminal: &str, id: u64) {
@@ -387,9 +390,7 @@ impl Fleet for StandaloneFleet {
             return;
         }
         tracing::info!(terminal, session = id, "disconnected");
-        let _ = self
-            .changes
-            .send(Change::Disconnected(terminal.to_string()));
+        let _ = self.changes.send(Wake::Disconnected(terminal.to_string()));
     }
 
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {

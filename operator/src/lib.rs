@@ -3,7 +3,6 @@
 //! exposes (`cli`). `main.rs` only calls `cli::main`.
 
 pub mod bench;
-pub mod certs;
 pub mod cli;
 pub mod daemon;
 pub mod data_dir;
@@ -13,6 +12,7 @@ pub mod kubernetes;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod posture;
 pub mod reconcile;
 pub mod status;
 pub mod store;

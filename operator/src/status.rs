@@ -65,11 +65,11 @@ pub struct CertLine {
     pub not_after_ms: Option<u64>,
     /// `passed (quoted)`, `failed: <reason>`, `requested`, `none`.
     pub audit: String,
-    pub conditions: Vec<crate::reconcile::certificate::CertCondition>,
+    pub conditions: Vec<crate::reconcile::posture::CertCondition>,
 }
 
-fn cert_line(record: &crate::reconcile::certificate::CertRecord, now_ms: u64) -> CertLine {
-    use crate::reconcile::certificate::{Audit, conditions};
+fn cert_line(record: &crate::reconcile::posture::CertRecord, now_ms: u64) -> CertLine {
+    use crate::reconcile::posture::{Audit, conditions};
     let i = record.issued.as_ref();
     CertLine {
         policy: record.policy.clone(),

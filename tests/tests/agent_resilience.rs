@@ -2,7 +2,8 @@
 //! real processes over real TLS: a corrupted frame drops the connection and
 //! the agent reconnects; the client certificate is renewed before it
 //! expires and the renewed one is what the agent connects with; a newer
-//! dispatch for the same policy kills the loader still running.
+//! dispatch for the same policy kills the loader still running; a lost
+//! connection does not.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +15,17 @@ use tenet_protocol::report::{ExecutionReport, Outcome};
 use tenet_protocol::session::ToOperator;
 use tenet_protocol::{Kind, SignedMessage};
 use tokio::io::AsyncWriteExt;
+
+/// The next execution report the gateway receives, opened.
+fn next_report(f: &Fixture) -> ExecutionReport {
+    let report = wait_for(&f.events, Duration::from_secs(20), |e| match e {
+        Event::Report(b) => Some(b.clone()),
+        _ => None,
+    });
+    SignedMessage::decode(&report, Kind::ExecutionReport)
+        .and_then(|frame| frame.open())
+        .expect("report")
+}
 
 /// A gateway that answers every Hello with a broken frame, in turn: one
 /// announcing 4 GiB, one cut short, one whose body is not a message.
@@ -145,13 +157,7 @@ fn payloads_run_one_at_a_time_in_arrival_order() {
     assert!(f.fleet.send("t1", f.dispatch_for("ns/a", noop, 3)));
     let mut nonces = Vec::new();
     while nonces.len() < 2 {
-        let report = wait_for(&f.events, Duration::from_secs(20), |e| match e {
-            Event::Report(b) => Some(b.clone()),
-            _ => None,
-        });
-        let report: ExecutionReport = SignedMessage::decode(&report, Kind::ExecutionReport)
-            .and_then(|frame| frame.open())
-            .expect("report");
+        let report = next_report(&f);
         assert_eq!(report.outcome, Outcome::Exited { code: 0 });
         nonces.push(report.nonce[0]);
     }
@@ -173,17 +179,58 @@ fn a_newer_dispatch_for_the_same_policy_kills_the_running_loader() {
     let noop =
         r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#;
     assert!(f.fleet.send("t1", f.dispatch(noop, 2)));
-    let report = wait_for(&f.events, Duration::from_secs(20), |e| match e {
-        Event::Report(b) => Some(b.clone()),
-        _ => None,
-    });
-    let report: ExecutionReport = SignedMessage::decode(&report, Kind::ExecutionReport)
-        .and_then(|frame| frame.open())
-        .expect("report");
+    let report = next_report(&f);
     assert_eq!(
         report.nonce, [2; 32],
         "the first report is the newer dispatch's"
     );
+    assert_eq!(report.outcome, Outcome::Exited { code: 0 });
+    assert_eq!(
+        processes_with(&["load", "--run-id", "1"]),
+        0,
+        "the superseded loader is gone"
+    );
+}
+
+#[test]
+fn a_running_payload_outlives_its_session_and_is_superseded_in_the_next() {
+    let f = Fixture::new();
+    let mut gw = f.gateway("127.0.0.1:0", Duration::from_secs(3600));
+    let address = gw.address.to_string();
+    f.enrol(&address);
+    let _agent = f.run_agent_logged();
+    f.connected();
+    let forever = r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (loop $l (br $l)) (i32.const 0)))"#;
+    assert!(f.fleet.send("t1", f.dispatch(forever, 1)));
+    wait_until(Duration::from_secs(10), "the first loader to start", || {
+        processes_with(&["load", "--run-id", "1"]) == 1
+    });
+    // The operator goes away mid-install: the install goes on (killing
+    // dpkg half way would leave a half-installed package).
+    gw.stop();
+    let log = f.dir().join("agent.log");
+    wait_until(
+        Duration::from_secs(10),
+        "the agent to see its connection end",
+        || {
+            std::fs::read_to_string(&log).is_ok_and(|l| {
+                l.contains("connection lost") || l.contains("the operator closed the connection")
+            })
+        },
+    );
+    assert_eq!(
+        processes_with(&["load", "--run-id", "1"]),
+        1,
+        "a lost connection does not stop the payload"
+    );
+    // The next session's newer dispatch for the same policy supersedes it.
+    let _gw2 = f.gateway(&address, Duration::from_secs(3600));
+    f.connected();
+    let noop =
+        r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#;
+    assert!(f.fleet.send("t1", f.dispatch(noop, 2)));
+    let report = next_report(&f);
+    assert_eq!(report.nonce, [2; 32]);
     assert_eq!(report.outcome, Outcome::Exited { code: 0 });
     assert_eq!(
         processes_with(&["load", "--run-id", "1"]),

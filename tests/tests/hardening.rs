@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tenet::fleet::StandaloneFleet;
+use tenet::fleet::OperatorFleet;
 use tenet::gateway::{Gateway, Limits, TlsAcceptor};
 use tenet::pki::Ca;
 use tenet::reconcile::state::Retry;
@@ -41,7 +41,7 @@ struct Operator {
     _dir: tempfile::TempDir,
     runtime: tokio::runtime::Runtime,
     store: Arc<Store>,
-    fleet: Arc<StandaloneFleet>,
+    fleet: Arc<OperatorFleet>,
     address: SocketAddr,
     fingerprint: [u8; 32],
 }
@@ -70,8 +70,7 @@ impl Operator {
                 },
             );
         }
-        let (fleet, changes) =
-            StandaloneFleet::new(store.clone(), Retry::default(), now_ms, || 0.0);
+        let (fleet, changes) = OperatorFleet::new(store.clone(), Retry::default(), now_ms, || 0.0);
         // Nobody runs the reconcile loop here; its channel may fill.
         drop(changes);
         let fleet = Arc::new(fleet);

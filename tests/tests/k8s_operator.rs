@@ -251,6 +251,12 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
             "Succeeded",
         )
     });
+    // With the CamelCase reason the CRD documents.
+    assert!(all(
+        &["remediations", "-n", "hospital-it"],
+        "{.items[*].status.reason}",
+        "Compliant",
+    ));
     // Security certificates, reconciled here too: simulated terminals have
     // no TPM, so their level is capped at 60.
     wait_until(

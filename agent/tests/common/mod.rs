@@ -21,48 +21,7 @@ pub fn payloads() -> PathBuf {
 
 /// dpkg and dpkg-deb are on every Debian terminal; under CI they must be here.
 pub fn have_dpkg() -> bool {
-    let ok = Command::new("dpkg-deb")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "dpkg-deb is required under CI"
-        );
-        eprintln!("skipping: dpkg-deb is not installed");
-    }
-    ok
-}
-
-/// Build a real .deb of an empty package with one file.
-pub fn build_deb(dir: &Path, name: &str, version: &str) -> PathBuf {
-    let tree = dir.join(format!("{name}_{version}"));
-    std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
-    std::fs::create_dir_all(tree.join(format!("usr/lib/{name}"))).expect("mkdir");
-    std::fs::write(
-        tree.join("DEBIAN/control"),
-        format!("Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: Tenet Tests <tests@tenet.invalid>\nDescription: a package for Tenet's tests\n"),
-    )
-    .expect("control");
-    std::fs::write(
-        tree.join(format!("usr/lib/{name}/VERSION")),
-        format!("{name} {version}\n"),
-    )
-    .expect("file");
-    let deb = dir.join(format!("{name}_{version}_all.deb"));
-    let out = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "-b"])
-        .arg(&tree)
-        .arg(&deb)
-        .output()
-        .expect("dpkg-deb runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    deb
+    tenet_test_support::have("dpkg-deb")
 }
 
 pub struct Terminal {
@@ -302,73 +261,5 @@ impl Terminal {
         f.verify_by(&self.identity())
             .expect("signed by the terminal");
         f.open().expect("report")
-    }
-}
-
-/// A software TPM (swtpm) on loopback, started by the test and stopped
-/// when dropped.
-pub struct Swtpm {
-    child: std::process::Child,
-    _state: tempfile::TempDir,
-    pub port: u16,
-}
-
-impl Swtpm {
-    /// `None` (with a message) when swtpm is not installed; under CI it must be.
-    pub fn start() -> Option<Swtpm> {
-        if Command::new("swtpm").arg("--version").output().is_err() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "swtpm is required under CI (scripts/lib.sh installs it)"
-            );
-            eprintln!("skipping: swtpm is not installed (scripts/test installs it)");
-            return None;
-        }
-        let state = tempfile::tempdir().expect("tempdir");
-        // The swtpm TCTI expects the control port right after the server
-        // port: find two adjacent free ports, held until swtpm binds them.
-        let (port, ctrl) = loop {
-            let a = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
-            let p = a.local_addr().expect("addr").port();
-            if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break (p, p + 1);
-            }
-        };
-        let child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-            .arg("--tpmstate")
-            .arg(format!("dir={}", state.path().display()))
-            .arg("--server")
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={ctrl},bindaddr=127.0.0.1"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("swtpm starts");
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(10),
-                "swtpm did not listen on {port}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Some(Swtpm {
-            child,
-            _state: state,
-            port,
-        })
-    }
-
-    pub fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

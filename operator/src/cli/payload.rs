@@ -135,24 +135,6 @@ pub struct BuildArgs {
 }
 
 /// `30d`, `12h`, `90m`: how long a bundle stays runnable.
-fn parse_lifetime(text: &str) -> Result<u64, CliError> {
-    let bad = || {
-        CliError::Usage(format!(
-            "--expires-in {text:?}: write a number and d, h, m or s, e.g. 30d"
-        ))
-    };
-    let (num, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "d" => 86_400,
-        "h" => 3_600,
-        "m" => 60,
-        "s" => 1,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(secs * 1000).ok_or_else(bad)
-}
-
 pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
     // `.wat` text or a `.wasm` binary: the wat crate passes binaries through.
     let module = wat::parse_file(&args.module).map_err(|e| CliError::Bundle {
@@ -200,7 +182,10 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
             description: args.description.clone(),
             capabilities,
             created_ms: now,
-            expires_ms: now.saturating_add(parse_lifetime(&args.expires_in)?),
+            expires_ms: now.saturating_add(
+                crate::time::parse_lifetime_ms(&args.expires_in)
+                    .map_err(|e| CliError::Usage(format!("--expires-in {e}")))?,
+            ),
         },
         module,
         artifacts,

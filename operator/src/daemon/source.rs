@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use tenet_protocol::wire::sha256;
 
 use crate::daemon::DaemonError;
-use crate::fleet::StandaloneFleet;
+use crate::fleet::OperatorFleet;
 use crate::kubernetes::{KubeBackend, Policies};
 use crate::policy::{CompiledPolicy, load_dir, yaml_files};
 use crate::reconcile::pass::PolicyStatus;
@@ -45,7 +45,7 @@ impl Source {
     pub async fn refresh(
         &mut self,
         store: &Store,
-        fleet: &StandaloneFleet,
+        fleet: &OperatorFleet,
         out: &mut (dyn Write + Send),
     ) -> Result<(), DaemonError> {
         match self {
@@ -204,7 +204,7 @@ impl KubeSource {
     async fn refresh(
         &mut self,
         store: &Store,
-        fleet: &StandaloneFleet,
+        fleet: &OperatorFleet,
         out: &mut (dyn Write + Send),
     ) -> Result<(), DaemonError> {
         match self.backend.tokens().await {

@@ -17,7 +17,7 @@ use super::source::{DirectorySource, KubeSource, Source};
 use super::steps::Running;
 use super::{Daemon, DaemonError, KubeSettings, io, reissue_pending};
 use crate::data_dir::{DataDir, open_data, open_keys, tokens_dir};
-use crate::fleet::StandaloneFleet;
+use crate::fleet::OperatorFleet;
 use crate::gateway::{Gateway, TlsAcceptor};
 use crate::reconcile::state::Retry;
 use crate::store::Store;
@@ -38,7 +38,7 @@ impl Daemon {
             Some(k) => self.lead(k, files_changed.clone(), out).await?,
         };
         let (trust, bundle_trust) = self.trust(&data.dispatch_key)?;
-        let (fleet, changes) = StandaloneFleet::new(
+        let (fleet, changes) = OperatorFleet::new(
             data.store.clone(),
             Retry::default(),
             now_ms,

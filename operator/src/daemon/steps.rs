@@ -16,7 +16,7 @@ use super::bundles::BundleCache;
 use super::source::Source;
 use super::{Daemon, DaemonError};
 use crate::data_dir::{DataDir, status_file};
-use crate::fleet::{Change, StandaloneFleet};
+use crate::fleet::{OperatorFleet, Wake};
 use crate::metrics::Metrics;
 use crate::reconcile::pass::{Bundle, Evaluations, Outgoing, Pass, PolicyStatus};
 use crate::reconcile::state::Retry;
@@ -43,9 +43,9 @@ pub(super) struct Running {
     settings: Daemon,
     store: Arc<Store>,
     dispatch_key: Arc<KeyPair>,
-    fleet: Arc<StandaloneFleet>,
+    fleet: Arc<OperatorFleet>,
     /// What the gateway saw (a report, a connection): a reason to run now.
-    changes: UnboundedReceiver<Change>,
+    changes: UnboundedReceiver<Wake>,
     /// A file changed in a watched directory (or a policy resource changed).
     files_changed: Arc<tokio::sync::Notify>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -74,8 +74,8 @@ impl Running {
         settings: Daemon,
         data: DataDir,
         source: Source,
-        fleet: Arc<StandaloneFleet>,
-        changes: UnboundedReceiver<Change>,
+        fleet: Arc<OperatorFleet>,
+        changes: UnboundedReceiver<Wake>,
         bundle_trust: BundleTrust,
         metrics: Arc<Metrics>,
         files_changed: Arc<tokio::sync::Notify>,
@@ -215,7 +215,7 @@ impl Running {
         }
         self.certs_at = Instant::now();
         let online = |t: &str| self.fleet.sender(t).is_some();
-        let round = crate::certs::reconcile(
+        let round = crate::posture::reconcile(
             &self.store,
             &self.source.loaded().policies,
             self.dispatch_key.as_ref(),

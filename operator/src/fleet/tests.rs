@@ -7,8 +7,8 @@ const NOW: u64 = 1_790_000_000_000;
 
 struct Setup {
     _dir: tempfile::TempDir,
-    fleet: StandaloneFleet,
-    changes: mpsc::UnboundedReceiver<Change>,
+    fleet: OperatorFleet,
+    changes: mpsc::UnboundedReceiver<Wake>,
     terminal: KeyPair,
 }
 
@@ -23,7 +23,7 @@ fn setup() -> Setup {
             uses_left: 1,
         },
     );
-    let (fleet, changes) = StandaloneFleet::new(store, Retry::default(), || NOW, || 0.0);
+    let (fleet, changes) = OperatorFleet::new(store, Retry::default(), || NOW, || 0.0);
     let terminal = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
     let request = EnrolmentRequest {
         token: "tok".into(),
@@ -121,7 +121,7 @@ fn a_verified_report_moves_the_pair_to_verifying_once() {
     );
     assert_eq!(
         s.changes.try_recv(),
-        Ok(Change::Report {
+        Ok(Wake::Report {
             terminal: "ward-01".into(),
             policy: "ns/browser".into()
         })
@@ -224,10 +224,7 @@ fn only_the_newest_inventory_is_kept() {
         s.fleet.store.inventory("ward-01").map(|i| i.sequence),
         Some(20)
     );
-    assert_eq!(
-        s.changes.try_recv(),
-        Ok(Change::Inventory("ward-01".into()))
-    );
+    assert_eq!(s.changes.try_recv(), Ok(Wake::Inventory("ward-01".into())));
     assert!(
         s.changes.try_recv().is_err(),
         "the older one announces nothing"

@@ -34,7 +34,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tenet_crds::Terminal;
 
-use crate::reconcile::certificate::CertRecord;
+use crate::reconcile::posture::CertRecord;
 use crate::store::{
     Backend, Change, LiveDispatch, PairRecord, StoreError, StoredInventory, Table, TerminalRecord,
 };
@@ -103,7 +103,7 @@ fn unentry(bytes: &[u8]) -> Option<Change> {
     let key = std::str::from_utf8(bytes.get(3..3 + len)?)
         .ok()?
         .to_string();
-    Some((table, key, bytes.get(3 + len..)?.to_vec()))
+    Some(Change::put(table, key, bytes.get(3 + len..)?.to_vec()))
 }
 
 /// The state the resources for people are written from.
@@ -161,8 +161,9 @@ fn err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("the API server: {e}"))
 }
 
-fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(raw: &[u8]) -> Option<T> {
-    tenet_protocol::wire::decode(raw).ok()
+/// A record of a change; `None` when it was deleted (or is unreadable).
+fn decode<T: serde::de::DeserializeOwned + serde::Serialize>(raw: Option<&Vec<u8>>) -> Option<T> {
+    tenet_protocol::wire::decode(raw?).ok()
 }
 
 impl KubeBackend {
@@ -387,13 +388,23 @@ impl KubeBackend {
         let (Ok(mut o), Ok(mut dirty)) = (self.objects.lock(), self.dirty.lock()) else {
             return;
         };
-        for (table, key, value) in batch {
+        for Change { table, key, value } in batch {
+            let value = value.as_ref();
             match table {
                 Table::Terminals => {
                     match decode(value) {
-                        Some(r) if !value.is_empty() => {
+                        Some(r) => {
                             o.terminals.insert(key.clone(), r);
                             dirty.insert(Dirty::Terminal(key.clone()));
+                            // Its remediations show whether it is online
+                            // (Pending while it is not).
+                            let prefix = format!("{key}\u{0}");
+                            for live in o.dispatches.range(prefix.clone()..) {
+                                if !live.0.starts_with(&prefix) {
+                                    break;
+                                }
+                                dirty.insert(Dirty::Remediation(live.0.clone()));
+                            }
                         }
                         // De-enrolled: its resource was deleted by a person.
                         _ => {
@@ -408,7 +419,7 @@ impl KubeBackend {
                     if let Some((terminal, policy)) = key.split_once('\u{0}') {
                         let pairs = o.pairs.entry(terminal.to_string()).or_default();
                         match decode::<PairRecord>(value) {
-                            Some(p) if !value.is_empty() => {
+                            Some(p) => {
                                 pairs.insert(policy.to_string(), p);
                             }
                             _ => {
@@ -423,7 +434,7 @@ impl KubeBackend {
                 }
                 Table::Dispatches => {
                     match decode::<LiveDispatch>(value) {
-                        Some(d) if !value.is_empty() => {
+                        Some(d) => {
                             o.dispatches.insert(key.clone(), d);
                         }
                         _ => {
@@ -434,7 +445,7 @@ impl KubeBackend {
                 }
                 Table::Certificates => {
                     match decode(value) {
-                        Some(c) if !value.is_empty() => {
+                        Some(c) => {
                             o.certificates.insert(key.clone(), c);
                         }
                         _ => {
@@ -447,7 +458,8 @@ impl KubeBackend {
                     dirty.insert(Dirty::Terminal(key.clone()));
                 }
                 Table::Inventories => {
-                    let Some(received_ms) = StoredInventory::received_ms_of(value) else {
+                    let Some(received_ms) = value.and_then(|v| StoredInventory::received_ms_of(v))
+                    else {
                         continue;
                     };
                     o.inventory_ms.insert(key.clone(), received_ms);
@@ -483,27 +495,51 @@ impl KubeBackend {
     }
 }
 
+/// Run `work` on `runtime` and wait for its end on this thread, which may
+/// be one of that runtime's workers: the store commits from its flusher
+/// thread, and also on whatever thread drops it (an async fn returning an
+/// error drops it on a worker). `Handle::block_on` panics there; this hands
+/// the worker's other tasks over while it waits ([`crate::store::off_runtime`]).
+/// On a current-thread runtime's own thread it would wait for ever: the
+/// operator's runtime is multi-thread.
+pub(crate) fn wait_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    crate::store::off_runtime(move || rx.recv()).unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(
+            "the runtime stopped before the write ended".into(),
+        ))
+    })
+}
+
 /// Shared with the daemon, which reads its counts and its tokens.
 impl Backend for Arc<KubeBackend> {
     fn load(&self) -> Result<Vec<Change>, StoreError> {
-        self.handle.block_on(self.load_all())
+        let me = self.clone();
+        wait_on(&self.handle, async move { me.load_all().await })
     }
 
     fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
         // Inventories stay out of the ledger (agents resend them). The
         // latest change of a key in the batch wins.
         let mut touched: BTreeMap<usize, BTreeMap<String, Option<Vec<u8>>>> = BTreeMap::new();
-        for (table, key, value) in batch {
+        for Change { table, key, value } in batch {
             if *table == Table::Inventories {
                 continue;
             }
             let (shard, data_key) = slot(*table, key);
-            let value = (!value.is_empty()).then(|| entry(*table, key, value));
+            let value = value.as_ref().map(|v| entry(*table, key, v));
             touched.entry(shard).or_default().insert(data_key, value);
         }
-        self.handle.block_on(async {
+        let me = self.clone();
+        wait_on(&self.handle, async move {
             let results: Vec<Result<(), StoreError>> = futures::stream::iter(touched)
-                .map(|(shard, changed)| self.write_shard(shard, changed))
+                .map(|(shard, changed)| me.write_shard(shard, changed))
                 .buffer_unordered(SHARDS)
                 .collect()
                 .await;
@@ -515,9 +551,12 @@ impl Backend for Arc<KubeBackend> {
     }
 }
 
+mod objects;
 mod people;
 
 use people::LAST_REPORT_EVERY_MS;
 
+#[cfg(test)]
+mod mock_api;
 #[cfg(test)]
 mod tests;

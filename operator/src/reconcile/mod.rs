@@ -3,8 +3,8 @@
 //! terminals a policy's rollout may start now ([`rollout`]). The I/O that
 //! feeds them (inventories, reports, the store, the gateway) sits outside.
 
-pub mod certificate;
 pub mod level;
 pub mod pass;
+pub mod posture;
 pub mod rollout;
 pub mod state;

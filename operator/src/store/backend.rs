@@ -30,9 +30,33 @@ impl Table {
     ];
 }
 
-/// One change as a backend stores it: the kind, the key and the canonical
-/// encoding of the record.
-pub type Change = (Table, String, Vec<u8>);
+/// One change as a backend stores it: the kind of record, its key, and
+/// its canonical encoding, or `None` when it is deleted. What
+/// [`Backend::load`] returns are changes too: every record, none deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub table: Table,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Change {
+    pub fn put(table: Table, key: impl Into<String>, value: Vec<u8>) -> Change {
+        Change {
+            table,
+            key: key.into(),
+            value: Some(value),
+        }
+    }
+
+    pub fn delete(table: Table, key: impl Into<String>) -> Change {
+        Change {
+            table,
+            key: key.into(),
+            value: None,
+        }
+    }
+}
 
 /// Where the store's records live durably. The store keeps the working set
 /// in memory and hands the backend batches of changes in order; a batch is

@@ -73,7 +73,7 @@ impl Backend for Redb {
             let t = tx.open_table(definition(table)).map_err(err)?;
             for item in t.iter().map_err(err)? {
                 let (k, v) = item.map_err(err)?;
-                out.push((table, k.value().to_string(), v.value().to_vec()));
+                out.push(Change::put(table, k.value(), v.value().to_vec()));
             }
         }
         Ok(out)
@@ -83,7 +83,7 @@ impl Backend for Redb {
         let tx = self.db.begin_write().map_err(err)?;
         {
             let mut tables: Vec<(Table, redb::Table<'_, &str, &[u8]>)> = Vec::new();
-            for (table, key, value) in batch {
+            for Change { table, key, value } in batch {
                 let i = match tables.iter().position(|(t, _)| t == table) {
                     Some(i) => i,
                     None => {
@@ -91,14 +91,16 @@ impl Backend for Redb {
                         tables.len() - 1
                     }
                 };
-                // An empty value deletes (see `Store::forget_policy`).
-                if value.is_empty() {
-                    tables[i].1.remove(key.as_str()).map_err(err)?;
-                } else {
-                    tables[i]
-                        .1
-                        .insert(key.as_str(), value.as_slice())
-                        .map_err(err)?;
+                match value {
+                    Some(value) => {
+                        tables[i]
+                            .1
+                            .insert(key.as_str(), value.as_slice())
+                            .map_err(err)?;
+                    }
+                    None => {
+                        tables[i].1.remove(key.as_str()).map_err(err)?;
+                    }
                 }
             }
         }

@@ -14,7 +14,7 @@ use super::backend::{Change, Table};
 use super::records::{
     LiveDispatch, PairRecord, StoredInventory, TerminalRecord, TokenRecord, token_key,
 };
-use crate::reconcile::certificate::CertRecord;
+use crate::reconcile::posture::CertRecord;
 
 /// The working set, and the changes not yet committed.
 #[derive(Default)]
@@ -29,7 +29,7 @@ pub(super) struct Mem {
     pub(super) policies: HashMap<String, ([u8; 32], u64)>,
     pub(super) certificates: BTreeMap<String, CertRecord>,
     /// Changes in the order they were made, not yet committed.
-    pub(super) pending: Vec<(Table, String, Vec<u8>)>,
+    pub(super) pending: Vec<Change>,
     /// How many changes were ever made (the newest change's number).
     pub(super) written: u64,
 }
@@ -38,7 +38,9 @@ impl Mem {
     /// The working set of every record a backend holds.
     pub(super) fn load(records: Vec<Change>) -> Result<Mem, StoreError> {
         let mut mem = Mem::default();
-        for (table, key, bytes) in records {
+        for Change { table, key, value } in records {
+            // A backend loads records, never deletions.
+            let Some(bytes) = value else { continue };
             match table {
                 Table::Terminals => {
                     mem.terminals.insert(key.clone(), decoded(&key, &bytes)?);
@@ -85,13 +87,13 @@ impl Mem {
     }
 
     pub(super) fn write<T: Serialize>(&mut self, table: Table, key: &str, value: &T) {
-        self.pending.push((table, key.to_string(), encode(value)));
+        self.pending.push(Change::put(table, key, encode(value)));
         self.written += 1;
     }
 
-    /// Queue the deletion of a record: an empty value.
+    /// Queue the deletion of a record.
     pub(super) fn delete(&mut self, table: Table, key: String) {
-        self.pending.push((table, key, Vec::new()));
+        self.pending.push(Change::delete(table, key));
         self.written += 1;
     }
 }

@@ -36,7 +36,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tenet_protocol::enrol::EnrolmentRequest;
 
-use crate::reconcile::certificate::CertRecord;
+use crate::reconcile::posture::CertRecord;
 use crate::reconcile::state::PairState;
 use crate::tpm_trust::TpmTrust;
 
@@ -47,6 +47,7 @@ use records::pair_key;
 pub use records::{
     LiveDispatch, PairRecord, StoredInventory, TerminalRecord, TokenRecord, token_key,
 };
+pub(crate) use write_behind::off_runtime;
 use write_behind::{Durable, Inner, flusher};
 
 #[derive(Debug, thiserror::Error)]

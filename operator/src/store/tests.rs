@@ -260,7 +260,7 @@ fn a_full_disk_delays_durability_and_loses_nothing() {
     }
     let stored = disk.stored.lock().expect("lock").clone();
     assert_eq!(
-        stored.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+        stored.iter().map(|c| c.table).collect::<Vec<_>>(),
         [Table::Tokens, Table::Tokens, Table::Terminals]
     );
     drop(s);

@@ -121,11 +121,29 @@ impl Drop for Store {
                 cv.notify_one();
             }
         }
-        if let Some(t) = self.flusher.take() {
-            let _ = t.join();
+        // Waiting for the flusher and committing block: on a runtime's
+        // worker (a store dropped in an async fn), its other tasks are
+        // handed over first, since a backend may need them to commit.
+        off_runtime(|| {
+            if let Some(t) = self.flusher.take() {
+                let _ = t.join();
+            }
+            if let Err(e) = self.inner.commit() {
+                tracing::error!(error = %e, "changes not committed at close");
+            }
+        });
+    }
+}
+
+/// Run blocking `work` on this thread. On a worker of a multi-thread
+/// tokio runtime the worker's tasks move to another thread first
+/// (`block_in_place`), so blocking here never starves them; elsewhere it
+/// just runs.
+pub(crate) fn off_runtime<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
         }
-        if let Err(e) = self.inner.commit() {
-            tracing::error!(error = %e, "changes not committed at close");
-        }
+        _ => work(),
     }
 }

@@ -5,9 +5,9 @@ fn ledger_entries_round_trip_and_spread() {
     let e = entry(Table::Pairs, "ward-01\u{0}it/browser", b"\x01\x02");
     assert_eq!(
         unentry(&e),
-        Some((
+        Some(Change::put(
             Table::Pairs,
-            "ward-01\u{0}it/browser".to_string(),
+            "ward-01\u{0}it/browser",
             vec![1, 2]
         ))
     );
@@ -20,54 +20,55 @@ fn ledger_entries_round_trip_and_spread() {
     assert_eq!(shards.len(), SHARDS);
 }
 
+/// A backend that writes through the runtime, as the Kubernetes one does.
+struct ThroughRuntime {
+    handle: tokio::runtime::Handle,
+    stored: Arc<Mutex<Vec<Change>>>,
+}
+
+impl Backend for ThroughRuntime {
+    fn load(&self) -> Result<Vec<Change>, StoreError> {
+        Ok(Vec::new())
+    }
+    fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
+        let (stored, batch) = (self.stored.clone(), batch.to_vec());
+        wait_on(&self.handle, async move {
+            tokio::task::yield_now().await;
+            stored.lock().expect("lock").extend(batch);
+            Ok(())
+        })
+    }
+}
+
 #[test]
-fn a_terminal_shows_its_level_only_while_its_certificate_is_valid() {
-    use crate::reconcile::certificate::{Audit, AuditAttestation, Issued};
-    use tenet_protocol::{Algorithm, KeyPair, Signer};
-    let key = KeyPair::generate(Algorithm::Ed25519)
-        .expect("key")
-        .public_key();
-    let terminal = TerminalRecord {
-        identity: key.clone(),
-        labels: BTreeMap::new(),
-        tpm: false,
-        attestation_key: None,
-        enrolled_at_ms: 1,
-        last_sequence: 0,
-        offline_since_ms: 0,
-        client_keys: vec![[1; 32]],
-        tpm_trust: crate::tpm_trust::TpmTrust::None,
+fn a_store_dropped_on_a_runtime_worker_commits_instead_of_panicking() {
+    // One worker: the drop blocks it, and the write must still run.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stored = Arc::new(Mutex::new(Vec::new()));
+    let backend = ThroughRuntime {
+        handle: rt.handle().clone(),
+        stored: stored.clone(),
     };
-    let mut certificate = CertRecord::new("it/posture");
-    certificate.issued = Some(Issued {
-        serial: [7; 16],
-        level: 60,
-        not_before_ms: 1_000,
-        not_after_ms: 5_000,
-        bytes: vec![],
+    let store = crate::store::Store::with_backend(Box::new(backend)).expect("open");
+    assert_eq!(store.policy_generation("ns/p", [1; 32]), 1);
+    // Dropped inside an async fn, on the runtime's only worker (with
+    // `Handle::block_on` in the backend, this panicked: "Cannot start a
+    // runtime from within a runtime").
+    rt.block_on(async move {
+        tokio::spawn(async move { drop(store) })
+            .await
+            .expect("the drop does not panic");
     });
-    certificate.audit = Audit::Passed {
-        at_ms: 900,
-        attestation: AuditAttestation::Unattested,
-        presentation_key: key,
-    };
-    let status = |now_ms, inventory_ms| {
-        people::terminal_status(
-            &terminal,
-            &BTreeMap::new(),
-            Some(&certificate),
-            inventory_ms,
-            now_ms,
-        )
-    };
-    let valid = status(4_999, Some(2_000));
-    assert_eq!(valid.security_level, Some(60));
-    // The newest verified report: the inventory here, the audit without one.
-    assert_eq!(valid.last_report_time, Some(crate::time::rfc3339(2_000)));
-    assert_eq!(
-        status(4_999, None).last_report_time,
-        Some(crate::time::rfc3339(900))
+    assert!(
+        stored
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|c| c.table == Table::Policies && c.key == "ns/p"),
+        "the change was committed at the drop"
     );
-    // Expired: no level, whatever the record still holds.
-    assert_eq!(status(5_000, Some(2_000)).security_level, None);
 }

@@ -124,7 +124,7 @@ impl CertRecord {
 
 /// What to do now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub enum Action {
     Nothing,
     /// Send an audit request (with a fresh nonce).
     RequestAudit,
@@ -186,12 +186,12 @@ pub fn decide(
     compliance: &[(u32, bool)],
     online: bool,
     now_ms: u64,
-) -> Step {
+) -> Action {
     if let Audit::Requested { at_ms, .. } = record.audit
         && now_ms < at_ms + AUDIT_TIMEOUT_MS
     {
         // Waiting for the answer.
-        return Step::Nothing;
+        return Action::Nothing;
     }
     let (audit_at, passed) = match &record.audit {
         Audit::Passed { at_ms, .. } => (Some(*at_ms), true),
@@ -201,35 +201,37 @@ pub fn decide(
     // An audit no decision has used yet.
     let fresh = audit_at.is_some_and(|t| t > record.decided_ms);
     let level_now = current_level(record, compliance);
-    let verdict = |reason: IssueReason| -> Step {
+    let verdict = |reason: IssueReason| -> Action {
         let step = if let Audit::Failed { reason, .. } = &record.audit {
-            Step::Withhold {
+            Action::Withhold {
                 reason: format!("the audit failed: {reason}"),
             }
         } else if level_now < policy.minimum_level {
-            Step::Withhold {
+            Action::Withhold {
                 reason: format!(
                     "level {level_now} is below the policy's minimum {}",
                     policy.minimum_level
                 ),
             }
         } else {
-            Step::Issue {
+            Action::Issue {
                 level: level_now,
                 reason,
             }
         };
         match step {
             // Already in force: nothing to tell anybody.
-            Step::Withhold { reason } if record.withheld.as_ref() == Some(&reason) => Step::Nothing,
+            Action::Withhold { reason } if record.withheld.as_ref() == Some(&reason) => {
+                Action::Nothing
+            }
             s => s,
         }
     };
     let audit_again = || {
         if online && now_ms >= record.retry_after_ms {
-            Step::RequestAudit
+            Action::RequestAudit
         } else {
-            Step::Nothing
+            Action::Nothing
         }
     };
     match &record.issued {
@@ -242,7 +244,7 @@ pub fn decide(
             {
                 // Withheld for its level; compliance may have changed since.
                 match verdict(IssueReason::LevelChanged) {
-                    Step::Withhold { .. } => audit_again(),
+                    Action::Withhold { .. } => audit_again(),
                     s => s,
                 }
             } else {
@@ -269,7 +271,7 @@ pub fn decide(
                 // certificate still stands, so reissue at once.
                 verdict(IssueReason::LevelChanged)
             } else {
-                Step::Nothing
+                Action::Nothing
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Issuing security certificates: the I/O around
-//! [`crate::reconcile::certificate::decide`]. For each terminal a policy
+//! [`crate::reconcile::posture::decide`]. For each terminal a policy
 //! with a `certificate` section selects: work out its compliance, decide,
 //! record the decision, and return the messages for its agent (an audit
 //! request, a certificate, or "stop presenting").
@@ -8,12 +8,13 @@ use tenet_protocol::certificate::{CERTIFICATE_VERSION, SecurityCertificate};
 use tenet_protocol::session::ToAgent;
 use tenet_protocol::{SignedMessage, Signer};
 
-use crate::policy::compile::{Check, CompiledPolicy, parse_duration};
-use crate::reconcile::certificate::{
-    AUDIT_RETRY_MS, Audit, CertPolicy, CertRecord, Issued, Step, decide,
+use crate::policy::compile::{Check, CompiledPolicy};
+use crate::reconcile::posture::{
+    AUDIT_RETRY_MS, Action, Audit, CertPolicy, CertRecord, Issued, decide,
 };
 use crate::reconcile::state::PairState;
 use crate::store::{Store, StoreError};
+use crate::time::parse_duration;
 
 /// The issuer's name in every certificate.
 pub const ISSUER_NAME: &str = "tenet-operator";
@@ -114,8 +115,8 @@ pub fn reconcile(
         record.renew_before_ms = cp.renew_before_ms;
         let step = decide(&record, cp, &compliance, online(&terminal), now_ms);
         match step {
-            Step::Nothing => continue,
-            Step::RequestAudit => {
+            Action::Nothing => continue,
+            Action::RequestAudit => {
                 let nonce = tenet_protocol::keys::random_bytes()
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                 record.audit = Audit::Requested {
@@ -142,7 +143,7 @@ pub fn reconcile(
                     },
                 ));
             }
-            Step::Issue { level, reason } => {
+            Action::Issue { level, reason } => {
                 let Audit::Passed {
                     presentation_key, ..
                 } = &record.audit
@@ -190,7 +191,7 @@ pub fn reconcile(
                     },
                 ));
             }
-            Step::Withhold { reason } => {
+            Action::Withhold { reason } => {
                 round
                     .events
                     .push(format!("certificate for {terminal} withheld: {reason}"));

@@ -151,25 +151,25 @@ fn attestation_level_of(a: AuditAttestation) -> Attestation {
 fn first_an_audit_then_a_certificate() {
     let p = policy();
     let mut r = CertRecord::new("it/cert");
-    assert_eq!(decide(&r, &p, ALL, true, NOW), Step::RequestAudit);
+    assert_eq!(decide(&r, &p, ALL, true, NOW), Action::RequestAudit);
     // Not while the terminal is offline.
-    assert_eq!(decide(&r, &p, ALL, false, NOW), Step::Nothing);
+    assert_eq!(decide(&r, &p, ALL, false, NOW), Action::Nothing);
     r.audit = Audit::Requested {
         nonce: [0; 32],
         pcrs: vec![],
         pinned: vec![],
         at_ms: NOW,
     };
-    assert_eq!(decide(&r, &p, ALL, true, NOW + 1_000), Step::Nothing);
+    assert_eq!(decide(&r, &p, ALL, true, NOW + 1_000), Action::Nothing);
     // Unanswered for too long: ask again.
     assert_eq!(
         decide(&r, &p, ALL, true, NOW + AUDIT_TIMEOUT_MS),
-        Step::RequestAudit
+        Action::RequestAudit
     );
     r.audit = passed(NOW + 10, AuditAttestation::Quoted);
     assert_eq!(
         decide(&r, &p, ALL, true, NOW + 20),
-        Step::Issue {
+        Action::Issue {
             level: 100,
             reason: IssueReason::First
         }
@@ -184,16 +184,16 @@ fn renewed_when_renew_before_is_reached_after_a_fresh_audit() {
     r.issued = Some(issued(100, NOW));
     r.decided_ms = NOW;
     // Not due yet.
-    assert_eq!(decide(&r, &p, ALL, true, NOW + 2_000_000), Step::Nothing);
+    assert_eq!(decide(&r, &p, ALL, true, NOW + 2_000_000), Action::Nothing);
     // Due (45 minutes in): audit first, since the last one is older
     // than the certificate.
     let due = NOW + 2_700_000;
     r.audit = passed(NOW - 5, AuditAttestation::Quoted);
-    assert_eq!(decide(&r, &p, ALL, true, due), Step::RequestAudit);
+    assert_eq!(decide(&r, &p, ALL, true, due), Action::RequestAudit);
     r.audit = passed(due + 5, AuditAttestation::Quoted);
     assert_eq!(
         decide(&r, &p, ALL, true, due + 10),
-        Step::Issue {
+        Action::Issue {
             level: 100,
             reason: IssueReason::Renewal
         }
@@ -203,7 +203,7 @@ fn renewed_when_renew_before_is_reached_after_a_fresh_audit() {
     r.audit = passed(NOW + 4_000_000, AuditAttestation::Quoted);
     assert_eq!(
         decide(&r, &p, ALL, true, NOW + 4_000_001),
-        Step::Issue {
+        Action::Issue {
             level: 100,
             reason: IssueReason::Expired
         }
@@ -220,7 +220,7 @@ fn a_level_change_reissues_at_once_or_withholds_below_the_minimum() {
     // Half compliant: 50, below the minimum 60.
     assert_eq!(
         decide(&r, &p, HALF, true, NOW + 1_000),
-        Step::Withhold {
+        Action::Withhold {
             reason: "level 50 is below the policy's minimum 60".into()
         }
     );
@@ -230,7 +230,7 @@ fn a_level_change_reissues_at_once_or_withholds_below_the_minimum() {
     };
     assert_eq!(
         decide(&r, &low, HALF, true, NOW + 1_000),
-        Step::Issue {
+        Action::Issue {
             level: 50,
             reason: IssueReason::LevelChanged
         }
@@ -241,10 +241,10 @@ fn a_level_change_reissues_at_once_or_withholds_below_the_minimum() {
     w.issued = None;
     w.withheld = Some("level 50 is below the policy's minimum 60".into());
     w.retry_after_ms = NOW + AUDIT_RETRY_MS;
-    assert_eq!(decide(&w, &p, HALF, true, NOW + 2_000), Step::Nothing);
+    assert_eq!(decide(&w, &p, HALF, true, NOW + 2_000), Action::Nothing);
     assert_eq!(
         decide(&w, &p, ALL, true, NOW + 3_000),
-        Step::Issue {
+        Action::Issue {
             level: 100,
             reason: IssueReason::LevelChanged
         }
@@ -253,7 +253,7 @@ fn a_level_change_reissues_at_once_or_withholds_below_the_minimum() {
     r.audit = passed(NOW - 1, AuditAttestation::Unattested);
     assert_eq!(
         decide(&r, &p, ALL, true, NOW + 1_000),
-        Step::Issue {
+        Action::Issue {
             level: 60,
             reason: IssueReason::LevelChanged
         }
@@ -270,7 +270,7 @@ fn a_failed_audit_withholds_and_is_retried_later() {
     };
     assert_eq!(
         decide(&r, &p, ALL, true, NOW + 1),
-        Step::Withhold {
+        Action::Withhold {
             reason: "the audit failed: PCR 7 changed".into()
         }
     );
@@ -278,10 +278,10 @@ fn a_failed_audit_withholds_and_is_retried_later() {
     r.withheld = Some("the audit failed: PCR 7 changed".into());
     r.decided_ms = NOW + 1;
     r.retry_after_ms = NOW + AUDIT_RETRY_MS;
-    assert_eq!(decide(&r, &p, ALL, true, NOW + 2), Step::Nothing);
+    assert_eq!(decide(&r, &p, ALL, true, NOW + 2), Action::Nothing);
     assert_eq!(
         decide(&r, &p, ALL, true, NOW + AUDIT_RETRY_MS),
-        Step::RequestAudit
+        Action::RequestAudit
     );
     // A failed audit during a certificate's life withdraws it at once.
     let mut r = CertRecord::new("it/cert");
@@ -293,7 +293,7 @@ fn a_failed_audit_withholds_and_is_retried_later() {
     };
     assert!(matches!(
         decide(&r, &p, ALL, true, NOW + 6),
-        Step::Withhold { .. }
+        Action::Withhold { .. }
     ));
 }
 
