@@ -336,6 +336,9 @@ impl Terminal for Agent {
     }
 
     fn take(&self, envelope: &[u8], bundle: SharedBytes) -> Result<Taken<PathBuf>, String> {
+        // Opened first: once the envelope is recorded as used, nothing may
+        // stop it from running or being refused with a report.
+        let store = LocalState::open(self.store.dir()).map_err(|e| e.to_string())?;
         let prepared = dispatch::prepare(
             &self.store,
             self.identity.as_ref(),
@@ -354,7 +357,6 @@ impl Terminal for Agent {
                 });
             }
         };
-        let store = LocalState::open(self.store.dir()).map_err(|e| e.to_string())?;
         let (exe, config) = (self.exe.clone(), self.config_path.clone());
         let (policy, sequence) = (prepared.policy.clone(), prepared.sequence);
         Ok(Taken::Run {

@@ -191,24 +191,28 @@ pub async fn run_loader(
         let _ = stdout.read_to_end(&mut out).await;
         out
     });
-    tokio::select! {
-        status = child.wait() => {
-            let status = status.map_err(|e| DispatchError::Loader(e.to_string()))?;
-            let out = read.await.map_err(|e| DispatchError::Loader(e.to_string()))?;
-            if !status.success() {
-                return Err(DispatchError::Loader(format!("exited with {status}")));
-            }
-            finish(store, prepared.sequence, &out)
-        }
-        Ok(()) = &mut stop => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            Err(DispatchError::Superseded {
-                sequence: prepared.sequence,
-                policy: prepared.policy,
-            })
-        }
+    let ended = tokio::select! {
+        status = child.wait() => Some(status),
+        // Asked to stop: unless it has just ended (its signed report is
+        // then kept, the payload ran), it is killed.
+        Ok(()) = &mut stop => child.try_wait().transpose(),
+    };
+    let Some(status) = ended else {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(DispatchError::Superseded {
+            sequence: prepared.sequence,
+            policy: prepared.policy,
+        });
+    };
+    let status = status.map_err(|e| DispatchError::Loader(e.to_string()))?;
+    let out = read
+        .await
+        .map_err(|e| DispatchError::Loader(e.to_string()))?;
+    if !status.success() {
+        return Err(DispatchError::Loader(format!("exited with {status}")));
     }
+    finish(store, prepared.sequence, &out)
 }
 
 /// Verify one dispatch and run it through a loader to its end (the

@@ -3,7 +3,8 @@
 //! managers hold a global lock and two installs at once fail one of them.
 //! A newer dispatch for a policy supersedes that policy's older one: the
 //! running one is stopped, a waiting one is dropped (its envelope stays
-//! recorded as used, so it can never run later).
+//! recorded as used, so it can never run later). Nothing starts while a
+//! stopped job is still ending: its package manager may hold the lock.
 //!
 //! [`crate::session::Runs`] carries these decisions out: it starts the
 //! jobs, stops the superseded ones and reports the ends back here.
@@ -22,6 +23,8 @@ pub struct RunQueue<J> {
 struct Running {
     id: u64,
     policy: String,
+    /// Asked to stop; it still runs until its end is reported.
+    stopping: bool,
 }
 
 /// A job to start now, under the id its end is reported with.
@@ -56,8 +59,11 @@ impl<J> Default for RunQueue<J> {
 impl<J> RunQueue<J> {
     /// A job for `policy` arrives.
     pub fn push(&mut self, policy: String, job: J) -> Admitted<J> {
-        let stop = match &self.running {
-            Some(r) if r.policy == policy => self.running.take().map(|r| r.id),
+        let stop = match &mut self.running {
+            Some(r) if r.policy == policy && !r.stopping => {
+                r.stopping = true;
+                Some(r.id)
+            }
             _ => None,
         };
         self.waiting.retain(|(p, _)| *p != policy);
@@ -71,8 +77,7 @@ impl<J> RunQueue<J> {
         }
     }
 
-    /// Job `id` ended (or was stopped): what to start next. The end of a
-    /// job already superseded changes nothing.
+    /// Job `id` ended (or was stopped): what to start next.
     pub fn finished(&mut self, id: u64) -> Option<Start<J>> {
         if self.running.as_ref().is_some_and(|r| r.id == id) {
             self.running = None;
@@ -80,7 +85,7 @@ impl<J> RunQueue<J> {
         self.start_next()
     }
 
-    /// The policy of the running job.
+    /// The policy of the running job (one being stopped included).
     pub fn running(&self) -> Option<&str> {
         self.running.as_ref().map(|r| r.policy.as_str())
     }
@@ -100,6 +105,7 @@ impl<J> RunQueue<J> {
         self.running = Some(Running {
             id,
             policy: policy.clone(),
+            stopping: false,
         });
         Some(Start { id, policy, job })
     }
@@ -152,15 +158,20 @@ mod tests {
         q.push("ns/a".into(), 1);
         q.push("ns/b".into(), 2);
         let a2 = q.push("ns/a".into(), 3);
-        // The running one is stopped; the waiting one came first, so it
-        // starts, and the newer job of ns/a waits behind it.
+        // The running one is asked to stop; nothing starts until it has
+        // ended. Then the waiting one, which came first, and the newer job
+        // of ns/a after it.
         assert_eq!(a2.stop, Some(1));
-        assert_eq!(a2.start, start(2, "ns/b", 2));
+        assert_eq!(a2.start, None);
         assert!(a2.waits);
-        // The stopped job's end arrives later and changes nothing.
-        assert_eq!(q.finished(1), None);
-        assert_eq!(q.running(), Some("ns/b"));
-        assert_eq!(q.finished(2), start(3, "ns/a", 3));
+        assert_eq!(q.running(), Some("ns/a"));
+        assert_eq!(q.waiting().collect::<Vec<_>>(), ["ns/b", "ns/a"]);
+        // A third job of ns/a does not stop it twice.
+        let a3 = q.push("ns/a".into(), 4);
+        assert_eq!(a3.stop, None);
+        assert_eq!(q.finished(1), start(2, "ns/b", 2));
+        assert_eq!(q.finished(2), start(3, "ns/a", 4));
+        assert_eq!(q.finished(3), None);
     }
 
     #[test]
@@ -178,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_job_for_the_only_running_policy_starts_at_once() {
+    fn a_newer_job_for_the_only_running_policy_starts_once_the_old_one_ended() {
         let mut q = RunQueue::default();
         q.push("ns/a".into(), 1);
         let a2 = q.push("ns/a".into(), 2);
@@ -186,9 +197,19 @@ mod tests {
             a2,
             Admitted {
                 stop: Some(1),
-                start: start(2, "ns/a", 2),
-                waits: false
+                start: None,
+                waits: true
             }
         );
+        assert_eq!(q.finished(1), start(2, "ns/a", 2));
+    }
+
+    #[test]
+    fn the_end_of_an_unknown_job_changes_nothing() {
+        let mut q = RunQueue::default();
+        q.push("ns/a".into(), 1);
+        q.push("ns/b".into(), 2);
+        assert_eq!(q.finished(7), None);
+        assert_eq!(q.running(), Some("ns/a"));
     }
 }

@@ -344,9 +344,12 @@ impl Runs {
         let (stop_tx, stop_rx) = oneshot::channel();
         inner.stops.insert(start.id, stop_tx);
         let runs = self.clone();
-        let run = (start.job)(stop_rx);
+        let run = tokio::spawn((start.job)(stop_rx));
+        // Its end is reported even when it panicked: the queue must go on.
         tokio::spawn(async move {
-            run.await;
+            if let Err(e) = run.await {
+                tracing::error!(error = %e, "a payload run ended abnormally");
+            }
             runs.finished(start.id);
         });
     }

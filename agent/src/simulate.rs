@@ -102,7 +102,7 @@ struct Simulated {
     /// of the successful ones and the session they were first sent in.
     outbox: Arc<Mutex<Vec<Outgoing>>>,
     /// Sessions so far.
-    sessions: Arc<AtomicU64>,
+    sessions: AtomicU64,
     /// (policy, generation) whose successful report was acknowledged.
     settled: Mutex<std::collections::HashSet<(String, u64)>>,
     runs: Runs,
@@ -245,14 +245,9 @@ impl Simulated {
             .ok_or_else(|| "not enrolled".to_string())
     }
 
-    /// Queue a signed report.
-    fn push(
-        outbox: &Mutex<Vec<Outgoing>>,
-        sessions: &AtomicU64,
-        report: Vec<u8>,
-        settles: Settles,
-    ) {
-        lock(outbox).push((report, settles, sessions.load(Ordering::Relaxed)));
+    /// Queue a signed report of a dispatch taken in `session`.
+    fn push(outbox: &Mutex<Vec<Outgoing>>, session: u64, report: Vec<u8>, settles: Settles) {
+        lock(outbox).push((report, settles, session));
     }
 }
 
@@ -329,7 +324,8 @@ impl Terminal for Simulated {
                 let report = SignedMessage::signed(&report, self.identity.as_ref())
                     .map_err(|e| e.to_string())?
                     .encode();
-                Self::push(&self.outbox, &self.sessions, report.clone(), None);
+                let session = self.sessions.load(Ordering::Relaxed);
+                Self::push(&self.outbox, session, report.clone(), None);
                 return Ok(Taken::Refused { queued: (), report });
             }
         };
@@ -352,18 +348,26 @@ impl Terminal for Simulated {
             self.identity.clone(),
             self.system.clone(),
         );
-        let (outbox, sessions) = (self.outbox.clone(), self.sessions.clone());
+        // The session that carried the envelope (the run may end in a later one).
+        let (outbox, session) = (self.outbox.clone(), self.sessions.load(Ordering::Relaxed));
         Ok(Taken::Run {
             policy,
             sequence,
-            run: Box::new(move |_stop| {
-                // In process, a run cannot be stopped half way; a
-                // superseded one ends and is reported like any other.
+            run: Box::new(move |mut stop| {
+                // A superseded run stops while it waits (the simulated
+                // install time, a CPU); once in wasmtime it runs to its end
+                // and is reported like any other.
                 Box::pin(async move {
-                    if !shared.run_delay.is_zero() {
-                        tokio::time::sleep(shared.run_delay).await;
-                    }
-                    let permit = shared.running.clone().acquire_owned().await;
+                    let permit = async {
+                        if !shared.run_delay.is_zero() {
+                            tokio::time::sleep(shared.run_delay).await;
+                        }
+                        shared.running.clone().acquire_owned().await
+                    };
+                    let permit = tokio::select! {
+                        permit = permit => permit,
+                        Ok(()) = &mut stop => return,
+                    };
                     let s = shared.clone();
                     let ran = tokio::task::spawn_blocking(move || {
                         let _permit = permit;
@@ -389,7 +393,7 @@ impl Terminal for Simulated {
                                 tenet_protocol::report::Outcome::Exited { code: 0 }
                             )
                             .then_some(key);
-                            Simulated::push(&outbox, &sessions, result.report, settles);
+                            Simulated::push(&outbox, session, result.report, settles);
                         }
                         Ok(Err(e)) => tracing::error!(error = %e, "a simulated run failed"),
                         Err(e) => tracing::error!(error = %e, "a simulated run panicked"),
@@ -478,7 +482,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
             tls: OnceLock::new(),
             outbox: Arc::default(),
             settled: Mutex::default(),
-            sessions: Arc::default(),
+            sessions: AtomicU64::new(0),
             runs: Runs::default(),
             shared: shared.clone(),
         });

@@ -132,7 +132,7 @@ pub(super) fn remediation(
 /// | `Dispatched` | `AwaitingReport` | out, no report yet |
 /// | `Expired` | `DeadlinePassed` | its deadline passed without a report |
 /// | `Verifying` | `ReportVerified` | the report verified; waiting for an inventory that satisfies the policy |
-/// | `Succeeded` | `Compliant` | the terminal's inventory satisfies the policy |
+/// | `Succeeded` | `Compliant` | the terminal's inventory satisfied the policy after it (a later drift is the next remediation's) |
 /// | `Failed` | see [`failure_reason`] | the report verified and says the run failed, or it was refused |
 pub(super) fn remediation_status(
     live: &LiveDispatch,
@@ -168,19 +168,29 @@ pub(super) fn remediation_status(
         };
     }
     match pair {
-        Some(PairState::Verifying { .. }) => status(
+        // No verified inventory yet (a new generation, or none at all).
+        None | Some(PairState::Unknown | PairState::Verifying { .. }) => status(
             RemediationPhase::Verifying,
             "ReportVerified",
             Some(
                 "the payload succeeded; waiting for an inventory that satisfies the policy".into(),
             ),
         ),
+        // Compliant since; or compliant, then drifting anew (no attempt has
+        // failed: this remediation succeeded, the next one is another).
+        Some(PairState::Compliant | PairState::Drifted { attempts: 0, .. }) => {
+            status(RemediationPhase::Succeeded, "Compliant", None)
+        }
         Some(PairState::Failed { reason, .. } | PairState::Drifted { reason, .. }) => status(
             RemediationPhase::Failed,
             failure_reason(reason),
             Some(reason.clone()),
         ),
-        _ => status(RemediationPhase::Succeeded, "Compliant", None),
+        // A report consumed while a newer dispatch is out: that one's
+        // record replaces this one, so this is only ever a moment.
+        Some(PairState::Dispatched { .. }) => {
+            status(RemediationPhase::Dispatched, "AwaitingReport", None)
+        }
     }
 }
 

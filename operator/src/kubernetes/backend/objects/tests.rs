@@ -109,6 +109,20 @@ fn a_remediation_shows_each_phase_of_its_life_with_a_camel_case_reason() {
         phase(true, &PairState::Compliant, false, 4_000),
         (RemediationPhase::Succeeded, "Compliant".into())
     );
+    // It succeeded; the terminal drifting again later does not make it fail.
+    let drifted_anew = PairState::Drifted {
+        attempts: 0,
+        retry_at_ms: 0,
+        reason: "browser-a 118 < 120".into(),
+    };
+    assert_eq!(
+        phase(true, &drifted_anew, false, 9_000),
+        (RemediationPhase::Succeeded, "Compliant".into())
+    );
+    assert_eq!(
+        phase(true, &PairState::Unknown, false, 4_000),
+        (RemediationPhase::Verifying, "ReportVerified".into())
+    );
     let failed = PairState::Failed {
         attempts: 5,
         reason: "the payload exited with 2: dpkg: error".into(),
