@@ -4,6 +4,7 @@
 //! and any third-party verifier can use it alone; it reads no clock (callers
 //! pass `now`), so every check is a pure function.
 
+pub mod approval;
 pub mod audit;
 pub mod bundle;
 pub mod certificate;

@@ -50,6 +50,8 @@ pub enum Rejection {
     LevelTooLow { level: u8, required: u8 },
     #[error("the answer is not to this challenge")]
     ChallengeMismatch,
+    #[error("not approved by the admins: {0}")]
+    NotApproved(String),
 }
 
 impl Rejection {
@@ -73,6 +75,7 @@ impl Rejection {
             Rejection::CapabilityNotGranted(_) => "CapabilityNotGranted",
             Rejection::LevelTooLow { .. } => "LevelTooLow",
             Rejection::ChallengeMismatch => "ChallengeMismatch",
+            Rejection::NotApproved(_) => "NotApproved",
         }
     }
 }

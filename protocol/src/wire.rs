@@ -50,10 +50,11 @@ pub enum Kind {
     InventoryReport = 7,
     Presentation = 8,
     AuditReport = 9,
+    PolicyApproval = 10,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::PayloadBundle,
         Kind::DispatchEnvelope,
         Kind::ExecutionReport,
@@ -63,6 +64,7 @@ impl Kind {
         Kind::InventoryReport,
         Kind::Presentation,
         Kind::AuditReport,
+        Kind::PolicyApproval,
     ];
 
     fn from_u8(b: u8) -> Option<Kind> {
@@ -81,6 +83,7 @@ impl Kind {
             Kind::InventoryReport => "tenet.dev/inventory-report",
             Kind::Presentation => "tenet.dev/presentation",
             Kind::AuditReport => "tenet.dev/audit-report",
+            Kind::PolicyApproval => "tenet.dev/policy-approval",
         }
     }
 
@@ -113,6 +116,7 @@ impl fmt::Display for Kind {
             Kind::InventoryReport => "inventory report",
             Kind::Presentation => "certificate presentation",
             Kind::AuditReport => "audit report",
+            Kind::PolicyApproval => "policy approval",
         })
     }
 }

@@ -1,0 +1,163 @@
+//! Policy approvals: what K of the n admins sign about a policy, so that
+//! nothing runs on a terminal with parameters a quorum did not approve.
+//!
+//! An approval is a signed frame of kind [`Kind::PolicyApproval`] whose body
+//! is a [`PolicyStatement`]: the policy's `namespace/name`, the SHA-256 of
+//! the canonical form of its whole spec (selector, requirements,
+//! remediation, rollout, certificate: everything that decides what runs
+//! where), and, when it remediates, the exact [`ApprovedRemediation`] an
+//! envelope may carry. Each admin adds a signature to the same frame (like
+//! a payload bundle's, k of n). The frame travels base64 in the policy's
+//! `tenet.dev/approval` annotation, so the same file serves a policy
+//! directory and `kubectl apply`.
+//!
+//! The operator computes the statement from the policy it read and checks
+//! the frame against it ([`verify_approval`]); the remediation part is what
+//! a terminal can check against an envelope without the policy
+//! ([`ApprovedRemediation::covers`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{Capability, MAX_NAME};
+use crate::envelope::{DispatchEnvelope, MAX_ARG_BYTES, MAX_ARGS};
+use crate::keys::{Fingerprint, PublicKey};
+use crate::reject::Rejection;
+use crate::wire::{Kind, Message, SignedMessage, digest_string, limit};
+
+/// The annotation that carries a policy's approval frame (base64).
+pub const APPROVAL_ANNOTATION: &str = "tenet.dev/approval";
+
+/// What the admins approve about one version of one policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyStatement {
+    /// `namespace/name`.
+    pub policy: String,
+    /// SHA-256 of the canonical form of the policy's spec.
+    pub spec_digest: [u8; 32],
+    /// What an envelope of this policy may carry; `None`: it remediates nothing.
+    pub remediation: Option<ApprovedRemediation>,
+}
+
+/// The parameters of a remediation, exactly as an envelope carries them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedRemediation {
+    pub payload_digest: [u8; 32],
+    pub args: Vec<String>,
+    pub capabilities: Vec<Capability>,
+    pub write_paths: Vec<String>,
+}
+
+impl ApprovedRemediation {
+    /// Whether `envelope` asks for exactly this: the same payload, the same
+    /// arguments in the same order, no capability or write path more.
+    pub fn covers(&self, envelope: &DispatchEnvelope) -> Result<(), Rejection> {
+        let differs = |what: &str| {
+            Err(Rejection::NotApproved(format!(
+                "the envelope's {what} differ from what the admins approved"
+            )))
+        };
+        if envelope.payload_digest != self.payload_digest {
+            return Err(Rejection::NotApproved(format!(
+                "payload {} is not the approved {}",
+                digest_string(&envelope.payload_digest),
+                digest_string(&self.payload_digest)
+            )));
+        }
+        if envelope.args != self.args {
+            return differs("arguments");
+        }
+        if envelope
+            .capabilities
+            .iter()
+            .any(|c| !self.capabilities.contains(c))
+        {
+            return differs("capabilities");
+        }
+        if envelope
+            .write_paths
+            .iter()
+            .any(|p| !self.write_paths.contains(p))
+        {
+            return differs("write paths");
+        }
+        Ok(())
+    }
+}
+
+impl Message for PolicyStatement {
+    const KIND: Kind = Kind::PolicyApproval;
+
+    fn check(&self) -> Result<(), Rejection> {
+        limit("the policy name", self.policy.len(), MAX_NAME * 2)?;
+        if let Some(r) = &self.remediation {
+            limit("the argument list", r.args.len(), MAX_ARGS)?;
+            for a in &r.args {
+                limit("an argument", a.len(), MAX_ARG_BYTES)?;
+            }
+            limit(
+                "the capability list",
+                r.capabilities.len(),
+                Capability::ALL.len(),
+            )?;
+            limit("the write path list", r.write_paths.len(), MAX_ARGS)?;
+            for p in &r.write_paths {
+                limit("a write path", p.len(), MAX_ARG_BYTES)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who approved, once the approval verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approved {
+    pub signers: Vec<Fingerprint>,
+}
+
+/// Check an approval frame against the statement computed from the policy
+/// as it is now: it must approve exactly that statement, with at least
+/// `threshold` valid signatures by distinct `admin_keys` (a key counts
+/// once, however often it signed). Every failure is `NotApproved` with the
+/// reason a person reads.
+pub fn verify_approval(
+    frame: &[u8],
+    expected: &PolicyStatement,
+    admin_keys: &[PublicKey],
+    threshold: usize,
+) -> Result<Approved, Rejection> {
+    let not = |why: String| Rejection::NotApproved(why);
+    let frame = SignedMessage::decode(frame, Kind::PolicyApproval)
+        .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
+    let approved: PolicyStatement = frame
+        .open()
+        .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
+    if approved.policy != expected.policy {
+        return Err(not(format!(
+            "the approval is for policy {}, not {}",
+            approved.policy, expected.policy
+        )));
+    }
+    if approved != *expected {
+        return Err(not(
+            "the approval is for another version of this policy (it changed since it was signed)"
+                .into(),
+        ));
+    }
+    let signers = frame
+        .verify_threshold(admin_keys, threshold)
+        .map_err(|e| not(e.to_string()))?;
+    Ok(Approved { signers })
+}
+
+/// Who signed a frame, whatever it approves (for a person's report):
+/// the fingerprints of its signatures, in order.
+pub fn signers_of(frame: &[u8]) -> Result<Vec<Fingerprint>, Rejection> {
+    Ok(SignedMessage::decode(frame, Kind::PolicyApproval)?
+        .signatures
+        .iter()
+        .map(|s| s.key)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests;

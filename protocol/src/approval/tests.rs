@@ -1,0 +1,159 @@
+use super::*;
+use crate::keys::{Algorithm, KeyPair, Signer};
+
+fn statement() -> PolicyStatement {
+    PolicyStatement {
+        policy: "hospital-it/browser-a".into(),
+        spec_digest: [7; 32],
+        remediation: Some(ApprovedRemediation {
+            payload_digest: [1; 32],
+            args: vec!["browser-a_120.0-1_all.deb".into()],
+            capabilities: vec![Capability::RunArtifact, Capability::Log],
+            write_paths: vec![],
+        }),
+    }
+}
+
+fn admins(n: usize) -> Vec<KeyPair> {
+    (0..n)
+        .map(|_| KeyPair::generate(Algorithm::Ed25519).expect("key"))
+        .collect()
+}
+
+fn keys(admins: &[KeyPair]) -> Vec<PublicKey> {
+    admins.iter().map(|a| a.public_key()).collect()
+}
+
+/// An approval of `statement` signed by each of `signers`, in turn (as
+/// each admin runs `tenet policy sign`).
+fn approve(statement: &PolicyStatement, signers: &[&KeyPair]) -> Vec<u8> {
+    let mut frame = SignedMessage::new(statement);
+    for s in signers {
+        frame.sign(*s).expect("sign");
+    }
+    frame.encode()
+}
+
+#[test]
+fn two_of_three_admins_approve_exactly_this_statement() {
+    let a = admins(3);
+    let frame = approve(&statement(), &[&a[0], &a[2]]);
+    let approved = verify_approval(&frame, &statement(), &keys(&a), 2).expect("approved");
+    assert_eq!(
+        approved.signers,
+        [
+            a[0].public_key().fingerprint(),
+            a[2].public_key().fingerprint()
+        ]
+    );
+}
+
+#[test]
+fn each_bad_approval_is_refused_with_its_reason() {
+    let a = admins(3);
+    let trusted = keys(&a);
+    let refused = |frame: &[u8], expected: &PolicyStatement| {
+        verify_approval(frame, expected, &trusted, 2)
+            .expect_err("refused")
+            .to_string()
+    };
+    // One admin is not two.
+    assert_eq!(
+        refused(&approve(&statement(), &[&a[0]]), &statement()),
+        "not approved by the admins: 1 valid signature(s) by trusted keys, 2 required"
+    );
+    // The same key twice counts once.
+    assert_eq!(
+        refused(&approve(&statement(), &[&a[1], &a[1]]), &statement()),
+        "not approved by the admins: 1 valid signature(s) by trusted keys, 2 required"
+    );
+    // Keys nobody trusts.
+    let strangers = admins(2);
+    let by_strangers = approve(&statement(), &[&strangers[0], &strangers[1]]);
+    assert_eq!(
+        refused(&by_strangers, &statement()),
+        format!(
+            "not approved by the admins: signed by key {}, which is not trusted here",
+            strangers[0].public_key().fingerprint()
+        )
+    );
+    // Another policy's approval, copied onto this one.
+    let mut other = statement();
+    other.policy = "hospital-it/antivirus".into();
+    assert_eq!(
+        refused(&approve(&other, &[&a[0], &a[1]]), &statement()),
+        "not approved by the admins: the approval is for policy hospital-it/antivirus, not hospital-it/browser-a"
+    );
+    // An older version: the spec changed since, or only its args did.
+    let mut older = statement();
+    older.spec_digest = [6; 32];
+    let mut edited = statement();
+    if let Some(r) = edited.remediation.as_mut() {
+        r.args = vec!["backdoor_6.6.6_all.deb".into()];
+    }
+    for changed in [older, edited] {
+        assert_eq!(
+            refused(&approve(&statement(), &[&a[0], &a[1]]), &changed),
+            "not approved by the admins: the approval is for another version of this policy (it changed since it was signed)"
+        );
+    }
+    // A signature that does not verify.
+    let mut forged = SignedMessage::new(&statement());
+    forged.sign(&a[0]).expect("sign");
+    forged.sign(&a[1]).expect("sign");
+    forged.signatures[1].signature[0] ^= 1;
+    assert_eq!(
+        refused(&forged.encode(), &statement()),
+        format!(
+            "not approved by the admins: the signature by key {} does not verify",
+            a[1].public_key().fingerprint()
+        )
+    );
+    // Not an approval at all.
+    let garbage = refused(b"garbage", &statement());
+    assert!(
+        garbage.starts_with("not approved by the admins: the approval cannot be read: "),
+        "{garbage}"
+    );
+}
+
+#[test]
+fn an_envelope_is_covered_only_by_exactly_the_approved_parameters() {
+    let approved = statement().remediation.expect("remediation");
+    let envelope = DispatchEnvelope {
+        terminal: "ward-01".into(),
+        policy: "hospital-it/browser-a".into(),
+        policy_generation: 3,
+        payload_digest: [1; 32],
+        nonce: [9; 32],
+        issued_at_ms: 1,
+        deadline_ms: 2,
+        sequence: 1,
+        args: vec!["browser-a_120.0-1_all.deb".into()],
+        capabilities: vec![Capability::RunArtifact],
+        write_paths: vec![],
+    };
+    assert_eq!(approved.covers(&envelope), Ok(()));
+    let reason = |e: DispatchEnvelope| approved.covers(&e).expect_err("refused").to_string();
+    let mut backdoor = envelope.clone();
+    backdoor.args = vec!["backdoor_6.6.6_all.deb".into()];
+    assert_eq!(
+        reason(backdoor),
+        "not approved by the admins: the envelope's arguments differ from what the admins approved"
+    );
+    let mut wider = envelope.clone();
+    wider.capabilities.push(Capability::WriteFiles);
+    assert_eq!(
+        reason(wider),
+        "not approved by the admins: the envelope's capabilities differ from what the admins approved"
+    );
+    let mut path = envelope.clone();
+    path.write_paths = vec!["/etc".into()];
+    assert_eq!(
+        reason(path),
+        "not approved by the admins: the envelope's write paths differ from what the admins approved"
+    );
+    let mut other = envelope;
+    other.payload_digest = [2; 32];
+    assert!(reason(other).contains("is not the approved"));
+}
