@@ -132,11 +132,13 @@ pub(super) fn remediation(
 /// | `Dispatched` | `AwaitingReport` | out, no report yet |
 /// | `Expired` | `DeadlinePassed` | its deadline passed without a report |
 /// | `Verifying` | `ReportVerified` | the report verified; waiting for an inventory that satisfies the policy |
-/// | `Succeeded` | `Compliant` | the terminal's inventory satisfied the policy after it (a later drift is the next remediation's) |
+/// | `Succeeded` | `Compliant` | the terminal's inventory satisfied the policy after it, in its generation (`remediated`; a later drift is the next remediation's) |
+/// | `Failed` | `Superseded` | its report came, but the terminal did not converge through it (the policy changed, or it converged another way) |
 /// | `Failed` | see [`failure_reason`] | the report verified and says the run failed, or it was refused |
 pub(super) fn remediation_status(
     live: &LiveDispatch,
     pair: Option<&PairState>,
+    remediated: bool,
     terminal_offline: bool,
     now_ms: u64,
 ) -> RemediationStatus {
@@ -176,11 +178,18 @@ pub(super) fn remediation_status(
                 "the payload succeeded; waiting for an inventory that satisfies the policy".into(),
             ),
         ),
-        // Compliant since; or compliant, then drifting anew (no attempt has
-        // failed: this remediation succeeded, the next one is another).
-        Some(PairState::Compliant | PairState::Drifted { attempts: 0, .. }) => {
+        // Converged through this remediation (compliant since, or drifting
+        // anew later: the next remediation is another one).
+        Some(PairState::Compliant | PairState::Drifted { attempts: 0, .. }) if remediated => {
             status(RemediationPhase::Succeeded, "Compliant", None)
         }
+        // Compliant or drifting anew, but not through this remediation: the
+        // policy changed since, or the terminal converged some other way.
+        Some(PairState::Compliant | PairState::Drifted { attempts: 0, .. }) => status(
+            RemediationPhase::Failed,
+            "Superseded",
+            Some("the terminal did not converge through this remediation".into()),
+        ),
         Some(PairState::Failed { reason, .. } | PairState::Drifted { reason, .. }) => status(
             RemediationPhase::Failed,
             failure_reason(reason),

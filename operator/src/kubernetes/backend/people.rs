@@ -151,8 +151,16 @@ impl KubeBackend {
                     });
                 let state = pair.as_ref().map(|p| &p.state);
                 let body = objects::remediation(terminal, policy, &live, state, owner);
-                let status =
-                    objects::remediation_status(&live, state, offline, crate::time::now_ms());
+                let remediated = pair
+                    .as_ref()
+                    .is_some_and(|p| p.remediated && p.generation == live.policy_generation);
+                let status = objects::remediation_status(
+                    &live,
+                    state,
+                    remediated,
+                    offline,
+                    crate::time::now_ms(),
+                );
                 self.apply(&api, &name, &body, &status, true).await
             }
             Dirty::Certificate(terminal) => {

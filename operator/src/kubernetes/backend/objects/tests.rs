@@ -81,8 +81,21 @@ fn a_remediation_shows_each_phase_of_its_life_with_a_camel_case_reason() {
         sequence: 7,
         deadline_ms: 5_000,
     };
+    // Whether the pair converged through this remediation.
+    let remediated = |pair: &PairState| {
+        matches!(
+            pair,
+            PairState::Compliant | PairState::Drifted { attempts: 0, .. }
+        )
+    };
     let phase = |consumed, pair: &PairState, offline, now| {
-        let s = remediation_status(&live(consumed, 5_000), Some(pair), offline, now);
+        let s = remediation_status(
+            &live(consumed, 5_000),
+            Some(pair),
+            remediated(pair),
+            offline,
+            now,
+        );
         (s.phase, s.reason.unwrap_or_default())
     };
     assert_eq!(
@@ -119,6 +132,17 @@ fn a_remediation_shows_each_phase_of_its_life_with_a_camel_case_reason() {
         phase(true, &drifted_anew, false, 9_000),
         (RemediationPhase::Succeeded, "Compliant".into())
     );
+    // Compliant, but not through this remediation (the policy changed
+    // since, or the terminal converged another way): never Succeeded.
+    let superseded = remediation_status(
+        &live(true, 5_000),
+        Some(&PairState::Compliant),
+        false,
+        false,
+        4_000,
+    );
+    assert_eq!(superseded.phase, RemediationPhase::Failed);
+    assert_eq!(superseded.reason.as_deref(), Some("Superseded"));
     assert_eq!(
         phase(true, &PairState::Unknown, false, 4_000),
         (RemediationPhase::Verifying, "ReportVerified".into())
@@ -127,7 +151,7 @@ fn a_remediation_shows_each_phase_of_its_life_with_a_camel_case_reason() {
         attempts: 5,
         reason: "the payload exited with 2: dpkg: error".into(),
     };
-    let s = remediation_status(&live(true, 5_000), Some(&failed), false, 4_000);
+    let s = remediation_status(&live(true, 5_000), Some(&failed), false, false, 4_000);
     assert_eq!(s.phase, RemediationPhase::Failed);
     assert_eq!(s.reason.as_deref(), Some("PayloadExited"));
     assert_eq!(
