@@ -73,7 +73,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("dispatch a no-op payload through a loader process", |b| {
         b.iter(|| {
             sequence += 1;
-            let env = DispatchEnvelope {
+            let mut env = DispatchEnvelope {
                 terminal: "bench-01".into(),
                 policy: "bench/noop".into(),
                 policy_generation: 1,
@@ -85,7 +85,9 @@ fn bench(c: &mut Criterion) {
                 args: vec![],
                 capabilities: vec![],
                 write_paths: vec![],
+                approval: Vec::new(),
             };
+            tenet_test_support::approve(&mut env, &[&admin]);
             let env_bytes = SignedMessage::signed(&env, &operator)
                 .expect("sign")
                 .encode();

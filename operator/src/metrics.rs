@@ -32,6 +32,8 @@ pub struct Metrics {
     certificates: Family<StateLabel, Gauge>,
     connected: Gauge,
     terminals: Gauge,
+    /// Policies whose latest version the admins did not approve.
+    unapproved: Gauge,
     pub dispatches: Counter,
     refused: Family<ReasonLabel, Counter>,
     refused_seen: Mutex<BTreeMap<String, u64>>,
@@ -73,6 +75,12 @@ impl Metrics {
         );
         let connected = Gauge::default();
         let terminals = Gauge::default();
+        let unapproved = Gauge::default();
+        registry.register(
+            "policies_unapproved",
+            "policies whose latest version the admins did not approve (the last approved generation, if any, stays in force)",
+            unapproved.clone(),
+        );
         let dispatches = Counter::default();
         let refused = Family::<ReasonLabel, Counter>::default();
         // 100 µs to ~1.6 s.
@@ -169,6 +177,7 @@ impl Metrics {
             certificates,
             connected,
             terminals,
+            unapproved,
             dispatches,
             refused,
             refused_seen: Mutex::default(),
@@ -222,6 +231,13 @@ impl Metrics {
                 .set(n);
         }
         self.terminals.set(status.terminals.len() as i64);
+        self.unapproved.set(
+            status
+                .policies
+                .iter()
+                .filter(|p| p.unapproved.is_some())
+                .count() as i64,
+        );
         self.connected
             .set(status.terminals.iter().filter(|t| t.connected).count() as i64);
         if let Ok(mut seen) = self.refused_seen.lock() {

@@ -190,6 +190,9 @@ pub fn print(status: &Status, out: &mut dyn Write) -> std::io::Result<()> {
                 .map(|h| format!("  held: {h}"))
                 .unwrap_or_default()
         )?;
+        if let Some(u) = &p.unapproved {
+            writeln!(out, "  UNAPPROVED: {u}")?;
+        }
     }
     if let Some(rev) = &status.source_revision {
         writeln!(out, "\npolicies at git commit {rev}")?;

@@ -50,6 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args: vec!["x".into()],
         capabilities: vec![Capability::Log],
         write_paths: vec!["/tmp".into()],
+        approval: Vec::new(),
     };
     let inv = Inventory {
         terminal: "t".into(),

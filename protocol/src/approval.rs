@@ -149,6 +149,49 @@ pub fn verify_approval(
     Ok(Approved { signers })
 }
 
+/// What a terminal checks before it runs anything: the approval an
+/// envelope carries is signed by at least `threshold` of the pinned
+/// `admin_keys`, it approves this envelope's policy, and its remediation
+/// covers exactly what the envelope asks for. The terminal has no copy of
+/// the policy: the dispatch key alone (or a compromised operator) can no
+/// longer make it run a payload, arguments, capabilities or write paths
+/// that no quorum of admins approved.
+pub fn check_envelope(
+    envelope: &DispatchEnvelope,
+    admin_keys: &[PublicKey],
+    threshold: usize,
+) -> Result<Approved, Rejection> {
+    let not = |why: String| Rejection::NotApproved(why);
+    if envelope.approval.is_empty() {
+        return Err(not(format!(
+            "the envelope for policy {} carries no approval by the admins",
+            envelope.policy
+        )));
+    }
+    let frame = SignedMessage::decode(&envelope.approval, Kind::PolicyApproval)
+        .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
+    let signers = frame
+        .verify_threshold(admin_keys, threshold)
+        .map_err(|e| not(e.to_string()))?;
+    let approved: PolicyStatement = frame
+        .open()
+        .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
+    if approved.policy != envelope.policy {
+        return Err(not(format!(
+            "the approval is for policy {}, not {}",
+            approved.policy, envelope.policy
+        )));
+    }
+    let Some(remediation) = &approved.remediation else {
+        return Err(not(format!(
+            "the admins approved policy {} without a remediation",
+            approved.policy
+        )));
+    };
+    remediation.covers(envelope)?;
+    Ok(Approved { signers })
+}
+
 /// Who signed a frame, whatever it approves (for a person's report):
 /// the fingerprints of its signatures, in order.
 pub fn signers_of(frame: &[u8]) -> Result<Vec<Fingerprint>, Rejection> {

@@ -30,10 +30,19 @@ pub struct DispatchEnvelope {
     pub capabilities: Vec<Capability>,
     /// Path prefixes the `WriteFiles` capability may write under.
     pub write_paths: Vec<String>,
+    /// The admins' approval of the policy (a signed `PolicyStatement`
+    /// frame, from its `tenet.dev/approval` annotation): the terminal runs
+    /// nothing its approved remediation does not cover
+    /// ([`crate::approval::check_envelope`]).
+    #[serde(with = "serde_bytes")]
+    pub approval: Vec<u8>,
 }
 
 pub const MAX_ARGS: usize = 64;
 pub const MAX_ARG_BYTES: usize = 4096;
+/// An approval frame: a statement (at most its arguments' bytes) and a
+/// signature per admin.
+pub const MAX_APPROVAL_BYTES: usize = MAX_ARGS * MAX_ARG_BYTES * 2 + 64 * 1024;
 
 impl Message for DispatchEnvelope {
     const KIND: Kind = Kind::DispatchEnvelope;
@@ -59,6 +68,7 @@ impl Message for DispatchEnvelope {
                 )));
             }
         }
+        limit("the approval", self.approval.len(), MAX_APPROVAL_BYTES)?;
         if self.deadline_ms <= self.issued_at_ms {
             return Err(Rejection::Malformed(
                 "the deadline is not after the issue time".into(),

@@ -6,6 +6,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use tenet_protocol::SignedMessage;
+use tenet_protocol::approval::{ApprovedRemediation, PolicyStatement};
+use tenet_protocol::envelope::DispatchEnvelope;
+use tenet_protocol::keys::KeyPair;
+
+/// Have `admins` approve exactly what `envelope` asks for (its policy, its
+/// payload, arguments, capabilities and write paths), as the operator's
+/// envelopes carry it from a policy's `tenet.dev/approval` annotation.
+pub fn approve(envelope: &mut DispatchEnvelope, admins: &[&KeyPair]) {
+    let statement = PolicyStatement {
+        policy: envelope.policy.clone(),
+        spec_digest: [0; 32],
+        remediation: Some(ApprovedRemediation {
+            payload_digest: envelope.payload_digest,
+            args: envelope.args.clone(),
+            capabilities: envelope.capabilities.clone(),
+            write_paths: envelope.write_paths.clone(),
+        }),
+    };
+    let mut frame = SignedMessage::new(&statement);
+    for a in admins {
+        frame.sign(*a).expect("sign the approval");
+    }
+    envelope.approval = frame.encode();
+}
+
 /// Whether `tool` runs (`tool --version`); under CI it must, and a missing
 /// one fails the test instead of skipping it.
 pub fn have(tool: &str) -> bool {

@@ -532,7 +532,7 @@ impl Fixture {
             artifacts: vec![],
         };
         let bundle = SignedMessage::signed(&bundle, &self.admin).expect("sign");
-        let env = DispatchEnvelope {
+        let mut env = DispatchEnvelope {
             terminal: "t1".into(),
             policy: policy.into(),
             policy_generation: 1,
@@ -544,7 +544,9 @@ impl Fixture {
             args: vec![],
             capabilities: vec![],
             write_paths: vec![],
+            approval: Vec::new(),
         };
+        tenet_test_support::approve(&mut env, &[&self.admin]);
         ToAgent::Dispatch {
             envelope: SignedMessage::signed(&env, self.operator.as_ref())
                 .expect("sign")

@@ -163,7 +163,8 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
     // Push a dispatch that installs 120 through dpkg.
     let caps = vec![Capability::RunArtifact, Capability::Log];
     let bundle = install_bundle(admin, &new);
-    let envelope = |sequence: u64| DispatchEnvelope {
+    let envelope = |sequence: u64| {
+        let mut e = DispatchEnvelope {
         terminal: "nagoya-ward3-01".into(),
         policy: "hospital-it/browser-a-minimum".into(),
         policy_generation: 1,
@@ -175,6 +176,10 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
         args: vec!["browser-a_120.0-1_all.deb".into()],
         capabilities: caps.clone(),
         write_paths: vec![],
+        approval: Vec::new(),
+        };
+        tenet_test_support::approve(&mut e, &[admin]);
+        e
     };
     let env = envelope(1);
     let env_frame = SignedMessage::signed(&env, operator.as_ref()).expect("sign");

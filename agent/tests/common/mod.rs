@@ -187,7 +187,7 @@ impl Terminal {
         args: &[&str],
         capabilities: &[Capability],
     ) -> DispatchEnvelope {
-        DispatchEnvelope {
+        let mut envelope = DispatchEnvelope {
             terminal: self.name.clone(),
             policy: "hospital-it/browser-a-minimum".into(),
             policy_generation: 1,
@@ -199,7 +199,10 @@ impl Terminal {
             args: args.iter().map(|a| a.to_string()).collect(),
             capabilities: capabilities.to_vec(),
             write_paths: vec![],
-        }
+            approval: Vec::new(),
+        };
+        tenet_test_support::approve(&mut envelope, &[&self.admin]);
+        envelope
     }
 
     pub fn sign(&self, env: &DispatchEnvelope) -> Vec<u8> {

@@ -1,18 +1,26 @@
-//! `tenet policy check` and `tenet policy plan`.
+//! `tenet policy check`, `tenet policy sign` and `tenet policy plan`.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use tenet_protocol::bundle::BundleTrust;
+use tenet_protocol::keys::{Fingerprint, KeyPair, PublicKey};
 
 use super::Output;
-use crate::policy::{LoadError, PolicySet, TerminalView, evaluate, load_dir, load_inventories};
+use crate::policy::approval::{Verdict, judge, sign};
+use crate::policy::{
+    LoadError, LoadedPolicy, PolicySet, TerminalView, evaluate, load_dir, load_inventories,
+};
 
 #[derive(Serialize)]
 struct CheckReport<'a> {
     files: usize,
     policies: Vec<PolicySummary<'a>>,
     errors: &'a [LoadError],
+    /// Policies without enough valid approvals (with `--trust`).
+    unapproved: Vec<&'a LoadError>,
 }
 
 #[derive(Serialize)]
@@ -22,30 +30,182 @@ struct PolicySummary<'a> {
     file: String,
     line: usize,
     requirements: usize,
+    /// With `--trust`: whether K trusted admins approved this version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approved: Option<bool>,
+    /// Every key that signed its approval (valid or not).
+    signers: Vec<String>,
 }
 
-fn summaries(set: &PolicySet) -> Vec<PolicySummary<'_>> {
+fn summaries<'a>(set: &'a PolicySet, approvals: &Approvals) -> Vec<PolicySummary<'a>> {
     set.policies
         .iter()
-        .map(|p| PolicySummary {
-            namespace: &p.compiled.namespace,
-            name: &p.compiled.name,
-            file: p.file.display().to_string(),
-            line: p.line,
-            requirements: p.compiled.requirements.len(),
+        .map(|p| {
+            let key = p.compiled.key();
+            PolicySummary {
+                namespace: &p.compiled.namespace,
+                name: &p.compiled.name,
+                file: p.file.display().to_string(),
+                line: p.line,
+                requirements: p.compiled.requirements.len(),
+                approved: approvals
+                    .trust
+                    .as_ref()
+                    .map(|_| matches!(approvals.verdicts.get(&key), Some(Verdict::Approved { .. }))),
+                signers: approvals
+                    .verdicts
+                    .get(&key)
+                    .map(|v| match v {
+                        Verdict::Approved { signers } | Verdict::Unapproved { signers, .. } => {
+                            signers.iter().map(|f| approvals.name(f)).collect()
+                        }
+                    })
+                    .unwrap_or_default(),
+            }
         })
         .collect()
 }
 
+/// The admins' keys named with `--trust`, and the verdict on each policy's
+/// approval (without `--trust`: who signed, nothing verified).
+struct Approvals {
+    trust: Option<BundleTrust>,
+    /// Key file names by fingerprint, to name signers as people know them.
+    names: BTreeMap<Fingerprint, String>,
+    verdicts: BTreeMap<String, Verdict>,
+}
+
+impl Approvals {
+    fn read(keys: &[PathBuf], threshold: usize) -> Result<Approvals, String> {
+        let mut names = BTreeMap::new();
+        let mut admin_keys = Vec::new();
+        for path in keys {
+            let key = PublicKey::read_pem_file(path).map_err(|e| e.to_string())?;
+            names.insert(key.fingerprint(), path.display().to_string());
+            admin_keys.push(key);
+        }
+        if !keys.is_empty() && (threshold == 0 || threshold > admin_keys.len()) {
+            return Err(format!(
+                "--threshold {threshold} needs between 1 and {} (the --trust keys given)",
+                admin_keys.len()
+            ));
+        }
+        Ok(Approvals {
+            trust: (!keys.is_empty()).then_some(BundleTrust {
+                admin_keys,
+                threshold,
+            }),
+            names,
+            verdicts: BTreeMap::new(),
+        })
+    }
+
+    fn judge(&mut self, policies: &[LoadedPolicy]) {
+        // Without --trust, nothing is trusted: the verdict still lists who signed.
+        let nobody = BundleTrust {
+            admin_keys: Vec::new(),
+            threshold: 1,
+        };
+        for p in policies {
+            let verdict = judge(&p.compiled, self.trust.as_ref().unwrap_or(&nobody));
+            self.verdicts.insert(p.compiled.key(), verdict);
+        }
+    }
+
+    fn name(&self, key: &Fingerprint) -> String {
+        self.names
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| format!("{key} (not a --trust key)"))
+    }
+
+    /// With `--trust`, each policy without K valid approvals, as an error
+    /// at its approval annotation: who signed and what is missing.
+    fn errors(&self, policies: &[LoadedPolicy]) -> Vec<LoadError> {
+        if self.trust.is_none() {
+            return Vec::new();
+        }
+        policies
+            .iter()
+            .filter_map(|p| {
+                let Some(Verdict::Unapproved { reason, signers }) =
+                    self.verdicts.get(&p.compiled.key())
+                else {
+                    return None;
+                };
+                let signed = if signers.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<String> = signers.iter().map(|f| self.name(f)).collect();
+                    format!("; signed by {}", names.join(", "))
+                };
+                Some(LoadError {
+                    file: p.file.clone(),
+                    line: p.approval_at.0,
+                    column: p.approval_at.1,
+                    field: Some(format!(
+                        "metadata.annotations.{}",
+                        tenet_protocol::approval::APPROVAL_ANNOTATION
+                    )),
+                    message: format!("{} is not approved: {reason}{signed}", p.compiled.key()),
+                })
+            })
+            .collect()
+    }
+
+    /// One line per policy for `plan`.
+    fn describe(&self, key: &str) -> String {
+        match (self.verdicts.get(key), &self.trust) {
+            (Some(Verdict::Approved { signers }), Some(t)) => format!(
+                "approved by {} of the {} required: {}",
+                signers.len(),
+                t.threshold,
+                signers.iter().map(|f| self.name(f)).collect::<Vec<_>>().join(", ")
+            ),
+            (Some(Verdict::Unapproved { reason, .. }), Some(_)) => {
+                format!("NOT APPROVED: {reason} (the operator will not enforce it)")
+            }
+            (Some(Verdict::Unapproved { signers, .. }), None) if !signers.is_empty() => format!(
+                "signed by {} key(s) (not verified: give --trust)",
+                signers.len()
+            ),
+            _ => "not signed by any admin (run `tenet policy sign`)".into(),
+        }
+    }
+}
+
 #[derive(clap::Subcommand)]
 pub enum PolicyCommand {
-    /// Validate every policy in a directory. Exits 0 when all are valid;
-    /// otherwise 1, with every error on its own line as FILE:LINE:COL: message.
+    /// Validate every policy in a directory and, with --trust, their
+    /// approvals. Exits 0 when all are valid (and approved by --threshold
+    /// of the --trust keys); otherwise 1, with every error on its own line
+    /// as FILE:LINE:COL: message.
     Check {
         /// The policy directory (read recursively; hidden files are skipped).
         dir: PathBuf,
+        /// An admin's public key (repeat): each policy must be approved by
+        /// --threshold of these, as the operator requires.
+        #[arg(long = "trust")]
+        trust: Vec<PathBuf>,
+        /// How many of the --trust keys must have approved a policy.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+    },
+    /// Add your signature to the approval of every policy in FILE(s), in
+    /// the files themselves (the `tenet.dev/approval` annotation, one line
+    /// under `metadata.annotations`; comments and layout are kept). The
+    /// operator enforces a policy only once --admin-threshold admins signed
+    /// this very version; any change of its meaning voids the approval, and
+    /// signing it again starts a new one.
+    Sign {
+        /// Policy files (YAML, one or more TerminalPolicy documents each).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Your private admin key (from `tenet keygen`).
+        #[arg(long)]
+        key: PathBuf,
     },
     /// Show, for each terminal in an inventory, which policies select it,
     /// which requirements fail and why, and which payload would be sent.
@@ -56,6 +216,13 @@ pub enum PolicyCommand {
         /// An inventory file (one YAML document per terminal) or a directory of them.
         #[arg(long)]
         inventory: PathBuf,
+        /// An admin's public key (repeat): show whether each policy is
+        /// approved as the operator will judge it.
+        #[arg(long = "trust")]
+        trust: Vec<PathBuf>,
+        /// How many of the --trust keys must have approved a policy.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -67,49 +234,127 @@ pub fn run(
     stderr: &mut dyn Write,
 ) -> std::io::Result<i32> {
     match command {
-        PolicyCommand::Check { dir, output } => check(&dir, output, stdout, stderr),
+        PolicyCommand::Check {
+            dir,
+            trust,
+            threshold,
+            output,
+        } => match Approvals::read(&trust, threshold) {
+            Ok(approvals) => check(&dir, approvals, output, stdout, stderr),
+            Err(e) => usage(stderr, &e),
+        },
+        PolicyCommand::Sign { files, key } => sign_files(&files, &key, stdout, stderr),
         PolicyCommand::Plan {
             dir,
             inventory,
+            trust,
+            threshold,
             output,
-        } => plan(&dir, &inventory, output, stdout, stderr),
+        } => match Approvals::read(&trust, threshold) {
+            Ok(approvals) => plan(&dir, &inventory, approvals, output, stdout, stderr),
+            Err(e) => usage(stderr, &e),
+        },
     }
 }
 
+fn usage(err: &mut dyn Write, message: &str) -> std::io::Result<i32> {
+    writeln!(err, "tenet: {message}")?;
+    Ok(2)
+}
+
+/// `tenet policy sign FILE... --key KEY`: 0 when every file was signed;
+/// otherwise 1, each failure on stderr (a file that fails is left as it was).
+fn sign_files(
+    files: &[PathBuf],
+    key: &Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<i32> {
+    let key = match KeyPair::read_file(key) {
+        Ok(k) => k,
+        Err(e) => return usage(err, &format!("{}: {e}", key.display())),
+    };
+    let mut failed = false;
+    for file in files {
+        match sign(file, &key) {
+            Ok(signed) => {
+                for s in signed {
+                    let note = match (s.added, s.dropped) {
+                        (false, _) => " (this key had signed this version already)".to_string(),
+                        (true, 0) => String::new(),
+                        (true, n) => format!(
+                            " ({n} signature(s) of an earlier version dropped: it changed since)"
+                        ),
+                    };
+                    writeln!(
+                        out,
+                        "{}: {} signed by {} key(s){note}",
+                        file.display(),
+                        s.policy,
+                        s.signers.len(),
+                    )?;
+                }
+            }
+            Err(e) => {
+                writeln!(err, "{e}")?;
+                failed = true;
+            }
+        }
+    }
+    Ok(i32::from(failed))
+}
+
 /// `tenet policy check DIR`: 0 when every policy is valid, 1 otherwise.
-pub fn check(
+fn check(
     dir: &Path,
+    mut approvals: Approvals,
     output: Output,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
     let set = load_dir(dir);
+    approvals.judge(&set.policies);
+    let unapproved = approvals.errors(&set.policies);
     match output {
         Output::Json => {
             let report = CheckReport {
                 files: set.files,
-                policies: summaries(&set),
+                policies: summaries(&set, &approvals),
                 errors: &set.errors,
+                unapproved: unapproved.iter().collect(),
             };
             serde_json::to_writer_pretty(&mut *out, &report)?;
             writeln!(out)?;
         }
         Output::Text => {
-            for e in &set.errors {
+            for e in set.errors.iter().chain(&unapproved) {
                 writeln!(out, "{e}")?;
             }
+            let approved = match &approvals.trust {
+                Some(t) => format!(
+                    ", {} approved by {} of {} trusted key(s)",
+                    set.policies.len() - unapproved.len(),
+                    t.threshold,
+                    t.admin_keys.len()
+                ),
+                None => String::new(),
+            };
             writeln!(
                 err,
-                "{}: {} file(s), {} valid polic{}, {} error(s)",
+                "{}: {} file(s), {} valid polic{}{approved}, {} error(s)",
                 dir.display(),
                 set.files,
                 set.policies.len(),
                 if set.policies.len() == 1 { "y" } else { "ies" },
-                set.errors.len()
+                set.errors.len() + unapproved.len()
             )?;
         }
     }
-    Ok(if set.errors.is_empty() { 0 } else { 1 })
+    Ok(if set.errors.is_empty() && unapproved.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 #[derive(Serialize)]
@@ -121,6 +366,8 @@ struct TerminalPlan<'p> {
 #[derive(Serialize)]
 struct PolicyPlan<'p> {
     policy: String,
+    /// Its approval, as the operator would judge it (with `--trust`).
+    approval: String,
     selected: bool,
     compliant: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -142,7 +389,8 @@ struct Dispatch<'p> {
     digest: &'p str,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     args: &'p [String],
-    /// Why nothing would be sent, when the policy is suspended.
+    /// Why nothing would be sent: the policy is suspended, or not
+    /// approved (with `--trust`).
     #[serde(skip_serializing_if = "Option::is_none")]
     held: Option<&'static str>,
 }
@@ -150,9 +398,10 @@ struct Dispatch<'p> {
 /// `tenet policy plan DIR --inventory FILE`: what each terminal's drift is
 /// and what would be dispatched. 0 when the plan could be made (drift or
 /// not), 1 when a policy or an inventory has errors.
-pub fn plan(
+fn plan(
     dir: &Path,
     inventory: &Path,
+    mut approvals: Approvals,
     output: Output,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -178,6 +427,7 @@ pub fn plan(
         return Ok(1);
     }
 
+    approvals.judge(&set.policies);
     let plans: Vec<TerminalPlan<'_>> = inventories
         .iter()
         .map(|inv| {
@@ -205,9 +455,21 @@ pub fn plan(
                             payload: &r.payload.name,
                             digest: &r.payload.digest,
                             args: &r.args,
-                            held: c.spec.suspend.then_some("the policy is suspended"),
+                            held: if c.spec.suspend {
+                                Some("the policy is suspended")
+                            } else if approvals.trust.is_some()
+                                && !matches!(
+                                    approvals.verdicts.get(&c.key()),
+                                    Some(Verdict::Approved { .. })
+                                )
+                            {
+                                Some("the policy is not approved")
+                            } else {
+                                None
+                            },
                         });
                     PolicyPlan {
+                        approval: approvals.describe(&c.key()),
                         policy: c.key(),
                         selected: eval.selected,
                         compliant,
@@ -229,7 +491,14 @@ pub fn plan(
             serde_json::to_writer_pretty(&mut *out, &plans)?;
             writeln!(out)?;
         }
-        Output::Text => print_plan(&plans, out)?,
+        Output::Text => {
+            for p in &set.policies {
+                let key = p.compiled.key();
+                writeln!(out, "{key}: {}", approvals.describe(&key))?;
+            }
+            writeln!(out)?;
+            print_plan(&plans, out)?;
+        }
     }
     Ok(0)
 }

@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use tenet_protocol::wire::sha256;
+use tenet_protocol::bundle::BundleTrust;
 
 use crate::daemon::DaemonError;
 use crate::fleet::OperatorFleet;
 use crate::kubernetes::{KubeBackend, Policies};
+use crate::policy::approval::{Gate, Unapproved};
 use crate::policy::{CompiledPolicy, load_dir, yaml_files};
 use crate::reconcile::pass::PolicyStatus;
 use crate::store::Store;
@@ -32,6 +33,9 @@ pub struct Loaded {
     pub errors: Vec<String>,
     /// The git commit the policies came from, when there is one.
     pub revision: Option<String>,
+    /// Policies whose latest version the admins did not approve, by
+    /// `namespace/name`: their last approved generation stays in force.
+    pub unapproved: BTreeMap<String, Unapproved>,
 }
 
 pub enum Source {
@@ -42,18 +46,21 @@ pub enum Source {
 impl Source {
     /// Take in what changed: new tokens, deleted terminals, policies
     /// (then in [`Source::loaded`]).
+    /// Only policies the admins approved (`trust`: their keys and
+    /// threshold) come into force.
     pub async fn refresh(
         &mut self,
         store: &Store,
         fleet: &OperatorFleet,
+        trust: &BundleTrust,
         out: &mut (dyn Write + Send),
     ) -> Result<(), DaemonError> {
         match self {
             Source::Directory(d) => {
                 crate::tokens::import_inbox(&d.data, store)?;
-                d.reload(store)
+                d.reload(store, trust)
             }
-            Source::Kubernetes(k) => k.refresh(store, fleet, out).await,
+            Source::Kubernetes(k) => k.refresh(store, fleet, trust, out).await,
         }
     }
 
@@ -77,9 +84,36 @@ impl Source {
 /// up (a file's or a resource's own can start again at 1).
 fn stamp_generations(store: &Store, policies: &mut [CompiledPolicy]) {
     for p in policies {
-        let spec = serde_json::to_vec(p.spec.as_ref()).unwrap_or_default();
-        p.generation = store.policy_generation(&p.key(), sha256(&spec)) as i64;
+        p.generation = store.policy_generation(&p.key(), p.statement.spec_digest) as i64;
     }
+}
+
+/// The policies as read now, through the approval gate: those in force
+/// (stamped with their generation) and why the others are not. Only the
+/// approved are stamped, so an unapproved edit does not move a policy's
+/// generation.
+fn admit(
+    gate: &mut Gate,
+    store: &Store,
+    trust: &BundleTrust,
+    candidates: Vec<CompiledPolicy>,
+    before: &BTreeMap<String, Unapproved>,
+) -> (Vec<CompiledPolicy>, BTreeMap<String, Unapproved>) {
+    let mut admitted = gate.admit(candidates, trust);
+    stamp_generations(store, &mut admitted.policies);
+    for (key, u) in &mut admitted.unapproved {
+        if u.in_force.is_some() {
+            u.in_force = admitted
+                .policies
+                .iter()
+                .find(|p| p.key() == *key)
+                .map(|p| p.generation);
+        }
+        if before.get(key) != Some(u) {
+            tracing::warn!(policy = %key, reason = %u.reason, in_force = ?u.in_force, "policy not approved by the admins");
+        }
+    }
+    (admitted.policies, admitted.unapproved)
 }
 
 /// A policy directory and the token inbox of the data directory.
@@ -89,6 +123,7 @@ pub struct DirectorySource {
     /// The last good generation of each policy (with its file), kept while
     /// its file is broken.
     good: BTreeMap<String, (PathBuf, CompiledPolicy)>,
+    gate: Gate,
     /// Path, modification time and size of every file last loaded: the
     /// directory is parsed and compiled again only when this changes.
     stamp: Option<Vec<(PathBuf, SystemTime, u64)>>,
@@ -103,13 +138,14 @@ impl DirectorySource {
             dir,
             data,
             good: BTreeMap::new(),
+            gate: Gate::default(),
             stamp: None,
             unreadable: false,
             loaded: Loaded::default(),
         }
     }
 
-    fn reload(&mut self, store: &Store) -> Result<(), DaemonError> {
+    fn reload(&mut self, store: &Store, trust: &BundleTrust) -> Result<(), DaemonError> {
         let files = match yaml_files(&self.dir) {
             Ok(files) => files,
             Err(e) => {
@@ -151,8 +187,14 @@ impl DirectorySource {
                 next.insert(key.clone(), (file.clone(), compiled.clone()));
             }
         }
-        let mut policies: Vec<CompiledPolicy> = next.values().map(|(_, p)| p.clone()).collect();
-        stamp_generations(store, &mut policies);
+        let candidates: Vec<CompiledPolicy> = next.values().map(|(_, p)| p.clone()).collect();
+        let (policies, unapproved) = admit(
+            &mut self.gate,
+            store,
+            trust,
+            candidates,
+            &self.loaded.unapproved,
+        );
         let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
         if errors != self.loaded.errors {
             for e in &errors {
@@ -164,6 +206,7 @@ impl DirectorySource {
             policies,
             errors,
             revision: git_revision(&self.dir),
+            unapproved,
         };
         Ok(())
     }
@@ -189,6 +232,7 @@ fn git_revision(dir: &Path) -> Option<String> {
 pub struct KubeSource {
     pub backend: Arc<KubeBackend>,
     policies: Policies,
+    gate: Gate,
     loaded: Loaded,
 }
 
@@ -197,6 +241,7 @@ impl KubeSource {
         KubeSource {
             backend,
             policies,
+            gate: Gate::default(),
             loaded: Loaded::default(),
         }
     }
@@ -205,6 +250,7 @@ impl KubeSource {
         &mut self,
         store: &Store,
         fleet: &OperatorFleet,
+        trust: &BundleTrust,
         out: &mut (dyn Write + Send),
     ) -> Result<(), DaemonError> {
         match self.backend.tokens().await {
@@ -226,8 +272,14 @@ impl KubeSource {
             Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
         }
         self.backend.mark_expired(crate::time::now_ms());
-        let (mut policies, errors) = self.policies.refresh(store).await;
-        stamp_generations(store, &mut policies);
+        let (candidates, errors) = self.policies.refresh(store).await;
+        let (policies, unapproved) = admit(
+            &mut self.gate,
+            store,
+            trust,
+            candidates,
+            &self.loaded.unapproved,
+        );
         if errors != self.loaded.errors {
             for e in &errors {
                 tracing::error!(error = %e, "policy error");
@@ -237,6 +289,7 @@ impl KubeSource {
             policies,
             errors,
             revision: None,
+            unapproved,
         };
         Ok(())
     }

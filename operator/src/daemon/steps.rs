@@ -32,6 +32,26 @@ pub(super) fn jitter() -> f64 {
     tenet_protocol::keys::random_bytes().map_or(0.5, |b| f64::from(b[0]) / 255.0)
 }
 
+/// The pass's statuses, with each policy whose latest version is not
+/// approved marked so (and listed, when nothing of it is in force), so
+/// that status, the Ready condition and the metrics all show it.
+pub(super) fn with_unapproved(
+    mut statuses: Vec<PolicyStatus>,
+    unapproved: &std::collections::BTreeMap<String, crate::policy::approval::Unapproved>,
+) -> Vec<PolicyStatus> {
+    for (key, u) in unapproved {
+        match statuses.iter_mut().find(|s| s.policy == *key) {
+            Some(s) => s.unapproved = Some(u.message()),
+            None => statuses.push(PolicyStatus {
+                policy: key.clone(),
+                unapproved: Some(u.message()),
+                ..PolicyStatus::default()
+            }),
+        }
+    }
+    statuses
+}
+
 /// What one reconcile pass produced.
 pub(super) struct PassResult {
     pub outgoing: Vec<Outgoing>,
@@ -119,7 +139,9 @@ impl Running {
             return Ok(());
         }
         self.refreshed_at = Some(Instant::now());
-        self.source.refresh(&self.store, &self.fleet, out).await?;
+        self.source
+            .refresh(&self.store, &self.fleet, &self.bundle_trust, out)
+            .await?;
         let (loaded, problems) =
             self.bundle_cache
                 .load(&self.settings.bundles, &self.bundle_trust, now_ms());
@@ -149,6 +171,7 @@ impl Running {
             evaluations: Some(&self.evaluations),
         }
         .run()?;
+        let statuses = with_unapproved(statuses, &self.source.loaded().unapproved);
         self.metrics.observe_pass(started.elapsed());
         self.source.publish(&statuses);
         if let Source::Kubernetes(k) = &self.source {
@@ -324,6 +347,12 @@ fn print_statuses(statuses: &[PolicyStatus], out: &mut (dyn Write + Send)) {
             .as_deref()
             .map(|h| format!(" (held: {h})"))
             .unwrap_or_default();
+        if let Some(u) = &s.unapproved {
+            let _ = writeln!(out, "{} UNAPPROVED: {u}", s.policy);
+            if s.generation == 0 {
+                continue;
+            }
+        }
         let _ = writeln!(
             out,
             "{} gen {}: {} selected, {} compliant, {} drifted, {} remediating, {} failed{held}",

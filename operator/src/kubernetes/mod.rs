@@ -36,8 +36,11 @@ pub const FINALIZER: &str = "tenet.dev/cleanup";
 pub struct Policies {
     client: Client,
     reader: reflector::Store<TerminalPolicy>,
-    /// (key, generation) → compiled, or the errors.
-    compiled: HashMap<String, (i64, Result<CompiledPolicy, Vec<String>>)>,
+    /// key → the generation and approval annotation it was compiled at
+    /// (an annotation edit, such as an admin's signature, does not move
+    /// the generation), and the compiled policy or its errors.
+    #[allow(clippy::type_complexity)]
+    compiled: HashMap<String, ((i64, Option<String>), Result<CompiledPolicy, Vec<String>>)>,
     statuses: tokio::sync::watch::Sender<Vec<PolicyStatus>>,
     pub uids: Arc<Mutex<HashMap<String, String>>>,
     pub writes: Arc<AtomicU64>,
@@ -135,10 +138,16 @@ impl Policies {
                 }
             }
             let generation = p.meta().generation.unwrap_or(1);
+            let version = (
+                generation,
+                p.annotations()
+                    .get(tenet_protocol::approval::APPROVAL_ANNOTATION)
+                    .cloned(),
+            );
             let fresh = self
                 .compiled
                 .get(&key)
-                .is_none_or(|(g, _)| *g != generation);
+                .is_none_or(|(v, _)| *v != version);
             if fresh {
                 let result = compile(&p)
                     .map(|mut c| {
@@ -150,7 +159,7 @@ impl Policies {
                             .map(|e| format!("{key}: {}: {}", e.path, e.message))
                             .collect()
                     });
-                self.compiled.insert(key.clone(), (generation, result));
+                self.compiled.insert(key.clone(), (version, result));
             }
             match self.compiled.get(&key) {
                 Some((_, Ok(c))) => policies.push(c.clone()),
@@ -308,7 +317,7 @@ impl StatusWriter {
                     if changed {
                         self.ready.insert(s.policy.clone(), reason.to_string());
                         let event = Event {
-                            type_: if reason == "Failed" {
+                            type_: if matches!(reason, "Failed" | "Unapproved") {
                                 EventType::Warning
                             } else {
                                 EventType::Normal
@@ -346,7 +355,9 @@ pub fn ready_reason(s: &PolicyStatus) -> (&'static str, String) {
         "{}/{} compliant, {} drifted, {} remediating, {} failed",
         s.compliant, s.selected, s.drifted, s.remediating, s.failed
     );
-    let reason = if s.failed > 0 {
+    let reason = if s.unapproved.is_some() {
+        "Unapproved"
+    } else if s.failed > 0 {
         "Failed"
     } else if s.remediating > 0 {
         "Remediating"
@@ -355,10 +366,13 @@ pub fn ready_reason(s: &PolicyStatus) -> (&'static str, String) {
     } else {
         "Converged"
     };
-    let message = match &s.held {
+    let mut message = match &s.held {
         Some(h) => format!("{counts}; held: {h}"),
         None => counts,
     };
+    if let Some(u) = &s.unapproved {
+        message = format!("{u}; {message}");
+    }
     (reason, message)
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tenet_crds::TerminalPolicy;
 use tenet_crds::policy::{Capability, DesiredServiceState, Requirement, TerminalPolicySpec};
+use tenet_protocol::approval::PolicyStatement;
 
 use super::cel::Expression;
 use super::version::Constraint;
@@ -49,6 +50,11 @@ pub struct CompiledPolicy {
     pub match_labels: Vec<(String, String)>,
     pub selector: Option<Expression>,
     pub requirements: Vec<CompiledRequirement>,
+    /// What the admins' approval of this version must sign.
+    pub statement: Arc<PolicyStatement>,
+    /// The approval frame its `tenet.dev/approval` annotation carries, or
+    /// why there is none (judged by `approval::Gate`).
+    pub approval: Result<Arc<[u8]>, String>,
 }
 
 impl CompiledPolicy {
@@ -147,13 +153,20 @@ pub fn compile(policy: &TerminalPolicy) -> Result<CompiledPolicy, Vec<FieldError
     if !errors.is_empty() {
         return Err(errors);
     }
+    let namespace = policy
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = policy.metadata.name.clone().unwrap_or_default();
     Ok(CompiledPolicy {
-        namespace: policy
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name: policy.metadata.name.clone().unwrap_or_default(),
+        statement: Arc::new(super::approval::statement(
+            &format!("{namespace}/{name}"),
+            spec,
+        )),
+        approval: super::approval::annotation_frame(&policy.metadata).map(Arc::from),
+        namespace,
+        name,
         generation: policy.metadata.generation.unwrap_or(1),
         observed_generation: policy.metadata.generation.unwrap_or(1),
         spec: Arc::new(spec.clone()),

@@ -57,6 +57,11 @@ pub struct LoadedPolicy {
     pub compiled: CompiledPolicy,
     pub file: PathBuf,
     pub line: usize,
+    /// Which YAML document of its file (counting empty ones).
+    pub document: usize,
+    /// Where its approval annotation is written (or, without one, its
+    /// metadata): what `tenet policy check` points at.
+    pub approval_at: (usize, usize),
 }
 
 /// Everything read from a policy directory: the good policies and every
@@ -108,149 +113,169 @@ pub fn load_dir(dir: &Path) -> PolicySet {
                 continue;
             }
         };
-        if let Err(e) = check_flow_depth(&file, &text) {
-            set.errors.push(e);
+        load_text(&mut set, &mut seen, &file, &text);
+    }
+    set
+}
+
+/// Read the policies of one file's `text` into `set` (`seen`: the
+/// policies read so far, by namespace and name, to refuse duplicates).
+pub fn load_text(
+    set: &mut PolicySet,
+    seen: &mut HashMap<(String, String), (PathBuf, Pos)>,
+    file: &Path,
+    text: &str,
+) {
+    if let Err(e) = check_flow_depth(file, text) {
+        set.errors.push(e);
+        return;
+    }
+    let mut positions: Option<Vec<DocPositions>> = None;
+    let mut pos_of = |doc: usize, field: &str, key: bool| -> Pos {
+        let docs = positions.get_or_insert_with(|| yamlpos::index(text));
+        docs.get(doc)
+            .and_then(|d| if key { d.key(field) } else { d.value(field) })
+            .unwrap_or(Pos { line: 1, column: 1 })
+    };
+    let located = |pos: Pos, field: Option<&str>, message: String| LoadError {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        field: field.filter(|f| !f.is_empty()).map(str::to_string),
+        message,
+    };
+    let mut documents = 0;
+    for (doc_index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                // After a syntax error the rest of the stream cannot be read.
+                set.errors.push(yaml_error(file, &e));
+                documents += 1;
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document, as between two `---`
+        }
+        documents += 1;
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+        if !value.is_mapping() || api_version != API_VERSION || kind != "TerminalPolicy" {
+            let field = if kind != "TerminalPolicy" {
+                "kind"
+            } else {
+                "apiVersion"
+            };
+            let message = if !value.is_mapping() {
+                "a document must be a mapping with apiVersion, kind, metadata and spec"
+                    .to_string()
+            } else {
+                format!(
+                    "expected apiVersion {API_VERSION} and kind TerminalPolicy, found apiVersion {api_version:?} and kind {kind:?}"
+                )
+            };
+            set.errors.push(located(
+                pos_of(doc_index, field, false),
+                Some(field),
+                message,
+            ));
             continue;
         }
-        let mut positions: Option<Vec<DocPositions>> = None;
-        let mut pos_of = |doc: usize, field: &str, key: bool| -> Pos {
-            let docs = positions.get_or_insert_with(|| yamlpos::index(&text));
-            docs.get(doc)
-                .and_then(|d| if key { d.key(field) } else { d.value(field) })
-                .unwrap_or(Pos { line: 1, column: 1 })
-        };
-        let located = |pos: Pos, field: Option<&str>, message: String| LoadError {
-            file: file.clone(),
-            line: pos.line,
-            column: pos.column,
-            field: field.filter(|f| !f.is_empty()).map(str::to_string),
-            message,
-        };
-        let mut documents = 0;
-        for (doc_index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(v) => v,
-                Err(e) => {
-                    // After a syntax error the rest of the stream cannot be read.
-                    set.errors.push(yaml_error(&file, &e));
-                    documents += 1;
-                    break;
-                }
-            };
-            if value.is_null() {
-                continue; // an empty document, as between two `---`
-            }
-            documents += 1;
-            let api_version = value
-                .get("apiVersion")
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
-            let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-            if !value.is_mapping() || api_version != API_VERSION || kind != "TerminalPolicy" {
-                let field = if kind != "TerminalPolicy" {
-                    "kind"
-                } else {
-                    "apiVersion"
-                };
-                let message = if !value.is_mapping() {
-                    "a document must be a mapping with apiVersion, kind, metadata and spec"
-                        .to_string()
-                } else {
-                    format!(
-                        "expected apiVersion {API_VERSION} and kind TerminalPolicy, found apiVersion {api_version:?} and kind {kind:?}"
-                    )
-                };
+        let parsed: Result<PolicyDocument, _> = serde_path_to_error::deserialize(value);
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                let field = e.path().to_string();
+                let field = if field == "." { String::new() } else { field };
+                let inner = e.into_inner();
+                let message = inner.to_string();
+                // For an unknown field the path ends with the unknown key:
+                // point at the key, not at its value.
+                let is_unknown = message.starts_with("unknown field");
                 set.errors.push(located(
-                    pos_of(doc_index, field, false),
-                    Some(field),
+                    pos_of(doc_index, &field, is_unknown),
+                    Some(&field),
                     message,
                 ));
                 continue;
             }
-            let parsed: Result<PolicyDocument, _> = serde_path_to_error::deserialize(value);
-            let parsed = match parsed {
-                Ok(p) => p,
-                Err(e) => {
-                    let field = e.path().to_string();
-                    let field = if field == "." { String::new() } else { field };
-                    let inner = e.into_inner();
-                    let message = inner.to_string();
-                    // For an unknown field the path ends with the unknown key:
-                    // point at the key, not at its value.
-                    let is_unknown = message.starts_with("unknown field");
-                    set.errors.push(located(
-                        pos_of(doc_index, &field, is_unknown),
-                        Some(&field),
-                        message,
-                    ));
-                    continue;
-                }
-            };
-            let name_pos = pos_of(doc_index, "metadata.name", false);
-            let Some(name) = parsed.metadata.name.clone() else {
-                set.errors.push(located(
-                    pos_of(doc_index, "metadata", true),
-                    Some("metadata.name"),
-                    "missing field `name`".into(),
-                ));
-                continue;
-            };
-            if let Err(why) = check_name(&name) {
-                set.errors
-                    .push(located(name_pos, Some("metadata.name"), why));
-                continue;
-            }
-            let namespace = parsed
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let key = (namespace.clone(), name.clone());
-            if let Some((first_file, first_pos)) = seen.get(&key) {
-                set.errors.push(located(
-                    name_pos,
-                    Some("metadata.name"),
-                    format!(
-                        "duplicate TerminalPolicy {namespace}/{name}: first defined at {}:{}:{}",
-                        first_file.display(),
-                        first_pos.line,
-                        first_pos.column
-                    ),
-                ));
-                continue;
-            }
-            seen.insert(key, (file.clone(), name_pos));
-            let mut metadata = parsed.metadata;
-            metadata.namespace = Some(namespace);
-            let policy = TerminalPolicy {
-                metadata,
-                spec: parsed.spec,
-                status: None,
-            };
-            match compile(&policy) {
-                Ok(compiled) => set.policies.push(LoadedPolicy {
-                    policy,
-                    compiled,
-                    file: file.clone(),
-                    line: name_pos.line,
-                }),
-                Err(errors) => {
-                    for e in errors {
-                        let mut pos = pos_of(doc_index, &e.path, false);
-                        if let Some(offset) = e.offset {
-                            pos.column += offset;
-                        }
-                        set.errors.push(located(pos, Some(&e.path), e.message));
-                    }
-                }
-            }
-        }
-        if documents == 0 {
+        };
+        let name_pos = pos_of(doc_index, "metadata.name", false);
+        let Some(name) = parsed.metadata.name.clone() else {
+            set.errors.push(located(
+                pos_of(doc_index, "metadata", true),
+                Some("metadata.name"),
+                "missing field `name`".into(),
+            ));
+            continue;
+        };
+        if let Err(why) = check_name(&name) {
             set.errors
-                .push(file_error(&file, "the file holds no YAML document".into()));
+                .push(located(name_pos, Some("metadata.name"), why));
+            continue;
+        }
+        let namespace = parsed
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let key = (namespace.clone(), name.clone());
+        if let Some((first_file, first_pos)) = seen.get(&key) {
+            set.errors.push(located(
+                name_pos,
+                Some("metadata.name"),
+                format!(
+                    "duplicate TerminalPolicy {namespace}/{name}: first defined at {}:{}:{}",
+                    first_file.display(),
+                    first_pos.line,
+                    first_pos.column
+                ),
+            ));
+            continue;
+        }
+        seen.insert(key, (file.to_path_buf(), name_pos));
+        let mut metadata = parsed.metadata;
+        metadata.namespace = Some(namespace);
+        let policy = TerminalPolicy {
+            metadata,
+            spec: parsed.spec,
+            status: None,
+        };
+        match compile(&policy) {
+            Ok(compiled) => set.policies.push(LoadedPolicy {
+                policy,
+                compiled,
+                file: file.to_path_buf(),
+                line: name_pos.line,
+                document: doc_index,
+                approval_at: {
+                    let at = pos_of(
+                        doc_index,
+                        &format!("metadata.annotations.{}", tenet_protocol::approval::APPROVAL_ANNOTATION),
+                        false,
+                    );
+                    (at.line, at.column)
+                },
+            }),
+            Err(errors) => {
+                for e in errors {
+                    let mut pos = pos_of(doc_index, &e.path, false);
+                    if let Some(offset) = e.offset {
+                        pos.column += offset;
+                    }
+                    set.errors.push(located(pos, Some(&e.path), e.message));
+                }
+            }
         }
     }
-    set
+    if documents == 0 {
+        set.errors
+            .push(file_error(file, "the file holds no YAML document".into()));
+    }
 }
 
 /// A Kubernetes object name: a DNS subdomain (RFC 1123).

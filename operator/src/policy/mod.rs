@@ -6,6 +6,7 @@
 //! tells whether the policy selects the terminal and, for each requirement,
 //! whether it holds and why not.
 
+pub mod approval;
 pub mod cel;
 pub mod compile;
 pub mod eval;

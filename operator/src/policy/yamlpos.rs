@@ -43,6 +43,27 @@ impl DocPositions {
         nearest(path, |p| self.values.get(p).copied())
     }
 
+    /// Where the key of the entry at exactly `path` is written.
+    pub fn exact_key(&self, path: &str) -> Option<Pos> {
+        self.keys.get(path).copied()
+    }
+
+    /// Where the first key inside the mapping at `path` is written: its
+    /// first entry's (the earliest of all keys beneath it).
+    pub fn first_key_under(&self, path: &str) -> Option<Pos> {
+        let prefix = format!("{path}.");
+        self.keys
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, p)| *p)
+            .min_by_key(|p| (p.line, p.column))
+    }
+
+    /// Where the value at exactly `path` starts.
+    pub fn exact_value(&self, path: &str) -> Option<Pos> {
+        self.values.get(path).copied()
+    }
+
     /// The key of the entry at `path` (for unknown fields), or the nearest
     /// enclosing field that exists.
     pub fn key(&self, path: &str) -> Option<Pos> {

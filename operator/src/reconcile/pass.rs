@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use tenet_protocol::bundle::Capability;
 use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::keys::random_bytes;
 use tenet_protocol::report::{DispatchRecord, nonce_commitment};
@@ -18,6 +17,7 @@ use tenet_protocol::{SignedMessage, Signer};
 
 use super::rollout::{Counts, Step, step};
 use super::state::{Event, Observed, PairState, Retry, apply_pass, next, unchanged_by_pass};
+use crate::policy::approval::capability;
 use crate::policy::{CompiledPolicy, TerminalView, evaluate};
 use crate::store::{LiveDispatch, PairRecord, Store, StoreError, StoredInventory};
 
@@ -61,6 +61,10 @@ pub struct PolicyStatus {
     /// suspended); if not, its drift is only reported.
     #[serde(default)]
     pub remediates: bool,
+    /// Why the policy's latest version is not in force: its edit is not
+    /// approved by the admins (`policy::approval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unapproved: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,16 +121,6 @@ pub struct Pass<'a> {
     pub jitter: f64,
     /// Evaluations kept between passes (`None`: evaluate everything).
     pub evaluations: Option<&'a std::sync::Mutex<Evaluations>>,
-}
-
-fn capability(c: tenet_crds::policy::Capability) -> Capability {
-    use tenet_crds::policy::Capability as C;
-    match c {
-        C::RunArtifact => Capability::RunArtifact,
-        C::ReadInventory => Capability::ReadInventory,
-        C::WriteFiles => Capability::WriteFiles,
-        C::Log => Capability::Log,
-    }
 }
 
 /// A dispatch that could not be handed to its terminal (it went offline
@@ -348,6 +342,15 @@ impl Pass<'_> {
         if count == 0 {
             return Ok((status, Vec::new()));
         }
+        // Only approved policies reach a pass (`policy::approval::Gate`);
+        // the terminal checks the approval again against each envelope.
+        let approval = match &policy.approval {
+            Ok(frame) => frame.clone(),
+            Err(why) => {
+                status.held = Some(format!("not approved: {why}"));
+                return Ok((status, Vec::new()));
+            }
+        };
         let want = parse_digest(&remediation.payload.digest);
         let bundle = match self.bundles.get(&remediation.payload.name) {
             Some(b) if Some(b.digest) == want => b,
@@ -394,6 +397,7 @@ impl Pass<'_> {
                     .map(|c| capability(*c))
                     .collect(),
                 write_paths: remediation.write_paths.clone(),
+                approval: approval.to_vec(),
             };
             let frame = SignedMessage::signed(&envelope, self.dispatch_key)?;
             let live = LiveDispatch {

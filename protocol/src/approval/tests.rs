@@ -132,6 +132,7 @@ fn an_envelope_is_covered_only_by_exactly_the_approved_parameters() {
         args: vec!["browser-a_120.0-1_all.deb".into()],
         capabilities: vec![Capability::RunArtifact],
         write_paths: vec![],
+        approval: Vec::new(),
     };
     assert_eq!(approved.covers(&envelope), Ok(()));
     let reason = |e: DispatchEnvelope| approved.covers(&e).expect_err("refused").to_string();
@@ -156,4 +157,68 @@ fn an_envelope_is_covered_only_by_exactly_the_approved_parameters() {
     let mut other = envelope;
     other.payload_digest = [2; 32];
     assert!(reason(other).contains("is not the approved"));
+}
+
+#[test]
+fn a_terminal_runs_an_envelope_only_under_its_policys_approval() {
+    let a = admins(3);
+    let trusted = keys(&a);
+    let envelope = |approval: Vec<u8>, policy: &str, args: &[&str]| DispatchEnvelope {
+        terminal: "ward-01".into(),
+        policy: policy.into(),
+        policy_generation: 3,
+        payload_digest: [1; 32],
+        nonce: [9; 32],
+        issued_at_ms: 1,
+        deadline_ms: 2,
+        sequence: 1,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        capabilities: vec![Capability::RunArtifact],
+        write_paths: vec![],
+        approval,
+    };
+    let good = approve(&statement(), &[&a[0], &a[1]]);
+    let ok = envelope(good.clone(), "hospital-it/browser-a", &["browser-a_120.0-1_all.deb"]);
+    let signers = check_envelope(&ok, &trusted, 2).expect("approved").signers;
+    assert_eq!(signers.len(), 2);
+    let refused = |e: DispatchEnvelope| {
+        check_envelope(&e, &trusted, 2)
+            .expect_err("refused")
+            .to_string()
+    };
+    // The dispatch key alone: no approval at all.
+    assert_eq!(
+        refused(envelope(Vec::new(), "hospital-it/browser-a", &["browser-a_120.0-1_all.deb"])),
+        "not approved by the admins: the envelope for policy hospital-it/browser-a carries no approval by the admins"
+    );
+    // The approved policy's approval, with the arguments edited.
+    assert_eq!(
+        refused(envelope(good.clone(), "hospital-it/browser-a", &["backdoor_6.6.6_all.deb"])),
+        "not approved by the admins: the envelope's arguments differ from what the admins approved"
+    );
+    // Another policy's approval, lent to a policy nobody approved.
+    assert_eq!(
+        refused(envelope(good, "hospital-it/cleanup", &["browser-a_120.0-1_all.deb"])),
+        "not approved by the admins: the approval is for policy hospital-it/browser-a, not hospital-it/cleanup"
+    );
+    // Too few admins.
+    assert_eq!(
+        refused(envelope(
+            approve(&statement(), &[&a[2]]),
+            "hospital-it/browser-a",
+            &["browser-a_120.0-1_all.deb"]
+        )),
+        "not approved by the admins: 1 valid signature(s) by trusted keys, 2 required"
+    );
+    // Approved as a policy that remediates nothing.
+    let mut report_only = statement();
+    report_only.remediation = None;
+    assert_eq!(
+        refused(envelope(
+            approve(&report_only, &[&a[0], &a[1]]),
+            "hospital-it/browser-a",
+            &["browser-a_120.0-1_all.deb"]
+        )),
+        "not approved by the admins: the admins approved policy hospital-it/browser-a without a remediation"
+    );
 }

@@ -71,6 +71,7 @@ pub fn envelope(payload_digest: [u8; 32], sequence: u64) -> DispatchEnvelope {
         args: vec!["browser-a_120.0-1_amd64.deb".into()],
         capabilities: vec![Capability::RunArtifact, Capability::Log],
         write_paths: vec![],
+        approval: Vec::new(),
     }
 }
 

@@ -4,7 +4,8 @@ use tenet_crds::TerminalPolicy;
 use tenet_protocol::enrol::EnrolmentRequest;
 use tenet_protocol::envelope::EnvelopeState;
 use tenet_protocol::inventory::{Inventory, Package, PackageManager};
-use tenet_protocol::{Algorithm, KeyPair};
+use tenet_protocol::bundle::Capability;
+use tenet_protocol::{Algorithm, KeyPair, Signer};
 
 use super::*;
 use crate::store::{StoredInventory, TokenRecord};
@@ -25,7 +26,17 @@ fn policy(rollout: &str, digest: &str) -> CompiledPolicy {
         "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: browser, namespace: it, generation: 2 }}\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= 120' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{digest}' }}\n    args: [browser-a.deb]\n    capabilities: [run-artifact, log]\n    timeoutSeconds: 60\n  rollout: {rollout}\n"
     );
     let p: TerminalPolicy = serde_yaml::from_str(&yaml).expect("policy");
-    crate::policy::compile(&p).expect("compiles")
+    let mut c = crate::policy::compile(&p).expect("compiles");
+    // Approved by the admin, as every policy that reaches a pass is.
+    let frame = SignedMessage::signed(c.statement.as_ref(), admin()).expect("sign");
+    c.approval = Ok(std::sync::Arc::from(frame.encode()));
+    c
+}
+
+/// The one admin of these tests.
+fn admin() -> &'static KeyPair {
+    static ADMIN: std::sync::OnceLock<KeyPair> = std::sync::OnceLock::new();
+    ADMIN.get_or_init(|| KeyPair::generate(Algorithm::Ed25519).expect("key"))
 }
 
 fn world(terminals: &[(&str, &str)], rollout: &str) -> World {
@@ -146,6 +157,9 @@ fn dispatches_within_the_rollout_limit_with_verifiable_envelopes() {
         v.envelope.capabilities,
         vec![Capability::RunArtifact, Capability::Log]
     );
+    // It carries the admin's approval, which covers it on the terminal.
+    tenet_protocol::approval::check_envelope(&v.envelope, &[admin().public_key()], 1)
+        .expect("approved");
     let live = w.store.dispatch("a", "it/browser").expect("live");
     assert_eq!(
         live.record.nonce_commitment,

@@ -1,0 +1,217 @@
+//! Policy approvals, the operator's side: the statement a policy's approval
+//! must sign (computed from the policy as read), the verdict on the
+//! approval a policy carries, and the [`Gate`] that keeps each policy's
+//! last approved generation in force. Signing a policy file in place is
+//! [`sign`]. The format itself (`PolicyStatement`, `verify_approval`) is
+//! the protocol's, `tenet_protocol::approval`.
+//!
+//! What is signed is a canonical form of the spec: the spec as Tenet read
+//! it (defaults filled in, fields in their declared order, serialised as
+//! JSON), without its `description`. Comments, key order, quoting and
+//! whitespace do not change it; any change of meaning does.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use tenet_crds::policy::TerminalPolicySpec;
+use tenet_protocol::approval::{
+    APPROVAL_ANNOTATION, ApprovedRemediation, PolicyStatement, signers_of, verify_approval,
+};
+use tenet_protocol::bundle::{BundleTrust, Capability};
+use tenet_protocol::keys::Fingerprint;
+use tenet_protocol::wire::{parse_digest, sha256};
+
+use super::CompiledPolicy;
+
+mod sign;
+pub use sign::{SignError, sign};
+
+/// SHA-256 of the canonical form of `spec` (see the module's comment).
+pub fn spec_digest(spec: &TerminalPolicySpec) -> [u8; 32] {
+    let mut canonical = spec.clone();
+    canonical.description = None;
+    sha256(&serde_json::to_vec(&canonical).unwrap_or_default())
+}
+
+/// The protocol's name of a capability a policy grants.
+pub fn capability(c: tenet_crds::policy::Capability) -> Capability {
+    use tenet_crds::policy::Capability as C;
+    match c {
+        C::RunArtifact => Capability::RunArtifact,
+        C::ReadInventory => Capability::ReadInventory,
+        C::WriteFiles => Capability::WriteFiles,
+        C::Log => Capability::Log,
+    }
+}
+
+/// What an envelope of this policy carries: exactly what the approval of
+/// its remediation must name. `None` when it remediates nothing.
+pub fn remediation(spec: &TerminalPolicySpec) -> Option<ApprovedRemediation> {
+    let r = spec.remediation.as_ref()?;
+    Some(ApprovedRemediation {
+        // A digest that does not parse never compiles; zeros approve nothing.
+        payload_digest: parse_digest(&r.payload.digest).unwrap_or([0; 32]),
+        args: r.args.clone(),
+        capabilities: r.capabilities.iter().map(|c| capability(*c)).collect(),
+        write_paths: r.write_paths.clone(),
+    })
+}
+
+/// The statement the admins approve for the policy `key` (`namespace/name`).
+pub fn statement(key: &str, spec: &TerminalPolicySpec) -> PolicyStatement {
+    PolicyStatement {
+        policy: key.to_string(),
+        spec_digest: spec_digest(spec),
+        remediation: remediation(spec),
+    }
+}
+
+/// The approval frame in a policy's `tenet.dev/approval` annotation, or
+/// why there is none.
+pub fn annotation_frame(meta: &ObjectMeta) -> Result<Vec<u8>, String> {
+    let text = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(APPROVAL_ANNOTATION))
+        .ok_or_else(|| {
+            format!("not signed by any admin (no {APPROVAL_ANNOTATION} annotation; run `tenet policy sign`)")
+        })?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|e| format!("the {APPROVAL_ANNOTATION} annotation is not base64: {e}"))
+}
+
+/// The verdict on a policy's approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Approved {
+        signers: Vec<Fingerprint>,
+    },
+    Unapproved {
+        /// Why, as a person reads it.
+        reason: String,
+        /// Who signed the frame, valid or not (empty when unreadable).
+        signers: Vec<Fingerprint>,
+    },
+}
+
+/// Judge the approval of a compiled policy against the admins' keys.
+pub fn judge(policy: &CompiledPolicy, trust: &BundleTrust) -> Verdict {
+    let frame = match &policy.approval {
+        Ok(frame) => frame,
+        Err(why) => {
+            return Verdict::Unapproved {
+                reason: why.clone(),
+                signers: Vec::new(),
+            };
+        }
+    };
+    match verify_approval(frame, &policy.statement, &trust.admin_keys, trust.threshold) {
+        Ok(a) => Verdict::Approved { signers: a.signers },
+        Err(e) => Verdict::Unapproved {
+            // "not approved by the admins: ..." is the agent's wording;
+            // here the policy is named already.
+            reason: e
+                .to_string()
+                .trim_start_matches("not approved by the admins: ")
+                .to_string(),
+            signers: signers_of(frame).unwrap_or_default(),
+        },
+    }
+}
+
+/// A policy whose latest version is not approved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unapproved {
+    pub reason: String,
+    /// The generation in force instead (the last approved), if any: the
+    /// gate gives the one it kept, the source the one it stamped.
+    pub in_force: Option<i64>,
+}
+
+impl Unapproved {
+    /// One line for status and the Ready condition.
+    pub fn message(&self) -> String {
+        match self.in_force {
+            Some(g) => format!(
+                "the latest edit is not approved ({}); generation {g}, the last approved, stays in force",
+                self.reason
+            ),
+            None => format!(
+                "not approved ({}); nothing of it is in force",
+                self.reason
+            ),
+        }
+    }
+}
+
+/// What the gate lets through.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub policies: Vec<CompiledPolicy>,
+    /// By `namespace/name`.
+    pub unapproved: BTreeMap<String, Unapproved>,
+}
+
+/// Keeps, for each policy, the last version whose approval verified: an
+/// unapproved edit leaves that one in force (as a broken file does), a
+/// policy never approved is not in force at all.
+#[derive(Default)]
+pub struct Gate {
+    approved: BTreeMap<String, CompiledPolicy>,
+    /// The last verdict per policy, with the statement and frame it was
+    /// for: a refresh that changed nothing verifies nothing again.
+    verdicts: BTreeMap<String, (Arc<PolicyStatement>, Result<Arc<[u8]>, String>, Verdict)>,
+}
+
+impl Gate {
+    /// Take the policies as read now; return those in force and why the
+    /// others are not. A policy no longer read is forgotten.
+    pub fn admit(&mut self, candidates: Vec<CompiledPolicy>, trust: &BundleTrust) -> Admitted {
+        let mut admitted = Admitted::default();
+        let mut approved = BTreeMap::new();
+        let mut verdicts = BTreeMap::new();
+        for candidate in candidates {
+            let key = candidate.key();
+            let verdict = match self.verdicts.remove(&key) {
+                Some((s, f, v)) if s == candidate.statement && f == candidate.approval => v,
+                _ => judge(&candidate, trust),
+            };
+            verdicts.insert(
+                key.clone(),
+                (
+                    candidate.statement.clone(),
+                    candidate.approval.clone(),
+                    verdict.clone(),
+                ),
+            );
+            match verdict {
+                Verdict::Approved { .. } => {
+                    approved.insert(key, candidate);
+                }
+                Verdict::Unapproved { reason, .. } => {
+                    let kept = self.approved.remove(&key);
+                    admitted.unapproved.insert(
+                        key.clone(),
+                        Unapproved {
+                            reason,
+                            in_force: kept.as_ref().map(|p| p.generation),
+                        },
+                    );
+                    if let Some(p) = kept {
+                        approved.insert(key, p);
+                    }
+                }
+            }
+        }
+        admitted.policies = approved.values().cloned().collect();
+        self.approved = approved;
+        self.verdicts = verdicts;
+        admitted
+    }
+}
+
+#[cfg(test)]
+mod tests;

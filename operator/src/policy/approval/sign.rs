@@ -1,0 +1,284 @@
+//! `tenet policy sign`: add an admin's signature to the approval of every
+//! TerminalPolicy in a file, in the file itself (the `tenet.dev/approval`
+//! annotation), so that the same file serves a policy directory and
+//! `kubectl apply`.
+//!
+//! The file is edited as text, not re-serialised: comments, key order and
+//! quoting stay as the admins wrote them. The edited text is read again
+//! before it is written, and must hold the same policies with exactly the
+//! new approvals; otherwise nothing is written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use tenet_protocol::approval::PolicyStatement;
+use tenet_protocol::keys::{Fingerprint, KeyError};
+use tenet_protocol::{Kind, SignedMessage, Signer};
+
+use super::super::load::{LoadError, LoadedPolicy, PolicySet, load_text};
+use super::super::yamlpos::{self, DocPositions};
+use super::APPROVAL_ANNOTATION;
+
+/// What signing did to one policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedPolicy {
+    /// `namespace/name`.
+    pub policy: String,
+    /// Every key whose signature the approval now holds, in order.
+    pub signers: Vec<Fingerprint>,
+    /// False when this key had signed this version already.
+    pub added: bool,
+    /// Signatures dropped because they approved an earlier version.
+    pub dropped: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The file does not load: nothing is signed until it does.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<LoadError>),
+    #[error("{}: holds no TerminalPolicy to sign", .0.display())]
+    NothingToSign(PathBuf),
+    #[error("{}:{line}:{column}: {message}; nothing was written", file.display())]
+    Place {
+        file: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot sign: {0}")]
+    Key(#[from] KeyError),
+}
+
+/// Sign every TerminalPolicy in `file` with `key`, in place.
+pub fn sign(file: &Path, key: &dyn Signer) -> Result<Vec<SignedPolicy>, SignError> {
+    let io = |source| SignError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let text = std::fs::read_to_string(file).map_err(io)?;
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(file).map_err(io)?.permissions().mode() & 0o7777
+    };
+    let set = load_one(file, &text);
+    if !set.errors.is_empty() {
+        return Err(SignError::Invalid(set.errors));
+    }
+    if set.policies.is_empty() {
+        return Err(SignError::NothingToSign(file.to_path_buf()));
+    }
+    let docs = yamlpos::index(&text);
+    let mut edits = Vec::new();
+    let mut signed = Vec::new();
+    let mut frames = HashMap::new();
+    for p in &set.policies {
+        let (frame, report) = approval_for(p, key)?;
+        let encoded = frame.encode();
+        let text64 = base64::engine::general_purpose::STANDARD.encode(&encoded);
+        let positions = docs.get(p.document).ok_or_else(|| SignError::Place {
+            file: file.to_path_buf(),
+            line: p.line,
+            column: 1,
+            message: "cannot find this document's fields".into(),
+        })?;
+        edits.push(place(file, positions, &text64)?);
+        frames.insert(p.compiled.key(), encoded);
+        signed.push(report);
+    }
+    let new_text = apply(&text, edits);
+    check_edit(file, &set, &new_text, &frames)?;
+    tenet_protocol::host::replace(file, new_text.as_bytes(), mode).map_err(io)?;
+    Ok(signed)
+}
+
+fn load_one(file: &Path, text: &str) -> PolicySet {
+    let mut set = PolicySet {
+        files: 1,
+        ..PolicySet::default()
+    };
+    load_text(&mut set, &mut HashMap::new(), file, text);
+    set
+}
+
+/// The approval of `p` with `key`'s signature added: to the approval it
+/// carries when that one approves this very version, else to a new one
+/// (the signatures of an earlier version approve nothing now).
+fn approval_for(
+    p: &LoadedPolicy,
+    key: &dyn Signer,
+) -> Result<(SignedMessage, SignedPolicy), KeyError> {
+    let statement = p.compiled.statement.as_ref();
+    let fingerprint = key.public_key().fingerprint();
+    let existing = p
+        .compiled
+        .approval
+        .as_ref()
+        .ok()
+        .and_then(|bytes| SignedMessage::decode(bytes, Kind::PolicyApproval).ok());
+    let (mut frame, dropped) = match existing {
+        Some(f) if f.open::<PolicyStatement>().ok().as_ref() == Some(statement) => (f, 0),
+        Some(f) => (SignedMessage::new(statement), f.signatures.len()),
+        None => (SignedMessage::new(statement), 0),
+    };
+    let added = !frame.signatures.iter().any(|s| s.key == fingerprint);
+    frame.sign(key)?;
+    let report = SignedPolicy {
+        policy: p.compiled.key(),
+        signers: frame.signatures.iter().map(|s| s.key).collect(),
+        added,
+        dropped,
+    };
+    Ok((frame, report))
+}
+
+/// One change to the text: lines are 0-based, columns are byte offsets.
+#[derive(Debug)]
+enum Edit {
+    /// Replace the value token that starts at `column` of `line`.
+    Replace { line: usize, column: usize, with: String },
+    /// Insert `lines` before `line`.
+    Insert { line: usize, lines: String },
+}
+
+impl Edit {
+    fn line(&self) -> usize {
+        match self {
+            Edit::Replace { line, .. } | Edit::Insert { line, .. } => *line,
+        }
+    }
+}
+
+/// Where the approval of one document goes: over the annotation it has,
+/// as a new entry of its block `annotations`, or as a new `annotations`
+/// block of its block `metadata`.
+fn place(file: &Path, doc: &DocPositions, value: &str) -> Result<Edit, SignError> {
+    let annotation = format!("metadata.annotations.{APPROVAL_ANNOTATION}");
+    let flow = |pos: yamlpos::Pos, field: &str| SignError::Place {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        message: format!(
+            "{field} is written on one line (flow style); write it as a block, one entry per line, so that the approval can be added to it"
+        ),
+    };
+    if let Some(v) = doc.exact_value(&annotation) {
+        return Ok(Edit::Replace {
+            line: v.line - 1,
+            column: v.column - 1,
+            with: value.to_string(),
+        });
+    }
+    if let (Some(k), Some(v)) = (
+        doc.exact_key("metadata.annotations"),
+        doc.first_key_under("metadata.annotations"),
+    ) {
+        if v.line <= k.line {
+            return Err(flow(k, "metadata.annotations"));
+        }
+        let indent = " ".repeat(v.column - 1);
+        return Ok(Edit::Insert {
+            line: v.line - 1,
+            lines: format!("{indent}{APPROVAL_ANNOTATION}: {value}\n"),
+        });
+    }
+    match (doc.exact_key("metadata"), doc.first_key_under("metadata")) {
+        (Some(k), Some(v)) if v.line > k.line => {
+            let indent = " ".repeat(v.column - 1);
+            Ok(Edit::Insert {
+                line: v.line - 1,
+                lines: format!(
+                    "{indent}annotations:\n{indent}  {APPROVAL_ANNOTATION}: {value}\n"
+                ),
+            })
+        }
+        (Some(k), _) => Err(flow(k, "metadata")),
+        _ => Err(SignError::Place {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: "the document has no metadata".into(),
+        }),
+    }
+}
+
+/// Apply `edits` (at most one per line) to `text`. Columns are counted in
+/// characters, as the YAML scanner counts them.
+fn apply(text: &str, mut edits: Vec<Edit>) -> String {
+    let mut lines: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
+    edits.sort_by_key(|e| std::cmp::Reverse(e.line()));
+    for edit in edits {
+        match edit {
+            Edit::Replace { line, column, with } => {
+                let Some(l) = lines.get_mut(line) else {
+                    continue;
+                };
+                let start = l
+                    .char_indices()
+                    .nth(column)
+                    .map_or(l.len(), |(i, _)| i);
+                let end = l[start..]
+                    .find(char::is_whitespace)
+                    .map_or(l.len(), |n| start + n);
+                l.replace_range(start..end, &with);
+            }
+            Edit::Insert { line, lines: new } => {
+                let at = line.min(lines.len());
+                lines.insert(at, new);
+            }
+        }
+    }
+    lines.concat()
+}
+
+/// The edited text must read as the same policies, each carrying exactly
+/// its new approval.
+fn check_edit(
+    file: &Path,
+    before: &PolicySet,
+    text: &str,
+    frames: &HashMap<String, Vec<u8>>,
+) -> Result<(), SignError> {
+    let after = load_one(file, text);
+    let fail = |p: &LoadedPolicy, why: &str| SignError::Place {
+        file: file.to_path_buf(),
+        line: p.line,
+        column: 1,
+        message: format!(
+            "cannot place the approval of {} ({why}); write its {APPROVAL_ANNOTATION} annotation as a plain value on one line",
+            p.compiled.key()
+        ),
+    };
+    if let Some(e) = after.errors.first() {
+        let p = before
+            .policies
+            .iter()
+            .find(|p| p.line >= e.line)
+            .unwrap_or(&before.policies[0]);
+        return Err(fail(p, &format!("the edited file does not read: {e}")));
+    }
+    for p in &before.policies {
+        let key = p.compiled.key();
+        let Some(q) = after.policies.iter().find(|q| q.compiled.key() == key) else {
+            return Err(fail(p, "it is gone from the edited file"));
+        };
+        if q.compiled.statement != p.compiled.statement {
+            return Err(fail(p, "its meaning would change"));
+        }
+        let carried = q.compiled.approval.as_deref().ok();
+        if carried != frames.get(&key).map(Vec::as_slice) {
+            return Err(fail(p, "the edited file carries another approval"));
+        }
+    }
+    if after.policies.len() != before.policies.len() {
+        return Err(fail(&before.policies[0], "the edited file holds other policies"));
+    }
+    Ok(())
+}
