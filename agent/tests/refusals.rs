@@ -119,6 +119,51 @@ fn refused_envelopes() {
     assert_eq!(queued, 9);
 }
 
+/// The operator's dispatch key alone cannot make a terminal run anything:
+/// an envelope signed with it but asking for what no admin approved (the
+/// approved installer pointed at a backdoor package lying on the
+/// terminal) is refused before anything runs. Before approvals, this
+/// installed the backdoor.
+#[test]
+fn what_the_admins_did_not_approve_is_refused_whoever_signed_the_envelope() {
+    let Some((t, bundle, digest)) = setup() else {
+        return;
+    };
+    let backdoor = build_deb(t.dir.path(), "backdoor", "6.6.6");
+    let approved = t.envelope(digest, 1, &["browser-a_120.0-1_all.deb"], &CAPS);
+    let mut forged = approved.clone();
+    forged.args = vec![backdoor.display().to_string()];
+    let (_, r) = t.dispatch(&t.sign(&forged), &bundle);
+    assert_eq!(
+        refusal(&t, &r),
+        (
+            "NotApproved".to_string(),
+            "not approved by the admins: the envelope's arguments differ from what the admins approved".to_string()
+        )
+    );
+    assert_eq!(t.installed("backdoor"), None);
+
+    // No approval at all, and an approval by a key the terminal does not
+    // pin (the operator's own, say).
+    let mut bare = approved.clone();
+    bare.sequence = 2;
+    bare.approval = Vec::new();
+    let (_, r) = t.dispatch(&t.sign(&bare), &bundle);
+    assert_eq!(
+        refusal(&t, &r).1,
+        "not approved by the admins: the envelope for policy hospital-it/browser-a-minimum carries no approval by the admins"
+    );
+    let stranger = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    let mut self_approved = approved;
+    self_approved.sequence = 3;
+    tenet_test_support::approve(&mut self_approved, &[&stranger]);
+    let (_, r) = t.dispatch(&t.sign(&self_approved), &bundle);
+    assert_eq!(refusal(&t, &r).0, "NotApproved");
+    assert_eq!(t.installed("browser-a").as_deref(), Some("118.0.2-1"));
+
+    still_serving(&t, &bundle, digest, 4);
+}
+
 #[test]
 fn a_replayed_envelope_is_refused_after_a_restart() {
     let Some((t, bundle, digest)) = setup() else {
@@ -260,6 +305,7 @@ fn write_files_stays_under_its_granted_paths() {
         let (b, d) = t.bundle(&writer(path), &[], &caps);
         let mut env = t.envelope(d, seq, &[], &caps);
         env.write_paths = vec!["/etc/hospital".into()];
+        tenet_test_support::approve(&mut env, &[&t.admin]);
         let bytes = t.sign(&env);
         let (_, r) = t.dispatch(&bytes, &b);
         t.verify(&r, &env, &bytes).expect("verifies").outcome
@@ -310,6 +356,7 @@ fn imports_the_admins_did_not_declare_are_refused_even_when_granted() {
     let (b, d) = t.bundle(writer, &[], &[Capability::Log]);
     let mut env = t.envelope(d, 1, &[], &[Capability::Log, Capability::WriteFiles]);
     env.write_paths = vec!["/etc/hospital".into()];
+    tenet_test_support::approve(&mut env, &[&t.admin]);
     let (_, r) = t.dispatch(&t.sign(&env), &b);
     assert_eq!(
         t.open(&r).outcome,

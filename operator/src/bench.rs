@@ -99,6 +99,15 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// `text` signed by `admin` (through a scratch file in `work`): the
+/// operator enforces only approved policies.
+fn signed_policy(work: &Path, text: String, admin: &KeyPair) -> Result<String, BenchError> {
+    let scratch = work.join("signing.yaml");
+    write(&scratch, text.as_bytes())?;
+    crate::policy::approval::sign(&scratch, admin).map_err(setup)?;
+    std::fs::read_to_string(&scratch).map_err(setup)
+}
+
 pub fn policy_yaml(version: &str, digest: &str, window: Option<usize>) -> String {
     let rollout = match window {
         Some(k) => format!("maxInFlight: {k}"),
@@ -271,10 +280,8 @@ pub async fn converge(
     let (bundle, digest) =
         simulated_install_bundle(&admin, "install-bench-app", "bench-app", "2.0-1")?;
     write(&bundles.join("install-bench-app.bundle"), &bundle)?;
-    write(
-        &policies.join("bench.yaml"),
-        policy_yaml("1.0", &digest, window).as_bytes(),
-    )?;
+    let first = signed_policy(&work, policy_yaml("1.0", &digest, window), &admin)?;
+    write(&policies.join("bench.yaml"), first.as_bytes())?;
     write(&work.join("template.yaml"), template().as_bytes())?;
 
     let probe = Arc::new(Probe::default());
@@ -299,7 +306,7 @@ pub async fn converge(
         kubernetes: kubernetes.clone(),
         tpm_roots: Vec::new(),
     };
-    apply_policy(policy_yaml("1.0", &digest, window)).await?;
+    apply_policy(first).await?;
     let operator = tokio::spawn(async move {
         let mut sink = std::io::sink();
         daemon.run(&mut sink).await
@@ -387,12 +394,10 @@ pub async fn converge(
             r.clear();
         }
         let before = Counters::read(&probe.metrics);
+        let changed = signed_policy(&work, policy_yaml("2.0", &digest, window), &admin)?;
         let t0 = Instant::now();
-        write(
-            &policies.join("bench.yaml"),
-            policy_yaml("2.0", &digest, window).as_bytes(),
-        )?;
-        apply_policy(policy_yaml("2.0", &digest, window)).await?;
+        write(&policies.join("bench.yaml"), changed.as_bytes())?;
+        apply_policy(changed).await?;
         wait_until(
             &probe,
             "every terminal compliant with generation 2",

@@ -16,7 +16,7 @@ fn root() -> PathBuf {
 fn tenet(args: &[&str]) -> Output {
     let mut script = String::from("ulimit -v 1048576; exec \"$0\"");
     for i in 0..args.len() {
-        script.push_str(&format!(" \"${}\"", i + 1));
+        script.push_str(&format!(" \"${{{}}}\"", i + 1));
     }
     Command::new("sh")
         .arg("-c")
@@ -340,5 +340,177 @@ fn plan_refuses_a_broken_inventory_with_its_position() {
     assert!(
         err.contains(":3:16: packages[0].versoin: unknown field `versoin`, expected one of `name`, `version`, `manager`"),
         "{err}"
+    );
+}
+
+/// The admins' workflow: keys, signatures k of n, `check --trust` naming
+/// who signed and what is missing, `plan` showing it, an edit voiding it.
+#[test]
+fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    let policies = d("policies");
+    std::fs::create_dir_all(&policies).expect("mkdir");
+    let file = d("policies/browser.yaml");
+    let original =
+        std::fs::read_to_string(root().join("policies/browser-a-nagoya.yaml")).expect("example");
+    std::fs::write(&file, &original).expect("copy");
+    for admin in ["alice", "bob", "carol", "mallory"] {
+        let out = tenet(&["keygen", "--out", &d(&format!("{admin}.key"))]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+    let (alice, bob, carol) = (d("alice.key.pub"), d("bob.key.pub"), d("carol.key.pub"));
+    let check = || {
+        tenet(&[
+            "policy",
+            "check",
+            &policies,
+            "--trust",
+            &alice,
+            "--trust",
+            &bob,
+            "--trust",
+            &carol,
+            "--threshold",
+            "2",
+        ])
+    };
+    let sign = |key: &str| {
+        let out = tenet(&["policy", "sign", &file, "--key", &d(key)]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout(&out)
+    };
+
+    // Nobody signed: the error points at the metadata.
+    let out = check();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{file}:5:1: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: not signed by any admin (no tenet.dev/approval annotation; run `tenet policy sign`)\n"
+        )
+    );
+
+    // One of two: who signed, what is missing; the comments are kept.
+    assert_eq!(
+        sign("alice.key"),
+        format!("{file}: hospital-it/browser-a-minimum signed by 1 key(s)\n")
+    );
+    let signed = std::fs::read_to_string(&file).expect("read");
+    assert!(
+        signed.starts_with("# Every terminal at the Nagoya site runs browser-a 120.0 or later")
+    );
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{file}:7:5: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: 1 valid signature(s) by trusted keys, 2 required; signed by {alice}\n"
+        )
+    );
+
+    // Two of three: approved.
+    sign("bob.key");
+    let out = check();
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "{policies}: 1 file(s), 1 valid policy, 1 approved by 2 of 3 trusted key(s), 0 error(s)\n"
+        )
+    );
+    let plan = |policies: &str| {
+        let out = tenet(&[
+            "policy",
+            "plan",
+            policies,
+            "--inventory",
+            "examples/inventories/nagoya-ward3-01.yaml",
+            "--trust",
+            &alice,
+            "--trust",
+            &bob,
+            "--threshold",
+            "2",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        stdout(&out)
+    };
+    let text = plan(&policies);
+    assert!(
+        text.starts_with(&format!(
+            "hospital-it/browser-a-minimum: approved by 2 of the 2 required: {alice}, {bob}\n"
+        )),
+        "{text}"
+    );
+
+    // An edit of the args voids it; a stranger's signature counts for nothing.
+    let approved = std::fs::read_to_string(&file).expect("read");
+    std::fs::write(
+        &file,
+        approved.replace("browser-a_120.0-1_all.deb", "backdoor_6.6.6_all.deb"),
+    )
+    .expect("edit");
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{file}:7:5: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: the approval is for another version of this policy (it changed since it was signed); signed by {alice}, {bob}\n"
+        )
+    );
+    let text = plan(&policies);
+    assert!(
+        text.contains("hospital-it/browser-a-minimum: NOT APPROVED: the approval is for another version of this policy (it changed since it was signed) (the operator will not enforce it)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("would dispatch payload install-browser-a"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(held: the policy is not approved)"),
+        "{text}"
+    );
+    let resigned = sign("mallory.key");
+    assert_eq!(
+        resigned,
+        format!(
+            "{file}: hospital-it/browser-a-minimum signed by 1 key(s) (2 signature(s) of an earlier version dropped: it changed since)\n"
+        )
+    );
+    let out = check();
+    let text = stdout(&out);
+    assert!(
+        text.contains("is not approved: signed by key sha256:")
+            && text.contains("which is not trusted here; signed by sha256:")
+            && text.ends_with(" (not a --trust key)\n"),
+        "{text}"
+    );
+
+    // A threshold the keys cannot meet is a usage error.
+    let out = tenet(&[
+        "policy",
+        "check",
+        &policies,
+        "--trust",
+        &alice,
+        "--threshold",
+        "2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "tenet: --threshold 2 needs between 1 and 1 (the --trust keys given)\n"
     );
 }

@@ -30,10 +30,11 @@ prop_compose! {
         args in prop::collection::vec(".{0,50}", 0..8),
         capabilities in prop::collection::vec(capability(), 0..4),
         write_paths in prop::collection::vec("/[a-z]{1,10}(/[a-z]{1,10}){0,3}", 0..3),
+        approval in prop::collection::vec(any::<u8>(), 0..300),
     ) -> DispatchEnvelope {
         DispatchEnvelope {
             terminal, policy, policy_generation, payload_digest, nonce, issued_at_ms,
-            deadline_ms: issued_at_ms + span, sequence, args, capabilities, write_paths,
+            deadline_ms: issued_at_ms + span, sequence, args, capabilities, write_paths, approval,
         }
     }
 }

@@ -37,6 +37,34 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Have the admin whose private key is `key` sign every policy file in
+/// `policies` (a directory, or one file) with the real `tenet policy
+/// sign`, as an admin does before committing: the operator enforces only
+/// approved policies.
+pub fn sign_policies(policies: &Path, key: &Path) {
+    let mut files: Vec<PathBuf> = if policies.is_dir() {
+        std::fs::read_dir(policies)
+            .expect("policy directory")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect()
+    } else {
+        vec![policies.to_path_buf()]
+    };
+    files.sort();
+    let out = std::process::Command::new(binary("tenet"))
+        .args(["policy", "sign", "--key"])
+        .arg(key)
+        .args(&files)
+        .output()
+        .expect("tenet policy sign");
+    assert!(
+        out.status.success(),
+        "tenet policy sign: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// What the fleet saw, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {

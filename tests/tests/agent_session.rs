@@ -165,18 +165,18 @@ fn enrol_connect_dispatch_acknowledge_and_reconnect() {
     let bundle = install_bundle(admin, &new);
     let envelope = |sequence: u64| {
         let mut e = DispatchEnvelope {
-        terminal: "nagoya-ward3-01".into(),
-        policy: "hospital-it/browser-a-minimum".into(),
-        policy_generation: 1,
-        payload_digest: bundle.body_digest(),
-        nonce: random_bytes().expect("rng"),
-        issued_at_ms: now_ms(),
-        deadline_ms: now_ms() + 60_000,
-        sequence,
-        args: vec!["browser-a_120.0-1_all.deb".into()],
-        capabilities: caps.clone(),
-        write_paths: vec![],
-        approval: Vec::new(),
+            terminal: "nagoya-ward3-01".into(),
+            policy: "hospital-it/browser-a-minimum".into(),
+            policy_generation: 1,
+            payload_digest: bundle.body_digest(),
+            nonce: random_bytes().expect("rng"),
+            issued_at_ms: now_ms(),
+            deadline_ms: now_ms() + 60_000,
+            sequence,
+            args: vec!["browser-a_120.0-1_all.deb".into()],
+            capabilities: caps.clone(),
+            write_paths: vec![],
+            approval: Vec::new(),
         };
         tenet_test_support::approve(&mut e, &[admin]);
         e

@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tenet_e2e::{Running, Swtpm, agent, binary, create_token, free_port, now_ms, wait_until};
+use tenet_e2e::{
+    Running, Swtpm, agent, binary, create_token, free_port, now_ms, sign_policies, wait_until,
+};
 use tenet_protocol::certificate::{CERTIFICATE_VERSION, SecurityCertificate};
 use tenet_protocol::present_tls::PresentAnswer;
 use tenet_protocol::{Algorithm, KeyPair, SignedMessage, Signer};
@@ -117,6 +119,9 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
     let dir = tmp.path();
     let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
     std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
     std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
     // Two policies of weight 1: the level is 100 with both compliant, 50
     // with one. Certificates: 12 s, renewed in the last 6 s, minimum 50.
@@ -125,6 +130,7 @@ fn certificates_are_issued_renewed_reissued_and_verified() {
         "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: antivirus, namespace: it }\nspec:\n  selector: { matchLabels: { site: nagoya } }\n  requirements:\n    - service: { name: clamav-daemon, state: running }\n  certificate: { validity: 12s, renewBefore: 6s, minimumLevel: 50, pcrs: [0, 1, 2, 3, 4, 5, 6, 7] }\n---\napiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: browser, namespace: it }\nspec:\n  selector: { matchLabels: { site: nagoya } }\n  requirements:\n    - package: { name: browser-a, version: '>= 120.0' }\n",
     )
     .expect("policy");
+    sign_policies(&dir.join("policies"), &dir.join("admin.key"));
     std::fs::write(dir.join("inventory.yaml"), inventory("120.0-1", "running")).expect("inv");
 
     let port = free_port();
@@ -558,12 +564,16 @@ fn an_unproven_tpm_is_capped_as_if_there_were_none() {
     let dir = tmp.path();
     let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
     std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
     std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
     std::fs::write(
         dir.join("policies/posture.yaml"),
         "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: antivirus, namespace: it }\nspec:\n  selector: { matchLabels: { site: nagoya } }\n  requirements:\n    - service: { name: clamav-daemon, state: running }\n  certificate: { validity: 1h, renewBefore: 15m, minimumLevel: 50 }\n",
     )
     .expect("policy");
+    sign_policies(&dir.join("policies"), &dir.join("admin.key"));
     std::fs::write(dir.join("inventory.yaml"), inventory("120.0-1", "running")).expect("inv");
     let port = free_port();
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));

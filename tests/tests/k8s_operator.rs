@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tenet_e2e::k8s::{ControlPlane, control_plane_or_skip};
-use tenet_e2e::{Running, binary, create_token_with, free_port, wait_until};
+use tenet_e2e::{Running, binary, create_token_with, free_port, sign_policies, wait_until};
 use tenet_protocol::{Algorithm, KeyPair, Signer};
 
 const TERMINALS: usize = 20;
@@ -138,6 +138,9 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     let dir = tmp.path();
     let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
     std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
     std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
     let mut digests = Vec::new();
     for v in ["2.0", "3.0", "4.0"] {
@@ -169,17 +172,37 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         "op-a"
     );
 
-    // The policy, applied with kubectl.
+    // The policy, applied with kubectl before any admin signed it: it is
+    // not in force, and its Ready condition says why.
     std::fs::write(
         dir.join("policy.yaml"),
         policy("2.0", &digests[0].0, &digests[0].1, 100),
     )
     .expect("policy");
-    cp.kubectl_ok(&[
-        "apply",
-        "-f",
-        dir.join("policy.yaml").to_str().expect("path"),
-    ]);
+    let apply = || {
+        cp.kubectl_ok(&[
+            "apply",
+            "-f",
+            dir.join("policy.yaml").to_str().expect("path"),
+        ])
+    };
+    apply();
+    wait_until(
+        Duration::from_secs(30),
+        "the unsigned policy Unapproved",
+        || {
+            jsonpath(
+            &cp,
+            &["terminalpolicy", "bench-app", "-n", "hospital-it"],
+            "{.status.conditions[0].status} {.status.conditions[0].reason} {.status.conditions[0].message}",
+        )
+        .starts_with("False Unapproved not approved (not signed by any admin (no tenet.dev/approval annotation; run `tenet policy sign`)); nothing of it is in force")
+        },
+    );
+    // Signed by the admin (the annotation alone changes, not the
+    // generation) and applied again: in force.
+    sign_policies(&dir.join("policy.yaml"), &dir.join("admin.key"));
+    apply();
 
     // Agents enrol with a token from the token Secret.
     let uses = TERMINALS.to_string();
@@ -332,11 +355,8 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         policy("3.0", &digests[1].0, &digests[1].1, 2),
     )
     .expect("policy");
-    cp.kubectl_ok(&[
-        "apply",
-        "-f",
-        dir.join("policy.yaml").to_str().expect("path"),
-    ]);
+    sign_policies(&dir.join("policy.yaml"), &dir.join("admin.key"));
+    apply();
     wait_until(Duration::from_secs(30), "the rollout under way", || {
         let c = jsonpath(
             &cp,
@@ -462,6 +482,7 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         policy("4.0", &digests[2].0, &digests[2].1, 100),
     )
     .expect("policy");
+    sign_policies(&dir.join("policy.yaml"), &dir.join("admin.key"));
     cp.kubectl_ok(&[
         "apply",
         "-f",

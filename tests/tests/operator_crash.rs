@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tenet_e2e::{Running, binary, create_token, free_port, wait_until};
+use tenet_e2e::{Running, binary, create_token, free_port, sign_policies, wait_until};
 use tenet_protocol::{Algorithm, KeyPair};
 
 const TERMINALS: usize = 1_000;
@@ -124,6 +124,7 @@ fn a_killed_operator_loses_no_verified_result_and_finishes_the_rollout() {
         ),
     )
     .expect("policy");
+    sign_policies(&dir.join("policies"), &dir.join("admin.key"));
     std::fs::write(
         dir.join("template.yaml"),
         "terminal: template\nlabels: { fleet: crash, site: nagoya }\npackages:\n  - { name: ward-app, version: 1.0-1 }\n  - { name: openssl, version: 3.0.15-1~deb12u1 }\n",

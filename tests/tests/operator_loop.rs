@@ -13,10 +13,19 @@ use std::time::Duration;
 
 use tenet_e2e::{
     Running, agent, binary, build_deb, create_token, dpkg_root, free_port, install_bundle,
-    wait_until,
+    sign_policies, wait_until,
 };
 use tenet_protocol::wire::digest_string;
-use tenet_protocol::{Algorithm, KeyPair, Signer};
+use tenet_protocol::{Algorithm, KeyPair};
+
+/// Whether `tenet status` shows the policy at generation 1 with its one
+/// terminal compliant, nothing drifted, remediating or failed.
+fn generation_1_compliant(status: &str) -> bool {
+    status.lines().any(|l| {
+        l.split_whitespace().collect::<Vec<_>>()
+            == ["hospital-it/browser-a-minimum", "1", "1/1", "0", "0", "0"]
+    })
+}
 
 fn installed(root: &Path) -> Option<String> {
     let out = Command::new("dpkg-query")
@@ -47,7 +56,9 @@ fn the_operator_brings_a_terminal_to_its_policy() {
 
     // The admin's key and a signed bundle that installs browser-a 120.
     let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
-    std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
     let old = build_deb(dir, "browser-a", "118.0.2-1");
     let new = build_deb(dir, "browser-a", "120.0-1");
     let frame = install_bundle(&admin, &new);
@@ -59,11 +70,13 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     std::fs::write(
         dir.join("policies/browser.yaml"),
         format!(
-            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: browser-a-minimum, namespace: hospital-it }}\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= 120.0' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{}' }}\n    args: [browser-a_120.0-1_all.deb]\n    capabilities: [run-artifact, log]\n",
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: browser-a-minimum\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= 120.0' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{}' }}\n    args: [browser-a_120.0-1_all.deb]\n    capabilities: [run-artifact, log]\n",
             digest_string(&frame.body_digest())
         ),
     )
     .expect("policy");
+    // The admin approves it (one admin, the operator's threshold of 1).
+    sign_policies(&dir.join("policies"), &dir.join("admin.key"));
 
     // The policy directory is a git checkout (GitOps).
     let git = |args: &[&str]| {
@@ -103,7 +116,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
             "--data",
             "data",
             "--admin-key",
-            "admin.pub",
+            "admin.key.pub",
             "--listen",
         ])
         .arg(format!("127.0.0.1:{port}"))
@@ -203,13 +216,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let status = tenet(&["status", "--data", "data"]);
-    assert!(
-        status
-            .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["hospital-it/browser-a-minimum", "1", "1/1", "0", "0", "0"]),
-        "{status}"
-    );
+    assert!(generation_1_compliant(&status), "{status}");
     assert!(status.contains("1 terminal(s), 1 connected"), "{status}");
     assert!(
         status.contains(&format!("policies at git commit {commit}")),
@@ -230,7 +237,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     assert_eq!(json["policies"][0]["compliant"], 1);
 
     // Prometheus metrics.
-    let metrics = {
+    let scrape = || {
         use std::io::{Read, Write};
         let mut s =
             std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics port");
@@ -240,6 +247,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         s.read_to_string(&mut text).expect("response");
         text
     };
+    let metrics = scrape();
     for line in [
         "HTTP/1.1 200 OK",
         "tenet_pairs{state=\"Compliant\"} 1",
@@ -256,6 +264,38 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         metrics.contains("tenet_reconcile_duration_seconds_count"),
         "{metrics}"
     );
+
+    // An edit no admin approved: the args now name a backdoor package
+    // lying on the terminal, and the version requirement moves so that the
+    // terminal drifts. The approved generation stays in force, nothing is
+    // dispatched, and status, the log and the metrics say why.
+    let approved = std::fs::read_to_string(dir.join("policies/browser.yaml")).expect("read");
+    std::fs::write(
+        dir.join("policies/browser.yaml"),
+        approved
+            .replace("browser-a_120.0-1_all.deb", "backdoor_6.6.6_all.deb")
+            .replace(">= 120.0", ">= 121.0"),
+    )
+    .expect("edit");
+    let unapproved = "\n  UNAPPROVED: the latest edit is not approved (the approval is for another version of this policy (it changed since it was signed)); generation 1, the last approved, stays in force";
+    wait_until(
+        Duration::from_secs(20),
+        "the unapproved edit in status",
+        || tenet(&["status", "--data", "data"]).contains(unapproved),
+    );
+    let status = tenet(&["status", "--data", "data"]);
+    assert!(
+        generation_1_compliant(&status),
+        "the approved generation is still in force, the terminal compliant with it:\n{status}"
+    );
+    let metrics = scrape();
+    for line in ["tenet_policies_unapproved 1", "tenet_dispatches_total 1"] {
+        assert!(
+            metrics.lines().any(|l| l.trim_end() == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+    assert_eq!(installed(&root).as_deref(), Some("120.0-1"));
 
     // A broken edit of the policy file: the last good version stays in
     // force, and status says why.
@@ -276,10 +316,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     let status = tenet(&["status", "--data", "data"]);
     assert!(status.contains("can never be satisfied"), "{status}");
     assert!(
-        status
-            .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["hospital-it/browser-a-minimum", "1", "1/1", "0", "0", "0"]),
+        generation_1_compliant(&status),
         "the last good version is still in force:\n{status}"
     );
 

@@ -48,10 +48,9 @@ fn summaries<'a>(set: &'a PolicySet, approvals: &Approvals) -> Vec<PolicySummary
                 file: p.file.display().to_string(),
                 line: p.line,
                 requirements: p.compiled.requirements.len(),
-                approved: approvals
-                    .trust
-                    .as_ref()
-                    .map(|_| matches!(approvals.verdicts.get(&key), Some(Verdict::Approved { .. }))),
+                approved: approvals.trust.as_ref().map(|_| {
+                    matches!(approvals.verdicts.get(&key), Some(Verdict::Approved { .. }))
+                }),
                 signers: approvals
                     .verdicts
                     .get(&key)
@@ -160,7 +159,11 @@ impl Approvals {
                 "approved by {} of the {} required: {}",
                 signers.len(),
                 t.threshold,
-                signers.iter().map(|f| self.name(f)).collect::<Vec<_>>().join(", ")
+                signers
+                    .iter()
+                    .map(|f| self.name(f))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             (Some(Verdict::Unapproved { reason, .. }), Some(_)) => {
                 format!("NOT APPROVED: {reason} (the operator will not enforce it)")

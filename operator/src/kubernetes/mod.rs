@@ -144,10 +144,7 @@ impl Policies {
                     .get(tenet_protocol::approval::APPROVAL_ANNOTATION)
                     .cloned(),
             );
-            let fresh = self
-                .compiled
-                .get(&key)
-                .is_none_or(|(v, _)| *v != version);
+            let fresh = self.compiled.get(&key).is_none_or(|(v, _)| *v != version);
             if fresh {
                 let result = compile(&p)
                     .map(|mut c| {

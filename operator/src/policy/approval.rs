@@ -139,10 +139,7 @@ impl Unapproved {
                 "the latest edit is not approved ({}); generation {g}, the last approved, stays in force",
                 self.reason
             ),
-            None => format!(
-                "not approved ({}); nothing of it is in force",
-                self.reason
-            ),
+            None => format!("not approved ({}); nothing of it is in force", self.reason),
         }
     }
 }

@@ -59,8 +59,9 @@ pub struct LoadedPolicy {
     pub line: usize,
     /// Which YAML document of its file (counting empty ones).
     pub document: usize,
-    /// Where its approval annotation is written (or, without one, its
-    /// metadata): what `tenet policy check` points at.
+    /// Where the key of its approval annotation is written (or, without
+    /// one, its `annotations` or `metadata` key): what `tenet policy
+    /// check` points at.
     pub approval_at: (usize, usize),
 }
 
@@ -171,8 +172,7 @@ pub fn load_text(
                 "apiVersion"
             };
             let message = if !value.is_mapping() {
-                "a document must be a mapping with apiVersion, kind, metadata and spec"
-                    .to_string()
+                "a document must be a mapping with apiVersion, kind, metadata and spec".to_string()
             } else {
                 format!(
                     "expected apiVersion {API_VERSION} and kind TerminalPolicy, found apiVersion {api_version:?} and kind {kind:?}"
@@ -255,8 +255,11 @@ pub fn load_text(
                 approval_at: {
                     let at = pos_of(
                         doc_index,
-                        &format!("metadata.annotations.{}", tenet_protocol::approval::APPROVAL_ANNOTATION),
-                        false,
+                        &format!(
+                            "metadata.annotations.{}",
+                            tenet_protocol::approval::APPROVAL_ANNOTATION
+                        ),
+                        true,
                     );
                     (at.line, at.column)
                 },

@@ -178,7 +178,11 @@ fn a_terminal_runs_an_envelope_only_under_its_policys_approval() {
         approval,
     };
     let good = approve(&statement(), &[&a[0], &a[1]]);
-    let ok = envelope(good.clone(), "hospital-it/browser-a", &["browser-a_120.0-1_all.deb"]);
+    let ok = envelope(
+        good.clone(),
+        "hospital-it/browser-a",
+        &["browser-a_120.0-1_all.deb"],
+    );
     let signers = check_envelope(&ok, &trusted, 2).expect("approved").signers;
     assert_eq!(signers.len(), 2);
     let refused = |e: DispatchEnvelope| {
@@ -188,17 +192,29 @@ fn a_terminal_runs_an_envelope_only_under_its_policys_approval() {
     };
     // The dispatch key alone: no approval at all.
     assert_eq!(
-        refused(envelope(Vec::new(), "hospital-it/browser-a", &["browser-a_120.0-1_all.deb"])),
+        refused(envelope(
+            Vec::new(),
+            "hospital-it/browser-a",
+            &["browser-a_120.0-1_all.deb"]
+        )),
         "not approved by the admins: the envelope for policy hospital-it/browser-a carries no approval by the admins"
     );
     // The approved policy's approval, with the arguments edited.
     assert_eq!(
-        refused(envelope(good.clone(), "hospital-it/browser-a", &["backdoor_6.6.6_all.deb"])),
+        refused(envelope(
+            good.clone(),
+            "hospital-it/browser-a",
+            &["backdoor_6.6.6_all.deb"]
+        )),
         "not approved by the admins: the envelope's arguments differ from what the admins approved"
     );
     // Another policy's approval, lent to a policy nobody approved.
     assert_eq!(
-        refused(envelope(good, "hospital-it/cleanup", &["browser-a_120.0-1_all.deb"])),
+        refused(envelope(
+            good,
+            "hospital-it/cleanup",
+            &["browser-a_120.0-1_all.deb"]
+        )),
         "not approved by the admins: the approval is for policy hospital-it/browser-a, not hospital-it/cleanup"
     );
     // Too few admins.

@@ -17,7 +17,7 @@ use tenet_protocol::keys::{Fingerprint, KeyError};
 use tenet_protocol::{Kind, SignedMessage, Signer};
 
 use super::super::load::{LoadError, LoadedPolicy, PolicySet, load_text};
-use super::super::yamlpos::{self, DocPositions};
+use super::super::yamlpos::{self, DocPositions, Pos};
 use super::APPROVAL_ANNOTATION;
 
 /// What signing did to one policy.
@@ -89,7 +89,7 @@ pub fn sign(file: &Path, key: &dyn Signer) -> Result<Vec<SignedPolicy>, SignErro
             column: 1,
             message: "cannot find this document's fields".into(),
         })?;
-        edits.push(place(file, positions, &text64)?);
+        edits.push(place(file, &text, positions, &text64)?);
         frames.insert(p.compiled.key(), encoded);
         signed.push(report);
     }
@@ -139,36 +139,38 @@ fn approval_for(
     Ok((frame, report))
 }
 
-/// One change to the text: lines are 0-based, columns are byte offsets.
+/// One change to the text, at a 0-based line and character column.
 #[derive(Debug)]
 enum Edit {
-    /// Replace the value token that starts at `column` of `line`.
-    Replace { line: usize, column: usize, with: String },
-    /// Insert `lines` before `line`.
-    Insert { line: usize, lines: String },
+    /// Replace the value token (up to the next whitespace) that starts here.
+    Replace {
+        line: usize,
+        column: usize,
+        with: String,
+    },
+    /// Insert `text` here.
+    Insert {
+        line: usize,
+        column: usize,
+        text: String,
+    },
 }
 
 impl Edit {
-    fn line(&self) -> usize {
+    fn at(&self) -> (usize, usize) {
         match self {
-            Edit::Replace { line, .. } | Edit::Insert { line, .. } => *line,
+            Edit::Replace { line, column, .. } | Edit::Insert { line, column, .. } => {
+                (*line, *column)
+            }
         }
     }
 }
 
 /// Where the approval of one document goes: over the annotation it has,
-/// as a new entry of its block `annotations`, or as a new `annotations`
-/// block of its block `metadata`.
-fn place(file: &Path, doc: &DocPositions, value: &str) -> Result<Edit, SignError> {
+/// as the first entry of its `annotations`, or as a new `annotations`
+/// entry first in its `metadata`. Block and flow style are both kept.
+fn place(file: &Path, text: &str, doc: &DocPositions, value: &str) -> Result<Edit, SignError> {
     let annotation = format!("metadata.annotations.{APPROVAL_ANNOTATION}");
-    let flow = |pos: yamlpos::Pos, field: &str| SignError::Place {
-        file: file.to_path_buf(),
-        line: pos.line,
-        column: pos.column,
-        message: format!(
-            "{field} is written on one line (flow style); write it as a block, one entry per line, so that the approval can be added to it"
-        ),
-    };
     if let Some(v) = doc.exact_value(&annotation) {
         return Ok(Edit::Replace {
             line: v.line - 1,
@@ -176,63 +178,87 @@ fn place(file: &Path, doc: &DocPositions, value: &str) -> Result<Edit, SignError
             with: value.to_string(),
         });
     }
-    if let (Some(k), Some(v)) = (
-        doc.exact_key("metadata.annotations"),
-        doc.first_key_under("metadata.annotations"),
-    ) {
-        if v.line <= k.line {
-            return Err(flow(k, "metadata.annotations"));
+    let (first, entry) = match doc.first_key_under("metadata.annotations") {
+        Some(first) => (first, (APPROVAL_ANNOTATION.to_string(), value.to_string())),
+        None if doc.exact_key("metadata.annotations").is_some() => {
+            let k = doc
+                .exact_key("metadata.annotations")
+                .unwrap_or(Pos { line: 1, column: 1 });
+            return Err(SignError::Place {
+                file: file.to_path_buf(),
+                line: k.line,
+                column: k.column,
+                message: "metadata.annotations is empty; remove it, or give it an entry, so that the approval can be added".into(),
+            });
         }
-        let indent = " ".repeat(v.column - 1);
-        return Ok(Edit::Insert {
-            line: v.line - 1,
-            lines: format!("{indent}{APPROVAL_ANNOTATION}: {value}\n"),
-        });
-    }
-    match (doc.exact_key("metadata"), doc.first_key_under("metadata")) {
-        (Some(k), Some(v)) if v.line > k.line => {
-            let indent = " ".repeat(v.column - 1);
-            Ok(Edit::Insert {
-                line: v.line - 1,
-                lines: format!(
-                    "{indent}annotations:\n{indent}  {APPROVAL_ANNOTATION}: {value}\n"
-                ),
-            })
+        None => match doc.first_key_under("metadata") {
+            Some(first) => (first, ("annotations".to_string(), String::new())),
+            None => {
+                return Err(SignError::Place {
+                    file: file.to_path_buf(),
+                    line: 1,
+                    column: 1,
+                    message: "the document has no metadata".into(),
+                });
+            }
+        },
+    };
+    let flow = in_flow(text, first);
+    let (key, inline) = entry;
+    let inserted = match (flow, inline.is_empty()) {
+        // `{ tenet.dev/approval: X, owner: it }`
+        (true, false) => format!("{key}: {inline}, "),
+        // `{ annotations: { tenet.dev/approval: X }, name: ... }`
+        (true, true) => format!("{key}: {{ {APPROVAL_ANNOTATION}: {value} }}, "),
+        (false, false) => {
+            let indent = " ".repeat(first.column - 1);
+            format!("{key}: {inline}\n{indent}")
         }
-        (Some(k), _) => Err(flow(k, "metadata")),
-        _ => Err(SignError::Place {
-            file: file.to_path_buf(),
-            line: 1,
-            column: 1,
-            message: "the document has no metadata".into(),
-        }),
-    }
+        (false, true) => {
+            let indent = " ".repeat(first.column - 1);
+            format!("{key}:\n{indent}  {APPROVAL_ANNOTATION}: {value}\n{indent}")
+        }
+    };
+    Ok(Edit::Insert {
+        line: first.line - 1,
+        column: first.column - 1,
+        text: inserted,
+    })
 }
 
-/// Apply `edits` (at most one per line) to `text`. Columns are counted in
-/// characters, as the YAML scanner counts them.
+/// Whether the key at `at` is an entry of a flow mapping (`{ a: 1 }`): the
+/// text before it, blanks aside, ends with `{` or `,`.
+fn in_flow(text: &str, at: Pos) -> bool {
+    let mut before = String::new();
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if i + 1 == at.line {
+            before.extend(line.chars().take(at.column - 1));
+            break;
+        }
+        before.push_str(line);
+    }
+    before.trim_end().ends_with(|c| c == '{' || c == ',')
+}
+
+/// Apply `edits` to `text`, the last first so that each position still
+/// holds. Columns are counted in characters, as the YAML scanner counts.
 fn apply(text: &str, mut edits: Vec<Edit>) -> String {
     let mut lines: Vec<String> = text.split_inclusive('\n').map(str::to_string).collect();
-    edits.sort_by_key(|e| std::cmp::Reverse(e.line()));
+    edits.sort_by_key(|e| std::cmp::Reverse(e.at()));
     for edit in edits {
+        let (line, column) = edit.at();
+        let Some(l) = lines.get_mut(line) else {
+            continue;
+        };
+        let start = l.char_indices().nth(column).map_or(l.len(), |(i, _)| i);
         match edit {
-            Edit::Replace { line, column, with } => {
-                let Some(l) = lines.get_mut(line) else {
-                    continue;
-                };
-                let start = l
-                    .char_indices()
-                    .nth(column)
-                    .map_or(l.len(), |(i, _)| i);
+            Edit::Replace { with, .. } => {
                 let end = l[start..]
                     .find(char::is_whitespace)
                     .map_or(l.len(), |n| start + n);
                 l.replace_range(start..end, &with);
             }
-            Edit::Insert { line, lines: new } => {
-                let at = line.min(lines.len());
-                lines.insert(at, new);
-            }
+            Edit::Insert { text, .. } => l.insert_str(start, &text),
         }
     }
     lines.concat()
@@ -278,7 +304,10 @@ fn check_edit(
         }
     }
     if after.policies.len() != before.policies.len() {
-        return Err(fail(&before.policies[0], "the edited file holds other policies"));
+        return Err(fail(
+            &before.policies[0],
+            "the edited file holds other policies",
+        ));
     }
     Ok(())
 }

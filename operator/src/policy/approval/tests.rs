@@ -34,7 +34,10 @@ fn admins(n: usize) -> Vec<KeyPair> {
 
 fn trust(admins: &[KeyPair], threshold: usize) -> BundleTrust {
     BundleTrust {
-        admin_keys: admins.iter().map(|a| a.public_key()).collect::<Vec<PublicKey>>(),
+        admin_keys: admins
+            .iter()
+            .map(|a| a.public_key())
+            .collect::<Vec<PublicKey>>(),
         threshold,
     }
 }
@@ -116,7 +119,10 @@ fn k_admins_sign_the_file_in_place_and_it_keeps_every_comment() {
         .filter(|l| !l.contains("annotations:") && !l.contains(APPROVAL_ANNOTATION))
         .collect();
     assert_eq!(kept, original);
-    assert!(text.contains("metadata:\n  annotations:\n    tenet.dev/approval: "), "{text}");
+    assert!(
+        text.contains("metadata:\n  annotations:\n    tenet.dev/approval: "),
+        "{text}"
+    );
     match judge(&compiled(&file)[0], &trust) {
         Verdict::Unapproved { reason, signers } => {
             assert_eq!(reason, "1 valid signature(s) by trusted keys, 2 required");
@@ -129,7 +135,10 @@ fn k_admins_sign_the_file_in_place_and_it_keeps_every_comment() {
     let second = sign(&file, &a[2]).expect("signed");
     assert_eq!(
         second[0].signers,
-        [a[0].public_key().fingerprint(), a[2].public_key().fingerprint()]
+        [
+            a[0].public_key().fingerprint(),
+            a[2].public_key().fingerprint()
+        ]
     );
     assert_eq!(
         judge(&compiled(&file)[0], &trust),
@@ -175,7 +184,10 @@ fn each_document_of_a_file_gets_its_own_approval_wherever_its_metadata_is() {
     let signed = sign(&file, &a[0]).expect("signed");
     assert_eq!(signed.len(), 2);
     let text = std::fs::read_to_string(&file).expect("read");
-    assert!(text.contains("    owner: it-team   # who to call\n"), "{text}");
+    assert!(
+        text.contains("    owner: it-team   # who to call\n"),
+        "{text}"
+    );
     for p in compiled(&file) {
         assert!(
             matches!(judge(&p, &trust(&a, 1)), Verdict::Approved { .. }),
@@ -186,23 +198,47 @@ fn each_document_of_a_file_gets_its_own_approval_wherever_its_metadata_is() {
 }
 
 #[test]
-fn a_file_the_approval_cannot_be_placed_in_is_left_as_it_was() {
+fn flow_style_metadata_is_signed_in_flow_style() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = admins(1);
     let flow = POLICY.replace(
         "metadata:\n  name: browser-a-minimum   # the name people know\n  namespace: hospital-it\n",
         "metadata: { name: browser-a-minimum, namespace: hospital-it }\n",
     );
-    let file = write(dir.path(), "flow.yaml", &flow);
+    let with_annotations = flow.replace("browser-a-minimum,", "other, annotations: { owner: it },");
+    for text in [flow, with_annotations] {
+        let file = write(dir.path(), "flow.yaml", &text);
+        sign(&file, &a[0]).expect("signed");
+        let signed = std::fs::read_to_string(&file).expect("read");
+        assert_eq!(signed.lines().count(), text.lines().count(), "{signed}");
+        assert!(
+            matches!(
+                judge(&compiled(&file)[0], &trust(&a, 1)),
+                Verdict::Approved { .. }
+            ),
+            "{signed}"
+        );
+    }
+}
+
+#[test]
+fn a_file_that_cannot_be_signed_is_left_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = admins(1);
+    let empty = POLICY.replace(
+        "  namespace: hospital-it\n",
+        "  namespace: hospital-it\n  annotations: {}\n",
+    );
+    let file = write(dir.path(), "empty.yaml", &empty);
     let e = sign(&file, &a[0]).expect_err("refused");
     assert_eq!(
         e.to_string(),
         format!(
-            "{}:4:1: metadata is written on one line (flow style); write it as a block, one entry per line, so that the approval can be added to it; nothing was written",
+            "{}:7:3: metadata.annotations is empty; remove it, or give it an entry, so that the approval can be added; nothing was written",
             file.display()
         )
     );
-    assert_eq!(std::fs::read_to_string(&file).expect("read"), flow);
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), empty);
 
     let broken = POLICY.replace("version: \">= 120\"", "version: \">= banana\"");
     let file = write(dir.path(), "broken.yaml", &broken);
@@ -253,7 +289,10 @@ fn the_gate_keeps_the_last_approved_generation_and_lets_no_unapproved_one_in() {
         "the latest edit is not approved (the approval is for another version of this policy (it changed since it was signed)); generation 7, the last approved, stays in force"
     );
     // Still so on the next refresh, and once signed, the edit is in force.
-    assert_eq!(gate.admit(compiled(&file), &trust).policies[0].generation, 7);
+    assert_eq!(
+        gate.admit(compiled(&file), &trust).policies[0].generation,
+        7
+    );
     sign(&file, &a[1]).expect("signed");
     let admitted = gate.admit(compiled(&file), &trust);
     assert_eq!(

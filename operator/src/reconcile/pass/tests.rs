@@ -1,10 +1,10 @@
 use std::collections::BTreeMap;
 
 use tenet_crds::TerminalPolicy;
+use tenet_protocol::bundle::Capability;
 use tenet_protocol::enrol::EnrolmentRequest;
 use tenet_protocol::envelope::EnvelopeState;
 use tenet_protocol::inventory::{Inventory, Package, PackageManager};
-use tenet_protocol::bundle::Capability;
 use tenet_protocol::{Algorithm, KeyPair, Signer};
 
 use super::*;
