@@ -74,8 +74,8 @@ pub struct Prepared {
     pub request: Vec<u8>,
 }
 
-/// Verify `envelope` against the pinned dispatch key and the remembered
-/// state; record it as used. A refusal comes back signed and queued.
+/// Verify `envelope` against the pinned keys (the dispatch key's signature,
+/// the admins' approval) and the remembered state; record it as used. A refusal comes back signed and queued.
 pub fn prepare(
     store: &LocalState,
     identity: &dyn Signer,
@@ -86,7 +86,7 @@ pub fn prepare(
 ) -> Result<Result<Prepared, Dispatched>, DispatchError> {
     let trust = store.trust()?;
     let before = store.envelope_state(terminal)?;
-    let verified = match before.verify(envelope, &trust.dispatch_key, now_ms) {
+    let verified = match before.verify_approved(envelope, &trust, now_ms) {
         Ok(v) => v,
         Err(r) => return refuse(store, identity, terminal, envelope, &r, now_ms).map(Err),
     };

@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tenet_protocol::approval::check_envelope;
 use tenet_protocol::bundle::{Artifact, BundleTrust, Capability, verify_bundle};
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::envelope::{EnvelopeState, VerifiedEnvelope, check_bundle_against_envelope};
@@ -177,7 +176,7 @@ impl Loader<'_> {
         state: &EnvelopeState,
     ) -> Result<LoadResult, LoaderError> {
         let started = (self.now_ms)();
-        let verified = match state.verify(envelope, &self.trust.dispatch_key, started) {
+        let verified = match state.verify_approved(envelope, self.trust, started) {
             Ok(v) => v,
             Err(r) => {
                 let report = refusal(self.terminal, envelope, &r, started);
@@ -224,13 +223,6 @@ impl Loader<'_> {
         started_ms: u64,
     ) -> Result<(Outcome, Vec<u8>), Rejection> {
         let env = &verified.envelope;
-        // What the payload is told to do must be what a quorum of the
-        // pinned admin keys approved, whoever signed the envelope.
-        check_envelope(
-            env,
-            &self.trust.admin_keys,
-            usize::from(self.trust.admin_threshold),
-        )?;
         let trust = BundleTrust {
             admin_keys: self.trust.admin_keys.clone(),
             threshold: usize::from(self.trust.admin_threshold),

@@ -316,7 +316,7 @@ impl Terminal for Simulated {
         let now = now_ms();
         let mut state = lock(&self.envelopes);
         let before = state.clone();
-        let verified = match before.verify(envelope, &trust.dispatch_key, now) {
+        let verified = match before.verify_approved(envelope, &trust, now) {
             Ok(v) => v,
             Err(r) => {
                 shared.counters.refused.fetch_add(1, Ordering::Relaxed);

@@ -22,6 +22,14 @@ use tenet_protocol::keys::KeyError;
 use tenet_protocol::wire::{decode, encode};
 use tenet_protocol::{Algorithm, KeyPair};
 
+/// The envelope state as agents before policy approvals wrote it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EnvelopeStateBeforeApprovals {
+    terminal: String,
+    last_sequence: u64,
+    policy_generations: std::collections::BTreeMap<String, u64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{path}: {source}")]
@@ -114,6 +122,15 @@ impl LocalState {
 
     /// What the agent remembers of envelopes; fresh for `terminal` on first use.
     pub fn envelope_state(&self, terminal: &str) -> Result<EnvelopeState, StoreError> {
+        // Written before approvals were remembered: the same, with none.
+        if let Ok(Some(old)) = self.read_decoded::<EnvelopeStateBeforeApprovals>("envelope-state") {
+            return Ok(EnvelopeState {
+                terminal: old.terminal,
+                last_sequence: old.last_sequence,
+                policy_generations: old.policy_generations,
+                approvals: Default::default(),
+            });
+        }
         Ok(self
             .read_decoded("envelope-state")?
             .unwrap_or_else(|| EnvelopeState::new(terminal)))

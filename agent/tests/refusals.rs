@@ -162,6 +162,20 @@ fn what_the_admins_did_not_approve_is_refused_whoever_signed_the_envelope() {
     assert_eq!(t.installed("browser-a").as_deref(), Some("118.0.2-1"));
 
     still_serving(&t, &bundle, digest, 4);
+
+    // An approval older than the one it last ran under (an earlier
+    // approved version, brought back): refused as a rollback.
+    let mut older = t.envelope(digest, 5, &["browser-a_120.0-1_all.deb"], &CAPS);
+    let last = older.issued_at_ms - 60_000;
+    tenet_test_support::approve_at(&mut older, &[&t.admin], last);
+    let (_, r) = t.dispatch(&t.sign(&older), &bundle);
+    let (reason, message) = refusal(&t, &r);
+    assert_eq!(reason, "Rollback");
+    assert!(
+        message.starts_with("rollback: policy approval time ")
+            && message.ends_with(" already seen"),
+        "{message}"
+    );
 }
 
 #[test]

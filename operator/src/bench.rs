@@ -104,7 +104,16 @@ pub fn rss_bytes() -> u64 {
 fn signed_policy(work: &Path, text: String, admin: &KeyPair) -> Result<String, BenchError> {
     let scratch = work.join("signing.yaml");
     write(&scratch, text.as_bytes())?;
-    crate::policy::approval::sign(&scratch, admin).map_err(setup)?;
+    let now_ms = tenet_protocol::host::now_ms();
+    crate::policy::approval::sign(
+        &scratch,
+        admin,
+        crate::policy::approval::SignOptions {
+            renew: false,
+            now_ms,
+        },
+    )
+    .map_err(setup)?;
     std::fs::read_to_string(&scratch).map_err(setup)
 }
 

@@ -449,7 +449,7 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
     let text = plan(&policies);
     assert!(
         text.starts_with(&format!(
-            "hospital-it/browser-a-minimum: approved by 2 of the 2 required: {alice}, {bob}\n"
+            "hospital-it/browser-a-minimum: approved by 2 key(s), 2 required: {alice}, {bob}\n"
         )),
         "{text}"
     );
@@ -511,6 +511,6 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "tenet: --threshold 2 needs between 1 and 1 (the --trust keys given)\n"
+        "tenet: --threshold 2 needs between 1 and 1 (the distinct --trust keys given)\n"
     );
 }

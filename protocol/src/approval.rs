@@ -2,14 +2,21 @@
 //! nothing runs on a terminal with parameters a quorum did not approve.
 //!
 //! An approval is a signed frame of kind [`Kind::PolicyApproval`] whose body
-//! is a [`PolicyStatement`]: the policy's `namespace/name`, the SHA-256 of
-//! the canonical form of its whole spec (selector, requirements,
-//! remediation, rollout, certificate: everything that decides what runs
-//! where), and, when it remediates, the exact [`ApprovedRemediation`] an
-//! envelope may carry. Each admin adds a signature to the same frame (like
-//! a payload bundle's, k of n). The frame travels base64 in the policy's
+//! is a [`PolicyApproval`]: a [`PolicyStatement`] (the policy's
+//! `namespace/name`, the SHA-256 of the canonical form of its whole spec,
+//! that is selector, requirements, remediation, rollout, certificate:
+//! everything that decides what runs where, and, when it remediates, the
+//! exact [`ApprovedRemediation`] an envelope may carry) and when the admins
+//! approved it. Each admin adds a signature to the same frame (like a
+//! payload bundle's, k of n). The frame travels base64 in the policy's
 //! `tenet.dev/approval` annotation, so the same file serves a policy
 //! directory and `kubectl apply`.
+//!
+//! The approval time orders the approvals of one policy: a terminal refuses
+//! an approval older than one it already ran under (a `Rollback`), so an
+//! older approved version cannot be brought back by whoever holds the
+//! dispatch key or can write the policy; admins re-approve an old version
+//! by signing it anew.
 //!
 //! The operator computes the statement from the policy it read and checks
 //! the frame against it ([`verify_approval`]); the remediation part is what
@@ -38,6 +45,15 @@ pub struct PolicyStatement {
     pub remediation: Option<ApprovedRemediation>,
 }
 
+/// What the admins sign: a statement and when they approved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApproval {
+    pub statement: PolicyStatement,
+    /// When the first admin signed this approval (unix ms); the others
+    /// sign the same body.
+    pub approved_at_ms: u64,
+}
+
 /// The parameters of a remediation, exactly as an envelope carries them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovedRemediation {
@@ -45,51 +61,63 @@ pub struct ApprovedRemediation {
     pub args: Vec<String>,
     pub capabilities: Vec<Capability>,
     pub write_paths: Vec<String>,
+    /// The longest an envelope may give the payload: its deadline at most
+    /// this long after its issue.
+    pub timeout_ms: u64,
 }
 
 impl ApprovedRemediation {
     /// Whether `envelope` asks for exactly this: the same payload, the same
-    /// arguments in the same order, no capability or write path more.
+    /// arguments in the same order, no capability or write path more, no
+    /// longer a deadline.
     pub fn covers(&self, envelope: &DispatchEnvelope) -> Result<(), Rejection> {
-        let differs = |what: &str| {
-            Err(Rejection::NotApproved(format!(
-                "the envelope's {what} differ from what the admins approved"
-            )))
-        };
+        let not = |why: String| Err(Rejection::NotApproved(why));
         if envelope.payload_digest != self.payload_digest {
-            return Err(Rejection::NotApproved(format!(
+            return not(format!(
                 "payload {} is not the approved {}",
                 digest_string(&envelope.payload_digest),
                 digest_string(&self.payload_digest)
-            )));
+            ));
         }
         if envelope.args != self.args {
-            return differs("arguments");
+            return not("the envelope's arguments differ from what the admins approved".into());
         }
-        if envelope
+        if let Some(c) = envelope
             .capabilities
             .iter()
-            .any(|c| !self.capabilities.contains(c))
+            .find(|c| !self.capabilities.contains(c))
         {
-            return differs("capabilities");
+            return not(format!(
+                "the envelope grants capability {}, which the admins did not approve",
+                c.name()
+            ));
         }
-        if envelope
+        if let Some(p) = envelope
             .write_paths
             .iter()
-            .any(|p| !self.write_paths.contains(p))
+            .find(|p| !self.write_paths.contains(p))
         {
-            return differs("write paths");
+            return not(format!(
+                "the envelope grants write path {p}, which the admins did not approve"
+            ));
+        }
+        let given = envelope.deadline_ms.saturating_sub(envelope.issued_at_ms);
+        if given > self.timeout_ms {
+            return not(format!(
+                "the envelope gives the payload {given} ms, more than the approved {} ms",
+                self.timeout_ms
+            ));
         }
         Ok(())
     }
 }
 
-impl Message for PolicyStatement {
+impl Message for PolicyApproval {
     const KIND: Kind = Kind::PolicyApproval;
 
     fn check(&self) -> Result<(), Rejection> {
-        limit("the policy name", self.policy.len(), MAX_NAME * 2)?;
-        if let Some(r) = &self.remediation {
+        limit("the policy name", self.statement.policy.len(), MAX_NAME * 2)?;
+        if let Some(r) = &self.statement.remediation {
             limit("the argument list", r.args.len(), MAX_ARGS)?;
             for a in &r.args {
                 limit("an argument", a.len(), MAX_ARG_BYTES)?;
@@ -108,10 +136,11 @@ impl Message for PolicyStatement {
     }
 }
 
-/// Who approved, once the approval verified.
+/// Who approved, and when, once the approval verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Approved {
     pub signers: Vec<Fingerprint>,
+    pub approved_at_ms: u64,
 }
 
 /// Check an approval frame against the statement computed from the policy
@@ -128,16 +157,17 @@ pub fn verify_approval(
     let not = |why: String| Rejection::NotApproved(why);
     let frame = SignedMessage::decode(frame, Kind::PolicyApproval)
         .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
-    let approved: PolicyStatement = frame
+    let approval: PolicyApproval = frame
         .open()
         .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
+    let approved = &approval.statement;
     if approved.policy != expected.policy {
         return Err(not(format!(
             "the approval is for policy {}, not {}",
             approved.policy, expected.policy
         )));
     }
-    if approved != *expected {
+    if approved != expected {
         return Err(not(
             "the approval is for another version of this policy (it changed since it was signed)"
                 .into(),
@@ -146,10 +176,15 @@ pub fn verify_approval(
     let signers = frame
         .verify_threshold(admin_keys, threshold)
         .map_err(|e| not(e.to_string()))?;
-    Ok(Approved { signers })
+    Ok(Approved {
+        signers,
+        approved_at_ms: approval.approved_at_ms,
+    })
 }
 
-/// What a terminal checks before it runs anything: the approval an
+/// What a terminal checks before it runs anything (see
+/// `EnvelopeState::verify_approved`, which also refuses an approval older
+/// than one already run): the approval an
 /// envelope carries is signed by at least `threshold` of the pinned
 /// `admin_keys`, it approves this envelope's policy, and its remediation
 /// covers exactly what the envelope asks for. The terminal has no copy of
@@ -173,9 +208,10 @@ pub fn check_envelope(
     let signers = frame
         .verify_threshold(admin_keys, threshold)
         .map_err(|e| not(e.to_string()))?;
-    let approved: PolicyStatement = frame
+    let approval: PolicyApproval = frame
         .open()
         .map_err(|e| not(format!("the approval cannot be read: {e}")))?;
+    let approved = &approval.statement;
     if approved.policy != envelope.policy {
         return Err(not(format!(
             "the approval is for policy {}, not {}",
@@ -189,7 +225,10 @@ pub fn check_envelope(
         )));
     };
     remediation.covers(envelope)?;
-    Ok(Approved { signers })
+    Ok(Approved {
+        signers,
+        approved_at_ms: approval.approved_at_ms,
+    })
 }
 
 /// Who signed a frame, whatever it approves (for a person's report):

@@ -87,6 +87,9 @@ pub struct EnvelopeState {
     pub last_sequence: u64,
     /// The highest generation accepted, per policy.
     pub policy_generations: BTreeMap<String, u64>,
+    /// The newest admins' approval run, per policy (its `approved_at_ms`):
+    /// an older one is a rollback.
+    pub approvals: BTreeMap<String, u64>,
 }
 
 /// Clocks disagree a little; an envelope issued up to this far in the
@@ -98,6 +101,9 @@ pub struct VerifiedEnvelope {
     pub envelope: DispatchEnvelope,
     /// Body digest; the report names it.
     pub digest: [u8; 32],
+    /// When the admins approved what it asks for (0: not checked, see
+    /// [`EnvelopeState::verify`]).
+    pub approved_at_ms: u64,
 }
 
 impl EnvelopeState {
@@ -108,9 +114,40 @@ impl EnvelopeState {
         }
     }
 
+    /// What a terminal checks before anything runs: [`EnvelopeState::verify`],
+    /// then the admins' approval the envelope carries against the pinned
+    /// admin keys and threshold ([`crate::approval::check_envelope`]), and
+    /// that this approval is not older than one already run for the policy.
+    pub fn verify_approved(
+        &self,
+        bytes: &[u8],
+        trust: &crate::enrol::TrustAnchors,
+        now_ms: u64,
+    ) -> Result<VerifiedEnvelope, Rejection> {
+        let mut verified = self.verify(bytes, &trust.dispatch_key, now_ms)?;
+        let approved = crate::approval::check_envelope(
+            &verified.envelope,
+            &trust.admin_keys,
+            usize::from(trust.admin_threshold),
+        )?;
+        if let Some(seen) = self.approvals.get(&verified.envelope.policy)
+            && approved.approved_at_ms < *seen
+        {
+            return Err(Rejection::Rollback {
+                what: "policy approval time",
+                seen: *seen,
+                got: approved.approved_at_ms,
+            });
+        }
+        verified.approved_at_ms = approved.approved_at_ms;
+        Ok(verified)
+    }
+
     /// Verify an envelope: the operator's signature, this terminal, the
-    /// clock, and that it is neither a replay nor a rollback. Does not
-    /// change the state: call [`EnvelopeState::accept`] once it is run.
+    /// clock, and that it is neither a replay nor a rollback. Not the
+    /// admins' approval: a terminal calls [`EnvelopeState::verify_approved`].
+    /// Does not change the state: call [`EnvelopeState::accept`] once it is
+    /// run.
     pub fn verify(
         &self,
         bytes: &[u8],
@@ -163,10 +200,12 @@ impl EnvelopeState {
         Ok(VerifiedEnvelope {
             digest: frame.body_digest(),
             envelope,
+            approved_at_ms: 0,
         })
     }
 
-    /// Record an envelope as used: its sequence and policy generation.
+    /// Record an envelope as used: its sequence, policy generation and
+    /// approval time.
     pub fn accept(&mut self, v: &VerifiedEnvelope) {
         self.last_sequence = self.last_sequence.max(v.envelope.sequence);
         let g = self
@@ -174,6 +213,8 @@ impl EnvelopeState {
             .entry(v.envelope.policy.clone())
             .or_insert(0);
         *g = (*g).max(v.envelope.policy_generation);
+        let a = self.approvals.entry(v.envelope.policy.clone()).or_insert(0);
+        *a = (*a).max(v.approved_at_ms);
     }
 }
 

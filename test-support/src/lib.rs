@@ -7,14 +7,20 @@ use std::process::Command;
 use std::time::Duration;
 
 use tenet_protocol::SignedMessage;
-use tenet_protocol::approval::{ApprovedRemediation, PolicyStatement};
+use tenet_protocol::approval::{ApprovedRemediation, PolicyApproval, PolicyStatement};
 use tenet_protocol::envelope::DispatchEnvelope;
 use tenet_protocol::keys::KeyPair;
 
 /// Have `admins` approve exactly what `envelope` asks for (its policy, its
-/// payload, arguments, capabilities and write paths), as the operator's
-/// envelopes carry it from a policy's `tenet.dev/approval` annotation.
+/// payload, arguments, capabilities, write paths and time), as the
+/// operator's envelopes carry it from a policy's `tenet.dev/approval`
+/// annotation; approved when the envelope was issued.
 pub fn approve(envelope: &mut DispatchEnvelope, admins: &[&KeyPair]) {
+    approve_at(envelope, admins, envelope.issued_at_ms);
+}
+
+/// [`approve`], approved at `approved_at_ms`.
+pub fn approve_at(envelope: &mut DispatchEnvelope, admins: &[&KeyPair], approved_at_ms: u64) {
     let statement = PolicyStatement {
         policy: envelope.policy.clone(),
         spec_digest: [0; 32],
@@ -23,9 +29,13 @@ pub fn approve(envelope: &mut DispatchEnvelope, admins: &[&KeyPair]) {
             args: envelope.args.clone(),
             capabilities: envelope.capabilities.clone(),
             write_paths: envelope.write_paths.clone(),
+            timeout_ms: envelope.deadline_ms.saturating_sub(envelope.issued_at_ms),
         }),
     };
-    let mut frame = SignedMessage::new(&statement);
+    let mut frame = SignedMessage::new(&PolicyApproval {
+        statement,
+        approved_at_ms,
+    });
     for a in admins {
         frame.sign(*a).expect("sign the approval");
     }

@@ -9,7 +9,7 @@ use tenet_protocol::bundle::BundleTrust;
 use tenet_protocol::keys::{Fingerprint, KeyPair, PublicKey};
 
 use super::Output;
-use crate::policy::approval::{Verdict, judge, sign};
+use crate::policy::approval::{SignOptions, Verdict, judge, sign};
 use crate::policy::{
     LoadError, LoadedPolicy, PolicySet, TerminalView, evaluate, load_dir, load_inventories,
 };
@@ -55,7 +55,7 @@ fn summaries<'a>(set: &'a PolicySet, approvals: &Approvals) -> Vec<PolicySummary
                     .verdicts
                     .get(&key)
                     .map(|v| match v {
-                        Verdict::Approved { signers } | Verdict::Unapproved { signers, .. } => {
+                        Verdict::Approved { signers, .. } | Verdict::Unapproved { signers, .. } => {
                             signers.iter().map(|f| approvals.name(f)).collect()
                         }
                     })
@@ -80,12 +80,17 @@ impl Approvals {
         let mut admin_keys = Vec::new();
         for path in keys {
             let key = PublicKey::read_pem_file(path).map_err(|e| e.to_string())?;
-            names.insert(key.fingerprint(), path.display().to_string());
-            admin_keys.push(key);
+            // The same key named twice counts once.
+            if names
+                .insert(key.fingerprint(), path.display().to_string())
+                .is_none()
+            {
+                admin_keys.push(key);
+            }
         }
         if !keys.is_empty() && (threshold == 0 || threshold > admin_keys.len()) {
             return Err(format!(
-                "--threshold {threshold} needs between 1 and {} (the --trust keys given)",
+                "--threshold {threshold} needs between 1 and {} (the distinct --trust keys given)",
                 admin_keys.len()
             ));
         }
@@ -155,8 +160,8 @@ impl Approvals {
     /// One line per policy for `plan`.
     fn describe(&self, key: &str) -> String {
         match (self.verdicts.get(key), &self.trust) {
-            (Some(Verdict::Approved { signers }), Some(t)) => format!(
-                "approved by {} of the {} required: {}",
+            (Some(Verdict::Approved { signers, .. }), Some(t)) => format!(
+                "approved by {} key(s), {} required: {}",
                 signers.len(),
                 t.threshold,
                 signers
@@ -172,6 +177,7 @@ impl Approvals {
                 "signed by {} key(s) (not verified: give --trust)",
                 signers.len()
             ),
+            (Some(Verdict::Unapproved { reason, .. }), None) => reason.clone(),
             _ => "not signed by any admin (run `tenet policy sign`)".into(),
         }
     }
@@ -209,6 +215,12 @@ pub enum PolicyCommand {
         /// Your private admin key (from `tenet keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// Start a new approval even of an already approved version: how
+        /// admins bring back an earlier version of a policy (its old
+        /// approval is refused as older than the one in force). The other
+        /// admins then sign again.
+        #[arg(long)]
+        renew: bool,
     },
     /// Show, for each terminal in an inventory, which policies select it,
     /// which requirements fail and why, and which payload would be sent.
@@ -246,7 +258,16 @@ pub fn run(
             Ok(approvals) => check(&dir, approvals, output, stdout, stderr),
             Err(e) => usage(stderr, &e),
         },
-        PolicyCommand::Sign { files, key } => sign_files(&files, &key, stdout, stderr),
+        PolicyCommand::Sign { files, key, renew } => sign_files(
+            &files,
+            &key,
+            SignOptions {
+                renew,
+                now_ms: tenet_protocol::host::now_ms(),
+            },
+            stdout,
+            stderr,
+        ),
         PolicyCommand::Plan {
             dir,
             inventory,
@@ -270,6 +291,7 @@ fn usage(err: &mut dyn Write, message: &str) -> std::io::Result<i32> {
 fn sign_files(
     files: &[PathBuf],
     key: &Path,
+    options: SignOptions,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -279,7 +301,7 @@ fn sign_files(
     };
     let mut failed = false;
     for file in files {
-        match sign(file, &key) {
+        match sign(file, &key, options) {
             Ok(signed) => {
                 for s in signed {
                     let note = match (s.added, s.dropped) {

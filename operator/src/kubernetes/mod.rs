@@ -36,11 +36,18 @@ pub const FINALIZER: &str = "tenet.dev/cleanup";
 pub struct Policies {
     client: Client,
     reader: reflector::Store<TerminalPolicy>,
-    /// key → the generation and approval annotation it was compiled at
-    /// (an annotation edit, such as an admin's signature, does not move
-    /// the generation), and the compiled policy or its errors.
+    /// key → the resource (uid), generation and approval annotation it
+    /// was compiled at (an annotation edit, such as an admin's signature,
+    /// does not move the generation; a re-created resource starts again
+    /// at 1), and the compiled policy or its errors.
     #[allow(clippy::type_complexity)]
-    compiled: HashMap<String, ((i64, Option<String>), Result<CompiledPolicy, Vec<String>>)>,
+    compiled: HashMap<
+        String,
+        (
+            (Option<String>, i64, Option<String>),
+            Result<CompiledPolicy, Vec<String>>,
+        ),
+    >,
     statuses: tokio::sync::watch::Sender<Vec<PolicyStatus>>,
     pub uids: Arc<Mutex<HashMap<String, String>>>,
     pub writes: Arc<AtomicU64>,
@@ -139,6 +146,7 @@ impl Policies {
             }
             let generation = p.meta().generation.unwrap_or(1);
             let version = (
+                p.uid(),
                 generation,
                 p.annotations()
                     .get(tenet_protocol::approval::APPROVAL_ANNOTATION)
@@ -267,6 +275,9 @@ impl StatusWriter {
                 "remediating": s.remediating,
                 "failed": s.failed,
                 "reason": reason,
+                // The Ready message too: a policy stays Unapproved while
+                // the reason changes (one admin of two has signed).
+                "message": message,
             });
             if self.written.get(&s.policy) == Some(&status) {
                 continue;

@@ -26,13 +26,15 @@ use tenet_protocol::wire::{parse_digest, sha256};
 use super::CompiledPolicy;
 
 mod sign;
-pub use sign::{SignError, sign};
+pub use sign::{SignError, SignOptions, SignedPolicy, sign};
 
 /// SHA-256 of the canonical form of `spec` (see the module's comment).
 pub fn spec_digest(spec: &TerminalPolicySpec) -> [u8; 32] {
     let mut canonical = spec.clone();
     canonical.description = None;
-    sha256(&serde_json::to_vec(&canonical).unwrap_or_default())
+    // Plain data (strings, numbers, booleans, ordered maps): serialising
+    // it cannot fail, and a default here would approve every spec at once.
+    sha256(&serde_json::to_vec(&canonical).expect("a policy spec serialises to JSON"))
 }
 
 /// The protocol's name of a capability a policy grants.
@@ -47,8 +49,13 @@ pub fn capability(c: tenet_crds::policy::Capability) -> Capability {
 }
 
 /// What an envelope of this policy carries: exactly what the approval of
-/// its remediation must name. `None` when it remediates nothing.
+/// its remediation must name. `None` when it remediates nothing, and while
+/// it is suspended (approving a suspended policy lets nothing run; lifting
+/// the suspension is an edit the admins approve).
 pub fn remediation(spec: &TerminalPolicySpec) -> Option<ApprovedRemediation> {
+    if spec.suspend {
+        return None;
+    }
     let r = spec.remediation.as_ref()?;
     Some(ApprovedRemediation {
         // A digest that does not parse never compiles; zeros approve nothing.
@@ -56,6 +63,7 @@ pub fn remediation(spec: &TerminalPolicySpec) -> Option<ApprovedRemediation> {
         args: r.args.clone(),
         capabilities: r.capabilities.iter().map(|c| capability(*c)).collect(),
         write_paths: r.write_paths.clone(),
+        timeout_ms: u64::from(r.timeout_seconds) * 1000,
     })
 }
 
@@ -88,6 +96,7 @@ pub fn annotation_frame(meta: &ObjectMeta) -> Result<Vec<u8>, String> {
 pub enum Verdict {
     Approved {
         signers: Vec<Fingerprint>,
+        approved_at_ms: u64,
     },
     Unapproved {
         /// Why, as a person reads it.
@@ -109,7 +118,10 @@ pub fn judge(policy: &CompiledPolicy, trust: &BundleTrust) -> Verdict {
         }
     };
     match verify_approval(frame, &policy.statement, &trust.admin_keys, trust.threshold) {
-        Ok(a) => Verdict::Approved { signers: a.signers },
+        Ok(a) => Verdict::Approved {
+            signers: a.signers,
+            approved_at_ms: a.approved_at_ms,
+        },
         Err(e) => Verdict::Unapproved {
             // "not approved by the admins: ..." is the agent's wording;
             // here the policy is named already.
@@ -154,10 +166,15 @@ pub struct Admitted {
 
 /// Keeps, for each policy, the last version whose approval verified: an
 /// unapproved edit leaves that one in force (as a broken file does), a
-/// policy never approved is not in force at all.
+/// policy never approved is not in force at all, and an approval older
+/// than the one in force (an old approved version brought back) is not
+/// taken. It lives in memory: after a restart, the policies as read are
+/// judged afresh (the terminals still refuse an approval older than one
+/// they ran).
 #[derive(Default)]
 pub struct Gate {
-    approved: BTreeMap<String, CompiledPolicy>,
+    /// The version in force and when it was approved.
+    approved: BTreeMap<String, (CompiledPolicy, u64)>,
     /// The last verdict per policy, with the statement and frame it was
     /// for: a refresh that changed nothing verifies nothing again.
     verdicts: BTreeMap<String, (Arc<PolicyStatement>, Result<Arc<[u8]>, String>, Verdict)>,
@@ -184,26 +201,33 @@ impl Gate {
                     verdict.clone(),
                 ),
             );
-            match verdict {
-                Verdict::Approved { .. } => {
-                    approved.insert(key, candidate);
-                }
-                Verdict::Unapproved { reason, .. } => {
-                    let kept = self.approved.remove(&key);
-                    admitted.unapproved.insert(
-                        key.clone(),
-                        Unapproved {
-                            reason,
-                            in_force: kept.as_ref().map(|p| p.generation),
-                        },
-                    );
-                    if let Some(p) = kept {
-                        approved.insert(key, p);
+            let in_force = self.approved.remove(&key);
+            let reason = match verdict {
+                Verdict::Approved { approved_at_ms, .. } => match &in_force {
+                    Some((_, at)) if approved_at_ms < *at => format!(
+                        "its approval, of {}, is older than the one in force, of {}: an earlier approved version cannot come back as it was; sign it anew with `tenet policy sign --renew`",
+                        crate::time::rfc3339(approved_at_ms),
+                        crate::time::rfc3339(*at)
+                    ),
+                    _ => {
+                        approved.insert(key, (candidate, approved_at_ms));
+                        continue;
                     }
-                }
+                },
+                Verdict::Unapproved { reason, .. } => reason,
+            };
+            admitted.unapproved.insert(
+                key.clone(),
+                Unapproved {
+                    reason,
+                    in_force: in_force.as_ref().map(|(p, _)| p.generation),
+                },
+            );
+            if let Some(kept) = in_force {
+                approved.insert(key, kept);
             }
         }
-        admitted.policies = approved.values().cloned().collect();
+        admitted.policies = approved.values().map(|(p, _)| p.clone()).collect();
         self.approved = approved;
         self.verdicts = verdicts;
         admitted

@@ -10,6 +10,7 @@ fn statement() -> PolicyStatement {
             args: vec!["browser-a_120.0-1_all.deb".into()],
             capabilities: vec![Capability::RunArtifact, Capability::Log],
             write_paths: vec![],
+            timeout_ms: 600_000,
         }),
     }
 }
@@ -27,7 +28,10 @@ fn keys(admins: &[KeyPair]) -> Vec<PublicKey> {
 /// An approval of `statement` signed by each of `signers`, in turn (as
 /// each admin runs `tenet policy sign`).
 fn approve(statement: &PolicyStatement, signers: &[&KeyPair]) -> Vec<u8> {
-    let mut frame = SignedMessage::new(statement);
+    let mut frame = SignedMessage::new(&PolicyApproval {
+        statement: statement.clone(),
+        approved_at_ms: 1_790_000_000_000,
+    });
     for s in signers {
         frame.sign(*s).expect("sign");
     }
@@ -98,7 +102,10 @@ fn each_bad_approval_is_refused_with_its_reason() {
         );
     }
     // A signature that does not verify.
-    let mut forged = SignedMessage::new(&statement());
+    let mut forged = SignedMessage::new(&PolicyApproval {
+        statement: statement(),
+        approved_at_ms: 1,
+    });
     forged.sign(&a[0]).expect("sign");
     forged.sign(&a[1]).expect("sign");
     forged.signatures[1].signature[0] ^= 1;
@@ -146,13 +153,19 @@ fn an_envelope_is_covered_only_by_exactly_the_approved_parameters() {
     wider.capabilities.push(Capability::WriteFiles);
     assert_eq!(
         reason(wider),
-        "not approved by the admins: the envelope's capabilities differ from what the admins approved"
+        "not approved by the admins: the envelope grants capability write-files, which the admins did not approve"
     );
     let mut path = envelope.clone();
     path.write_paths = vec!["/etc".into()];
     assert_eq!(
         reason(path),
-        "not approved by the admins: the envelope's write paths differ from what the admins approved"
+        "not approved by the admins: the envelope grants write path /etc, which the admins did not approve"
+    );
+    let mut longer = envelope.clone();
+    longer.deadline_ms = longer.issued_at_ms + 600_001;
+    assert_eq!(
+        reason(longer),
+        "not approved by the admins: the envelope gives the payload 600001 ms, more than the approved 600000 ms"
     );
     let mut other = envelope;
     other.payload_digest = [2; 32];
@@ -183,8 +196,9 @@ fn a_terminal_runs_an_envelope_only_under_its_policys_approval() {
         "hospital-it/browser-a",
         &["browser-a_120.0-1_all.deb"],
     );
-    let signers = check_envelope(&ok, &trusted, 2).expect("approved").signers;
-    assert_eq!(signers.len(), 2);
+    let approved = check_envelope(&ok, &trusted, 2).expect("approved");
+    assert_eq!(approved.signers.len(), 2);
+    assert_eq!(approved.approved_at_ms, 1_790_000_000_000);
     let refused = |e: DispatchEnvelope| {
         check_envelope(&e, &trusted, 2)
             .expect_err("refused")

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use tenet_protocol::approval::PolicyStatement;
+use tenet_protocol::approval::PolicyApproval;
 use tenet_protocol::keys::{Fingerprint, KeyError};
 use tenet_protocol::{Kind, SignedMessage, Signer};
 
@@ -57,16 +57,34 @@ pub enum SignError {
     Key(#[from] KeyError),
 }
 
-/// Sign every TerminalPolicy in `file` with `key`, in place.
-pub fn sign(file: &Path, key: &dyn Signer) -> Result<Vec<SignedPolicy>, SignError> {
+/// How to sign.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SignOptions {
+    /// Start a new approval even when the policy carries one of this very
+    /// version (dropping its signatures, with a new approval time): how
+    /// admins bring back an earlier version, which the operator and the
+    /// terminals refuse with its old approval.
+    pub renew: bool,
+    /// The approval time of a new approval (unix ms).
+    pub now_ms: u64,
+}
+
+/// Sign every TerminalPolicy in `file` with `key`, in place (through a
+/// symbolic link, the file it points to).
+pub fn sign(
+    file: &Path,
+    key: &dyn Signer,
+    options: SignOptions,
+) -> Result<Vec<SignedPolicy>, SignError> {
     let io = |source| SignError::Io {
         path: file.to_path_buf(),
         source,
     };
-    let text = std::fs::read_to_string(file).map_err(io)?;
+    let target = std::fs::canonicalize(file).map_err(io)?;
+    let text = std::fs::read_to_string(&target).map_err(io)?;
     let mode = {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::metadata(file).map_err(io)?.permissions().mode() & 0o7777
+        std::fs::metadata(&target).map_err(io)?.permissions().mode() & 0o7777
     };
     let set = load_one(file, &text);
     if !set.errors.is_empty() {
@@ -80,7 +98,7 @@ pub fn sign(file: &Path, key: &dyn Signer) -> Result<Vec<SignedPolicy>, SignErro
     let mut signed = Vec::new();
     let mut frames = HashMap::new();
     for p in &set.policies {
-        let (frame, report) = approval_for(p, key)?;
+        let (frame, report) = approval_for(p, key, options)?;
         let encoded = frame.encode();
         let text64 = base64::engine::general_purpose::STANDARD.encode(&encoded);
         let positions = docs.get(p.document).ok_or_else(|| SignError::Place {
@@ -94,8 +112,10 @@ pub fn sign(file: &Path, key: &dyn Signer) -> Result<Vec<SignedPolicy>, SignErro
         signed.push(report);
     }
     let new_text = apply(&text, edits);
-    check_edit(file, &set, &new_text, &frames)?;
-    tenet_protocol::host::replace(file, new_text.as_bytes(), mode).map_err(io)?;
+    check_edit(file, &set, &text, &new_text, &frames)?;
+    if new_text != text {
+        tenet_protocol::host::replace(&target, new_text.as_bytes(), mode).map_err(io)?;
+    }
     Ok(signed)
 }
 
@@ -114,6 +134,7 @@ fn load_one(file: &Path, text: &str) -> PolicySet {
 fn approval_for(
     p: &LoadedPolicy,
     key: &dyn Signer,
+    options: SignOptions,
 ) -> Result<(SignedMessage, SignedPolicy), KeyError> {
     let statement = p.compiled.statement.as_ref();
     let fingerprint = key.public_key().fingerprint();
@@ -123,10 +144,22 @@ fn approval_for(
         .as_ref()
         .ok()
         .and_then(|bytes| SignedMessage::decode(bytes, Kind::PolicyApproval).ok());
+    let fresh = || {
+        SignedMessage::new(&PolicyApproval {
+            statement: statement.clone(),
+            approved_at_ms: options.now_ms,
+        })
+    };
     let (mut frame, dropped) = match existing {
-        Some(f) if f.open::<PolicyStatement>().ok().as_ref() == Some(statement) => (f, 0),
-        Some(f) => (SignedMessage::new(statement), f.signatures.len()),
-        None => (SignedMessage::new(statement), 0),
+        Some(f)
+            if !options.renew
+                && f.open::<PolicyApproval>()
+                    .is_ok_and(|a| a.statement == *statement) =>
+        {
+            (f, 0)
+        }
+        Some(f) => (fresh(), f.signatures.len()),
+        None => (fresh(), 0),
     };
     let added = !frame.signatures.iter().any(|s| s.key == fingerprint);
     frame.sign(key)?;
@@ -204,6 +237,7 @@ fn place(file: &Path, text: &str, doc: &DocPositions, value: &str) -> Result<Edi
         },
     };
     let flow = in_flow(text, first);
+    let newline = if text.contains("\r\n") { "\r\n" } else { "\n" };
     let (key, inline) = entry;
     let inserted = match (flow, inline.is_empty()) {
         // `{ tenet.dev/approval: X, owner: it }`
@@ -212,11 +246,11 @@ fn place(file: &Path, text: &str, doc: &DocPositions, value: &str) -> Result<Edi
         (true, true) => format!("{key}: {{ {APPROVAL_ANNOTATION}: {value} }}, "),
         (false, false) => {
             let indent = " ".repeat(first.column - 1);
-            format!("{key}: {inline}\n{indent}")
+            format!("{key}: {inline}{newline}{indent}")
         }
         (false, true) => {
             let indent = " ".repeat(first.column - 1);
-            format!("{key}:\n{indent}  {APPROVAL_ANNOTATION}: {value}\n{indent}")
+            format!("{key}:{newline}{indent}  {APPROVAL_ANNOTATION}: {value}{newline}{indent}")
         }
     };
     Ok(Edit::Insert {
@@ -231,13 +265,49 @@ fn place(file: &Path, text: &str, doc: &DocPositions, value: &str) -> Result<Edi
 fn in_flow(text: &str, at: Pos) -> bool {
     let mut before = String::new();
     for (i, line) in text.split_inclusive('\n').enumerate() {
+        let line: String = if i + 1 == at.line {
+            line.chars().take(at.column - 1).collect()
+        } else {
+            line.to_string()
+        };
+        // A comment is not text: `# owners: alice, bob,` ends in no `,`.
+        let code = match line.find('#') {
+            Some(n) if n == 0 || line[..n].ends_with([' ', '\t']) => &line[..n],
+            _ => &line,
+        };
+        before.push_str(code);
+        before.push('\n');
         if i + 1 == at.line {
-            before.extend(line.chars().take(at.column - 1));
             break;
         }
-        before.push_str(line);
     }
-    before.trim_end().ends_with(|c| c == '{' || c == ',')
+    before.trim_end().ends_with(['{', ','])
+}
+
+/// The length in bytes of the one-line scalar `rest` starts with: a quoted
+/// one to its closing quote; a plain one (base64, as written here) up to a
+/// blank, a comment, or the `,` `}` `]` that end a flow entry.
+fn scalar_len(rest: &str) -> usize {
+    let mut chars = rest.char_indices();
+    match chars.next() {
+        Some((_, q @ ('"' | '\''))) => {
+            let mut escaped = false;
+            for (i, c) in chars {
+                if q == '"' && c == '\\' && !escaped {
+                    escaped = true;
+                    continue;
+                }
+                if c == q && !escaped {
+                    return i + 1;
+                }
+                escaped = false;
+            }
+            rest.trim_end_matches(['\n', '\r']).len()
+        }
+        _ => rest
+            .find(|c: char| c.is_whitespace() || matches!(c, ',' | '}' | ']'))
+            .unwrap_or(rest.len()),
+    }
 }
 
 /// Apply `edits` to `text`, the last first so that each position still
@@ -253,9 +323,7 @@ fn apply(text: &str, mut edits: Vec<Edit>) -> String {
         let start = l.char_indices().nth(column).map_or(l.len(), |(i, _)| i);
         match edit {
             Edit::Replace { with, .. } => {
-                let end = l[start..]
-                    .find(char::is_whitespace)
-                    .map_or(l.len(), |n| start + n);
+                let end = start + scalar_len(&l[start..]);
                 l.replace_range(start..end, &with);
             }
             Edit::Insert { text, .. } => l.insert_str(start, &text),
@@ -264,50 +332,72 @@ fn apply(text: &str, mut edits: Vec<Edit>) -> String {
     lines.concat()
 }
 
-/// The edited text must read as the same policies, each carrying exactly
-/// its new approval.
+/// The edited text must read as the same documents, each policy carrying
+/// exactly its new approval, and nothing else changed: every document,
+/// read as YAML, equals the original once their approval annotations are
+/// set aside.
 fn check_edit(
     file: &Path,
     before: &PolicySet,
+    original: &str,
     text: &str,
     frames: &HashMap<String, Vec<u8>>,
 ) -> Result<(), SignError> {
-    let after = load_one(file, text);
-    let fail = |p: &LoadedPolicy, why: &str| SignError::Place {
+    let fail = |p: &LoadedPolicy, why: String| SignError::Place {
         file: file.to_path_buf(),
         line: p.line,
         column: 1,
         message: format!(
-            "cannot place the approval of {} ({why}); write its {APPROVAL_ANNOTATION} annotation as a plain value on one line",
+            "cannot add the approval of {}: {why}; write its metadata, annotations and {APPROVAL_ANNOTATION} value in plain block style",
             p.compiled.key()
         ),
     };
+    let first = &before.policies[0];
+    let after = load_one(file, text);
     if let Some(e) = after.errors.first() {
-        let p = before
-            .policies
-            .iter()
-            .find(|p| p.line >= e.line)
-            .unwrap_or(&before.policies[0]);
-        return Err(fail(p, &format!("the edited file does not read: {e}")));
+        return Err(fail(first, format!("the edited file would not read ({e})")));
     }
     for p in &before.policies {
         let key = p.compiled.key();
         let Some(q) = after.policies.iter().find(|q| q.compiled.key() == key) else {
-            return Err(fail(p, "it is gone from the edited file"));
+            return Err(fail(p, "it would be gone from the edited file".into()));
         };
-        if q.compiled.statement != p.compiled.statement {
-            return Err(fail(p, "its meaning would change"));
-        }
         let carried = q.compiled.approval.as_deref().ok();
-        if carried != frames.get(&key).map(Vec::as_slice) {
-            return Err(fail(p, "the edited file carries another approval"));
+        if q.compiled.statement != p.compiled.statement
+            || carried != frames.get(&key).map(Vec::as_slice)
+        {
+            return Err(fail(p, "the edited file would read differently".into()));
         }
     }
-    if after.policies.len() != before.policies.len() {
+    if documents_without_approvals(original) != documents_without_approvals(text) {
         return Err(fail(
-            &before.policies[0],
-            "the edited file holds other policies",
+            first,
+            "the edit would change more than the approval".into(),
         ));
     }
     Ok(())
+}
+
+/// Every YAML document of `text`, its `tenet.dev/approval` annotation
+/// (and an `annotations` mapping left empty without it) set aside.
+fn documents_without_approvals(text: &str) -> Vec<serde_yaml::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| {
+            let mut v = serde_yaml::Value::deserialize(doc).unwrap_or(serde_yaml::Value::Null);
+            if let Some(meta) = v.get_mut("metadata").and_then(|m| m.as_mapping_mut()) {
+                let empty = match meta.get_mut("annotations").and_then(|a| a.as_mapping_mut()) {
+                    Some(a) => {
+                        a.remove(APPROVAL_ANNOTATION);
+                        a.is_empty()
+                    }
+                    None => false,
+                };
+                if empty {
+                    meta.remove("annotations");
+                }
+            }
+            v
+        })
+        .collect()
 }

@@ -26,6 +26,14 @@ spec:
     capabilities: [run-artifact, log]
 ";
 
+/// Sign at `now_ms`.
+fn at(now_ms: u64) -> SignOptions {
+    SignOptions {
+        renew: false,
+        now_ms,
+    }
+}
+
 fn admins(n: usize) -> Vec<KeyPair> {
     (0..n)
         .map(|_| KeyPair::generate(Algorithm::Ed25519).expect("key"))
@@ -107,7 +115,7 @@ fn k_admins_sign_the_file_in_place_and_it_keeps_every_comment() {
         }
     );
 
-    let first = sign(&file, &a[0]).expect("signed");
+    let first = sign(&file, &a[0], at(1_000)).expect("signed");
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].policy, "hospital-it/browser-a-minimum");
     assert!(first[0].added);
@@ -132,7 +140,7 @@ fn k_admins_sign_the_file_in_place_and_it_keeps_every_comment() {
     }
 
     // The second admin adds a signature to the same approval.
-    let second = sign(&file, &a[2]).expect("signed");
+    let second = sign(&file, &a[2], at(1_000)).expect("signed");
     assert_eq!(
         second[0].signers,
         [
@@ -143,11 +151,12 @@ fn k_admins_sign_the_file_in_place_and_it_keeps_every_comment() {
     assert_eq!(
         judge(&compiled(&file)[0], &trust),
         Verdict::Approved {
-            signers: second[0].signers.clone()
+            signers: second[0].signers.clone(),
+            approved_at_ms: 1_000,
         }
     );
     // Signing again adds nothing and changes nothing that matters.
-    let again = sign(&file, &a[2]).expect("signed");
+    let again = sign(&file, &a[2], at(1_000)).expect("signed");
     assert!(!again[0].added);
     assert_eq!(again[0].signers, second[0].signers);
 
@@ -165,7 +174,7 @@ fn k_admins_sign_the_file_in_place_and_it_keeps_every_comment() {
             signers: second[0].signers.clone(),
         }
     );
-    let anew = sign(&file, &a[1]).expect("signed");
+    let anew = sign(&file, &a[1], at(1_000)).expect("signed");
     assert_eq!(anew[0].dropped, 2);
     assert_eq!(anew[0].signers, [a[1].public_key().fingerprint()]);
 }
@@ -181,7 +190,7 @@ fn each_document_of_a_file_gets_its_own_approval_wherever_its_metadata_is() {
         );
     let file = write(dir.path(), "two.yaml", &format!("{POLICY}---\n{second}"));
     let a = admins(1);
-    let signed = sign(&file, &a[0]).expect("signed");
+    let signed = sign(&file, &a[0], at(1_000)).expect("signed");
     assert_eq!(signed.len(), 2);
     let text = std::fs::read_to_string(&file).expect("read");
     assert!(
@@ -208,7 +217,7 @@ fn flow_style_metadata_is_signed_in_flow_style() {
     let with_annotations = flow.replace("browser-a-minimum,", "other, annotations: { owner: it },");
     for text in [flow, with_annotations] {
         let file = write(dir.path(), "flow.yaml", &text);
-        sign(&file, &a[0]).expect("signed");
+        sign(&file, &a[0], at(1_000)).expect("signed");
         let signed = std::fs::read_to_string(&file).expect("read");
         assert_eq!(signed.lines().count(), text.lines().count(), "{signed}");
         assert!(
@@ -222,6 +231,86 @@ fn flow_style_metadata_is_signed_in_flow_style() {
 }
 
 #[test]
+fn crlf_files_and_commas_in_comments_are_signed_as_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = admins(1);
+    let crlf = POLICY
+        .replace("metadata:\n", "# owners: alice, bob,\nmetadata:\n")
+        .replace('\n', "\r\n");
+    let file = write(dir.path(), "crlf.yaml", &crlf);
+    sign(&file, &a[0], at(1_000)).expect("signed");
+    let signed = std::fs::read_to_string(&file).expect("read");
+    assert_eq!(signed.matches('\n').count(), signed.matches("\r\n").count());
+    assert!(signed.contains("metadata:\r\n  annotations:\r\n    tenet.dev/approval: "));
+    assert!(matches!(
+        judge(&compiled(&file)[0], &trust(&a, 1)),
+        Verdict::Approved { .. }
+    ));
+}
+
+#[test]
+fn a_suspended_policy_approves_no_remediation() {
+    let p: tenet_crds::TerminalPolicy =
+        serde_yaml::from_str(&POLICY.replace("spec:\n", "spec:\n  suspend: true\n"))
+            .expect("policy");
+    assert_eq!(
+        statement("hospital-it/browser-a-minimum", &p.spec).remediation,
+        None
+    );
+    let p: tenet_crds::TerminalPolicy = serde_yaml::from_str(POLICY).expect("policy");
+    let r = statement("hospital-it/browser-a-minimum", &p.spec)
+        .remediation
+        .expect("remediation");
+    assert_eq!(r.args, ["browser-a_120.0-1_all.deb"]);
+    // The CRD's default timeout, 300 s.
+    assert_eq!(r.timeout_ms, 300_000);
+}
+
+#[test]
+fn an_older_approval_never_replaces_a_newer_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = admins(1);
+    let trust = trust(&a, 1);
+    let file = write(dir.path(), "browser.yaml", POLICY);
+    let mut gate = Gate::default();
+    sign(&file, &a[0], at(1_000)).expect("signed");
+    let version_1 = std::fs::read_to_string(&file).expect("read");
+    std::fs::write(&file, version_1.replace("site: nagoya", "site: osaka")).expect("edit");
+    sign(&file, &a[0], at(2_000)).expect("signed");
+    assert_eq!(gate.admit(compiled(&file), &trust).policies.len(), 1);
+    // Version 1 brought back with its old approval, as git history has it.
+    std::fs::write(&file, &version_1).expect("revert");
+    let admitted = gate.admit(compiled(&file), &trust);
+    assert_eq!(
+        admitted.policies[0].spec.selector.match_labels["site"],
+        "osaka"
+    );
+    assert_eq!(
+        admitted.unapproved["hospital-it/browser-a-minimum"].reason,
+        "its approval, of 1970-01-01T00:00:01Z, is older than the one in force, of 1970-01-01T00:00:02Z: an earlier approved version cannot come back as it was; sign it anew with `tenet policy sign --renew`"
+    );
+    // Signing it again as it is adds to the old approval; --renew starts anew.
+    sign(&file, &a[0], at(3_000)).expect("signed");
+    assert!(!gate.admit(compiled(&file), &trust).unapproved.is_empty());
+    let renewed = sign(
+        &file,
+        &a[0],
+        SignOptions {
+            renew: true,
+            now_ms: 3_000,
+        },
+    )
+    .expect("signed");
+    assert_eq!(renewed[0].dropped, 1);
+    let admitted = gate.admit(compiled(&file), &trust);
+    assert!(admitted.unapproved.is_empty());
+    assert_eq!(
+        admitted.policies[0].spec.selector.match_labels["site"],
+        "nagoya"
+    );
+}
+
+#[test]
 fn a_file_that_cannot_be_signed_is_left_as_it_was() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = admins(1);
@@ -230,7 +319,7 @@ fn a_file_that_cannot_be_signed_is_left_as_it_was() {
         "  namespace: hospital-it\n  annotations: {}\n",
     );
     let file = write(dir.path(), "empty.yaml", &empty);
-    let e = sign(&file, &a[0]).expect_err("refused");
+    let e = sign(&file, &a[0], at(1_000)).expect_err("refused");
     assert_eq!(
         e.to_string(),
         format!(
@@ -242,7 +331,9 @@ fn a_file_that_cannot_be_signed_is_left_as_it_was() {
 
     let broken = POLICY.replace("version: \">= 120\"", "version: \">= banana\"");
     let file = write(dir.path(), "broken.yaml", &broken);
-    let e = sign(&file, &a[0]).expect_err("refused").to_string();
+    let e = sign(&file, &a[0], at(1_000))
+        .expect_err("refused")
+        .to_string();
     assert!(
         e.starts_with(&format!("{}:11:", file.display())),
         "a broken policy is not signed: {e}"
@@ -267,7 +358,7 @@ fn the_gate_keeps_the_last_approved_generation_and_lets_no_unapproved_one_in() {
     );
 
     // Approved: in force.
-    sign(&file, &a[0]).expect("signed");
+    sign(&file, &a[0], at(1_000)).expect("signed");
     let mut approved = compiled(&file);
     approved[0].generation = 7;
     let admitted = gate.admit(approved, &trust);
@@ -293,7 +384,7 @@ fn the_gate_keeps_the_last_approved_generation_and_lets_no_unapproved_one_in() {
         gate.admit(compiled(&file), &trust).policies[0].generation,
         7
     );
-    sign(&file, &a[1]).expect("signed");
+    sign(&file, &a[1], at(1_000)).expect("signed");
     let admitted = gate.admit(compiled(&file), &trust);
     assert_eq!(
         admitted.policies[0].spec.selector.match_labels["site"],

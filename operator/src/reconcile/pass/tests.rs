@@ -28,7 +28,11 @@ fn policy(rollout: &str, digest: &str) -> CompiledPolicy {
     let p: TerminalPolicy = serde_yaml::from_str(&yaml).expect("policy");
     let mut c = crate::policy::compile(&p).expect("compiles");
     // Approved by the admin, as every policy that reaches a pass is.
-    let frame = SignedMessage::signed(c.statement.as_ref(), admin()).expect("sign");
+    let approval = tenet_protocol::approval::PolicyApproval {
+        statement: c.statement.as_ref().clone(),
+        approved_at_ms: NOW - 1_000,
+    };
+    let frame = SignedMessage::signed(&approval, admin()).expect("sign");
     c.approval = Ok(std::sync::Arc::from(frame.encode()));
     c
 }
