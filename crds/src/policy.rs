@@ -73,11 +73,15 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TerminalSelector {
-    /// Every label listed must be present with this value.
+    /// Every label listed must be one admins assigned the terminal (on its
+    /// bootstrap token, `tenet token create --label`), with this value;
+    /// what the terminal reports about itself does not count.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub match_labels: BTreeMap<String, String>,
     /// A CEL expression that must be true, e.g.
-    /// `facts.os.family == "debian" && facts.hardware.memoryMib >= 4096`.
+    /// `claims.facts.os.family == "debian" && labels.site == "nagoya"`
+    /// (`labels` are those admins assigned; `claims` what the terminal
+    /// reports about itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expression: Option<String>,
 }

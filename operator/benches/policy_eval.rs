@@ -70,7 +70,7 @@ fn policy_yaml(i: usize) -> String {
     );
     match i % 5 {
         0 => y.push_str("  selector:\n    matchLabels: { site: nagoya }\n"),
-        1 => y.push_str("  selector:\n    expression: facts.os.family == 'debian' && facts.hardware.memoryMib >= 4096\n"),
+        1 => y.push_str("  selector:\n    expression: claims.facts.os.family == 'debian' && claims.facts.hardware.memoryMib >= 4096\n"),
         _ => {}
     }
     y.push_str("  requirements:\n");
@@ -99,7 +99,7 @@ fn policy_yaml(i: usize) -> String {
         ),
         8 => writeln!(
             y,
-            "    - expression: {{ cel: 'labels.site == \"nagoya\" && facts.extra.firewall == \"active\"' }}"
+            "    - expression: {{ cel: 'labels.site == \"nagoya\" && claims.facts.extra.firewall == \"active\"' }}"
         ),
         _ => writeln!(
             y,
@@ -120,7 +120,7 @@ fn bench(c: &mut Criterion) {
     let inv = inventory();
 
     // Sanity: the policies really select and check this terminal.
-    let view = TerminalView::new(&inv);
+    let view = TerminalView::new(&inv, &inv.labels);
     let selected = set
         .policies
         .iter()
@@ -130,7 +130,7 @@ fn bench(c: &mut Criterion) {
 
     c.bench_function("evaluate 1000 policies on one terminal", |b| {
         b.iter(|| {
-            let view = TerminalView::new(&inv);
+            let view = TerminalView::new(&inv, &inv.labels);
             let mut drifted = 0;
             for p in &set.policies {
                 if !evaluate(&p.compiled, &view).compliant() {
@@ -142,7 +142,7 @@ fn bench(c: &mut Criterion) {
     });
 
     c.bench_function("index one terminal (TerminalView::new)", |b| {
-        b.iter(|| std::hint::black_box(TerminalView::new(&inv)))
+        b.iter(|| std::hint::black_box(TerminalView::new(&inv, &inv.labels)))
     });
 }
 

@@ -331,6 +331,16 @@ pub async fn converge(
         None,
         u32::try_from(terminals).map_err(setup)?,
         Duration::from_secs(3600),
+        [
+            ("fleet".to_string(), "bench".to_string()),
+            // The bench policy's namespace: Kubernetes mode selects only
+            // terminals assigned to it.
+            (
+                crate::policy::NAMESPACE_LABEL.to_string(),
+                "bench".to_string(),
+            ),
+        ]
+        .into(),
         kubernetes
             .as_ref()
             .map_or(Inbox::Directory, |k| Inbox::Secret {

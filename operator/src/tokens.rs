@@ -4,6 +4,7 @@
 //! running operator imports those hashes into its store, where enrolment
 //! spends them.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
@@ -39,14 +40,53 @@ pub enum Inbox<'a> {
     Secret { namespace: &'a str },
 }
 
+/// Parse `KEY=VALUE` as a label admins assign, with Kubernetes' syntax: an
+/// optional DNS prefix and `/`, a name of at most 63 letters, digits, `-`,
+/// `_` and `.`; a value of the same (or empty).
+pub fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+    let name_ok = |s: &str| {
+        s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| !part.is_empty() && name_ok(part))
+    });
+    if !prefix_ok || !name_ok(name) {
+        return Err(format!(
+            "label key {key:?}: use an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ));
+    }
+    if !value.is_empty() && !name_ok(value) {
+        return Err(format!(
+            "label value {value:?}: use at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ));
+    }
+    Ok((key.to_string(), value.to_string()))
+}
+
 /// `tenet token create`: a one-time bootstrap token (or one for `uses`
-/// terminals). Only its hash is written; the token is printed once, with
-/// the enrolment command.
+/// terminals), assigning `labels` to the terminals that enrol with it.
+/// Only its hash is written; the token is printed once, with the enrolment
+/// command.
+#[allow(clippy::too_many_arguments)]
 pub async fn create_token(
     data: &Path,
     terminal: Option<String>,
     uses: u32,
     ttl: Duration,
+    labels: BTreeMap<String, String>,
     inbox: Inbox<'_>,
     out: &mut dyn Write,
 ) -> Result<IssuedToken, DaemonError> {
@@ -71,6 +111,7 @@ pub async fn create_token(
             terminal,
             expires_ms: now_ms() + ttl.as_millis() as u64,
             uses_left: uses,
+            labels,
         },
     };
     match inbox {
@@ -145,7 +186,7 @@ pub fn import_secret(tokens: Vec<(String, Vec<u8>)>, store: &Store) {
         if store.has_token_hash(&hash) {
             continue;
         }
-        match decode::<TokenRecord>(&raw) {
+        match TokenRecord::decode(&raw) {
             Ok(record) => store.add_token_hash(&hash, &record),
             Err(e) => tracing::warn!(error = %e, "not a token; ignored"),
         }

@@ -48,7 +48,7 @@ const BROKEN: &[(&str, &str)] = &[
     ),
     (
         "cel-syntax.yaml",
-        "7:48: spec.selector.expression: CEL syntax error at column 32: Syntax error: mismatched input '<EOF>' expecting {'[', '{', '(', '.', '-', '!', 'true', 'false', 'null', NUM_FLOAT, NUM_INT, NUM_UINT, STRING, BYTES, IDENTIFIER}",
+        "7:55: spec.selector.expression: CEL syntax error at column 39: Syntax error: mismatched input '<EOF>' expecting {'[', '{', '(', '.', '-', '!', 'true', 'false', 'null', NUM_FLOAT, NUM_INT, NUM_UINT, STRING, BYTES, IDENTIFIER}",
     ),
     (
         "cel-type.yaml",
@@ -56,7 +56,7 @@ const BROKEN: &[(&str, &str)] = &[
     ),
     (
         "cel-unknown-variable.yaml",
-        "8:14: spec.requirements[0].expression.cel: CEL type error: unknown name 'fact' (the variables are terminal, labels, facts, inventory, packages)",
+        "8:14: spec.requirements[0].expression.cel: CEL type error: unknown name 'fact' (the variables are terminal, labels, claims, inventory, packages)",
     ),
     (
         "cel-not-bool.yaml",

@@ -504,7 +504,9 @@ fn enrol_agent(dir: &Path, tpm: &Swtpm, port: u16, extra: &str) {
         ),
     )
     .expect("agent config");
-    let (token, fingerprint) = create_token(dir, &["--terminal", TERMINAL]);
+    // Admins assign it to the Nagoya site, which the policies select.
+    let (token, fingerprint) =
+        create_token(dir, &["--terminal", TERMINAL, "--label", "site=nagoya"]);
     let out = agent(
         dir,
         &[

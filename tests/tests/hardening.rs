@@ -67,6 +67,7 @@ impl Operator {
                     terminal: None,
                     expires_ms: u64::MAX,
                     uses_left: uses,
+                    labels: Default::default(),
                 },
             );
         }

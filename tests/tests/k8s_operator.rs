@@ -204,11 +204,24 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     sign_policies(&dir.join("policy.yaml"), &dir.join("admin.key"));
     apply();
 
-    // Agents enrol with a token from the token Secret.
+    // Agents enrol with a token from the token Secret, which assigns them
+    // the bench fleet and the Nagoya site (the Terminals' SITE column), in
+    // the hospital-it namespace's tenancy.
     let uses = TERMINALS.to_string();
     let (token, fingerprint) = create_token_with(
         dir,
-        &["--uses", &uses, "--kubernetes", "tenet-system"],
+        &[
+            "--uses",
+            &uses,
+            "--kubernetes",
+            "tenet-system",
+            "--label",
+            "fleet=bench",
+            "--label",
+            "site=nagoya",
+            "--label",
+            "tenet.dev/namespace=hospital-it",
+        ],
         &[("KUBECONFIG", cp.kubeconfig.as_path())],
     );
     let _agents = Running(
@@ -251,6 +264,40 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     );
     let listed = cp.kubectl_ok(&["get", "terminalpolicies", "-A"]);
     assert!(listed.contains("bench-app"), "{listed}");
+
+    // Another tenant's policy, even approved, selecting the same labels:
+    // it selects none of hospital-it's terminals.
+    cp.kubectl_ok(&["create", "namespace", "other-tenant"]);
+    std::fs::write(
+        dir.join("other.yaml"),
+        policy("2.0", &digests[0].0, &digests[0].1, 100)
+            .replace("namespace: hospital-it", "namespace: other-tenant"),
+    )
+    .expect("policy");
+    sign_policies(&dir.join("other.yaml"), &dir.join("admin.key"));
+    cp.kubectl_ok(&[
+        "apply",
+        "-f",
+        dir.join("other.yaml").to_str().expect("path"),
+    ]);
+    wait_until(
+        Duration::from_secs(30),
+        "the other tenant's policy reconciled, selecting nothing",
+        || {
+            jsonpath(
+                &cp,
+                &["terminalpolicy", "bench-app", "-n", "other-tenant"],
+                "{.status.selected} {.status.conditions[0].reason}",
+            ) == "0 Converged"
+        },
+    );
+    cp.kubectl_ok(&[
+        "delete",
+        "terminalpolicy",
+        "bench-app",
+        "-n",
+        "other-tenant",
+    ]);
     // The resources for people are written behind the reconciler's ledger:
     // they follow within moments.
     let all = |what: &[&str], path: &str, value: &str| {

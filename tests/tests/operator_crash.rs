@@ -135,7 +135,10 @@ fn a_killed_operator_loses_no_verified_result_and_finishes_the_rollout() {
     let (first, lines) = operator(dir, port, "operator-1.log");
     let mut first = Running(first);
     line_with(&lines, "gateway listening", Duration::from_secs(60));
-    let (token, fingerprint) = create_token(dir, &["--uses", &TERMINALS.to_string()]);
+    let (token, fingerprint) = create_token(
+        dir,
+        &["--uses", &TERMINALS.to_string(), "--label", "fleet=crash"],
+    );
     let sim_log = dir.join("simulate.log");
     let _simulator = Running(
         Command::new(binary("tenet-agent"))

@@ -149,7 +149,12 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     next_line("gateway listening on");
 
     // A token and an enrolled, connected agent on a root with browser-a 118.
-    let (token, fingerprint) = create_token(dir, &["--terminal", "nagoya-ward3-01"]);
+    // Admins assign it to the Nagoya site; what its agent.yaml says of its
+    // labels is only a claim.
+    let (token, fingerprint) = create_token(
+        dir,
+        &["--terminal", "nagoya-ward3-01", "--label", "site=nagoya"],
+    );
     let root = dpkg_root(dir, &[&old]);
     std::fs::write(
         dir.join("agent.yaml"),

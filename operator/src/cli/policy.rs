@@ -456,7 +456,8 @@ fn plan(
     let plans: Vec<TerminalPlan<'_>> = inventories
         .iter()
         .map(|inv| {
-            let view = TerminalView::new(inv);
+            // A dry run: the inventory's labels stand for those admins assign.
+            let view = TerminalView::new(inv, &inv.labels);
             let policies = set
                 .policies
                 .iter()

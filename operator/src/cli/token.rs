@@ -20,6 +20,13 @@ pub enum TokenCommand {
         /// How many terminals may enrol with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
+        /// A label admins assign the terminals that enrol with it
+        /// (KEY=VALUE, repeat): policies select on these, never on what a
+        /// terminal reports about itself. In Kubernetes mode,
+        /// `tenet.dev/namespace=NS` puts them in namespace NS's tenancy:
+        /// only NS's TerminalPolicies select them.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::tokens::parse_label)]
+        labels: Vec<(String, String)>,
         /// How long it stays valid, in hours.
         #[arg(long, default_value_t = 24)]
         ttl_hours: u64,
@@ -35,6 +42,7 @@ pub fn run(command: TokenCommand, stdout: &mut dyn Write) -> std::io::Result<i32
         data,
         terminal,
         uses,
+        labels,
         ttl_hours,
         kubernetes,
     } = command;
@@ -50,6 +58,7 @@ pub fn run(command: TokenCommand, stdout: &mut dyn Write) -> std::io::Result<i32
             terminal,
             uses,
             std::time::Duration::from_secs(ttl_hours * 3600),
+            labels.into_iter().collect(),
             inbox,
             stdout,
         ));

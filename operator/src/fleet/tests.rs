@@ -21,6 +21,7 @@ fn setup() -> Setup {
             terminal: None,
             expires_ms: u64::MAX,
             uses_left: 1,
+            labels: BTreeMap::new(),
         },
     );
     let (fleet, changes) = OperatorFleet::new(store, Retry::default(), || NOW, || 0.0);

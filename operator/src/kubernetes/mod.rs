@@ -157,6 +157,9 @@ impl Policies {
                 let result = compile(&p)
                     .map(|mut c| {
                         c.generation = generation;
+                        // Each namespace is a tenant: its policies select
+                        // only the terminals admins assigned to it.
+                        c.tenant_scoped = true;
                         c
                     })
                     .map_err(|errs| {

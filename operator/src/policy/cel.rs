@@ -3,15 +3,17 @@
 //! and the check that rejects expressions that cannot work before they are
 //! ever run on a terminal.
 //!
-//! Variables: `terminal` (name), `labels` (map), `facts` (map: `os`,
-//! `site`, `hardware`, `extra`), `inventory` (the whole inventory:
-//! `packages`, `services`, `files` as lists of maps) and `packages` (map of
-//! installed package name to version).
+//! Variables: `terminal` (name), `labels` (map: the labels admins assigned
+//! the terminal), `claims` (what the terminal says of itself: `labels`, the
+//! labels it reports, and `facts`, a map of `os`, `site`, `hardware`,
+//! `extra`), `inventory` (the whole inventory: `packages`, `services`,
+//! `files` as lists of maps) and `packages` (map of installed package name
+//! to version).
 //!
 //! Functions: `dpkgCompare(a, b)` and `semverCompare(a, b)` return -1, 0 or 1,
 //! because CEL compares strings as strings (`"9.0" > "120.0"`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use cel::common::types::{CelMap, CelMapKey, CelNull as NullVal, CelString};
@@ -23,7 +25,7 @@ use tenet_protocol::inventory::Inventory;
 use super::version::{compare_dpkg, compare_semver};
 
 /// The names an expression may refer to.
-pub const VARIABLES: [&str; 5] = ["terminal", "labels", "facts", "inventory", "packages"];
+pub const VARIABLES: [&str; 5] = ["terminal", "labels", "claims", "inventory", "packages"];
 
 static ENV: LazyLock<Arc<cel::Env>> = LazyLock::new(|| Arc::new(cel::Env::stdlib()));
 
@@ -63,7 +65,7 @@ impl Expression {
             program: Arc::new(program),
         };
         for sample in samples() {
-            let vars = TerminalVars::new(sample);
+            let vars = TerminalVars::new(sample, &sample.labels);
             match expr.evaluate(&vars) {
                 Ok(Value::Bool(_)) => {}
                 Ok(other) => return Err(CelError::NotBool(type_name(&other).to_string())),
@@ -99,13 +101,26 @@ impl Expression {
 /// it.
 pub struct TerminalVars<'a> {
     inventory: &'a Inventory,
+    /// The labels admins assigned it.
+    assigned: &'a BTreeMap<String, String>,
     built: [OnceLock<Box<dyn Val + 'a>>; VARIABLES.len()],
 }
 
+/// What a terminal claims about itself, as CEL sees it (`claims.*`).
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    labels: &'a BTreeMap<String, String>,
+    facts: &'a tenet_protocol::inventory::Facts,
+}
+
 impl<'a> TerminalVars<'a> {
-    pub fn new(inventory: &'a Inventory) -> TerminalVars<'a> {
+    pub fn new(
+        inventory: &'a Inventory,
+        assigned: &'a BTreeMap<String, String>,
+    ) -> TerminalVars<'a> {
         TerminalVars {
             inventory,
+            assigned,
             built: Default::default(),
         }
     }
@@ -114,8 +129,11 @@ impl<'a> TerminalVars<'a> {
         let inv = self.inventory;
         let value = match VARIABLES[index] {
             "terminal" => Value::from(inv.terminal.clone()),
-            "labels" => to_cel(&inv.labels),
-            "facts" => to_cel(&inv.facts),
+            "labels" => to_cel(self.assigned),
+            "claims" => to_cel(&Claims {
+                labels: &inv.labels,
+                facts: &inv.facts,
+            }),
             "inventory" => to_cel(inv),
             _ => {
                 // The largest variable on a real terminal (thousands of
@@ -153,7 +171,7 @@ static ROOT: LazyLock<Context<'static, 'static>> = LazyLock::new(|| {
 });
 
 /// Inventory data as CEL values. Numbers become CEL `int` (not `uint`), so
-/// that `facts.hardware.memoryMib >= 4096` works as people write it.
+/// that `claims.facts.hardware.memoryMib >= 4096` works as people write it.
 fn to_cel<T: serde::Serialize>(value: &T) -> Value {
     fn convert(v: serde_json::Value) -> Value {
         match v {
@@ -218,6 +236,9 @@ fn is_type_error(e: &ExecutionError) -> bool {
 /// noise where a better word exists.
 fn describe(e: &ExecutionError) -> String {
     match e {
+        ExecutionError::UndeclaredReference(name) if name.as_str() == "facts" => {
+            "unknown name 'facts': what a terminal reports about itself is claims.facts (and its own labels claims.labels; labels are those admins assigned)".to_string()
+        }
         ExecutionError::UndeclaredReference(name) => format!(
             "unknown name '{name}' (the variables are {})",
             VARIABLES.join(", ")
@@ -306,7 +327,7 @@ mod tests {
             Err(CelError::Syntax { .. })
         ));
         assert_eq!(
-            Expression::compile("facts.hardware.memoryMib > '4096'").err(),
+            Expression::compile("claims.facts.hardware.memoryMib > '4096'").err(),
             Some(CelError::Type(
                 "found no matching overload for '_>_' applied to '(int, string)'".into()
             ))
@@ -320,12 +341,38 @@ mod tests {
         );
         // A key that a terminal may lack is a runtime matter, not an error.
         assert!(Expression::compile("labels.site == 'nagoya'").is_ok());
+        // What a terminal reports about itself is a claim, and named so.
+        assert!(Expression::compile("claims.labels.site == 'nagoya'").is_ok());
+        assert_eq!(
+            Expression::compile("facts.hardware.tpm").err(),
+            Some(CelError::Type(
+                "unknown name 'facts': what a terminal reports about itself is claims.facts (and its own labels claims.labels; labels are those admins assigned)".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn labels_are_what_admins_assigned_and_claims_what_the_terminal_says() {
+        let inv = Inventory {
+            labels: [("site".to_string(), "nagoya".to_string())].into(),
+            ..Inventory::default()
+        };
+        let assigned = [("site".to_string(), "osaka".to_string())].into();
+        let vars = TerminalVars::new(&inv, &assigned);
+        let eval = |src: &str| {
+            Expression::compile(src)
+                .expect("compiles")
+                .evaluate_bool(&vars)
+        };
+        assert_eq!(eval("labels.site == 'osaka'"), Ok(true));
+        assert_eq!(eval("claims.labels.site == 'nagoya'"), Ok(true));
     }
 
     #[test]
     fn version_functions_compare_as_versions() {
         let inv = Inventory::default();
-        let vars = TerminalVars::new(&inv);
+        let none = BTreeMap::new();
+        let vars = TerminalVars::new(&inv, &none);
         let eval = |src: &str| {
             Expression::compile(src)
                 .expect("compiles")

@@ -50,6 +50,10 @@ pub struct CompiledPolicy {
     pub match_labels: Vec<(String, String)>,
     pub selector: Option<Expression>,
     pub requirements: Vec<CompiledRequirement>,
+    /// It selects only terminals whose admins assigned them its namespace
+    /// (`tenet.dev/namespace`): Kubernetes mode, where each namespace is a
+    /// tenant.
+    pub tenant_scoped: bool,
     /// What the admins' approval of this version must sign.
     pub statement: Arc<PolicyStatement>,
     /// The approval frame its `tenet.dev/approval` annotation carries, or
@@ -165,6 +169,7 @@ pub fn compile(policy: &TerminalPolicy) -> Result<CompiledPolicy, Vec<FieldError
             spec,
         )),
         approval: super::approval::annotation_frame(&policy.metadata).map(Arc::from),
+        tenant_scoped: false,
         namespace,
         name,
         generation: policy.metadata.generation.unwrap_or(1),

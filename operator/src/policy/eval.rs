@@ -2,7 +2,7 @@
 //! function from (policy, inventory) to which requirements fail and why.
 
 use std::cell::OnceCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use tenet_crds::policy::{DesiredServiceState, VersionScheme};
@@ -16,6 +16,8 @@ use super::version::Version;
 /// inventory report and evaluate every policy against it.
 pub struct TerminalView<'a> {
     pub inventory: &'a Inventory,
+    /// The labels admins assigned the terminal: what selectors match.
+    pub assigned: &'a BTreeMap<String, String>,
     packages: HashMap<&'a str, PackageView<'a>>,
     services: HashMap<&'a str, &'a Service>,
     files: HashMap<&'a str, &'a FileEntry>,
@@ -41,7 +43,12 @@ impl<'a> PackageView<'a> {
 }
 
 impl<'a> TerminalView<'a> {
-    pub fn new(inventory: &'a Inventory) -> TerminalView<'a> {
+    /// The terminal whose inventory is `inventory` and to which admins
+    /// assigned the labels `assigned`.
+    pub fn new(
+        inventory: &'a Inventory,
+        assigned: &'a BTreeMap<String, String>,
+    ) -> TerminalView<'a> {
         let mut packages = HashMap::with_capacity(inventory.packages.len());
         for p in &inventory.packages {
             packages.entry(p.name.as_str()).or_insert(PackageView {
@@ -52,6 +59,7 @@ impl<'a> TerminalView<'a> {
         }
         TerminalView {
             inventory,
+            assigned,
             packages,
             services: inventory
                 .services
@@ -63,7 +71,7 @@ impl<'a> TerminalView<'a> {
                 .iter()
                 .map(|f| (f.path.as_str(), f))
                 .collect(),
-            cel: TerminalVars::new(inventory),
+            cel: TerminalVars::new(inventory, assigned),
         }
     }
 
@@ -110,11 +118,16 @@ impl<'p> Evaluation<'p> {
 
 /// Evaluate `policy` on the terminal in `view`.
 pub fn evaluate<'p>(policy: &'p CompiledPolicy, view: &TerminalView<'_>) -> Evaluation<'p> {
-    let labels = &view.inventory.labels;
-    let labels_match = policy
-        .match_labels
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v));
+    // On what admins assigned, never on what the terminal claims; and, in
+    // a tenancy (Kubernetes mode), only terminals assigned its namespace.
+    let labels = view.assigned;
+    let tenant =
+        !policy.tenant_scoped || labels.get(super::NAMESPACE_LABEL) == Some(&policy.namespace);
+    let labels_match = tenant
+        && policy
+            .match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v));
     let not_selected = |selector_error| Evaluation {
         selected: false,
         selector_error,
@@ -314,7 +327,7 @@ mod tests {
     fn reasons(spec_yaml: &str) -> Vec<String> {
         let p = policy(spec_yaml);
         let inv = terminal();
-        let view = TerminalView::new(&inv);
+        let view = TerminalView::new(&inv, &inv.labels);
         let e = evaluate(&p, &view);
         assert!(e.selected, "the policy should select the terminal");
         e.drift().iter().map(|r| r.reason.clone()).collect()
@@ -393,7 +406,7 @@ mod tests {
     fn expressions() {
         assert!(
             reasons(
-                "  requirements:\n    - expression: { cel: 'facts.hardware.memoryMib >= 4096' }\n"
+                "  requirements:\n    - expression: { cel: 'claims.facts.hardware.memoryMib >= 4096' }\n"
             )
             .is_empty()
         );
@@ -413,13 +426,13 @@ mod tests {
     #[test]
     fn selection() {
         let inv = terminal();
-        let view = TerminalView::new(&inv);
+        let view = TerminalView::new(&inv, &inv.labels);
         let other_site = policy(
             "  selector:\n    matchLabels: { site: osaka }\n  requirements:\n    - package: { name: x }\n",
         );
         assert!(!evaluate(&other_site, &view).selected);
         let by_cel = policy(
-            "  selector:\n    expression: facts.os.family == 'debian'\n  requirements:\n    - package: { name: x }\n",
+            "  selector:\n    expression: claims.facts.os.family == 'debian'\n  requirements:\n    - package: { name: x }\n",
         );
         assert!(evaluate(&by_cel, &view).selected);
         let broken = policy(
@@ -432,5 +445,35 @@ mod tests {
             Some("selector expression failed: no such key 'role'")
         );
         assert!(!e.compliant());
+    }
+
+    /// A terminal that says it is in Nagoya is selected by Nagoya's
+    /// policies only if admins assigned it there; and in a tenancy, a
+    /// namespace's policy selects only the terminals assigned to it.
+    #[test]
+    fn selection_is_on_what_admins_assigned_not_on_what_a_terminal_claims() {
+        let inv = terminal();
+        assert_eq!(inv.labels["site"], "nagoya");
+        let nagoya = policy(
+            "  selector:\n    matchLabels: { site: nagoya }\n  requirements:\n    - package: { name: x }\n",
+        );
+        let osaka: BTreeMap<String, String> = [("site".to_string(), "osaka".to_string())].into();
+        assert!(!evaluate(&nagoya, &TerminalView::new(&inv, &osaka)).selected);
+        let by_cel = policy(
+            "  selector:\n    expression: labels.site == 'nagoya'\n  requirements:\n    - package: { name: x }\n",
+        );
+        assert!(!evaluate(&by_cel, &TerminalView::new(&inv, &osaka)).selected);
+
+        let mut tenant = nagoya.clone();
+        tenant.tenant_scoped = true;
+        let mut assigned: BTreeMap<String, String> = inv.labels.clone();
+        assert!(!evaluate(&tenant, &TerminalView::new(&inv, &assigned)).selected);
+        assigned.insert(crate::policy::NAMESPACE_LABEL.into(), "other-tenant".into());
+        assert!(!evaluate(&tenant, &TerminalView::new(&inv, &assigned)).selected);
+        assigned.insert(
+            crate::policy::NAMESPACE_LABEL.into(),
+            tenant.namespace.clone(),
+        );
+        assert!(evaluate(&tenant, &TerminalView::new(&inv, &assigned)).selected);
     }
 }

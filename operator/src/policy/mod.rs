@@ -6,6 +6,11 @@
 //! tells whether the policy selects the terminal and, for each requirement,
 //! whether it holds and why not.
 
+/// The assigned label that puts a terminal in a Kubernetes namespace's
+/// tenancy: in Kubernetes mode, a TerminalPolicy selects only terminals
+/// whose admins assigned them its namespace.
+pub const NAMESPACE_LABEL: &str = "tenet.dev/namespace";
+
 pub mod approval;
 pub mod cel;
 pub mod compile;

@@ -170,7 +170,8 @@ impl Pass<'_> {
                 .get(name)
                 .is_some_and(|(known, _)| std::sync::Arc::ptr_eq(known, inv));
             if !cached {
-                let view = TerminalView::new(&inv.inventory);
+                let assigned = self.store.assigned_labels(name);
+                let view = TerminalView::new(&inv.inventory, &assigned);
                 let verdicts = self
                     .policies
                     .iter()

@@ -46,7 +46,11 @@ impl Mem {
                     mem.terminals.insert(key.clone(), decoded(&key, &bytes)?);
                 }
                 Table::Tokens => {
-                    mem.tokens.insert(key.clone(), decoded(&key, &bytes)?);
+                    let record = TokenRecord::decode(&bytes).map_err(|e| StoreError::Corrupt {
+                        key: key.clone(),
+                        message: e.to_string(),
+                    })?;
+                    mem.tokens.insert(key.clone(), record);
                 }
                 Table::Pairs => {
                     let record: PairRecord = decoded(&key, &bytes)?;

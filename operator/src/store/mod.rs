@@ -30,7 +30,7 @@ mod memory;
 mod records;
 mod write_behind;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -227,12 +227,15 @@ impl Store {
             match m.tokens.get(&key).cloned() {
                 None => Err("the bootstrap token is not valid".to_string()),
                 Some(mut t) => {
+                    let labels = t.labels.clone();
                     t.uses_left -= 1;
                     m.write(Table::Tokens, &key, &t);
                     m.tokens.insert(key, t);
                     let record = TerminalRecord {
                         identity: request.identity.clone(),
-                        labels: request.labels.clone(),
+                        // What admins assigned on the token, never what
+                        // the terminal says of itself.
+                        labels,
                         tpm: request.tpm,
                         attestation_key: request.attestation_key.clone(),
                         enrolled_at_ms: now_ms,
@@ -251,6 +254,15 @@ impl Store {
 
     pub fn terminal(&self, name: &str) -> Option<TerminalRecord> {
         self.mem().terminals.get(name).cloned()
+    }
+
+    /// The labels admins assigned a terminal (none when it is unknown).
+    pub fn assigned_labels(&self, name: &str) -> BTreeMap<String, String> {
+        self.mem()
+            .terminals
+            .get(name)
+            .map(|r| r.labels.clone())
+            .unwrap_or_default()
     }
 
     /// Record that a terminal's connection ended at `now_ms` (0: it is connected).

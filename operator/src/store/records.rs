@@ -16,6 +16,9 @@ use crate::tpm_trust::TpmTrust;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminalRecord {
     pub identity: PublicKey,
+    /// The labels admins assigned it (on its bootstrap token): what
+    /// policies select on. What it reports about itself is in its
+    /// inventory, a claim (`claims.labels` in CEL).
     pub labels: BTreeMap<String, String>,
     pub tpm: bool,
     /// The TPM attestation key its quotes must be signed with.
@@ -42,6 +45,34 @@ pub struct TokenRecord {
     pub expires_ms: u64,
     /// How many more terminals may enrol with it (1 for a one-time token).
     pub uses_left: u32,
+    /// The labels admins assign the terminals that enrol with it.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A token as written before tokens carried labels.
+#[derive(Serialize, Deserialize)]
+struct TokenRecordBeforeLabels {
+    terminal: Option<String>,
+    expires_ms: u64,
+    uses_left: u32,
+}
+
+impl TokenRecord {
+    /// Decode a token record, also one written before tokens carried
+    /// labels (it assigns none).
+    pub fn decode(bytes: &[u8]) -> Result<TokenRecord, tenet_protocol::Rejection> {
+        use tenet_protocol::wire::decode;
+        decode::<TokenRecord>(bytes).or_else(|e| {
+            decode::<TokenRecordBeforeLabels>(bytes)
+                .map(|old| TokenRecord {
+                    terminal: old.terminal,
+                    expires_ms: old.expires_ms,
+                    uses_left: old.uses_left,
+                    labels: BTreeMap::new(),
+                })
+                .map_err(|_| e)
+        })
+    }
 }
 
 /// The live dispatch of a pair.

@@ -24,6 +24,7 @@ fn token(terminal: Option<&str>, expires_ms: u64) -> TokenRecord {
         terminal: terminal.map(str::to_string),
         expires_ms,
         uses_left: 1,
+        labels: [("site".to_string(), "nagoya".to_string())].into(),
     }
 }
 
@@ -349,4 +350,59 @@ fn an_inventory_records_arrival_time_reads_without_decoding_the_rest() {
         Some(1_764_000_000_123)
     );
     assert_eq!(StoredInventory::received_ms_of(&bytes[..2]), None);
+}
+
+/// A terminal's labels are what admins put on its token; what it claims
+/// in its enrolment request is not kept as an assignment.
+#[test]
+fn a_terminal_is_assigned_its_tokens_labels_not_the_ones_it_claims() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Store::open(&dir.path().join("tenet.redb")).expect("open");
+    s.add_token("t", &token(None, u64::MAX));
+    let mut claiming = request("t", "ward-01");
+    claiming.labels = [
+        ("site".to_string(), "osaka".to_string()),
+        (
+            "tenet.dev/namespace".to_string(),
+            "other-tenant".to_string(),
+        ),
+    ]
+    .into();
+    assert_eq!(s.enrol(&claiming, [0; 32], TpmTrust::None, 0), Ok(()));
+    assert_eq!(
+        s.assigned_labels("ward-01"),
+        BTreeMap::from([("site".to_string(), "nagoya".to_string())])
+    );
+}
+
+/// A token written before tokens carried labels still reads (assigning
+/// none); anything else is refused.
+#[test]
+fn a_token_record_from_before_labels_still_reads() {
+    #[derive(serde::Serialize)]
+    struct Old {
+        terminal: Option<String>,
+        expires_ms: u64,
+        uses_left: u32,
+    }
+    let old = tenet_protocol::wire::encode(&Old {
+        terminal: Some("ward-01".into()),
+        expires_ms: 7,
+        uses_left: 2,
+    });
+    assert_eq!(
+        TokenRecord::decode(&old),
+        Ok(TokenRecord {
+            terminal: Some("ward-01".into()),
+            expires_ms: 7,
+            uses_left: 2,
+            labels: BTreeMap::new(),
+        })
+    );
+    let new = token(None, 9);
+    assert_eq!(
+        TokenRecord::decode(&tenet_protocol::wire::encode(&new)),
+        Ok(new)
+    );
+    assert!(TokenRecord::decode(b"\x01").is_err());
 }

@@ -54,6 +54,8 @@ fn world(terminals: &[(&str, &str)], rollout: &str) -> World {
                 terminal: None,
                 expires_ms: u64::MAX,
                 uses_left: 1,
+                // The policy selects the Nagoya site, which admins assign.
+                labels: [("site".to_string(), "nagoya".to_string())].into(),
             },
         );
         let req = EnrolmentRequest {
