@@ -120,7 +120,8 @@ enum Command {
         #[arg(long)]
         ca_fingerprint: String,
         /// Inventory YAML files (or directories of them) the terminals
-        /// start from, taken in turn; their labels select policies.
+        /// start from, taken in turn (their labels are what the terminals
+        /// claim; policies select on the labels the token assigned).
         #[arg(long = "inventory", required = true)]
         inventories: Vec<PathBuf>,
         /// Terminal names are PREFIX-00001, PREFIX-00002, ...

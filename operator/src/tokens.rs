@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tenet_protocol::host::{now_ms, write_new};
-use tenet_protocol::wire::{decode, encode, sha256};
+use tenet_protocol::wire::{encode, sha256};
 
 use crate::daemon::{DaemonError, io};
 use crate::data_dir::tokens_dir;
@@ -73,6 +73,17 @@ pub fn parse_label(text: &str) -> Result<(String, String), String> {
             "label value {value:?}: use at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
         ));
     }
+    let dns_label = value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if key == crate::policy::NAMESPACE_LABEL && !dns_label {
+        return Err(format!(
+            "{key}={value:?}: a namespace name is at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit"
+        ));
+    }
     Ok((key.to_string(), value.to_string()))
 }
 
@@ -95,6 +106,8 @@ pub async fn create_token(
             "--uses must be at least 1, and 1 for a token bound to one --terminal".into(),
         ));
     }
+    let assigns_namespace = labels.contains_key(crate::policy::NAMESPACE_LABEL);
+    let to_secret = matches!(inbox, Inbox::Secret { .. });
     let dir = tokens_dir(data);
     if matches!(inbox, Inbox::Directory) && !dir.is_dir() {
         return Err(DaemonError::Usage(format!(
@@ -137,6 +150,13 @@ pub async fn create_token(
         out,
         "token {token}\nca-fingerprint {ca_fingerprint}\nenrol a terminal with:\n  tenet-agent enrol --config agent.yaml --token {token} --ca-fingerprint {ca_fingerprint}"
     );
+    if to_secret && !assigns_namespace {
+        let _ = writeln!(
+            out,
+            "note: no --label {NAMESPACE_LABEL}=NAMESPACE: in Kubernetes mode no TerminalPolicy selects these terminals until they are enrolled with one",
+            NAMESPACE_LABEL = crate::policy::NAMESPACE_LABEL
+        );
+    }
     Ok(IssuedToken {
         token,
         ca_fingerprint,
@@ -168,7 +188,15 @@ pub fn import_inbox(data: &Path, store: &Store) -> Result<(), DaemonError> {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
-        match decode::<PendingToken>(&bytes) {
+        // A hash then a record (also one from before tokens had labels).
+        let pending = postcard::take_from_bytes::<String>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|(hash, rest)| {
+                TokenRecord::decode(rest)
+                    .map(|record| PendingToken { hash, record })
+                    .map_err(|e| e.to_string())
+            });
+        match pending {
             Ok(p) => store.add_token_hash(&p.hash, &p.record),
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "not a token file; ignored")
@@ -190,5 +218,36 @@ pub fn import_secret(tokens: Vec<(String, Vec<u8>)>, store: &Store) {
             Ok(record) => store.add_token_hash(&hash, &record),
             Err(e) => tracing::warn!(error = %e, "not a token; ignored"),
         }
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::parse_label;
+
+    #[test]
+    fn labels_follow_kubernetes_syntax_and_name_their_fault() {
+        assert_eq!(
+            parse_label("site=nagoya"),
+            Ok(("site".into(), "nagoya".into()))
+        );
+        assert_eq!(
+            parse_label("tenet.dev/namespace=hospital-it"),
+            Ok(("tenet.dev/namespace".into(), "hospital-it".into()))
+        );
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        assert_eq!(parse_label("site"), Err("\"site\" is not KEY=VALUE".into()));
+        assert_eq!(
+            parse_label("-site=x"),
+            Err("label key \"-site\": use an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit".into())
+        );
+        assert_eq!(
+            parse_label("site=a b"),
+            Err("label value \"a b\": use at most 63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit".into())
+        );
+        assert_eq!(
+            parse_label("tenet.dev/namespace=Hospital_IT"),
+            Err("tenet.dev/namespace=\"Hospital_IT\": a namespace name is at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit".into())
+        );
     }
 }

@@ -17,6 +17,8 @@ pub struct EnrolmentRequest {
     /// The one-time bootstrap token an admin gave the terminal. Secret.
     pub token: String,
     pub terminal: String,
+    /// What the terminal says its labels are: kept as a claim; the labels
+    /// policies select on are those admins put on the token.
     pub labels: BTreeMap<String, String>,
     pub identity: PublicKey,
     /// Whether the identity key is held in a TPM.

@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 pub struct Inventory {
     /// The terminal's name (its `Terminal` resource name).
     pub terminal: String,
-    /// Labels the admin gave the terminal at enrolment (`site`, `role`, ...).
+    /// Labels the terminal reports about itself (`site`, `role`, ...): a
+    /// claim (`claims.labels` in CEL). Policies select on the labels admins
+    /// assigned on its bootstrap token, not on these.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]

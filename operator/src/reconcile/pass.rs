@@ -249,6 +249,14 @@ impl Pass<'_> {
         // pair fought the gateway's threads at 10,000 terminals); the
         // changes are written back together, each only if the pair did
         // not change meanwhile (a report can land during the pass).
+        // More pairs than terminals selected: some it selects no more. (The
+        // common case costs a length comparison.)
+        let unselected = self.store.pair_count(&key) > seen.len();
+        let selected: std::collections::HashSet<&str> = if unselected {
+            seen.iter().map(|s| s.terminal).collect()
+        } else {
+            Default::default()
+        };
         self.store.with_policy_pairs(&key, |pairs| {
             for Seen {
                 terminal,
@@ -315,6 +323,11 @@ impl Pass<'_> {
         });
         // A pair that changed under the pass is looked at again next pass.
         let lost = self.store.swap_pairs(&key, &changes);
+        // Terminals it no longer selects (their assigned labels or claims
+        // changed): their pairs go, so that they count no more.
+        if unselected {
+            self.store.forget_unselected_pairs(&key, &selected);
+        }
         let ready = candidates.into_iter().filter(|t| !lost.contains(*t));
         status.selected = counts.selected as u32;
         let mut ready = ready.peekable();

@@ -43,7 +43,12 @@ impl Mem {
             let Some(bytes) = value else { continue };
             match table {
                 Table::Terminals => {
-                    mem.terminals.insert(key.clone(), decoded(&key, &bytes)?);
+                    let record =
+                        TerminalRecord::decode(&bytes).map_err(|e| StoreError::Corrupt {
+                            key: key.clone(),
+                            message: e.to_string(),
+                        })?;
+                    mem.terminals.insert(key.clone(), record);
                 }
                 Table::Tokens => {
                     let record = TokenRecord::decode(&bytes).map_err(|e| StoreError::Corrupt {

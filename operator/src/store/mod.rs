@@ -243,6 +243,7 @@ impl Store {
                         offline_since_ms: 0,
                         client_keys: vec![client_key],
                         tpm_trust,
+                        claimed_labels: request.labels.clone(),
                     };
                     m.write(Table::Terminals, &request.terminal, &record);
                     m.terminals.insert(request.terminal.clone(), record);
@@ -457,6 +458,40 @@ impl Store {
             .range(prefix.clone()..)
             .map_while(|(k, v)| Some((k.strip_prefix(&prefix)?.to_string(), v.clone())))
             .collect()
+    }
+
+    /// How many pairs `policy` has.
+    pub fn pair_count(&self, policy: &str) -> usize {
+        self.mem().pairs.get(policy).map_or(0, HashMap::len)
+    }
+
+    /// Forget the pairs of `policy` whose terminal it no longer selects
+    /// (`selected` are those it does): a pair kept would go on counting in
+    /// the terminal's security level and certificate policy. A pair with a
+    /// live dispatch stays until its report or deadline. How many went.
+    pub fn forget_unselected_pairs(
+        &self,
+        policy: &str,
+        selected: &std::collections::HashSet<&str>,
+    ) -> usize {
+        self.change(|m| {
+            let Some(pairs) = m.pairs.get(policy) else {
+                return 0;
+            };
+            let gone: Vec<String> = pairs
+                .keys()
+                .filter(|t| !selected.contains(t.as_str()))
+                .filter(|t| !m.dispatches.contains_key(&pair_key(t, policy)))
+                .cloned()
+                .collect();
+            for t in &gone {
+                if let Some(p) = m.pairs.get_mut(policy) {
+                    p.remove(t);
+                }
+                m.delete(Table::Pairs, pair_key(t, policy));
+            }
+            gone.len()
+        })
     }
 
     /// Forget a deleted policy: its pair states and live dispatches go, in

@@ -35,6 +35,50 @@ pub struct TerminalRecord {
     pub client_keys: Vec<[u8; 32]>,
     /// Whether its TPM was proven at enrolment (`tpm` is only its claim).
     pub tpm_trust: TpmTrust,
+    /// The labels it claimed in its enrolment request (kept for people to
+    /// read; nothing selects on them).
+    pub claimed_labels: BTreeMap<String, String>,
+}
+
+/// A terminal as written before labels were assigned by admins: its
+/// `labels` were what it claimed.
+#[derive(Serialize, Deserialize)]
+struct TerminalRecordBeforeAssignedLabels {
+    identity: PublicKey,
+    labels: BTreeMap<String, String>,
+    tpm: bool,
+    attestation_key: Option<PublicKey>,
+    enrolled_at_ms: u64,
+    last_sequence: u64,
+    offline_since_ms: u64,
+    client_keys: Vec<[u8; 32]>,
+    tpm_trust: TpmTrust,
+}
+
+impl TerminalRecord {
+    /// Decode a terminal record, also one written before labels were
+    /// assigned: the labels it claimed then are only claims now, and it has
+    /// none assigned (admins assign them by enrolling it again with a
+    /// labelled token).
+    pub fn decode(bytes: &[u8]) -> Result<TerminalRecord, tenet_protocol::Rejection> {
+        use tenet_protocol::wire::decode;
+        decode::<TerminalRecord>(bytes).or_else(|e| {
+            decode::<TerminalRecordBeforeAssignedLabels>(bytes)
+                .map(|old| TerminalRecord {
+                    identity: old.identity,
+                    labels: BTreeMap::new(),
+                    tpm: old.tpm,
+                    attestation_key: old.attestation_key,
+                    enrolled_at_ms: old.enrolled_at_ms,
+                    last_sequence: old.last_sequence,
+                    offline_since_ms: old.offline_since_ms,
+                    client_keys: old.client_keys,
+                    tpm_trust: old.tpm_trust,
+                    claimed_labels: old.labels,
+                })
+                .map_err(|_| e)
+        })
+    }
 }
 
 /// A bootstrap token, kept as its hash.

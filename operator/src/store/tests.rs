@@ -373,6 +373,41 @@ fn a_terminal_is_assigned_its_tokens_labels_not_the_ones_it_claims() {
         s.assigned_labels("ward-01"),
         BTreeMap::from([("site".to_string(), "nagoya".to_string())])
     );
+    assert_eq!(
+        s.terminal("ward-01").expect("enrolled").claimed_labels,
+        claiming.labels
+    );
+}
+
+/// A terminal enrolled before labels were assigned: what it claimed then
+/// is a claim now, and it has no assigned labels (so no tenancy it named
+/// itself).
+#[test]
+fn a_terminal_record_from_before_assigned_labels_keeps_its_labels_as_claims() {
+    let identity = KeyPair::generate(Algorithm::Ed25519)
+        .expect("key")
+        .public_key();
+    let claimed: BTreeMap<String, String> = [(
+        "tenet.dev/namespace".to_string(),
+        "other-tenant".to_string(),
+    )]
+    .into();
+    let old = tenet_protocol::wire::encode(&(
+        identity.clone(),
+        claimed.clone(),
+        false,
+        Option::<tenet_protocol::PublicKey>::None,
+        5u64,
+        9u64,
+        0u64,
+        vec![[1u8; 32]],
+        TpmTrust::None,
+    ));
+    let record = TerminalRecord::decode(&old).expect("reads");
+    assert_eq!(record.labels, BTreeMap::new());
+    assert_eq!(record.claimed_labels, claimed);
+    assert_eq!((record.enrolled_at_ms, record.last_sequence), (5, 9));
+    assert_eq!(record.identity, identity);
 }
 
 /// A token written before tokens carried labels still reads (assigning

@@ -331,3 +331,33 @@ fn a_missing_or_different_bundle_holds_the_policy() {
         PairState::Drifted { attempts: 0, .. }
     ));
 }
+
+/// A terminal the policy selects no more (its claims changed, for a
+/// selector that reads them) loses its pair: the pair would go on counting
+/// in its security level and choosing its certificate policy.
+#[test]
+fn a_terminal_no_longer_selected_loses_its_pair() {
+    let mut w = world(&[("a", "120.0-1"), ("b", "120.0-1")], "{}");
+    let yaml = "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: { name: browser, namespace: it }\nspec:\n  selector: { expression: \"claims.labels.site == 'nagoya'\" }\n  requirements:\n    - package: { name: browser-a, version: '>= 120' }\n";
+    let p: TerminalPolicy = serde_yaml::from_str(yaml).expect("policy");
+    w.policy = crate::policy::compile(&p).expect("compiles");
+    let (_, status) = pass(&w, NOW, &|_| true);
+    assert_eq!((status.selected, status.compliant), (2, 2));
+    assert_eq!(state(&w, "a"), PairState::Compliant);
+
+    // Terminal a now says it is in Osaka.
+    let mut inventory = w.store.inventory("a").expect("inventory").inventory.clone();
+    inventory.labels = [("site".to_string(), "osaka".to_string())].into();
+    w.store.put_inventory(
+        "a",
+        StoredInventory {
+            sequence: 2,
+            received_ms: NOW + 1,
+            inventory,
+        },
+    );
+    let (_, status) = pass(&w, NOW + 2, &|_| true);
+    assert_eq!((status.selected, status.compliant), (1, 1));
+    assert_eq!(w.store.pair("a", "it/browser"), None);
+    assert_eq!(state(&w, "b"), PairState::Compliant);
+}

@@ -23,6 +23,7 @@ fn a_terminal_shows_its_level_only_while_its_certificate_is_valid() {
         offline_since_ms: 0,
         client_keys: vec![[1; 32]],
         tpm_trust: crate::tpm_trust::TpmTrust::None,
+        claimed_labels: BTreeMap::new(),
     };
     let mut certificate = CertRecord::new("it/posture");
     certificate.issued = Some(Issued {
