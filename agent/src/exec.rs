@@ -183,6 +183,19 @@ impl Loader<'_> {
                 return self.finish(report, None);
             }
         };
+        self.run_verified(verified, bundle)
+    }
+
+    /// Run a dispatch whose envelope (signature, approval, freshness) this
+    /// very process verified already: the simulator's, which verifies it
+    /// on arrival. A real loader is its own process and verifies again
+    /// ([`Loader::run`]).
+    pub fn run_verified(
+        &self,
+        verified: VerifiedEnvelope,
+        bundle: &[u8],
+    ) -> Result<LoadResult, LoaderError> {
+        let started = (self.now_ms)();
         let (outcome, output) = match self.verify_and_execute(&verified, bundle, started) {
             Ok(done) => done,
             Err(r) => (refused(&r), Vec::new()),

@@ -306,9 +306,10 @@ impl Terminal for Simulated {
         Ok(())
     }
 
-    /// Verify the envelope and record it as used, as a real agent does;
-    /// the payload then runs against the state before it, as a real
-    /// loader's does.
+    /// Verify the envelope (signature, approval, freshness) and record it
+    /// as used, as a real agent does; the payload then runs as a real
+    /// loader runs it, without verifying it a second time in the same
+    /// process.
     fn take(&self, envelope: &[u8], bundle: SharedBytes) -> Result<Taken<()>, String> {
         let shared = self.shared.clone();
         shared.counters.dispatches.fetch_add(1, Ordering::Relaxed);
@@ -330,6 +331,7 @@ impl Terminal for Simulated {
             }
         };
         state.accept(&verified);
+        let checked = verified.clone();
         let env = &verified.envelope;
         let key = (env.policy.clone(), env.policy_generation);
         if lock(&self.settled).contains(&key) {
@@ -342,7 +344,6 @@ impl Terminal for Simulated {
             );
         }
         let (policy, sequence) = (env.policy.clone(), env.sequence);
-        let envelope = envelope.to_vec();
         let (name, identity, system) = (
             self.name.clone(),
             self.identity.clone(),
@@ -383,7 +384,9 @@ impl Terminal for Simulated {
                             },
                             now_ms,
                         }
-                        .run(&envelope, &bundle, &before)
+                        // Verified on arrival, in this process: the
+                        // loader's own check would only repeat it.
+                        .run_verified(checked, &bundle)
                     })
                     .await;
                     match ran {
