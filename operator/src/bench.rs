@@ -289,7 +289,7 @@ pub async fn converge(
     let (bundle, digest) =
         simulated_install_bundle(&admin, "install-bench-app", "bench-app", "2.0-1")?;
     write(&bundles.join("install-bench-app.bundle"), &bundle)?;
-    let first = signed_policy(&work, policy_yaml("1.0", &digest, window), &admin)?;
+    let first = signed_policy(work, policy_yaml("1.0", &digest, window), &admin)?;
     write(&policies.join("bench.yaml"), first.as_bytes())?;
     write(&work.join("template.yaml"), template().as_bytes())?;
 
@@ -413,7 +413,7 @@ pub async fn converge(
             r.clear();
         }
         let before = Counters::read(&probe.metrics);
-        let changed = signed_policy(&work, policy_yaml("2.0", &digest, window), &admin)?;
+        let changed = signed_policy(work, policy_yaml("2.0", &digest, window), &admin)?;
         let t0 = Instant::now();
         write(&policies.join("bench.yaml"), changed.as_bytes())?;
         apply_policy(changed).await?;

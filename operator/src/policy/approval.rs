@@ -177,8 +177,12 @@ pub struct Gate {
     approved: BTreeMap<String, (CompiledPolicy, u64)>,
     /// The last verdict per policy, with the statement and frame it was
     /// for: a refresh that changed nothing verifies nothing again.
-    verdicts: BTreeMap<String, (Arc<PolicyStatement>, Result<Arc<[u8]>, String>, Verdict)>,
+    verdicts: BTreeMap<String, Judged>,
 }
+
+/// A verdict and what it was on: a statement and the approval (or why
+/// there was none).
+type Judged = (Arc<PolicyStatement>, Result<Arc<[u8]>, String>, Verdict);
 
 impl Gate {
     /// Take the policies as read now; return those in force and why the
