@@ -241,6 +241,8 @@ fn run_module(
     let (bundle, digest) = t.bundle(wat, &[], caps);
     let mut env = t.envelope(digest, sequence, &[], caps);
     env.deadline_ms = now_ms() + deadline_ms;
+    // The admins approve this timeout (the envelope's issue to its deadline).
+    tenet_test_support::approve(&mut env, &[&t.admin]);
     let bytes = t.sign(&env);
     let (_, report) = t.dispatch(&bytes, &bundle);
     t.verify(&report, &env, &bytes)

@@ -296,6 +296,9 @@ pub async fn converge(
     let probe = Arc::new(Probe::default());
     let daemon = Daemon {
         policies: policies.clone(),
+        policy_remote: None,
+        pull_every: Duration::from_secs(60),
+        webhook_secret: None,
         bundles,
         data: data.clone(),
         listen: "127.0.0.1:0".into(),

@@ -295,9 +295,16 @@ impl Metrics {
     /// Serve `GET /metrics` on `listener`, 64 scrapes at once at most (16
     /// from one address);
     /// accept errors (out of file descriptors) are waited out.
-    pub async fn serve(self: std::sync::Arc<Self>, listener: tokio::net::TcpListener) {
+    /// Serve `GET /metrics`, and `POST /webhook` when the policies come
+    /// from a git remote whose host signs its push notifications.
+    pub async fn serve(
+        self: std::sync::Arc<Self>,
+        listener: tokio::net::TcpListener,
+        webhook: Option<std::sync::Arc<crate::daemon::remote::Webhook>>,
+    ) {
         tenet_protocol::listen::accept_loop(listener, 64, 16, move |mut stream, _| {
             let metrics = self.clone();
+            let webhook = webhook.clone();
             async move {
                 let mut request = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -311,7 +318,11 @@ impl Metrics {
                     }
                 })
                 .await;
-                let response = if read.is_ok() && request.starts_with(b"GET /metrics ") {
+                let response = if let (Ok(()), Some(hook), true) =
+                    (&read, &webhook, request.starts_with(b"POST /webhook "))
+                {
+                    answer_webhook(hook, request, &mut stream).await
+                } else if read.is_ok() && request.starts_with(b"GET /metrics ") {
                     let body = metrics.encode();
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -327,4 +338,56 @@ impl Metrics {
         })
         .await;
     }
+}
+
+/// Read a webhook's body (as long as its Content-Length says, at most
+/// [`crate::daemon::remote::MAX_WEBHOOK_BODY`], within 5 s) after the
+/// `head` already read, and answer: 204 and a fetch when its signature
+/// verifies, 401 otherwise.
+async fn answer_webhook(
+    hook: &crate::daemon::remote::Webhook,
+    mut request: Vec<u8>,
+    stream: &mut tokio::net::TcpStream,
+) -> String {
+    let respond = |status: &str| {
+        format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return respond("400 Bad Request");
+    };
+    let head = String::from_utf8_lossy(&request[..end]).into_owned();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) else {
+        return respond("411 Length Required");
+    };
+    if length > crate::daemon::remote::MAX_WEBHOOK_BODY {
+        return respond("413 Content Too Large");
+    }
+    let mut body = request.split_off(end + 4);
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 8192];
+        while body.len() < length {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    body.truncate(length);
+    let signature = header("x-hub-signature-256").unwrap_or_default();
+    if read.is_err() || body.len() < length || !hook.verifies(&body, &signature) {
+        tracing::warn!("webhook refused: its signature does not verify");
+        return respond("401 Unauthorized");
+    }
+    tracing::info!("webhook: the policy branch changed; fetching");
+    hook.pushed();
+    respond("204 No Content")
 }

@@ -3,17 +3,30 @@
 use std::path::PathBuf;
 
 use super::Output;
+use crate::daemon::remote::GitRemote;
 use crate::daemon::{Daemon, KubeSettings};
 
 /// Run the standalone operator: reconcile the terminals that enrol
 /// against the policies in a directory, for as long as it runs.
 #[derive(clap::Args)]
 pub struct OperatorArgs {
-    /// The policy directory (a git checkout: GitOps). Re-read continuously;
-    /// a broken file keeps the last good version of its policies in force.
-    /// Not with --kubernetes, where policies are TerminalPolicy resources.
+    /// The policy directory (a git checkout: GitOps), or a git remote,
+    /// `git+URL[#BRANCH]` (file://, git://, http(s)://, ssh://), pulled
+    /// every --pull-seconds into DATA/policies-remote. Re-read
+    /// continuously; a broken file keeps the last good version of its
+    /// policies in force. Not with --kubernetes, where policies are
+    /// TerminalPolicy resources.
     #[arg(long, required_unless_present = "kubernetes")]
-    pub policies: Option<PathBuf>,
+    pub policies: Option<String>,
+    /// With --policies git+URL: how often to fetch the branch.
+    #[arg(long, default_value_t = 60)]
+    pub pull_seconds: u64,
+    /// With --policies git+URL: a file holding the secret the git host
+    /// signs its push webhooks with. The host posts to
+    /// http://METRICS/webhook (X-Hub-Signature-256, as GitHub, Gitea and
+    /// Forgejo send it), and the operator fetches at once.
+    #[arg(long, requires = "policies")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// Signed payload bundles (*.bundle); default: `bundles` beside the policies.
     #[arg(long)]
     pub bundles: Option<PathBuf>,
@@ -78,12 +91,28 @@ pub struct OperatorArgs {
 /// Parse the settings, start the operator, and run it until it stops.
 pub fn run(args: OperatorArgs) -> i32 {
     super::init_logging(args.log_format);
-    let policies = args.policies.unwrap_or_default();
+    let given = args.policies.unwrap_or_default();
+    let (policies, policy_remote) = match GitRemote::parse(&given) {
+        None if args.webhook_secret_file.is_some() => {
+            eprintln!("tenet: --webhook-secret-file needs --policies git+URL");
+            return 2;
+        }
+        None => (PathBuf::from(&given), None),
+        Some(Ok(remote)) => (args.data.join("policies-remote"), Some(remote)),
+        Some(Err(e)) => {
+            eprintln!("tenet: --policies {e}");
+            return 2;
+        }
+    };
     let bundles = args.bundles.unwrap_or_else(|| {
-        policies
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("bundles")
+        match &policy_remote {
+            // A remote's bundles are not in the data directory.
+            Some(_) => PathBuf::from("bundles"),
+            None => policies
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("bundles"),
+        }
     });
     let kubernetes = args.kubernetes.then(|| KubeSettings {
         namespace: args.namespace,
@@ -109,6 +138,9 @@ pub fn run(args: OperatorArgs) -> i32 {
     };
     let daemon = Daemon {
         policies,
+        policy_remote,
+        pull_every: std::time::Duration::from_secs(args.pull_seconds.max(1)),
+        webhook_secret: args.webhook_secret_file,
         bundles,
         data: args.data,
         listen: args.listen,

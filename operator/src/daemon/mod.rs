@@ -18,6 +18,7 @@
 //! the Kubernetes API.
 
 mod bundles;
+pub mod remote;
 pub mod source;
 mod start;
 mod steps;
@@ -61,7 +62,15 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_
 
 /// What `tenet operator` runs with.
 pub struct Daemon {
+    /// The policy directory (with `policy_remote`, the checkout of it).
     pub policies: PathBuf,
+    /// Where the policies come from when they are not a local directory:
+    /// a git remote, pulled every `pull_every`.
+    pub policy_remote: Option<remote::GitRemote>,
+    pub pull_every: Duration,
+    /// With `policy_remote`: the file holding the secret that signs the
+    /// git host's push webhooks (`POST /webhook` on the metrics listener).
+    pub webhook_secret: Option<PathBuf>,
     pub bundles: PathBuf,
     pub data: PathBuf,
     pub listen: String,

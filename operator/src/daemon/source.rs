@@ -6,7 +6,8 @@
 //! - [`KubeSource`]: TerminalPolicy resources in every namespace, the token
 //!   Secret, and Terminal resources deleted by hand (de-enrolment).
 //!
-//! A git remote is the next kind of source: it belongs here, beside these.
+//! A directory may be the checkout of a git remote's branch
+//! ([`super::remote::Pull`]), brought up to date before each read.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -58,7 +59,15 @@ impl Source {
         match self {
             Source::Directory(d) => {
                 crate::tokens::import_inbox(&d.data, store)?;
-                d.reload(store, trust)
+                if let Some(pull) = &mut d.pull {
+                    pull.sync().await;
+                }
+                d.reload(store, trust)?;
+                // A failed fetch shows beside the files' errors.
+                let mut errors = d.file_errors.clone();
+                errors.extend(d.pull.as_ref().and_then(|p| p.failure.clone()));
+                d.loaded.errors = errors;
+                Ok(())
             }
             Source::Kubernetes(k) => k.refresh(store, fleet, trust, out).await,
         }
@@ -129,6 +138,10 @@ pub struct DirectorySource {
     stamp: Option<Vec<(PathBuf, SystemTime, u64)>>,
     /// The directory could not be listed last time (logged once).
     unreadable: bool,
+    /// The errors of the files as last read.
+    file_errors: Vec<String>,
+    /// The git remote the directory is a checkout of, if it is one.
+    pull: Option<super::remote::Pull>,
     loaded: Loaded,
 }
 
@@ -141,8 +154,17 @@ impl DirectorySource {
             gate: Gate::default(),
             stamp: None,
             unreadable: false,
+            file_errors: Vec::new(),
+            pull: None,
             loaded: Loaded::default(),
         }
+    }
+
+    /// The directory is a checkout of `pull`'s remote, brought up to date
+    /// before each read.
+    pub fn pulling(mut self, pull: super::remote::Pull) -> DirectorySource {
+        self.pull = Some(pull);
+        self
     }
 
     fn reload(&mut self, store: &Store, trust: &BundleTrust) -> Result<(), DaemonError> {
@@ -158,7 +180,8 @@ impl DirectorySource {
                 }
                 // Shown in the status; read again in full once it can be
                 // listed.
-                self.loaded.errors = vec![e.to_string()];
+                self.file_errors = vec![e.to_string()];
+                self.loaded.errors = self.file_errors.clone();
                 self.stamp = None;
                 return Ok(());
             }
@@ -196,12 +219,13 @@ impl DirectorySource {
             &self.loaded.unapproved,
         );
         let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
-        if errors != self.loaded.errors {
+        if errors != self.file_errors {
             for e in &errors {
                 tracing::error!(error = %e, "policy error; the last good version stays in force");
             }
         }
         self.good = next;
+        self.file_errors = errors.clone();
         self.loaded = Loaded {
             policies,
             errors,

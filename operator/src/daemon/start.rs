@@ -27,14 +27,30 @@ impl Daemon {
         let open_files = tenet_protocol::listen::raise_open_files_limit();
         tracing::info!(open_files, "open files limit");
         let files_changed = Arc::new(tokio::sync::Notify::new());
+        let mut webhook = None;
         let (data, source) = match &self.kubernetes {
-            None => (
-                open_data(&self.data, out)?,
-                Source::Directory(DirectorySource::new(
-                    self.policies.clone(),
-                    self.data.clone(),
-                )),
-            ),
+            None => {
+                let data = open_data(&self.data, out)?;
+                let mut source = DirectorySource::new(self.policies.clone(), self.data.clone());
+                if let Some(remote) = &self.policy_remote {
+                    // The checkout exists from the start, for the watcher.
+                    std::fs::create_dir_all(&self.policies).map_err(io(&self.policies))?;
+                    let pull = super::remote::Pull::new(
+                        remote.clone(),
+                        self.policies.clone(),
+                        self.pull_every,
+                    );
+                    if let Some(path) = &self.webhook_secret {
+                        webhook = Some(Arc::new(super::remote::Webhook {
+                            secret: read_secret(path)?,
+                            asked: pull.asked.clone(),
+                            wake: files_changed.clone(),
+                        }));
+                    }
+                    source = source.pulling(pull);
+                }
+                (data, Source::Directory(source))
+            }
             Some(k) => self.lead(k, files_changed.clone(), out).await?,
         };
         let (trust, bundle_trust) = self.trust(&data.dispatch_key)?;
@@ -73,7 +89,9 @@ impl Daemon {
             out,
             "gateway listening on {address} (agent CA {}); policies from {}, bundles from {}",
             data.ca.fingerprint(),
-            self.policies.display(),
+            self.policy_remote
+                .as_ref()
+                .map_or_else(|| self.policies.display().to_string(), |r| r.display()),
             self.bundles.display()
         );
         let _ = out.flush();
@@ -91,7 +109,7 @@ impl Daemon {
                 "metrics at http://{}/metrics",
                 l.local_addr().map_err(io(Path::new(addr)))?
             );
-            tokio::spawn(metrics.clone().serve(l));
+            tokio::spawn(metrics.clone().serve(l, webhook.clone()));
         }
         if let Some(p) = &self.probe {
             p.address.send_replace(Some(address));
@@ -218,4 +236,18 @@ fn watch_dirs(
         }
     }
     Some(watcher)
+}
+
+/// The webhook secret shared with the git host: the file's content,
+/// trimmed, never empty.
+fn read_secret(path: &Path) -> Result<Vec<u8>, DaemonError> {
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(DaemonError::Usage(format!(
+            "{}: the webhook secret is empty",
+            path.display()
+        )));
+    }
+    Ok(secret.as_bytes().to_vec())
 }

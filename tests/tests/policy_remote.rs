@@ -1,0 +1,213 @@
+//! GitOps from a remote: `tenet operator --policies git+git://...#main`
+//! against a bare repository served by a real `git daemon` on loopback.
+//! The operator enforces the branch's signed policies, fetches a new
+//! commit when the host's signed webhook says so (and not for a forged
+//! one), and when the remote is gone keeps what is in force and says why
+//! in status.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tenet_e2e::{Running, binary, free_port, sign_policies, wait_until};
+use tenet_protocol::{Algorithm, KeyPair};
+
+/// POST `body` to the operator's webhook with `signature`; the status line.
+fn post_webhook(port: u16, body: &str, signature: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    write!(
+        s,
+        "POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Hub-Signature-256: {signature}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("response");
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// The signature a git host puts on `body` with `secret`.
+fn sign_webhook(secret: &[u8], body: &str) -> String {
+    let mut h = Hmac::<Sha256>::new_from_slice(secret).expect("key");
+    h.update(body.as_bytes());
+    format!("sha256={}", hex::encode(h.finalize().into_bytes()))
+}
+
+const POLICY: &str = "apiVersion: tenet.dev/v1alpha1
+kind: TerminalPolicy
+metadata:
+  name: browser-a-minimum
+  namespace: hospital-it
+spec:
+  selector: { matchLabels: { site: nagoya } }
+  requirements:
+    - package: { name: browser-a, version: '>= 120.0' }
+";
+
+/// `git ARGS` in `dir`, which must succeed; its output.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Tenet Tests",
+            "-c",
+            "user.email=tests@tenet.invalid",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_gone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
+
+    // The admins' repository: one signed policy on main, pushed to a bare
+    // repository that git daemon serves.
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    git(&work, &["init", "--quiet", "-b", "main"]);
+    std::fs::write(work.join("browser.yaml"), POLICY).expect("policy");
+    sign_policies(&work, &dir.join("admin.key"));
+    git(&work, &["add", "."]);
+    git(
+        &work,
+        &["commit", "--quiet", "-m", "browser-a 120 in Nagoya"],
+    );
+    let first = git(&work, &["rev-parse", "HEAD"]);
+    git(dir, &["clone", "--quiet", "--bare", "work", "policies.git"]);
+    git(&work, &["remote", "add", "origin", "../policies.git"]);
+
+    // git-daemon itself, not `git daemon`, which would run it as a child
+    // that outlives the stop below.
+    let exec_path = git(dir, &["--exec-path"]);
+    let git_port = free_port();
+    let daemon = Running(
+        Command::new(Path::new(&exec_path).join("git-daemon"))
+            .args(["--reuseaddr", "--export-all", "--listen=127.0.0.1"])
+            .arg(format!("--port={git_port}"))
+            .arg(format!("--base-path={}", dir.display()))
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon"),
+    );
+    wait_until(Duration::from_secs(10), "git daemon listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", git_port)).is_ok()
+    });
+
+    // Pulls an hour apart: after the first, only a webhook fetches.
+    std::fs::write(dir.join("webhook.secret"), "shared with the git host\n").expect("secret");
+    let (port, metrics_port) = (free_port(), free_port());
+    let _operator = Running(
+        Command::new(binary("tenet"))
+            .args(["operator", "--policies"])
+            .arg(format!("git+git://127.0.0.1:{git_port}/policies.git#main"))
+            .args([
+                "--pull-seconds",
+                "3600",
+                "--webhook-secret-file",
+                "webhook.secret",
+            ])
+            .args(["--data", "data", "--admin-key", "admin.key.pub"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("operator.log")).expect("log"))
+            .spawn()
+            .expect("operator"),
+    );
+    let status = || {
+        let out = Command::new(binary("tenet"))
+            .args(["status", "--data", "data"])
+            .current_dir(dir)
+            .output()
+            .expect("tenet status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let in_force = |text: &str| {
+        text.lines()
+            .any(|l| l.starts_with("hospital-it/browser-a-minimum "))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the remote's first commit in force",
+        || {
+            let s = status();
+            in_force(&s) && s.contains(&format!("policies at git commit {first}"))
+        },
+    );
+
+    // A new signed commit on main, and the host's webhook: followed. A
+    // forged webhook (another secret, or another body) is refused.
+    std::fs::write(
+        work.join("browser.yaml"),
+        POLICY.replace(">= 120.0", ">= 121.0"),
+    )
+    .expect("edit");
+    sign_policies(&work, &dir.join("admin.key"));
+    git(&work, &["commit", "--quiet", "-am", "browser-a 121"]);
+    git(&work, &["push", "--quiet", "origin", "main"]);
+    let second = git(&work, &["rev-parse", "HEAD"]);
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let secret = b"shared with the git host";
+    assert_eq!(
+        post_webhook(metrics_port, body, &sign_webhook(b"guessed", body)),
+        "HTTP/1.1 401 Unauthorized"
+    );
+    assert_eq!(
+        post_webhook(metrics_port, body, &sign_webhook(secret, "{}")),
+        "HTTP/1.1 401 Unauthorized"
+    );
+    assert!(status().contains(&format!("policies at git commit {first}")));
+    assert_eq!(
+        post_webhook(metrics_port, body, &sign_webhook(secret, body)),
+        "HTTP/1.1 204 No Content"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the second commit in force",
+        || status().contains(&format!("policies at git commit {second}")),
+    );
+
+    // The remote goes away: what is in force stays, and status says why.
+    drop(daemon);
+    assert_eq!(
+        post_webhook(metrics_port, body, &sign_webhook(secret, body)),
+        "HTTP/1.1 204 No Content"
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the failed fetch in status",
+        || {
+            status().contains(&format!(
+            "policy error (the last good version stays in force): cannot fetch git+git://127.0.0.1:{git_port}/policies.git#main: "
+        ))
+        },
+    );
+    let s = status();
+    assert!(in_force(&s), "{s}");
+    assert!(
+        s.contains(&format!("policies at git commit {second}")),
+        "{s}"
+    );
+}
