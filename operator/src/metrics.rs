@@ -292,11 +292,10 @@ impl Metrics {
         out
     }
 
-    /// Serve `GET /metrics` on `listener`, 64 scrapes at once at most (16
-    /// from one address);
-    /// accept errors (out of file descriptors) are waited out.
-    /// Serve `GET /metrics`, and `POST /webhook` when the policies come
-    /// from a git remote whose host signs its push notifications.
+    /// Serve `GET /metrics` on `listener`, and `POST /webhook` when the
+    /// policies come from a git remote whose host signs its push
+    /// notifications: 64 connections at once at most (16 from one
+    /// address); accept errors (out of file descriptors) are waited out.
     pub async fn serve(
         self: std::sync::Arc<Self>,
         listener: tokio::net::TcpListener,
@@ -382,9 +381,13 @@ async fn answer_webhook(
     })
     .await;
     body.truncate(length);
+    if read.is_err() || body.len() < length {
+        return respond("408 Request Timeout");
+    }
     let signature = header("x-hub-signature-256").unwrap_or_default();
-    if read.is_err() || body.len() < length || !hook.verifies(&body, &signature) {
-        tracing::warn!("webhook refused: its signature does not verify");
+    if !hook.verifies(&body, &signature) {
+        // Anyone can post: not worth a warning each.
+        tracing::debug!("webhook refused: its signature does not verify");
         return respond("401 Unauthorized");
     }
     tracing::info!("webhook: the policy branch changed; fetching");

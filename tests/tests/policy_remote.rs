@@ -165,6 +165,20 @@ fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_go
     )
     .expect("edit");
     sign_policies(&work, &dir.join("admin.key"));
+    // Whoever can push also commits a symbolic link to a signed policy
+    // outside the repository: the operator reads only what the commit
+    // holds (the link's text), never the file it points to.
+    let outside = dir.join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::write(
+        outside.join("outside.yaml"),
+        POLICY.replace("browser-a-minimum", "outside"),
+    )
+    .expect("outside policy");
+    sign_policies(&outside, &dir.join("admin.key"));
+    std::os::unix::fs::symlink(outside.join("outside.yaml"), work.join("evil.yaml"))
+        .expect("symlink");
+    git(&work, &["add", "."]);
     git(&work, &["commit", "--quiet", "-am", "browser-a 121"]);
     git(&work, &["push", "--quiet", "origin", "main"]);
     let second = git(&work, &["rev-parse", "HEAD"]);
@@ -187,6 +201,12 @@ fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_go
         Duration::from_secs(30),
         "the second commit in force",
         || status().contains(&format!("policies at git commit {second}")),
+    );
+    let s = status();
+    assert!(!s.contains("hospital-it/outside"), "{s}");
+    assert!(
+        s.contains("evil.yaml:1:1: kind: a document must be a mapping with apiVersion, kind, metadata and spec"),
+        "{s}"
     );
 
     // The remote goes away: what is in force stays, and status says why.

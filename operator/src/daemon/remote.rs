@@ -51,11 +51,20 @@ impl GitRemote {
         }))
     }
 
-    /// How people see it: `git+URL#BRANCH`.
+    /// How people see it, in status and logs: `git+URL#BRANCH`, without
+    /// the credentials a URL may carry (`https://user:token@host/...`).
     pub fn display(&self) -> String {
+        let url = match self.url.split_once("://") {
+            Some((scheme, rest)) => {
+                let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                format!("{scheme}://{host}/{path}")
+            }
+            None => self.url.clone(),
+        };
         match &self.branch {
-            Some(b) => format!("git+{}#{b}", self.url),
-            None => format!("git+{}", self.url),
+            Some(b) => format!("git+{url}#{b}"),
+            None => format!("git+{url}"),
         }
     }
 }
@@ -66,11 +75,21 @@ pub struct Pull {
     checkout: PathBuf,
     every: Duration,
     last: Option<Instant>,
-    /// Set by a verified webhook: fetch on the next refresh.
+    /// The fetch under way, in the background: the loop never waits for
+    /// the network.
+    fetching: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    /// Set by a verified webhook: fetch on the next refresh (at most one
+    /// fetch every [`MIN_FETCH_GAP`]).
     pub asked: Arc<AtomicBool>,
     /// The last fetch's failure, until one succeeds.
     pub failure: Option<String>,
 }
+
+/// The longest a fetch may take before it is killed and counts as failed.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Webhooks (a replayed one, say) start a fetch at most this often.
+pub const MIN_FETCH_GAP: Duration = Duration::from_secs(5);
 
 impl Pull {
     pub fn new(remote: GitRemote, checkout: PathBuf, every: Duration) -> Pull {
@@ -79,55 +98,118 @@ impl Pull {
             checkout,
             every,
             last: None,
+            fetching: None,
             asked: Arc::new(AtomicBool::new(false)),
             failure: None,
         }
     }
 
-    /// Fetch the branch and check it out when `every` has passed since the
-    /// last time, or a webhook asked. What is checked out changes only
-    /// once the fetch succeeded.
-    pub async fn sync(&mut self) {
-        let asked = self.asked.swap(false, Ordering::Relaxed);
-        if !asked && self.last.is_some_and(|t| t.elapsed() < self.every) {
-            return;
-        }
-        self.last = Some(Instant::now());
-        let failure = self.fetch_and_check_out().await.err();
-        if failure != self.failure {
-            match &failure {
-                Some(e) => {
-                    tracing::error!(remote = %self.remote.display(), error = %e, "cannot fetch the policies; what is in force stays")
+    /// Start a fetch of the branch when `every` has passed since the last
+    /// one, or a webhook asked; when one has ended, check out what it
+    /// fetched (local and quick). Whether the checkout changed: what is
+    /// checked out changes only once a fetch succeeded.
+    pub async fn sync(&mut self) -> bool {
+        let mut changed = false;
+        if self.fetching.as_ref().is_some_and(|f| f.is_finished()) {
+            let fetched = match self.fetching.take() {
+                Some(task) => task
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the fetch failed: {e}"))),
+                None => Ok(()),
+            };
+            let result = match fetched {
+                Ok(()) => check_out(&self.checkout).await,
+                Err(e) => Err(e),
+            };
+            changed = result.is_ok();
+            let failure = result.err();
+            if failure != self.failure {
+                match &failure {
+                    Some(e) => {
+                        tracing::error!(remote = %self.remote.display(), error = %e, "cannot fetch the policies; what is in force stays")
+                    }
+                    None => tracing::info!(remote = %self.remote.display(), "policies fetched"),
                 }
-                None => tracing::info!(remote = %self.remote.display(), "policies fetched"),
             }
+            self.failure = failure;
         }
-        self.failure = failure;
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.every)
+            || (self.asked.load(Ordering::Relaxed)
+                && self.last.is_none_or(|t| t.elapsed() >= MIN_FETCH_GAP));
+        if due && self.fetching.is_none() {
+            self.asked.store(false, Ordering::Relaxed);
+            self.last = Some(Instant::now());
+            let (remote, dir) = (self.remote.clone(), self.checkout.clone());
+            self.fetching = Some(tokio::spawn(async move {
+                tokio::time::timeout(FETCH_TIMEOUT, fetch(&remote, &dir))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "cannot fetch {}: no answer within {} s",
+                            remote.display(),
+                            FETCH_TIMEOUT.as_secs()
+                        ))
+                    })
+            }));
+        }
+        changed
     }
+}
 
-    async fn fetch_and_check_out(&self) -> Result<(), String> {
-        let dir = &self.checkout;
-        if !dir.join(".git").exists() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-            git(dir, &["init", "--quiet"]).await?;
-            git(dir, &["remote", "add", "origin", &self.remote.url]).await?;
-        } else {
-            git(dir, &["remote", "set-url", "origin", &self.remote.url]).await?;
-        }
-        // Neither the URL (it starts with a scheme) nor the branch (checked
-        // by `parse`) can pass for an option.
-        let branch = self.remote.branch.as_deref().unwrap_or("HEAD");
-        git(dir, &["fetch", "--quiet", "--no-tags", "origin", branch])
-            .await
-            .map_err(|e| format!("cannot fetch {}: {e}", self.remote.display()))?;
-        git(
-            dir,
-            &["checkout", "--quiet", "--force", "--detach", "FETCH_HEAD"],
-        )
-        .await?;
-        Ok(())
+/// Fetch the remote's branch into the checkout's repository (created the
+/// first time), as `refs/tenet/fetched`.
+async fn fetch(remote: &GitRemote, dir: &Path) -> Result<(), String> {
+    if !dir.join(".git").exists() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        git(dir, &["init", "--quiet"]).await?;
+        // A remote's symbolic link is checked out as a plain file holding
+        // its target, never followed: the policy loader reads only files
+        // the commit holds.
+        git(dir, &["config", "core.symlinks", "false"]).await?;
+        git(dir, &["remote", "add", "origin", &remote.url]).await?;
+    } else {
+        git(dir, &["remote", "set-url", "origin", &remote.url]).await?;
     }
+    // Neither the URL (it starts with a scheme) nor the branch (checked
+    // by `parse`) can pass for an option.
+    let branch = remote.branch.as_deref().unwrap_or("HEAD");
+    let refspec = format!("+{branch}:refs/tenet/fetched");
+    git(
+        dir,
+        &[
+            "-c",
+            "http.lowSpeedLimit=1000",
+            "-c",
+            "http.lowSpeedTime=30",
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--depth=1",
+            "origin",
+            &refspec,
+        ],
+    )
+    .await
+    .map_err(|e| format!("cannot fetch {}: {e}", remote.display()))
+}
+
+/// Check out what the last fetch brought.
+async fn check_out(dir: &Path) -> Result<(), String> {
+    git(
+        dir,
+        &[
+            "-c",
+            "submodule.recurse=false",
+            "checkout",
+            "--quiet",
+            "--force",
+            "--detach",
+            "refs/tenet/fetched",
+        ],
+    )
+    .await
+    .map_err(|e| format!("cannot check out what was fetched: {e}"))
 }
 
 /// A git host's push notification: `POST /webhook` on the metrics
@@ -175,6 +257,11 @@ async fn git(dir: &Path, args: &[&str]) -> Result<(), String> {
         .arg(dir)
         .args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
+        // ssh never asks (no terminal), and gives up on a silent host.
+        .env(
+            "GIT_SSH_COMMAND",
+            "ssh -o BatchMode=yes -o ConnectTimeout=15",
+        )
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output()
@@ -213,6 +300,18 @@ mod tests {
         assert!(!hook.verifies(body, &good.replace("sha256=", "sha1=")));
         assert!(!hook.verifies(body, "sha256=zz"));
         assert!(!hook.verifies(body, ""));
+    }
+
+    #[test]
+    fn what_people_see_of_a_remote_carries_no_credentials() {
+        let remote = GitRemote {
+            url: "https://deploy:s3cr3t@git.example/it/policies.git".into(),
+            branch: Some("main".into()),
+        };
+        assert_eq!(
+            remote.display(),
+            "git+https://git.example/it/policies.git#main"
+        );
     }
 
     #[test]

@@ -59,8 +59,12 @@ impl Source {
         match self {
             Source::Directory(d) => {
                 crate::tokens::import_inbox(&d.data, store)?;
-                if let Some(pull) = &mut d.pull {
-                    pull.sync().await;
+                if let Some(pull) = &mut d.pull
+                    && pull.sync().await
+                {
+                    // Read it all again, and its commit, even when no
+                    // policy file changed.
+                    d.stamp = None;
                 }
                 d.reload(store, trust)?;
                 // A failed fetch shows beside the files' errors.
@@ -134,7 +138,8 @@ pub struct DirectorySource {
     good: BTreeMap<String, (PathBuf, CompiledPolicy)>,
     gate: Gate,
     /// Path, modification time and size of every file last loaded: the
-    /// directory is parsed and compiled again only when this changes.
+    /// directory is parsed and compiled again only when this changes (or
+    /// it is `None`).
     stamp: Option<Vec<(PathBuf, SystemTime, u64)>>,
     /// The directory could not be listed last time (logged once).
     unreadable: bool,
