@@ -37,6 +37,28 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `git ARGS` in `dir` (as a test author, no global configuration
+/// needed), which must succeed; its output, trimmed.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args([
+            "-c",
+            "user.name=Tenet Tests",
+            "-c",
+            "user.email=tests@tenet.invalid",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Have the admin whose private key is `key` sign every policy file in
 /// `policies` (a directory, or one file) with the real `tenet policy
 /// sign`, as an admin does before committing: the operator enforces only

@@ -79,27 +79,8 @@ fn the_operator_brings_a_terminal_to_its_policy() {
     sign_policies(&dir.join("policies"), &dir.join("admin.key"));
 
     // The policy directory is a git checkout (GitOps).
-    let git = |args: &[&str]| {
-        let out = Command::new("git")
-            .args([
-                "-c",
-                "user.name=Tenet Tests",
-                "-c",
-                "user.email=tests@tenet.invalid",
-                "-C",
-                "policies",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("git");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let policies = dir.join("policies");
+    let git = |args: &[&str]| tenet_e2e::git(&policies, args);
     git(&["init", "-q"]);
     git(&["add", "."]);
     git(&["commit", "-q", "-m", "browser-a 120 in Nagoya"]);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use tenet_e2e::{Running, binary, free_port, sign_policies, wait_until};
+use tenet_e2e::{Running, binary, free_port, git, sign_policies, wait_until};
 use tenet_protocol::{Algorithm, KeyPair};
 
 /// POST `body` to the operator's webhook with `signature`; the status line.
@@ -46,27 +46,6 @@ spec:
   requirements:
     - package: { name: browser-a, version: '>= 120.0' }
 ";
-
-/// `git ARGS` in `dir`, which must succeed; its output.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Tenet Tests",
-            "-c",
-            "user.email=tests@tenet.invalid",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 #[test]
 fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_gone() {
@@ -192,11 +171,16 @@ fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_go
         post_webhook(metrics_port, body, &sign_webhook(secret, "{}")),
         "HTTP/1.1 401 Unauthorized"
     );
-    assert!(status().contains(&format!("policies at git commit {first}")));
+    // A verified webhook is logged as it is taken, before its answer: the
+    // forged ones were not.
+    let log = std::fs::read_to_string(dir.join("operator.log")).expect("log");
+    assert!(!log.contains("webhook: the policy branch changed"), "{log}");
     assert_eq!(
         post_webhook(metrics_port, body, &sign_webhook(secret, body)),
         "HTTP/1.1 204 No Content"
     );
+    let log = std::fs::read_to_string(dir.join("operator.log")).expect("log");
+    assert!(log.contains("webhook: the policy branch changed"), "{log}");
     wait_until(
         Duration::from_secs(30),
         "the second commit in force",
