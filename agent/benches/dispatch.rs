@@ -34,6 +34,7 @@ fn bench(c: &mut Criterion) {
     let operator = KeyPair::generate(Algorithm::Ed25519).expect("key");
     store
         .set_trust(&TrustAnchors {
+            version: 1,
             admin_keys: vec![admin.public_key()],
             admin_threshold: 1,
             dispatch_key: operator.public_key(),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tenet_protocol::enrol::{EnrolmentRequest, EnrolmentResponse};
+use tenet_protocol::enrol::{EnrolmentRequest, EnrolmentResponse, TrustAnchors};
 use tenet_protocol::inventory::InventoryReport;
 use tenet_protocol::session::SharedBytes;
 use tenet_protocol::session::{FrameError, MAX_SESSION_FRAME, ToAgent, ToOperator};
@@ -333,6 +333,14 @@ impl Terminal for Agent {
 
     fn acknowledge(&self, queued: PathBuf, _digest: &[u8; 32]) -> Result<(), ConnError> {
         Ok(self.store.acknowledge(&queued)?)
+    }
+
+    fn pinned_trust(&self) -> Result<TrustAnchors, String> {
+        self.store.trust().map_err(|e| e.to_string())
+    }
+
+    fn pin_trust(&self, anchors: &TrustAnchors) -> Result<(), String> {
+        self.store.set_trust(anchors).map_err(|e| e.to_string())
     }
 
     fn take(&self, envelope: &[u8], bundle: SharedBytes) -> Result<Taken<PathBuf>, String> {

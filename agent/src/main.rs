@@ -225,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             store.set_trust(&TrustAnchors {
+                version: 1,
                 admin_keys,
                 admin_threshold: threshold,
                 dispatch_key,

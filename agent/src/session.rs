@@ -18,7 +18,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::inventory::InventoryReport;
+use tenet_protocol::rotation::apply_chain;
 use tenet_protocol::session::{MAX_SESSION_FRAME, SharedBytes, ToAgent, ToOperator};
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Kind, SignedMessage};
@@ -69,6 +71,10 @@ pub trait Terminal {
     fn runs(&self) -> &Runs;
     /// The signed answer to an internal audit.
     fn audit(&self, request: &AuditRequest) -> Result<Vec<u8>, String>;
+    /// The trust anchors pinned (at enrolment or by the last rotation).
+    fn pinned_trust(&self) -> Result<TrustAnchors, String>;
+    /// Pin `anchors` from now on (a rotation verified).
+    fn pin_trust(&self, anchors: &TrustAnchors) -> Result<(), String>;
     /// A security certificate the issuer sent (`None`: withdrawn).
     fn hold(&self, _certificate: Option<Vec<u8>>) {}
     /// Whether the client certificate should be renewed now.
@@ -137,6 +143,35 @@ struct Session<'a, T: Terminal> {
     /// A renewal in flight: the new transport key, until its certificate.
     renewing: Option<rcgen::KeyPair>,
     last_inventory: Option<Vec<u8>>,
+}
+
+/// Walk the operator's chain of trust rotations from what `terminal`
+/// pinned, and pin where it leads. A rotation that does not verify is
+/// refused (logged), and the anchors stay those that verified before it:
+/// neither the operator nor the dispatch key can change them alone.
+fn rotate_trust<T: Terminal>(terminal: &T, rotations: &[Vec<u8>]) -> Result<(), String> {
+    let pinned = terminal.pinned_trust()?;
+    let walked = apply_chain(&pinned, rotations);
+    if walked.applied > 0 {
+        terminal.pin_trust(&walked.anchors)?;
+        tracing::info!(
+            from = pinned.version,
+            to = walked.anchors.version,
+            admin_keys = walked.anchors.admin_keys.len(),
+            admin_threshold = walked.anchors.admin_threshold,
+            dispatch_key = %walked.anchors.dispatch_key.fingerprint(),
+            "trust rotated"
+        );
+    }
+    if let Some((version, why)) = walked.refused {
+        tracing::warn!(
+            version,
+            pinned = walked.anchors.version,
+            error = %why,
+            "trust rotation refused; the anchors pinned stay in force"
+        );
+    }
+    Ok(())
 }
 
 impl<T: Terminal> Session<'_, T> {
@@ -231,6 +266,12 @@ impl<T: Terminal> Session<'_, T> {
                 }
             }
             ToAgent::SecurityCertificate { certificate } => terminal.hold(certificate),
+            ToAgent::TrustRotations { rotations } => {
+                let rotations: Vec<Vec<u8>> = rotations.into_iter().map(|r| r.into_vec()).collect();
+                if let Err(e) = rotate_trust(terminal, &rotations) {
+                    tracing::error!(error = %e, "cannot pin the rotated trust anchors");
+                }
+            }
             // Enrolment messages: never within a session.
             ToAgent::Enrolled(_)
             | ToAgent::EnrolmentRefused { .. }

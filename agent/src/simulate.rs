@@ -96,7 +96,7 @@ struct Simulated {
     identity: Arc<KeyPair>,
     system: Arc<SimSystem>,
     envelopes: Mutex<EnvelopeState>,
-    trust: OnceLock<Arc<TrustAnchors>>,
+    trust: Mutex<Option<Arc<TrustAnchors>>>,
     tls: OnceLock<Arc<rustls::ClientConfig>>,
     /// Signed reports not yet acknowledged, with the (policy, generation)
     /// of the successful ones and the session they were first sent in.
@@ -167,7 +167,7 @@ impl Simulated {
             .map_err(bad)?;
         let key = PrivateKeyDer::from_pem_slice(tls_key.serialize_pem().as_bytes()).map_err(bad)?;
         let _ = self.tls.set(Arc::new(session_tls(ca, cert, key)?));
-        let _ = self.trust.set(Arc::new(response.trust));
+        *lock(&self.trust) = Some(Arc::new(response.trust));
         Ok(())
     }
 
@@ -239,9 +239,8 @@ impl Simulated {
     }
 
     fn trust(&self) -> Result<Arc<TrustAnchors>, String> {
-        self.trust
-            .get()
-            .cloned()
+        lock(&self.trust)
+            .clone()
             .ok_or_else(|| "not enrolled".to_string())
     }
 
@@ -262,6 +261,15 @@ impl Terminal for Simulated {
 
     fn agent_version(&self) -> String {
         concat!(env!("CARGO_PKG_VERSION"), "-simulated").into()
+    }
+
+    fn pinned_trust(&self) -> Result<TrustAnchors, String> {
+        self.trust().map(|t| t.as_ref().clone())
+    }
+
+    fn pin_trust(&self, anchors: &TrustAnchors) -> Result<(), String> {
+        *lock(&self.trust) = Some(Arc::new(anchors.clone()));
+        Ok(())
     }
 
     fn inventory(&self) -> Result<Vec<u8>, ConnError> {
@@ -481,7 +489,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
             identity: Arc::new(KeyPair::generate(Algorithm::Ed25519)?),
             envelopes: Mutex::new(EnvelopeState::new(inventory.terminal.clone())),
             system: Arc::new(SimSystem::new(inventory)),
-            trust: OnceLock::new(),
+            trust: Mutex::new(None),
             tls: OnceLock::new(),
             outbox: Arc::default(),
             settled: Mutex::default(),

@@ -22,7 +22,17 @@ use tenet_protocol::keys::KeyError;
 use tenet_protocol::wire::{decode, encode};
 use tenet_protocol::{Algorithm, KeyPair};
 
-/// The envelope state as agents before policy approvals wrote it.
+/// The trust anchors as agents before trust rotation pinned them (the
+/// file `trust`, now `trust-anchors`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TrustAnchorsBeforeVersions {
+    admin_keys: Vec<tenet_protocol::PublicKey>,
+    admin_threshold: u8,
+    dispatch_key: tenet_protocol::PublicKey,
+    issuer_key: tenet_protocol::PublicKey,
+}
+
+/// The layout of `envelope-state` before approvals were remembered.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct EnvelopeStateBeforeApprovals {
     terminal: String,
@@ -109,15 +119,34 @@ impl LocalState {
         }
     }
 
+    /// The trust anchors pinned at enrolment, or by the last rotation.
     pub fn trust(&self) -> Result<TrustAnchors, StoreError> {
-        self.read_decoded("trust")?
-            .ok_or_else(|| StoreError::NotEnrolled {
-                path: self.dir.join("trust").display().to_string(),
-            })
+        if let Some(t) = self.read_decoded("trust-anchors")? {
+            return Ok(t);
+        }
+        // Pinned before anchors had versions (the file `trust`): version 1.
+        let old: TrustAnchorsBeforeVersions =
+            self.read_decoded("trust")?
+                .ok_or_else(|| StoreError::NotEnrolled {
+                    path: self.dir.join("trust-anchors").display().to_string(),
+                })?;
+        Ok(TrustAnchors {
+            version: 1,
+            admin_keys: old.admin_keys,
+            admin_threshold: old.admin_threshold,
+            dispatch_key: old.dispatch_key,
+            issuer_key: old.issuer_key,
+        })
     }
 
     pub fn set_trust(&self, trust: &TrustAnchors) -> Result<(), StoreError> {
-        write_atomically(&self.dir.join("trust"), &encode(trust), 0o600)
+        write_atomically(&self.dir.join("trust-anchors"), &encode(trust), 0o600)?;
+        match std::fs::remove_file(self.dir.join("trust")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(&self.dir.join("trust"))(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// What the agent remembers of envelopes; fresh for `terminal` on first use.

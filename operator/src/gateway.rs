@@ -141,7 +141,11 @@ impl Default for Limits {
 pub struct Gateway {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub ca: Arc<Ca>,
+    /// What enrolment pins: the trust anchors in force.
     pub trust: TrustAnchors,
+    /// The rotations from version 2 to the anchors in force, sent first
+    /// on every session (empty: never rotated).
+    pub rotations: Arc<Vec<Vec<u8>>>,
     pub dispatch_key: Arc<KeyPair>,
     pub fleet: Arc<dyn Fleet>,
     /// Validity of the client certificates issued at enrolment.
@@ -358,6 +362,17 @@ impl Gateway {
         // The writer gives up on an agent that does not read what it is sent
         // (one message not taken within the idle timeout), and says so.
         let writer_gone = Arc::new(Notify::new());
+        // Before anything the fleet sends: envelopes signed by a rotated
+        // dispatch key verify only once the rotation is pinned.
+        if !self.rotations.is_empty() {
+            let _ = tx.try_send(ToAgent::TrustRotations {
+                rotations: self
+                    .rotations
+                    .iter()
+                    .map(|r| serde_bytes::ByteBuf::from(r.clone()))
+                    .collect(),
+            });
+        }
         self.fleet.connected(
             &terminal,
             Session {

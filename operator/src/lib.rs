@@ -19,3 +19,4 @@ pub mod store;
 pub mod time;
 pub mod tokens;
 pub mod tpm_trust;
+pub mod trust;

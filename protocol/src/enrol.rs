@@ -134,7 +134,9 @@ pub fn verify_enrolment_request(bytes: &[u8]) -> Result<EnrolmentRequest, Reject
 /// The keys an enrolled terminal trusts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrustAnchors {
-    /// Keys that sign payload bundles.
+    /// 1 at enrolment; each rotation (`rotation::TrustRotation`) adds one.
+    pub version: u64,
+    /// Keys that sign payload bundles and approve policies.
     pub admin_keys: Vec<PublicKey>,
     /// How many of them must sign a bundle.
     pub admin_threshold: u8,
@@ -160,22 +162,13 @@ impl Message for EnrolmentResponse {
 
     fn check(&self) -> Result<(), Rejection> {
         limit("the terminal name", self.terminal.len(), MAX_NAME * 2)?;
-        limit("the admin key list", self.trust.admin_keys.len(), 32)?;
         limit(
             "the client certificate",
             self.client_certificate_pem.len(),
             MAX_PEM,
         )?;
         limit("the CA certificate", self.ca_certificate_pem.len(), MAX_PEM)?;
-        let t = &self.trust;
-        if t.admin_threshold == 0 || usize::from(t.admin_threshold) > t.admin_keys.len() {
-            return Err(Rejection::Malformed(format!(
-                "admin threshold {} of {} keys",
-                t.admin_threshold,
-                t.admin_keys.len()
-            )));
-        }
-        Ok(())
+        crate::rotation::check_anchors(&self.trust)
     }
 }
 

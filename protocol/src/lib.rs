@@ -21,6 +21,7 @@ pub mod present_tls;
 pub mod presentation;
 pub mod reject;
 pub mod report;
+pub mod rotation;
 pub mod session;
 pub mod wire;
 

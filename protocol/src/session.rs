@@ -104,6 +104,13 @@ pub enum ToAgent {
         certificate: Option<Vec<u8>>,
     },
     Ping,
+    /// The chain of trust rotations (signed `TrustRotation` frames, in
+    /// version order) from version 2 to the one in force; sent first on a
+    /// session when there has been a rotation. The agent pins what verifies
+    /// against what it pinned before (`rotation::apply_chain`).
+    TrustRotations {
+        rotations: Vec<serde_bytes::ByteBuf>,
+    },
 }
 
 /// Bytes shared between messages (a bundle sent to many terminals):

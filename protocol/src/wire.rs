@@ -51,10 +51,11 @@ pub enum Kind {
     Presentation = 8,
     AuditReport = 9,
     PolicyApproval = 10,
+    TrustRotation = 11,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::PayloadBundle,
         Kind::DispatchEnvelope,
         Kind::ExecutionReport,
@@ -65,6 +66,7 @@ impl Kind {
         Kind::Presentation,
         Kind::AuditReport,
         Kind::PolicyApproval,
+        Kind::TrustRotation,
     ];
 
     fn from_u8(b: u8) -> Option<Kind> {
@@ -84,6 +86,7 @@ impl Kind {
             Kind::Presentation => "tenet.dev/presentation",
             Kind::AuditReport => "tenet.dev/audit-report",
             Kind::PolicyApproval => "tenet.dev/policy-approval",
+            Kind::TrustRotation => "tenet.dev/trust-rotation",
         }
     }
 
@@ -117,6 +120,7 @@ impl fmt::Display for Kind {
             Kind::Presentation => "certificate presentation",
             Kind::AuditReport => "audit report",
             Kind::PolicyApproval => "policy approval",
+            Kind::TrustRotation => "trust rotation",
         })
     }
 }

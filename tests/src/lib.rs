@@ -293,6 +293,7 @@ impl TestGateway {
             acceptor: tokio_rustls_acceptor(tls),
             ca,
             trust,
+            rotations: Default::default(),
             dispatch_key,
             fleet,
             client_cert_validity: validity,
@@ -463,6 +464,7 @@ impl Fixture {
         let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
         let operator = Arc::new(KeyPair::generate(Algorithm::Ed25519).expect("key"));
         let trust = TrustAnchors {
+            version: 1,
             admin_keys: vec![admin.public_key()],
             admin_threshold: 1,
             dispatch_key: operator.public_key(),
@@ -569,6 +571,19 @@ impl Fixture {
 
     /// A dispatch of `wat` for `policy`.
     pub fn dispatch_for(&self, policy: &str, wat: &str, sequence: u64) -> ToAgent {
+        self.dispatch_signed(policy, wat, sequence, &self.admin, &self.operator)
+    }
+
+    /// A dispatch of `wat` for `policy` whose bundle and approval `admin`
+    /// signed and whose envelope `dispatch` signed.
+    pub fn dispatch_signed(
+        &self,
+        policy: &str,
+        wat: &str,
+        sequence: u64,
+        admin: &KeyPair,
+        dispatch: &KeyPair,
+    ) -> ToAgent {
         let bundle = PayloadBundle {
             manifest: Manifest {
                 name: "test".into(),
@@ -581,7 +596,7 @@ impl Fixture {
             module: wat::parse_str(wat).expect("wat"),
             artifacts: vec![],
         };
-        let bundle = SignedMessage::signed(&bundle, &self.admin).expect("sign");
+        let bundle = SignedMessage::signed(&bundle, admin).expect("sign");
         let mut env = DispatchEnvelope {
             terminal: "t1".into(),
             policy: policy.into(),
@@ -596,9 +611,9 @@ impl Fixture {
             write_paths: vec![],
             approval: Vec::new(),
         };
-        tenet_test_support::approve(&mut env, &[&self.admin]);
+        tenet_test_support::approve(&mut env, &[admin]);
         ToAgent::Dispatch {
-            envelope: SignedMessage::signed(&env, self.operator.as_ref())
+            envelope: SignedMessage::signed(&env, dispatch)
                 .expect("sign")
                 .encode(),
             bundle: bundle.encode().into(),

@@ -9,6 +9,7 @@ pub mod payload;
 pub mod policy;
 pub mod status;
 pub mod token;
+pub mod trust;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,10 @@ pub enum Command {
     /// Security certificates: check a peer's by challenge-response.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Rotate the keys agents trust: the admin keys and threshold, and the
+    /// dispatch key, signed by the admins (TUF-style).
+    #[command(subcommand)]
+    Trust(trust::TrustCommand),
     /// Benchmarks of the whole system on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -121,6 +126,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(args, stdout),
         Command::Cert(command) => cert::run(command, stdout, stderr),
         Command::Token(command) => token::run(command, stdout),
+        Command::Trust(command) => trust::run(command, stdout),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -55,10 +55,14 @@ pub struct OperatorArgs {
     /// A name (DNS or IP) the gateway certificate carries (repeat); default: the listen host and localhost.
     #[arg(long = "name")]
     pub names: Vec<String>,
-    /// An admin public key whose signatures on bundles count (repeat); agents pin them.
+    /// An admin public key whose signatures on bundles and policy
+    /// approvals count (repeat); agents pin them at enrolment. These are
+    /// version 1 of the trust anchors, for good: later versions come from
+    /// rotations the admins signed (`tenet trust`, DATA/trust-N.rotation),
+    /// never from changing these flags.
     #[arg(long = "admin-key", required = true)]
     pub admin_keys: Vec<PathBuf>,
-    /// How many admin signatures a bundle needs.
+    /// How many admin signatures a bundle or an approval needs (version 1).
     #[arg(long, default_value_t = 1)]
     pub admin_threshold: u8,
     /// Serve Prometheus metrics at http://ADDR/metrics.

@@ -53,7 +53,22 @@ impl Daemon {
             }
             Some(k) => self.lead(k, files_changed.clone(), out).await?,
         };
-        let (trust, bundle_trust) = self.trust(&data.dispatch_key)?;
+        let mut data = data;
+        let Trust {
+            anchors: trust,
+            rotations,
+            bundles: bundle_trust,
+            dispatch_key,
+        } = self.trust(&data.dispatch_key)?;
+        data.dispatch_key = dispatch_key;
+        let _ = writeln!(
+            out,
+            "trust anchors version {}: {} of {} admin key(s), dispatch key {}",
+            trust.version,
+            trust.admin_threshold,
+            trust.admin_keys.len(),
+            data.dispatch_key.public_key().fingerprint()
+        );
         let (fleet, changes) = OperatorFleet::new(
             data.store.clone(),
             Retry::default(),
@@ -65,6 +80,7 @@ impl Daemon {
             acceptor: TlsAcceptor::from(Arc::new(data.ca.server_config(&self.names)?)),
             ca: data.ca.clone(),
             trust,
+            rotations,
             dispatch_key: data.dispatch_key.clone(),
             fleet: fleet.clone(),
             client_cert_validity: Duration::from_secs(24 * 3600),
@@ -185,36 +201,49 @@ impl Daemon {
         ))
     }
 
-    /// What agents are told to trust (pinned at enrolment), and what a
-    /// bundle needs to be used: the admin keys and their threshold.
-    fn trust(&self, dispatch_key: &KeyPair) -> Result<(TrustAnchors, BundleTrust), DaemonError> {
+    /// What agents are told to trust (pinned at enrolment, rotated by the
+    /// chain in DATA), what a bundle or an approval needs (the admin keys
+    /// in force and their threshold), and the dispatch key in force.
+    fn trust(&self, first_dispatch_key: &Arc<KeyPair>) -> Result<Trust, DaemonError> {
         let admin_keys = self
             .admin_keys
             .iter()
             .map(|p| PublicKey::read_pem_file(p))
             .collect::<Result<Vec<_>, _>>()?;
-        if admin_keys.is_empty()
-            || usize::from(self.admin_threshold) > admin_keys.len()
-            || self.admin_threshold == 0
-        {
-            return Err(DaemonError::Usage(format!(
-                "need at least {} admin key(s) (--admin-key) for a threshold of {}",
-                self.admin_threshold.max(1),
-                self.admin_threshold
-            )));
-        }
-        let anchors = TrustAnchors {
-            admin_keys: admin_keys.clone(),
-            admin_threshold: self.admin_threshold,
-            dispatch_key: dispatch_key.public_key(),
-            issuer_key: dispatch_key.public_key(),
+        let first = crate::trust::first_anchors(
+            admin_keys,
+            self.admin_threshold,
+            first_dispatch_key.public_key(),
+        )
+        .map_err(DaemonError::Usage)?;
+        let chain = crate::trust::load_chain(&self.data, first).map_err(DaemonError::Usage)?;
+        let dispatch_key = if chain.rotations.is_empty() {
+            first_dispatch_key.clone()
+        } else {
+            Arc::new(
+                crate::trust::dispatch_key_in_force(&self.data, &chain.anchors)
+                    .map_err(DaemonError::Usage)?,
+            )
         };
         let bundles = BundleTrust {
-            admin_keys,
-            threshold: usize::from(self.admin_threshold),
+            admin_keys: chain.anchors.admin_keys.clone(),
+            threshold: usize::from(chain.anchors.admin_threshold),
         };
-        Ok((anchors, bundles))
+        Ok(Trust {
+            anchors: chain.anchors,
+            rotations: Arc::new(chain.rotations),
+            bundles,
+            dispatch_key,
+        })
     }
+}
+
+/// The trust in force: see [`Daemon::trust`].
+struct Trust {
+    anchors: TrustAnchors,
+    rotations: Arc<Vec<Vec<u8>>>,
+    bundles: BundleTrust,
+    dispatch_key: Arc<KeyPair>,
 }
 
 /// Wake the loop when anything changes in the policy, bundle or token

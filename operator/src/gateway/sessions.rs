@@ -131,6 +131,7 @@ fn queued_size(m: &ToAgent) -> usize {
             credential_blob,
             secret,
         } => credential_blob.len() + secret.len(),
+        ToAgent::TrustRotations { rotations } => rotations.iter().map(|r| r.len()).sum(),
         ToAgent::Ack { .. } | ToAgent::InventoryWanted | ToAgent::Ping => 0,
     }
 }

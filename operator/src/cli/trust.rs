@@ -1,0 +1,247 @@
+//! `tenet trust`: rotate the keys agents trust (TUF-style). The admins
+//! write the next version of the trust anchors (`rotate`), K of the admins
+//! in force and K' of the new ones sign it (`sign`), it is put in the
+//! operator's data directory (`install`), and the operator, once restarted,
+//! sends it first on every agent session; each agent checks the
+//! signatures against the admin keys it pinned before it pins the new ones.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::host::now_ms;
+use tenet_protocol::rotation::{TrustRotation, verify_rotation};
+use tenet_protocol::{KeyPair, Kind, PublicKey, SignedMessage, Signer};
+
+use super::payload::CliError;
+use crate::trust::{TrustChain, dispatch_key_in_force, first_anchors, load_chain, rotation_path};
+
+#[derive(clap::Subcommand)]
+pub enum TrustCommand {
+    /// The trust anchors in force: version 1 (the operator's --admin-key,
+    /// --admin-threshold and DATA/dispatch.key) and each rotation in DATA.
+    Show(ChainArgs),
+    /// Write the next version of the trust anchors, unsigned, to --out:
+    /// the new admin keys and threshold, and the dispatch key (unchanged
+    /// unless --new-dispatch-key). Then K admins of the version in force
+    /// and K' of the new set sign it (`tenet trust sign`).
+    Rotate(RotateArgs),
+    /// Add an admin's signature to a rotation file, after printing what it
+    /// changes.
+    Sign {
+        /// The rotation file (`tenet trust rotate --out`).
+        file: PathBuf,
+        /// The admin's private key.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check a signed rotation against the anchors in force and put it in
+    /// the data directory as DATA/trust-N.rotation; restart the operator
+    /// to enforce it. Refused (exit 1) unless K admins of the version in
+    /// force and K' of the new set signed it.
+    Install {
+        /// The signed rotation file.
+        file: PathBuf,
+        #[command(flatten)]
+        chain: ChainArgs,
+    },
+}
+
+/// Where the trust anchors in force come from: the operator's own settings.
+#[derive(clap::Args)]
+pub struct ChainArgs {
+    /// The operator's data directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The admin keys the operator is started with (repeat): version 1.
+    #[arg(long = "admin-key", required = true)]
+    pub admin_keys: Vec<PathBuf>,
+    /// The threshold the operator is started with.
+    #[arg(long, default_value_t = 1)]
+    pub admin_threshold: u8,
+}
+
+#[derive(clap::Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// An admin public key of the new version (repeat); the whole new set.
+    #[arg(long = "new-admin-key", required = true)]
+    pub new_admin_keys: Vec<PathBuf>,
+    /// How many of the new admin keys must sign bundles, approvals and the
+    /// next rotation.
+    #[arg(long)]
+    pub new_admin_threshold: u8,
+    /// The public key of a new dispatch key (which also issues security
+    /// certificates); its private key must be in DATA as a dispatch*.key
+    /// file before the rotation is installed (`tenet keygen --out
+    /// DATA/dispatch-N.key`).
+    #[arg(long)]
+    pub new_dispatch_key: Option<PathBuf>,
+    /// Where to write the unsigned rotation (never overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(command: TrustCommand, out: &mut dyn Write) -> std::io::Result<i32> {
+    let result = match command {
+        TrustCommand::Show(args) => show(&args, out),
+        TrustCommand::Rotate(args) => rotate(&args, out),
+        TrustCommand::Sign { file, key } => sign(&file, &key, out),
+        TrustCommand::Install { file, chain } => install(&file, &chain, out),
+    };
+    Ok(result.unwrap_or_else(|e| {
+        eprintln!("tenet: {e}");
+        1
+    }))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn read_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>, CliError> {
+    paths
+        .iter()
+        .map(|p| PublicKey::read_pem_file(p).map_err(CliError::from))
+        .collect()
+}
+
+/// The chain in force, as the operator started with `args` walks it.
+fn chain(args: &ChainArgs) -> Result<TrustChain, CliError> {
+    let dispatch = KeyPair::read_file(&args.data.join("dispatch.key"))?;
+    let first = first_anchors(
+        read_keys(&args.admin_keys)?,
+        args.admin_threshold,
+        dispatch.public_key(),
+    )
+    .map_err(CliError::Usage)?;
+    load_chain(&args.data, first).map_err(CliError::Usage)
+}
+
+/// What a set of anchors says, for a person.
+fn describe(anchors: &TrustAnchors) -> String {
+    let mut s = format!(
+        "version {}: {} of {} admin key(s)",
+        anchors.version,
+        anchors.admin_threshold,
+        anchors.admin_keys.len()
+    );
+    for k in &anchors.admin_keys {
+        s.push_str(&format!("\n  admin key    {}", k.fingerprint()));
+    }
+    s.push_str(&format!(
+        "\n  dispatch key {} (also issues security certificates)",
+        anchors.dispatch_key.fingerprint()
+    ));
+    s
+}
+
+fn show(args: &ChainArgs, out: &mut dyn Write) -> Result<i32, CliError> {
+    let chain = chain(args)?;
+    let _ = writeln!(out, "in force: {}", describe(&chain.anchors));
+    for (i, _) in chain.rotations.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "rotation {} verified",
+            rotation_path(&args.data, i as u64 + 2).display()
+        );
+    }
+    Ok(0)
+}
+
+fn rotate(args: &RotateArgs, out: &mut dyn Write) -> Result<i32, CliError> {
+    let current = chain(&args.chain)?.anchors;
+    let dispatch_key = match &args.new_dispatch_key {
+        Some(p) => PublicKey::read_pem_file(p)?,
+        None => current.dispatch_key.clone(),
+    };
+    let mut next = first_anchors(
+        read_keys(&args.new_admin_keys)?,
+        args.new_admin_threshold,
+        dispatch_key,
+    )
+    .map_err(|e| CliError::Usage(e.replace("--admin-key", "--new-admin-key")))?;
+    next.version = current.version + 1;
+    let frame = SignedMessage::new(&TrustRotation {
+        anchors: next.clone(),
+        created_at_ms: now_ms(),
+    });
+    write_new(&args.out, &frame.encode())?;
+    let _ = writeln!(
+        out,
+        "wrote {} (unsigned)\nfrom {}\nto   {}\nit needs signatures by {} of the admin keys of version {} and {} of its own",
+        args.out.display(),
+        describe(&current),
+        describe(&next),
+        current.admin_threshold,
+        current.version,
+        next.admin_threshold
+    );
+    Ok(0)
+}
+
+fn read_rotation(file: &Path) -> Result<(SignedMessage, TrustRotation), CliError> {
+    let bytes = std::fs::read(file).map_err(io(file))?;
+    let bad = |e: tenet_protocol::Rejection| CliError::Bundle {
+        path: file.display().to_string(),
+        message: e.to_string(),
+    };
+    let frame = SignedMessage::decode(&bytes, Kind::TrustRotation).map_err(bad)?;
+    let rotation = frame.open().map_err(bad)?;
+    Ok((frame, rotation))
+}
+
+fn sign(file: &Path, key: &Path, out: &mut dyn Write) -> Result<i32, CliError> {
+    let (mut frame, rotation) = read_rotation(file)?;
+    let key = KeyPair::read_file(key)?;
+    frame.sign(&key)?;
+    tenet_protocol::host::write_atomically(file, &frame.encode(), 0o644).map_err(io(file))?;
+    let _ = writeln!(
+        out,
+        "signed {} with {}: {} signature(s) now\n{}",
+        file.display(),
+        key.public_key().fingerprint(),
+        frame.signatures.len(),
+        describe(&rotation.anchors)
+    );
+    Ok(0)
+}
+
+fn install(file: &Path, args: &ChainArgs, out: &mut dyn Write) -> Result<i32, CliError> {
+    let current = chain(args)?.anchors;
+    let bytes = std::fs::read(file).map_err(io(file))?;
+    let rotated = verify_rotation(&bytes, &current).map_err(|e| CliError::Bundle {
+        path: file.display().to_string(),
+        message: e.to_string(),
+    })?;
+    crate::trust::check_one_key(&rotated.anchors).map_err(CliError::Usage)?;
+    dispatch_key_in_force(&args.data, &rotated.anchors).map_err(CliError::Usage)?;
+    let dest = rotation_path(&args.data, rotated.anchors.version);
+    write_new(&dest, &bytes)?;
+    let _ = writeln!(
+        out,
+        "installed {}\n{}\nsigned by {} admin(s) of version {} and {} of its own; restart the operator: it sends the rotation first on every agent session",
+        dest.display(),
+        describe(&rotated.anchors),
+        rotated.old_signers.len(),
+        current.version,
+        rotated.new_signers.len()
+    );
+    Ok(0)
+}
+
+/// Write a new file; an existing one is never overwritten.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
