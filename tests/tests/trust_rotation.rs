@@ -1,0 +1,411 @@
+//! Trust rotation with real processes: a real agent refuses a rotation the
+//! operator (or whoever holds the dispatch key) signed without the admins,
+//! and pins one the admins signed, after which only the new keys count;
+//! and the admins' whole workflow through the `tenet trust` commands, a
+//! restarted `tenet operator` sending the rotation over the agent's
+//! session, and a package installed under the new admin and dispatch keys.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tenet_e2e::{
+    Event, Fixture, Running, agent, binary, build_deb, create_token, dpkg_root, free_port,
+    install_bundle, sign_policies, wait_for, wait_until,
+};
+use tenet_protocol::enrol::TrustAnchors;
+use tenet_protocol::report::{ExecutionReport, Outcome};
+use tenet_protocol::rotation::TrustRotation;
+use tenet_protocol::session::ToAgent;
+use tenet_protocol::wire::{decode, digest_string};
+use tenet_protocol::{Algorithm, KeyPair, Kind, SignedMessage, Signer};
+
+const NOOP: &str =
+    r#"(module (memory (export "memory") 1) (func (export "run") (result i32) (i32.const 0)))"#;
+
+/// The version of the trust anchors the agent in `data` pinned.
+fn pinned(data: &Path) -> Option<TrustAnchors> {
+    decode(&std::fs::read(data.join("trust-anchors")).ok()?).ok()
+}
+
+fn rotation(to: &TrustAnchors, signers: &[&KeyPair]) -> serde_bytes::ByteBuf {
+    let mut frame = SignedMessage::new(&TrustRotation {
+        anchors: to.clone(),
+        created_at_ms: 0,
+    });
+    for s in signers {
+        frame.sign(*s).expect("sign");
+    }
+    serde_bytes::ByteBuf::from(frame.encode())
+}
+
+fn next_outcome(f: &Fixture) -> Outcome {
+    let bytes = wait_for(&f.events, Duration::from_secs(30), |e| match e {
+        Event::Report(b) => Some(b.clone()),
+        _ => None,
+    });
+    let report: ExecutionReport = SignedMessage::decode(&bytes, Kind::ExecutionReport)
+        .and_then(|f| f.open())
+        .expect("report");
+    report.outcome
+}
+
+#[test]
+fn the_dispatch_key_cannot_rotate_trust_and_the_admins_can() {
+    let f = Fixture::new();
+    let address = format!("127.0.0.1:{}", free_port());
+    let _gateway = f.gateway(&address, Duration::from_secs(3600));
+    f.enrol(&address);
+    let _agent = f.run_agent_logged();
+    f.connected();
+    let data = f.dir().join("data");
+    assert_eq!(pinned(&data).expect("pinned").version, 1);
+
+    // A compromised operator names its own key as the only admin and the
+    // dispatch key, signed by the real dispatch key and by itself.
+    let evil = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    let forged = TrustAnchors {
+        version: 2,
+        admin_keys: vec![evil.public_key()],
+        admin_threshold: 1,
+        dispatch_key: evil.public_key(),
+        issuer_key: evil.public_key(),
+    };
+    assert!(f.fleet.send(
+        "t1",
+        ToAgent::TrustRotations {
+            rotations: vec![rotation(&forged, &[f.operator.as_ref(), &evil])],
+        }
+    ));
+    // Then a payload it approved and dispatched itself: refused.
+    assert!(
+        f.fleet
+            .send("t1", f.dispatch_signed("ns/p", NOOP, 1, &evil, &evil))
+    );
+    match next_outcome(&f) {
+        Outcome::Refused { reason, message } => {
+            assert_eq!(reason, "UnknownKey", "{message}");
+            assert_eq!(
+                message,
+                format!(
+                    "signed by key {}, which is not trusted here",
+                    evil.public_key().fingerprint()
+                )
+            );
+        }
+        other => panic!("the forged dispatch ran: {other:?}"),
+    }
+    assert_eq!(pinned(&data).expect("pinned").version, 1);
+    let log = std::fs::read_to_string(f.dir().join("agent.log")).expect("log");
+    assert!(
+        log.contains("trust rotation refused")
+            && log.contains(
+                "the rotation to version 2 is not signed by 1 of the 1 admin key(s) of version 1"
+            ),
+        "{log}"
+    );
+
+    // The admin rotates to a new admin and a new dispatch key, signed by
+    // the admin in force and by the new one.
+    let admin2 = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    let dispatch2 = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    let v2 = TrustAnchors {
+        version: 2,
+        admin_keys: vec![admin2.public_key()],
+        admin_threshold: 1,
+        dispatch_key: dispatch2.public_key(),
+        issuer_key: dispatch2.public_key(),
+    };
+    assert!(f.fleet.send(
+        "t1",
+        ToAgent::TrustRotations {
+            rotations: vec![rotation(&v2, &[&f.admin, &admin2])],
+        }
+    ));
+    // Under the new keys a payload runs...
+    assert!(f.fleet.send(
+        "t1",
+        f.dispatch_signed("ns/p", NOOP, 2, &admin2, &dispatch2)
+    ));
+    assert_eq!(next_outcome(&f), Outcome::Exited { code: 0 });
+    assert_eq!(pinned(&data).expect("pinned"), v2);
+    // ...and under the old ones it no longer does.
+    assert!(f.fleet.send(
+        "t1",
+        f.dispatch_signed("ns/p", NOOP, 3, &f.admin, &dispatch2)
+    ));
+    match next_outcome(&f) {
+        Outcome::Refused { reason, .. } => assert_eq!(reason, "NotApproved"),
+        other => panic!("an approval by the rotated-out admin counted: {other:?}"),
+    }
+}
+
+/// `tenet operator` in `dir`, with its stdout lines on a channel.
+fn start_operator(dir: &Path, port: u16) -> (Running, mpsc::Receiver<String>) {
+    let mut operator = Command::new(binary("tenet"))
+        .args([
+            "operator",
+            "--policies",
+            "policies",
+            "--data",
+            "data",
+            "--admin-key",
+            "admin.key.pub",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--metrics", "127.0.0.1:0", "--log-format", "json"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("operator.log"))
+                .expect("log file"),
+        )
+        .spawn()
+        .expect("operator");
+    let (tx, lines) = mpsc::channel::<String>();
+    let stdout = operator.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(operator), lines)
+}
+
+fn next_line(lines: &mpsc::Receiver<String>, want: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no operator line with {want:?}"));
+        if line.contains(want) {
+            return line;
+        }
+    }
+}
+
+fn installed(root: &Path) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f=${Version}", "browser-a"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn write_policy(dir: &Path, version: &str, bundle: &SignedMessage, deb: &str) {
+    std::fs::write(
+        dir.join("policies/browser.yaml"),
+        format!(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: browser-a\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{}' }}\n    args: [{deb}]\n    capabilities: [run-artifact, log]\n",
+            digest_string(&bundle.body_digest())
+        ),
+    )
+    .expect("policy");
+}
+
+#[test]
+fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
+    if Command::new("dpkg-deb").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "dpkg-deb is required under CI"
+        );
+        eprintln!("skipping: dpkg-deb is not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let tenet = |args: &[&str]| {
+        Command::new(binary("tenet"))
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("tenet")
+    };
+    let ok = |args: &[&str]| {
+        let out = tenet(args);
+        assert!(
+            out.status.success(),
+            "tenet {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(&["keygen", "--out", "admin.key"]);
+    let admin = KeyPair::read_file(&dir.join("admin.key")).expect("admin");
+    let old = build_deb(dir, "browser-a", "118.0.2-1");
+    let v120 = build_deb(dir, "browser-a", "120.0-1");
+    let v121 = build_deb(dir, "browser-a", "121.0-1");
+    std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+    let bundle = install_bundle(&admin, &v120);
+    std::fs::write(
+        dir.join("bundles/install-browser-a.bundle"),
+        bundle.encode(),
+    )
+    .expect("bundle");
+    write_policy(dir, "120.0", &bundle, "browser-a_120.0-1_all.deb");
+    sign_policies(&dir.join("policies"), &dir.join("admin.key"));
+
+    // Version 1: the operator's flags. A terminal enrols and converges.
+    let port = free_port();
+    let (operator, lines) = start_operator(dir, port);
+    next_line(&lines, "trust anchors version 1: 1 of 1 admin key(s)");
+    next_line(&lines, "gateway listening on");
+    let (token, fingerprint) = create_token(
+        dir,
+        &["--terminal", "nagoya-ward3-01", "--label", "site=nagoya"],
+    );
+    let root = dpkg_root(dir, &[&old]);
+    std::fs::write(
+        dir.join("agent.yaml"),
+        format!(
+            "terminal: nagoya-ward3-01\ndata: agent-data\nroot: root\ninventory:\n  dpkg: {{}}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n"
+        ),
+    )
+    .expect("config");
+    wait_until(Duration::from_secs(30), "the token to be imported", || {
+        agent(
+            dir,
+            &[
+                "enrol",
+                "--config",
+                "agent.yaml",
+                "--token",
+                &token,
+                "--ca-fingerprint",
+                &fingerprint,
+            ],
+        )
+        .status
+        .success()
+    });
+    let _agent = Running(
+        Command::new(binary("tenet-agent"))
+            .args(["run", "--config", "agent.yaml"])
+            .current_dir(dir)
+            .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
+            .spawn()
+            .expect("agent"),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "browser-a 120 under version 1",
+        || installed(&root).as_deref() == Some("120.0-1"),
+    );
+
+    // The rotation: a new admin replaces the old one, and a new dispatch
+    // key, made in the data directory.
+    ok(&["keygen", "--out", "admin2.key"]);
+    ok(&["keygen", "--out", "data/dispatch-2.key"]);
+    let admin2 = KeyPair::read_file(&dir.join("admin2.key")).expect("admin2");
+    let written = ok(&[
+        "trust",
+        "rotate",
+        "--data",
+        "data",
+        "--admin-key",
+        "admin.key.pub",
+        "--new-admin-key",
+        "admin2.key.pub",
+        "--new-admin-threshold",
+        "1",
+        "--new-dispatch-key",
+        "data/dispatch-2.key.pub",
+        "--out",
+        "rotation",
+    ]);
+    assert!(
+        written
+            .contains("it needs signatures by 1 of the admin keys of version 1 and 1 of its own"),
+        "{written}"
+    );
+    // Signed by the new admin alone: not enough.
+    ok(&["trust", "sign", "rotation", "--key", "admin2.key"]);
+    let install = [
+        "trust",
+        "install",
+        "rotation",
+        "--data",
+        "data",
+        "--admin-key",
+        "admin.key.pub",
+    ];
+    let refused = tenet(&install);
+    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&refused.stderr),
+        format!(
+            "tenet: rotation: not approved by the admins: the rotation to version 2 is not signed by 1 of the 1 admin key(s) of version 1: signed by key {}, which is not trusted here\n",
+            admin2.public_key().fingerprint()
+        )
+    );
+    assert!(!dir.join("data/trust-2.rotation").exists());
+    // The admin in force signs too; it installs, and the operator restarts.
+    ok(&["trust", "sign", "rotation", "--key", "admin.key"]);
+    let installed_out = ok(&install);
+    assert!(
+        installed_out.contains("installed data/trust-2.rotation"),
+        "{installed_out}"
+    );
+    let shown = ok(&[
+        "trust",
+        "show",
+        "--data",
+        "data",
+        "--admin-key",
+        "admin.key.pub",
+    ]);
+    assert!(
+        shown.starts_with("in force: version 2: 1 of 1 admin key(s)"),
+        "{shown}"
+    );
+    drop(operator);
+    let dispatch2 = KeyPair::read_file(&dir.join("data/dispatch-2.key")).expect("dispatch 2");
+    let (_operator, lines) = start_operator(dir, port);
+    next_line(
+        &lines,
+        &format!(
+            "trust anchors version 2: 1 of 1 admin key(s), dispatch key {}",
+            dispatch2.public_key().fingerprint()
+        ),
+    );
+    // The agent reconnects and pins version 2 from its session.
+    wait_until(
+        Duration::from_secs(60),
+        "the agent to pin version 2",
+        || pinned(&dir.join("agent-data")).is_some_and(|t| t.version == 2),
+    );
+    let anchors = pinned(&dir.join("agent-data")).expect("pinned");
+    assert_eq!(anchors.admin_keys, vec![admin2.public_key()]);
+    assert_eq!(anchors.dispatch_key, dispatch2.public_key());
+
+    // The new admin alone now signs a bundle and approves a policy, and
+    // the operator dispatches it with the new dispatch key: it installs.
+    let bundle = install_bundle(&admin2, &v121);
+    std::fs::write(
+        dir.join("bundles/install-browser-a.bundle"),
+        bundle.encode(),
+    )
+    .expect("bundle");
+    write_policy(dir, "121.0", &bundle, "browser-a_121.0-1_all.deb");
+    sign_policies(&dir.join("policies"), &dir.join("admin2.key"));
+    wait_until(
+        Duration::from_secs(60),
+        "browser-a 121 under version 2",
+        || installed(&root).as_deref() == Some("121.0-1"),
+    );
+}
