@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! DATA/dispatch.key(.pub)  the operator's dispatch key (signs envelopes)
+//! DATA/dispatch-N.key      a dispatch key a trust rotation named
+//! DATA/trust-N.rotation    the trust rotations, versions 2.. (`trust.rs`)
 //! DATA/ca.pem, ca.key      the CA of the agent links
 //! DATA/tenet.redb          terminals, tokens, sequences, dispatches, states
 //! DATA/tokens/*.token      bootstrap tokens waiting to be imported
