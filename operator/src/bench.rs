@@ -298,6 +298,7 @@ pub async fn converge(
         policies: policies.clone(),
         policy_remote: None,
         pull_every: Duration::from_secs(60),
+        allowed_signers: None,
         webhook_secret: None,
         bundles,
         data: data.clone(),

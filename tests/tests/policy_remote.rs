@@ -215,3 +215,166 @@ fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_go
         "{s}"
     );
 }
+
+/// Make an SSH key pair with ssh-keygen, as an admin has for git.
+fn ssh_key(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .output()
+        .expect("ssh-keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+/// Commit everything in `work` signed with the SSH key `key` (`None`:
+/// unsigned), push it, and return the commit's short name (12 digits).
+fn commit(work: &Path, message: &str, key: Option<&Path>) -> String {
+    git(work, &["add", "."]);
+    match key {
+        Some(key) => {
+            let signing_key = format!("user.signingkey={}", key.display());
+            git(
+                work,
+                &[
+                    "-c",
+                    "gpg.format=ssh",
+                    "-c",
+                    &signing_key,
+                    "commit",
+                    "--quiet",
+                    "-S",
+                    "-m",
+                    message,
+                ],
+            )
+        }
+        None => git(work, &["commit", "--quiet", "-m", message]),
+    };
+    git(work, &["push", "--quiet", "origin", "main"]);
+    git(work, &["rev-parse", "--short=12", "HEAD"])
+}
+
+#[test]
+fn with_require_signed_commits_only_commits_an_admin_signed_are_enforced() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
+    // Alice signs commits with her SSH key; Mallory can push, but her key
+    // is not an admin's.
+    let alice = ssh_key(dir, "alice");
+    let mallory = ssh_key(dir, "mallory");
+    let alice_pub = std::fs::read_to_string(dir.join("alice.pub")).expect("alice.pub");
+    std::fs::write(
+        dir.join("allowed_signers"),
+        format!("# the admins\nalice@hospital.example {alice_pub}"),
+    )
+    .expect("allowed signers");
+
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    git(&work, &["init", "--quiet", "-b", "main"]);
+    git(
+        dir,
+        &["init", "--quiet", "--bare", "-b", "main", "policies.git"],
+    );
+    git(&work, &["remote", "add", "origin", "../policies.git"]);
+    std::fs::write(work.join("browser.yaml"), POLICY).expect("policy");
+    sign_policies(&work, &dir.join("admin.key"));
+    let first = commit(&work, "browser-a 120, signed by alice", Some(&alice));
+
+    let port = free_port();
+    let _operator = Running(
+        Command::new(binary("tenet"))
+            .args(["operator", "--policies"])
+            .arg(format!("git+file://{}/policies.git#main", dir.display()))
+            .args(["--pull-seconds", "1"])
+            .args(["--require-signed-commits", "allowed_signers"])
+            .args(["--data", "data", "--admin-key", "admin.key.pub"])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--metrics", "127.0.0.1:0"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("operator.log")).expect("log"))
+            .spawn()
+            .expect("operator"),
+    );
+    let status = || {
+        let out = Command::new(binary("tenet"))
+            .args(["status", "--data", "data"])
+            .current_dir(dir)
+            .output()
+            .expect("tenet status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_until(Duration::from_secs(30), "alice's commit in force", || {
+        let s = status();
+        s.contains("hospital-it/browser-a-minimum ")
+            && s.contains(&format!("policies at git commit {first}"))
+    });
+
+    // An unsigned commit, even with approved policies, is not enforced.
+    std::fs::write(
+        work.join("browser.yaml"),
+        POLICY.replace(">= 120.0", ">= 121.0"),
+    )
+    .expect("edit");
+    sign_policies(&work, &dir.join("admin.key"));
+    let unsigned = commit(&work, "browser-a 121, unsigned", None);
+    let signers = std::fs::canonicalize(dir.join("allowed_signers")).expect("path");
+    wait_until(
+        Duration::from_secs(30),
+        "the unsigned commit refused",
+        || {
+            status().contains(&format!(
+            "policy error (the last good version stays in force): commit {unsigned} is not enforced: it is not signed (--require-signed-commits)"
+        ))
+        },
+    );
+    assert!(status().contains(&format!("policies at git commit {first}")));
+
+    // Signed by a key that is not an admin's: not enforced either.
+    std::fs::write(work.join("note.txt"), "mallory was here\n").expect("edit");
+    let forged = commit(&work, "browser-a 121, signed by mallory", Some(&mallory));
+    let mallory_fp = Command::new("ssh-keygen")
+        .args(["-l", "-f"])
+        .arg(dir.join("mallory.pub"))
+        .output()
+        .expect("ssh-keygen -l");
+    let mallory_fp = String::from_utf8_lossy(&mallory_fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint")
+        .to_string();
+    wait_until(Duration::from_secs(30), "mallory's commit refused", || {
+        status().contains(&format!(
+            "commit {forged} is not enforced: it is signed by key {mallory_fp}, which is not an admin's (--require-signed-commits {})",
+            signers.display()
+        ))
+    });
+    let s = status();
+    assert!(
+        s.contains(&format!("policies at git commit {first}")),
+        "{s}"
+    );
+
+    // Alice signs the next commit: it is enforced.
+    std::fs::remove_file(work.join("note.txt")).expect("rm");
+    let signed = commit(&work, "browser-a 121, signed by alice", Some(&alice));
+    wait_until(
+        Duration::from_secs(30),
+        "alice's second commit in force",
+        || status().contains(&format!("policies at git commit {signed}")),
+    );
+    let s = status();
+    assert!(!s.contains("is not enforced"), "{s}");
+}

@@ -27,6 +27,13 @@ pub struct OperatorArgs {
     /// Forgejo send it), and the operator fetches at once.
     #[arg(long, requires = "policies")]
     pub webhook_secret_file: Option<PathBuf>,
+    /// With --policies git+URL: enforce only commits whose SSH signature
+    /// (git commit -S with gpg.format=ssh) verifies against this allowed
+    /// signers file (git's format: `alice@example ssh-ed25519 AAAA...` a
+    /// line). Any other commit is not checked out; what is in force stays
+    /// and status names the commit and why.
+    #[arg(long, value_name = "ALLOWED_SIGNERS")]
+    pub require_signed_commits: Option<PathBuf>,
     /// Signed payload bundles (*.bundle); default: `bundles` beside the policies.
     #[arg(long)]
     pub bundles: Option<PathBuf>,
@@ -101,10 +108,22 @@ pub fn run(args: OperatorArgs) -> i32 {
             eprintln!("tenet: --webhook-secret-file needs --policies git+URL");
             return 2;
         }
+        None if args.require_signed_commits.is_some() => {
+            eprintln!("tenet: --require-signed-commits needs --policies git+URL");
+            return 2;
+        }
         None => (PathBuf::from(&given), None),
         Some(Ok(remote)) => (args.data.join("policies-remote"), Some(remote)),
         Some(Err(e)) => {
             eprintln!("tenet: --policies {e}");
+            return 2;
+        }
+    };
+    let allowed_signers = match args.require_signed_commits.as_deref().map(allowed_signers) {
+        None => None,
+        Some(Ok(path)) => Some(path),
+        Some(Err(e)) => {
+            eprintln!("tenet: --require-signed-commits {e}");
             return 2;
         }
     };
@@ -144,6 +163,7 @@ pub fn run(args: OperatorArgs) -> i32 {
         policies,
         policy_remote,
         pull_every: std::time::Duration::from_secs(args.pull_seconds.max(1)),
+        allowed_signers,
         webhook_secret: args.webhook_secret_file,
         bundles,
         data: args.data,
@@ -176,4 +196,22 @@ pub fn run(args: OperatorArgs) -> i32 {
             1
         }
     }
+}
+
+/// The allowed signers file, as an absolute path (git runs in the
+/// checkout), holding at least one key.
+fn allowed_signers(path: &std::path::Path) -> Result<PathBuf, String> {
+    let absolute = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&absolute).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !text
+        .lines()
+        .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    {
+        return Err(format!(
+            "{}: no signer in it (lines of `PRINCIPAL KEY-TYPE BASE64-KEY`, as git's gpg.ssh.allowedSignersFile)",
+            path.display()
+        ));
+    }
+    Ok(absolute)
 }

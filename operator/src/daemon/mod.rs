@@ -68,6 +68,9 @@ pub struct Daemon {
     /// a git remote, pulled every `pull_every`.
     pub policy_remote: Option<remote::GitRemote>,
     pub pull_every: Duration,
+    /// With `policy_remote`: enforce only commits whose SSH signature
+    /// verifies against this allowed signers file (absolute).
+    pub allowed_signers: Option<PathBuf>,
     /// With `policy_remote`: the file holding the secret that signs the
     /// git host's push webhooks (`POST /webhook` on the metrics listener).
     pub webhook_secret: Option<PathBuf>,

@@ -83,6 +83,10 @@ pub struct Pull {
     pub asked: Arc<AtomicBool>,
     /// The last fetch's failure, until one succeeds.
     pub failure: Option<String>,
+    /// With `--require-signed-commits`: the allowed signers file (git's
+    /// `gpg.ssh.allowedSignersFile`, an absolute path); a fetched commit
+    /// is checked out only when its SSH signature verifies against it.
+    pub allowed_signers: Option<PathBuf>,
 }
 
 /// The longest a fetch may take before it is killed and counts as failed.
@@ -101,7 +105,15 @@ impl Pull {
             fetching: None,
             asked: Arc::new(AtomicBool::new(false)),
             failure: None,
+            allowed_signers: None,
         }
+    }
+
+    /// Check out only commits signed by one of `allowed_signers` (SSH
+    /// signatures, git's allowed signers format).
+    pub fn requiring_signatures(mut self, allowed_signers: PathBuf) -> Pull {
+        self.allowed_signers = Some(allowed_signers);
+        self
     }
 
     /// Start a fetch of the branch when `every` has passed since the last
@@ -117,9 +129,13 @@ impl Pull {
                     .unwrap_or_else(|e| Err(format!("the fetch failed: {e}"))),
                 None => Ok(()),
             };
-            let result = match fetched {
-                Ok(()) => check_out(&self.checkout).await,
-                Err(e) => Err(e),
+            let result = match (fetched, &self.allowed_signers) {
+                (Ok(()), None) => check_out(&self.checkout).await,
+                (Ok(()), Some(signers)) => match verify_signed(&self.checkout, signers).await {
+                    Ok(()) => check_out(&self.checkout).await,
+                    Err(e) => Err(e),
+                },
+                (Err(e), _) => Err(e),
             };
             changed = result.is_ok();
             let failure = result.err();
@@ -194,6 +210,49 @@ async fn fetch(remote: &GitRemote, dir: &Path) -> Result<(), String> {
     .map_err(|e| format!("cannot fetch {}: {e}", remote.display()))
 }
 
+/// The fetched commit carries an SSH signature by a key of
+/// `allowed_signers` (`git verify-commit` with that file as
+/// `gpg.ssh.allowedSignersFile`). The error names the commit and why: not
+/// signed, or signed by a key the file does not hold, or a signature that
+/// does not verify.
+async fn verify_signed(dir: &Path, allowed_signers: &Path) -> Result<(), String> {
+    const FETCHED: &str = "refs/tenet/fetched";
+    let commit = git_stdout(dir, &["rev-parse", "--short=12", FETCHED]).await?;
+    let commit = commit.trim();
+    let raw = git_stdout(dir, &["cat-file", "commit", FETCHED]).await?;
+    let signed = raw
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .any(|l| l.starts_with("gpgsig"));
+    if !signed {
+        return Err(format!(
+            "commit {commit} is not enforced: it is not signed (--require-signed-commits)"
+        ));
+    }
+    let setting = format!("gpg.ssh.allowedSignersFile={}", allowed_signers.display());
+    let out = git_output(dir, &["-c", &setting, "verify-commit", FETCHED]).await?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let why = match said.split_whitespace().skip_while(|w| *w != "key").nth(1) {
+        Some(key) if said.contains("No principal matched") => {
+            format!("it is signed by key {key}, which is not an admin's")
+        }
+        _ => format!(
+            "its signature does not verify: {}",
+            said.trim()
+                .lines()
+                .last()
+                .unwrap_or("git verify-commit failed")
+        ),
+    };
+    Err(format!(
+        "commit {commit} is not enforced: {why} (--require-signed-commits {})",
+        allowed_signers.display()
+    ))
+}
+
 /// Check out what the last fetch brought.
 async fn check_out(dir: &Path) -> Result<(), String> {
     git(
@@ -252,7 +311,28 @@ impl Webhook {
 /// Run `git -C dir ARGS` without a terminal to prompt on; its error output
 /// is the error.
 async fn git(dir: &Path, args: &[&str]) -> Result<(), String> {
-    let out = tokio::process::Command::new("git")
+    git_stdout(dir, args).await.map(drop)
+}
+
+/// [`git`], and what it printed on its standard output.
+async fn git_stdout(dir: &Path, args: &[&str]) -> Result<String, String> {
+    let out = git_output(dir, args).await?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("git failed")
+            .to_string())
+    }
+}
+
+/// How `git -C dir ARGS` ended, whatever it was.
+async fn git_output(dir: &Path, args: &[&str]) -> Result<std::process::Output, String> {
+    tokio::process::Command::new("git")
         .arg("-C")
         .arg(dir)
         .args(args)
@@ -266,18 +346,7 @@ async fn git(dir: &Path, args: &[&str]) -> Result<(), String> {
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|e| format!("cannot run git: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(err
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or("git failed")
-            .to_string())
-    }
+        .map_err(|e| format!("cannot run git: {e}"))
 }
 
 #[cfg(test)]

@@ -35,11 +35,14 @@ impl Daemon {
                 if let Some(remote) = &self.policy_remote {
                     // The checkout exists from the start, for the watcher.
                     std::fs::create_dir_all(&self.policies).map_err(io(&self.policies))?;
-                    let pull = super::remote::Pull::new(
+                    let mut pull = super::remote::Pull::new(
                         remote.clone(),
                         self.policies.clone(),
                         self.pull_every,
                     );
+                    if let Some(signers) = &self.allowed_signers {
+                        pull = pull.requiring_signatures(signers.clone());
+                    }
                     if let Some(path) = &self.webhook_secret {
                         webhook = Some(Arc::new(super::remote::Webhook {
                             secret: read_secret(path)?,
