@@ -29,6 +29,16 @@ fn post_webhook(port: u16, body: &str, signature: &str) -> String {
     answer.lines().next().unwrap_or_default().to_string()
 }
 
+/// What `tenet status` says of the operator whose data is `dir/data`.
+fn status_of(dir: &Path) -> String {
+    let out = Command::new(binary("tenet"))
+        .args(["status", "--data", "data"])
+        .current_dir(dir)
+        .output()
+        .expect("tenet status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The signature a git host puts on `body` with `secret`.
 fn sign_webhook(secret: &[u8], body: &str) -> String {
     let mut h = Hmac::<Sha256>::new_from_slice(secret).expect("key");
@@ -115,14 +125,7 @@ fn the_operator_follows_a_remote_branch_and_keeps_what_is_in_force_when_it_is_go
             .spawn()
             .expect("operator"),
     );
-    let status = || {
-        let out = Command::new(binary("tenet"))
-            .args(["status", "--data", "data"])
-            .current_dir(dir)
-            .output()
-            .expect("tenet status");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let status = || status_of(dir);
     let in_force = |text: &str| {
         text.lines()
             .any(|l| l.starts_with("hospital-it/browser-a-minimum "))
@@ -308,14 +311,7 @@ fn with_require_signed_commits_only_commits_an_admin_signed_are_enforced() {
             .spawn()
             .expect("operator"),
     );
-    let status = || {
-        let out = Command::new(binary("tenet"))
-            .args(["status", "--data", "data"])
-            .current_dir(dir)
-            .output()
-            .expect("tenet status");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let status = || status_of(dir);
     wait_until(Duration::from_secs(30), "alice's commit in force", || {
         let s = status();
         s.contains("hospital-it/browser-a-minimum ")
