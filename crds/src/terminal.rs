@@ -1,8 +1,9 @@
 //! `Terminal`: one enrolled endpoint.
 //!
 //! Writers: `spec` by the operator at enrolment (identity key, labels the
-//! bootstrap token carried); `status` by the operator from the agent's
-//! verified reports.
+//! bootstrap token carried), then `spec.labels` by the fleet's admins
+//! (relabelling: the operator takes the change); `status` by the operator
+//! from the agent's verified reports.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +23,7 @@ use crate::common::Condition;
     namespaced,
     doc = "An enrolled endpoint terminal, its identity key and what the operator knows of it.",
     status = "TerminalStatus",
-    printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.site"}"#,
+    printcolumn = r#"{"name":"Site","type":"string","jsonPath":".spec.labels.site"}"#,
     printcolumn = r#"{"name":"Connected","type":"boolean","jsonPath":".status.connected"}"#,
     printcolumn = r#"{"name":"Compliant","type":"string","jsonPath":".status.compliance"}"#,
     printcolumn = r#"{"name":"Level","type":"integer","jsonPath":".status.securityLevel"}"#,
@@ -32,7 +33,17 @@ use crate::common::Condition;
 pub struct TerminalSpec {
     /// The terminal's identity public key, registered at enrolment.
     pub identity: IdentityKey,
-    /// The site the terminal belongs to.
+    /// The labels admins assigned the terminal, which policies select on
+    /// (`labels.*` in CEL, `matchLabels`): those of its bootstrap token at
+    /// enrolment. Edit them here to relabel the terminal (a move to
+    /// another site, or to another tenant with `tenet.dev/namespace`);
+    /// the operator checks their syntax and takes them on its next pass.
+    /// Unset on Terminals written before relabelling existed: then the
+    /// operator's own record stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Deprecated: the `site` label at enrolment, written by earlier
+    /// versions; see `labels`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
 }

@@ -40,6 +40,25 @@ pub enum Inbox<'a> {
     Secret { namespace: &'a str },
 }
 
+/// Check a whole set of labels admins assign (a Terminal's `spec.labels`):
+/// each as [`parse_label`] checks it, 64 at most.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > tenet_protocol::enrol::MAX_LABELS {
+        return Err(format!(
+            "{} labels, more than {}",
+            labels.len(),
+            tenet_protocol::enrol::MAX_LABELS
+        ));
+    }
+    for (k, v) in labels {
+        let (key, value) = parse_label(&format!("{k}={v}"))?;
+        if (key.as_str(), value.as_str()) != (k.as_str(), v.as_str()) {
+            return Err(format!("label key {k:?}: '=' is not allowed"));
+        }
+    }
+    Ok(())
+}
+
 /// Parse `KEY=VALUE` as a label admins assign, with Kubernetes' syntax: an
 /// optional DNS prefix and `/`, a name of at most 63 letters, digits, `-`,
 /// `_` and `.`; a value of the same (or empty).

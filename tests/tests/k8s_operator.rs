@@ -373,6 +373,7 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         .find(|l| l.starts_with("ward-00001 "))
         .unwrap_or_else(|| panic!("no ward-00001 in\n{table}"));
     let columns: Vec<&str> = ward.split_whitespace().collect();
+    assert_eq!(columns.get(1), Some(&"nagoya"), "{table}");
     assert_eq!(columns.get(4), Some(&"60"), "{table}");
     // An age (`12s`, `3m`), not `<none>`.
     assert!(
@@ -394,6 +395,53 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
     assert_eq!(owner, "TerminalPolicy/bench-app");
     let events = cp.kubectl_ok(&["get", "events", "-n", "hospital-it"]);
     assert!(events.contains("Converged"), "{events}");
+
+    // An admin relabels a terminal on its Terminal resource: moved to the
+    // lab fleet, the bench fleet's policy no longer selects it; labels
+    // that are not valid are not taken; moved back, it is selected again.
+    let relabel = |labels: &str| {
+        cp.kubectl_ok(&[
+            "patch",
+            "terminal",
+            "ward-00001",
+            "-n",
+            "tenet-system",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"spec":{{"labels":{{{labels}}}}}}}"#),
+        ])
+    };
+    let selected = || {
+        jsonpath(
+            &cp,
+            &["terminalpolicy", "bench-app", "-n", "hospital-it"],
+            "{.status.selected}",
+        )
+    };
+    relabel(r#""fleet":"lab""#);
+    wait_until(
+        Duration::from_secs(30),
+        "ward-00001 moved to the lab",
+        || selected() == (TERMINALS - 1).to_string(),
+    );
+    assert!(a.said(
+        "terminal ward-00001 relabelled from its Terminal resource: fleet=lab,site=nagoya,tenet.dev/namespace=hospital-it"
+    ));
+    relabel(r#""site":"Osaka Bay""#);
+    wait_until(Duration::from_secs(30), "the bad label refused", || {
+        std::fs::read_to_string(dir.join("op-a.log")).is_ok_and(|l| {
+            l.contains("the labels on the Terminal resource are not valid")
+                && l.contains(r#"label value "Osaka Bay": use at most 63 letters"#)
+        })
+    });
+    assert_eq!(selected(), (TERMINALS - 1).to_string());
+    relabel(r#""fleet":"bench","site":"nagoya""#);
+    wait_until(
+        Duration::from_secs(30),
+        "ward-00001 back in the bench fleet",
+        || selected() == TERMINALS.to_string(),
+    );
 
     // A new required version, rolled out two at a time; the leader is
     // killed in the middle of it.

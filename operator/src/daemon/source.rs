@@ -4,7 +4,8 @@
 //! - [`DirectorySource`]: a policy directory (a git checkout: GitOps) and
 //!   the data directory's token inbox.
 //! - [`KubeSource`]: TerminalPolicy resources in every namespace, the token
-//!   Secret, and Terminal resources deleted by hand (de-enrolment).
+//!   Secret, Terminal resources deleted by hand (de-enrolment) and their
+//!   `spec.labels` edited by hand (relabelling).
 //!
 //! A directory may be the checkout of a git remote's branch
 //! ([`super::remote::Pull`]), brought up to date before each read.
@@ -299,6 +300,20 @@ impl KubeSource {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
+        }
+        for (t, labels) in self
+            .backend
+            .relabelled(|name, labels| store.labels_differ(name, labels))
+        {
+            if store.relabel(&t, &labels) {
+                let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let _ = writeln!(
+                    out,
+                    "terminal {t} relabelled from its Terminal resource: {}",
+                    shown.join(",")
+                );
+                tracing::info!(terminal = %t, labels = %shown.join(","), "relabelled from its Terminal resource");
+            }
         }
         self.backend.mark_expired(crate::time::now_ms());
         let (candidates, errors) = self.policies.refresh(store).await;

@@ -185,6 +185,9 @@ impl Daemon {
             tokio::runtime::Handle::current(),
         ));
         backend.start_writer();
+        // Before the store's records are written out: Terminals already
+        // there are not applied again (a relabelling stands).
+        backend.watch_terminals(files_changed.clone()).await;
         let store = tokio::task::block_in_place(|| Store::with_backend(Box::new(backend.clone())))?;
         let policies = crate::kubernetes::Policies::watch(
             client,

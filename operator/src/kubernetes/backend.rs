@@ -30,6 +30,7 @@ use base64::Engine;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::json;
 use tenet_crds::Terminal;
@@ -155,6 +156,11 @@ pub struct KubeBackend {
     published: Mutex<BTreeSet<String>>,
     /// Policy key → uid, for owner references (filled by the policy watcher).
     pub policy_uids: Arc<Mutex<HashMap<String, String>>>,
+    /// Each Terminal's `spec.labels` as last seen (filled by
+    /// [`KubeBackend::watch_terminals`]); unset ones are left out.
+    terminal_labels: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    /// Why a Terminal's labels were not taken, as last said (said once).
+    refused_labels: Mutex<HashMap<String, String>>,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -182,7 +188,96 @@ impl KubeBackend {
             last_commit_ms: AtomicU64::new(0),
             published: Mutex::default(),
             policy_uids: Arc::default(),
+            terminal_labels: Mutex::default(),
+            refused_labels: Mutex::default(),
         }
+    }
+
+    /// Watch the Terminal resources: each one there counts as published
+    /// (its spec is never applied again, so a relabelling made while no
+    /// operator ran is not undone), and its `spec.labels` are kept for
+    /// [`KubeBackend::relabelled`]. `changed` wakes the loop. Returns once
+    /// the first full list is in.
+    pub async fn watch_terminals(self: &Arc<Self>, changed: Arc<tokio::sync::Notify>) {
+        use kube::runtime::watcher::{self, Event};
+        let api: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
+        let me = self.clone();
+        let (listed_tx, listed) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut listed_tx = Some(listed_tx);
+            let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(Event::Apply(t) | Event::InitApply(t)) => me.saw_terminal(&t),
+                    Ok(Event::Delete(t)) => {
+                        if let (Some(name), Ok(mut l)) =
+                            (t.metadata.name.as_ref(), me.terminal_labels.lock())
+                        {
+                            l.remove(name);
+                        }
+                    }
+                    Ok(Event::InitDone) => {
+                        if let Some(tx) = listed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Init) => {}
+                    Err(e) => tracing::warn!(error = %e, "watching Terminals"),
+                }
+                changed.notify_one();
+            }
+        });
+        let _ = listed.await;
+    }
+
+    fn saw_terminal(&self, t: &Terminal) {
+        let Some(name) = t.metadata.name.clone() else {
+            return;
+        };
+        if let Some(labels) = &t.spec.labels
+            && let Ok(mut l) = self.terminal_labels.lock()
+        {
+            l.insert(name.clone(), labels.clone());
+        }
+        if let Ok(mut p) = self.published.lock() {
+            p.insert(name);
+        }
+    }
+
+    /// Terminals whose `spec.labels` `differs` from the labels the store
+    /// assigned them, with the labels to give them; labels that are not valid
+    /// are left out and said once (a warning).
+    pub fn relabelled(
+        &self,
+        differs: impl Fn(&str, &BTreeMap<String, String>) -> bool,
+    ) -> Vec<(String, BTreeMap<String, String>)> {
+        let seen: Vec<(String, BTreeMap<String, String>)> = self
+            .terminal_labels
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .filter(|(k, v)| differs(k, v))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut changed = Vec::new();
+        for (name, labels) in seen {
+            match crate::tokens::check_labels(&labels) {
+                Ok(()) => changed.push((name, labels)),
+                Err(why) => {
+                    let said = self
+                        .refused_labels
+                        .lock()
+                        .map(|mut r| r.insert(name.clone(), why.clone()) == Some(why.clone()))
+                        .unwrap_or(true);
+                    if !said {
+                        tracing::warn!(terminal = %name, error = %why, "the labels on the Terminal resource are not valid; the terminal keeps its labels");
+                    }
+                }
+            }
+        }
+        changed
     }
 
     fn pp() -> PatchParams {

@@ -81,6 +81,8 @@ pub enum PassError {
 #[derive(Default)]
 pub struct Evaluations {
     policies: Vec<(String, i64)>,
+    /// The store's labels epoch the verdicts were made under.
+    labels_epoch: u64,
     #[allow(clippy::type_complexity)]
     terminals: HashMap<String, (std::sync::Arc<StoredInventory>, Vec<Option<Option<String>>>)>,
 }
@@ -155,9 +157,11 @@ impl Pass<'_> {
             .iter()
             .map(|p| (p.key(), p.generation))
             .collect();
-        if cache.policies != in_force {
+        let labels_epoch = self.store.labels_epoch();
+        if cache.policies != in_force || cache.labels_epoch != labels_epoch {
             cache.terminals.clear();
             cache.policies = in_force;
+            cache.labels_epoch = labels_epoch;
         }
         if cache.terminals.len() > inventories.len() {
             let names: std::collections::HashSet<&str> =

@@ -32,6 +32,9 @@ pub(super) struct Mem {
     pub(super) pending: Vec<Change>,
     /// How many changes were ever made (the newest change's number).
     pub(super) written: u64,
+    /// Bumped whenever admins relabel a terminal (not stored): what was
+    /// evaluated against the old labels is stale.
+    pub(super) labels_epoch: u64,
 }
 
 impl Mem {

@@ -266,6 +266,37 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// Give a terminal the labels admins assigned it now (relabelling);
+    /// whether they changed. An unknown terminal is left alone.
+    pub fn relabel(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.change(|m| {
+            let Some(mut r) = m.terminals.get(name).cloned() else {
+                return false;
+            };
+            if r.labels == *labels {
+                return false;
+            }
+            r.labels = labels.clone();
+            m.write(Table::Terminals, name, &r);
+            m.terminals.insert(name.to_string(), r);
+            m.labels_epoch += 1;
+            true
+        })
+    }
+
+    /// Whether `name` is a known terminal whose assigned labels are not `labels`.
+    pub fn labels_differ(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.mem()
+            .terminals
+            .get(name)
+            .is_some_and(|r| r.labels != *labels)
+    }
+
+    /// Changes each time a terminal is relabelled (see [`Store::relabel`]).
+    pub fn labels_epoch(&self) -> u64 {
+        self.mem().labels_epoch
+    }
+
     /// Record that a terminal's connection ended at `now_ms` (0: it is connected).
     pub fn set_offline_since(&self, name: &str, now_ms: u64) {
         self.change(|m| {

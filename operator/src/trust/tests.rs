@@ -32,12 +32,14 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (seeded(1), seeded(2));
     let first = seeded(10);
-    first.write_files(&dir.path().join("dispatch.key")).unwrap();
-    let v1 = first_anchors(vec![a.public_key()], 1, first.public_key()).unwrap();
+    first
+        .write_files(&dir.path().join("dispatch.key"))
+        .expect("ok");
+    let v1 = first_anchors(vec![a.public_key()], 1, first.public_key()).expect("ok");
     let second = seeded(11);
     second
         .write_files(&dir.path().join("dispatch-2.key"))
-        .unwrap();
+        .expect("ok");
     let v2 = TrustAnchors {
         version: 2,
         admin_keys: vec![a.public_key(), b.public_key()],
@@ -51,12 +53,12 @@ fn setup() -> Setup {
 #[test]
 fn without_rotations_version_1_is_in_force() {
     let s = setup();
-    let chain = load_chain(s.dir.path(), s.v1.clone()).unwrap();
+    let chain = load_chain(s.dir.path(), s.v1.clone()).expect("ok");
     assert_eq!(chain.anchors, s.v1);
     assert!(chain.rotations.is_empty());
     assert_eq!(
         dispatch_key_in_force(s.dir.path(), &chain.anchors)
-            .unwrap()
+            .expect("ok")
             .public_key(),
         seeded(10).public_key()
     );
@@ -66,13 +68,13 @@ fn without_rotations_version_1_is_in_force() {
 fn a_verified_rotation_is_in_force_with_its_dispatch_key() {
     let s = setup();
     let frame = rotation(&s.v2, &[&s.a, &s.b]);
-    std::fs::write(rotation_path(s.dir.path(), 2), &frame).unwrap();
-    let chain = load_chain(s.dir.path(), s.v1.clone()).unwrap();
+    std::fs::write(rotation_path(s.dir.path(), 2), &frame).expect("ok");
+    let chain = load_chain(s.dir.path(), s.v1.clone()).expect("ok");
     assert_eq!(chain.anchors, s.v2);
     assert_eq!(chain.rotations, vec![frame]);
     assert_eq!(
         dispatch_key_in_force(s.dir.path(), &chain.anchors)
-            .unwrap()
+            .expect("ok")
             .public_key(),
         seeded(11).public_key()
     );
@@ -82,8 +84,8 @@ fn a_verified_rotation_is_in_force_with_its_dispatch_key() {
 fn a_rotation_signed_by_fewer_than_k_is_refused_at_start() {
     let s = setup();
     // b is not an admin of version 1: a's signature is missing.
-    std::fs::write(rotation_path(s.dir.path(), 2), rotation(&s.v2, &[&s.b])).unwrap();
-    let e = load_chain(s.dir.path(), s.v1.clone()).unwrap_err();
+    std::fs::write(rotation_path(s.dir.path(), 2), rotation(&s.v2, &[&s.b])).expect("ok");
+    let e = load_chain(s.dir.path(), s.v1.clone()).expect_err("refused");
     assert_eq!(
         e,
         format!(
@@ -99,8 +101,8 @@ fn a_gap_in_the_versions_is_refused() {
     let s = setup();
     let mut v3 = s.v2.clone();
     v3.version = 3;
-    std::fs::write(rotation_path(s.dir.path(), 3), rotation(&v3, &[&s.a, &s.b])).unwrap();
-    let e = load_chain(s.dir.path(), s.v1.clone()).unwrap_err();
+    std::fs::write(rotation_path(s.dir.path(), 3), rotation(&v3, &[&s.a, &s.b])).expect("ok");
+    let e = load_chain(s.dir.path(), s.v1.clone()).expect_err("refused");
     assert_eq!(
         e,
         format!(
@@ -115,8 +117,8 @@ fn a_gap_in_the_versions_is_refused() {
 fn odd_rotation_file_names_are_refused() {
     for name in ["trust-02.rotation", "trust-1.rotation", "trust-x.rotation"] {
         let s = setup();
-        std::fs::write(s.dir.path().join(name), b"").unwrap();
-        let e = load_chain(s.dir.path(), s.v1.clone()).unwrap_err();
+        std::fs::write(s.dir.path().join(name), b"").expect("ok");
+        let e = load_chain(s.dir.path(), s.v1.clone()).expect_err("refused");
         assert!(
             e.ends_with("not a rotation file name (trust-N.rotation, N from 2, no leading zeros)"),
             "{name}: {e}"
@@ -127,14 +129,14 @@ fn odd_rotation_file_names_are_refused() {
 #[test]
 fn a_dispatch_key_nobody_holds_is_an_error() {
     let s = setup();
-    std::fs::remove_file(s.dir.path().join("dispatch-2.key")).unwrap();
+    std::fs::remove_file(s.dir.path().join("dispatch-2.key")).expect("ok");
     std::fs::write(
         rotation_path(s.dir.path(), 2),
         rotation(&s.v2, &[&s.a, &s.b]),
     )
-    .unwrap();
-    let chain = load_chain(s.dir.path(), s.v1.clone()).unwrap();
-    let e = dispatch_key_in_force(s.dir.path(), &chain.anchors).unwrap_err();
+    .expect("ok");
+    let chain = load_chain(s.dir.path(), s.v1.clone()).expect("ok");
+    let e = dispatch_key_in_force(s.dir.path(), &chain.anchors).expect_err("refused");
     assert!(
         e.starts_with(&format!(
             "trust version 2 names dispatch key {}, and no dispatch*.key in",
@@ -153,8 +155,8 @@ fn two_keys_for_dispatch_and_issuer_are_refused() {
     let s = setup();
     let mut v2 = s.v2.clone();
     v2.issuer_key = seeded(12).public_key();
-    std::fs::write(rotation_path(s.dir.path(), 2), rotation(&v2, &[&s.a, &s.b])).unwrap();
-    let e = load_chain(s.dir.path(), s.v1.clone()).unwrap_err();
+    std::fs::write(rotation_path(s.dir.path(), 2), rotation(&v2, &[&s.a, &s.b])).expect("ok");
+    let e = load_chain(s.dir.path(), s.v1.clone()).expect_err("refused");
     assert!(
         e.contains("a rotation must name the same key for both"),
         "{e}"

@@ -99,7 +99,8 @@ fn a_rotation_to_keys_nobody_signed_with_is_refused() {
 #[test]
 fn the_same_admin_signing_twice_counts_once() {
     let f = fleet();
-    let mut frame = SignedMessage::decode(&rotation(&f.v2, &[&f.a]), Kind::TrustRotation).unwrap();
+    let mut frame =
+        SignedMessage::decode(&rotation(&f.v2, &[&f.a]), Kind::TrustRotation).expect("ok");
     let again = frame.signatures[0].clone();
     frame.signatures.push(again);
     let e = verify_rotation(&frame.encode(), &f.v1).expect_err("refused");
@@ -132,9 +133,9 @@ fn a_rotation_must_name_the_next_version() {
 fn a_tampered_rotation_is_refused() {
     let f = fleet();
     let mut frame =
-        SignedMessage::decode(&rotation(&f.v2, &[&f.a, &f.b]), Kind::TrustRotation).unwrap();
+        SignedMessage::decode(&rotation(&f.v2, &[&f.a, &f.b]), Kind::TrustRotation).expect("ok");
     // Swap the new dispatch key after the admins signed.
-    let mut body: TrustRotation = frame.open().unwrap();
+    let mut body: TrustRotation = frame.open().expect("ok");
     body.anchors.dispatch_key = seeded(66).public_key();
     frame.body = crate::wire::encode(&body);
     let e = verify_rotation(&frame.encode(), &f.v1).expect_err("refused");
@@ -204,8 +205,8 @@ fn once_rotated_the_old_keys_stop_counting() {
             anchors: f.v1.clone(),
             created_at_ms: 0,
         });
-        m.sign(&f.a).unwrap();
-        m.sign(&f.c).unwrap();
+        m.sign(&f.a).expect("ok");
+        m.sign(&f.c).expect("ok");
         m
     };
     let keys = |t: &TrustAnchors| -> Vec<PublicKey> { t.admin_keys.clone() };
@@ -213,7 +214,7 @@ fn once_rotated_the_old_keys_stop_counting() {
     assert_eq!(
         frame
             .verify_threshold(&keys(&f.v2), 2)
-            .unwrap_err()
+            .expect_err("refused")
             .to_string(),
         "1 valid signature(s) by trusted keys, 2 required"
     );

@@ -27,7 +27,8 @@ pub(super) fn terminal_spec(record: &TerminalRecord) -> TerminalSpec {
             fingerprint: record.identity.fingerprint().to_hex(),
             tpm: record.tpm,
         },
-        site: record.labels.get("site").cloned(),
+        labels: Some(record.labels.clone()),
+        site: None,
     }
 }
 

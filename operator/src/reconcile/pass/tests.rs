@@ -361,3 +361,45 @@ fn a_terminal_no_longer_selected_loses_its_pair() {
     assert_eq!(w.store.pair("a", "it/browser"), None);
     assert_eq!(state(&w, "b"), PairState::Compliant);
 }
+
+#[test]
+fn a_terminal_admins_relabel_is_selected_by_its_new_labels() {
+    let w = world(&[("a", "120.0-1"), ("b", "120.0-1")], "{}");
+    // The daemon's pass keeps its evaluations between passes.
+    let cache = std::sync::Mutex::new(Evaluations::default());
+    let run = |now_ms: u64| {
+        let policies = [w.policy.clone()];
+        let (_, mut statuses) = Pass {
+            store: &w.store,
+            policies: &policies,
+            bundles: &w.bundles,
+            dispatch_key: &w.operator,
+            online: &|_| true,
+            retry: Retry::default(),
+            now_ms,
+            jitter: 0.0,
+            evaluations: Some(&cache),
+        }
+        .run()
+        .expect("pass");
+        statuses.remove(0)
+    };
+    let status = run(NOW);
+    assert_eq!((status.selected, status.compliant), (2, 2));
+
+    // An admin moves a to Osaka; nothing else changed (not its inventory).
+    let osaka: BTreeMap<String, String> = [("site".to_string(), "osaka".to_string())].into();
+    assert!(w.store.relabel("a", &osaka));
+    assert!(
+        !w.store.relabel("a", &osaka),
+        "the same labels again change nothing"
+    );
+    assert!(
+        !w.store.relabel("nobody", &osaka),
+        "an unknown terminal is left alone"
+    );
+    let status = run(NOW + 1);
+    assert_eq!((status.selected, status.compliant), (1, 1));
+    assert_eq!(w.store.pair("a", "it/browser"), None);
+    assert_eq!(w.store.assigned_labels("a"), osaka);
+}
