@@ -45,6 +45,10 @@ enum Command {
         /// The certificate issuer's public key (defaults to the dispatch key).
         #[arg(long)]
         issuer_key: Option<PathBuf>,
+        /// The version of these trust anchors (`tenet trust show` on the
+        /// operator): rotations after it are walked from there.
+        #[arg(long, default_value_t = 1)]
+        trust_version: u64,
     },
     /// Verify and run one dispatch from files, through a loader process, as
     /// if the operator had pushed it; queue and print the signed report.
@@ -206,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin_keys,
             threshold,
             issuer_key,
+            trust_version,
         } => {
             let c = AgentConfig::read(&config)?;
             let store = LocalState::open(&c.data)?;
@@ -225,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             store.set_trust(&TrustAnchors {
-                version: 1,
+                version: trust_version,
                 admin_keys,
                 admin_threshold: threshold,
                 dispatch_key,

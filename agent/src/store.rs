@@ -6,7 +6,9 @@
 //! ```text
 //! DATA/identity.key      private key, PKCS#8 PEM, 0600 (when not in a TPM)
 //! DATA/identity.key.pub
-//! DATA/trust             pinned TrustAnchors (canonical encoding)
+//! DATA/trust-anchors     pinned TrustAnchors (canonical encoding), replaced
+//!                        by each verified rotation (`DATA/trust`: before
+//!                        anchors had versions, read as version 1)
 //! DATA/envelope-state    EnvelopeState
 //! DATA/outbox/NNNN.report signed reports waiting for the operator
 //! DATA/run/              private 0700 working directories of loaders

@@ -364,14 +364,22 @@ impl Gateway {
         let writer_gone = Arc::new(Notify::new());
         // Before anything the fleet sends: envelopes signed by a rotated
         // dispatch key verify only once the rotation is pinned.
-        if !self.rotations.is_empty() {
-            let _ = tx.try_send(ToAgent::TrustRotations {
-                rotations: self
-                    .rotations
-                    .iter()
-                    .map(|r| serde_bytes::ByteBuf::from(r.clone()))
-                    .collect(),
-            });
+        if !self.rotations.is_empty()
+            && tx
+                .try_send(ToAgent::TrustRotations {
+                    rotations: self
+                        .rotations
+                        .iter()
+                        .map(|r| serde_bytes::ByteBuf::from(r.clone()))
+                        .collect(),
+                })
+                .is_err()
+        {
+            tracing::error!(
+                terminal,
+                rotations = self.rotations.len(),
+                "the trust rotations do not fit the session's queue; envelopes signed by a rotated key will be refused"
+            );
         }
         self.fleet.connected(
             &terminal,

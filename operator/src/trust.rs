@@ -13,6 +13,7 @@
 //! DATA/dispatch-2.key`), found by its public key.
 //!
 //! ```text
+//! DATA/trust-1.anchors     version 1, recorded at the first start
 //! DATA/trust-2.rotation    version 2, signed by the admins of version 1
 //! DATA/trust-3.rotation    version 3, signed by the admins of version 2
 //! DATA/dispatch-2.key      a rotated dispatch key named by a rotation
@@ -63,6 +64,61 @@ pub fn first_anchors(
     };
     rotation::check_anchors(&anchors).map_err(|e| format!("the admin keys: {e}"))?;
     Ok(anchors)
+}
+
+/// Where version 1 is recorded once the operator first starts.
+pub fn first_path(data: &Path) -> PathBuf {
+    data.join("trust-1.anchors")
+}
+
+/// The version 1 recorded in `data`, if any.
+pub fn recorded_first(data: &Path) -> Result<Option<TrustAnchors>, String> {
+    let path = first_path(data);
+    match std::fs::read(&path) {
+        Ok(bytes) => tenet_protocol::wire::decode(&bytes)
+            .map(Some)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Hold the operator's flags to version 1: the first start records it in
+/// `data` (when `data` cannot be written, a read-only Secret, it is not
+/// recorded); later starts must give the same, since agents pinned it and
+/// admin keys change only by rotation.
+pub fn check_first(data: &Path, given: &TrustAnchors) -> Result<(), String> {
+    match recorded_first(data)? {
+        Some(recorded) if recorded == *given => Ok(()),
+        Some(recorded) => Err(not_first(data, &recorded)),
+        None => {
+            let path = first_path(data);
+            if let Err(e) = tenet_protocol::host::write_atomically(
+                &path,
+                &tenet_protocol::wire::encode(given),
+                0o644,
+            ) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot record version 1 of the trust anchors");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Why admin keys given are refused: they are not the recorded version 1.
+pub fn not_first(data: &Path, recorded: &TrustAnchors) -> String {
+    format!(
+        "the admin keys given (--admin-key, --admin-threshold) and DATA/dispatch.key are not version 1 of the trust anchors recorded in {} ({} of {} admin key(s): {}); agents pinned those: change admin keys by rotation (tenet trust rotate), not by the operator's flags",
+        first_path(data).display(),
+        recorded.admin_threshold,
+        recorded.admin_keys.len(),
+        recorded
+            .admin_keys
+            .iter()
+            .map(|k| k.fingerprint().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// Walk the rotations kept in `data` from `first`. Each must verify
@@ -142,8 +198,38 @@ fn rotation_versions(data: &Path) -> Result<Vec<u64>, String> {
 }
 
 /// The private key in `data` whose public key is the dispatch key in
-/// force: `dispatch.key`, or a `dispatch*.key` a rotation named.
+/// force: `dispatch.key`, or a `dispatch*.key` a rotation named. Keys are
+/// told apart by their public halves (`KEY.pub`) where those are there.
 pub fn dispatch_key_in_force(data: &Path, anchors: &TrustAnchors) -> Result<KeyPair, String> {
+    for path in dispatch_key_files(data)? {
+        let public = tenet_protocol::keys::public_key_path(&path);
+        if let Ok(p) = PublicKey::read_pem_file(&public)
+            && p != anchors.dispatch_key
+        {
+            continue;
+        }
+        let key = KeyPair::read_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if key.public_key() == anchors.dispatch_key {
+            return Ok(key);
+        }
+    }
+    Err(missing_dispatch_key(data, anchors))
+}
+
+/// Whether `data` holds the dispatch key in force, by its public half
+/// (`dispatch*.key.pub`), without reading a private key.
+pub fn has_dispatch_key(data: &Path, anchors: &TrustAnchors) -> Result<(), String> {
+    for path in dispatch_key_files(data)? {
+        let public = tenet_protocol::keys::public_key_path(&path);
+        if PublicKey::read_pem_file(&public).is_ok_and(|p| p == anchors.dispatch_key) {
+            return Ok(());
+        }
+    }
+    Err(missing_dispatch_key(data, anchors))
+}
+
+/// The `dispatch*.key` files in `data`, in name order.
+fn dispatch_key_files(data: &Path) -> Result<Vec<PathBuf>, String> {
     let mut candidates: Vec<PathBuf> = std::fs::read_dir(data)
         .map_err(|e| format!("{}: {e}", data.display()))?
         .filter_map(Result::ok)
@@ -155,20 +241,18 @@ pub fn dispatch_key_in_force(data: &Path, anchors: &TrustAnchors) -> Result<KeyP
         })
         .collect();
     candidates.sort();
-    for path in &candidates {
-        let key = KeyPair::read_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if key.public_key() == anchors.dispatch_key {
-            return Ok(key);
-        }
-    }
-    Err(format!(
+    Ok(candidates)
+}
+
+fn missing_dispatch_key(data: &Path, anchors: &TrustAnchors) -> String {
+    format!(
         "trust version {} names dispatch key {}, and no dispatch*.key in {} holds it (make it with `tenet keygen --out {}` before the rotation names it)",
         anchors.version,
         anchors.dispatch_key.fingerprint(),
         data.display(),
         data.join(format!("dispatch-{}.key", anchors.version))
             .display()
-    ))
+    )
 }
 
 #[cfg(test)]

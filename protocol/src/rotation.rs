@@ -23,12 +23,13 @@ use serde::{Deserialize, Serialize};
 use crate::enrol::TrustAnchors;
 use crate::keys::Fingerprint;
 use crate::reject::Rejection;
-use crate::wire::{Kind, Message, SignedMessage, limit};
+use crate::wire::{Kind, MAX_SIGNATURES, Message, SignedMessage, limit};
 
 /// The most admin keys a trust root names.
 pub const MAX_ADMIN_KEYS: usize = 32;
 
-/// The most rotations a terminal walks in one go.
+/// The most rotations a terminal verifies in one walk (those it has are
+/// skipped, however many).
 pub const MAX_CHAIN: usize = 256;
 
 /// What the admins sign to replace the trust anchors in force.
@@ -52,6 +53,13 @@ impl Message for TrustRotation {
 /// threshold between 1 and their number, a version from 1.
 pub fn check_anchors(t: &TrustAnchors) -> Result<(), Rejection> {
     limit("the admin key list", t.admin_keys.len(), MAX_ADMIN_KEYS)?;
+    // A frame carries at most MAX_SIGNATURES: a higher threshold could
+    // never be met, and nothing could be signed again.
+    limit(
+        "the admin threshold",
+        usize::from(t.admin_threshold),
+        MAX_SIGNATURES,
+    )?;
     if t.admin_threshold == 0 || usize::from(t.admin_threshold) > t.admin_keys.len() {
         return Err(Rejection::Malformed(format!(
             "admin threshold {} of {} keys",
@@ -89,25 +97,26 @@ pub struct Rotated {
 /// A refusal says which of these failed.
 pub fn verify_rotation(frame: &[u8], current: &TrustAnchors) -> Result<Rotated, Rejection> {
     let signed = SignedMessage::decode(frame, Kind::TrustRotation)?;
-    let rotation: TrustRotation = signed.open()?;
-    let new = rotation.anchors;
-    if new.version != current.version + 1 {
-        return Err(Rejection::Malformed(format!(
-            "the rotation is to version {}, and the version in force is {} (rotations go one version at a time)",
-            new.version, current.version
-        )));
-    }
+    let next = current.version + 1;
+    // The admins in force first: nothing of the body is read before.
     let old_signers = signed
         .verify_threshold(&current.admin_keys, usize::from(current.admin_threshold))
         .map_err(|e| {
             Rejection::NotApproved(format!(
-                "the rotation to version {} is not signed by {} of the {} admin key(s) of version {}: {e}",
-                new.version,
+                "the rotation to version {next} is not signed by {} of the {} admin key(s) of version {}: {e}",
                 current.admin_threshold,
                 current.admin_keys.len(),
                 current.version
             ))
         })?;
+    let rotation: TrustRotation = signed.open()?;
+    let new = rotation.anchors;
+    if new.version != next {
+        return Err(Rejection::Malformed(format!(
+            "the rotation is to version {}, and the version in force is {} (rotations go one version at a time)",
+            new.version, current.version
+        )));
+    }
     let new_signers = signed
         .verify_threshold(&new.admin_keys, usize::from(new.admin_threshold))
         .map_err(|e| {
@@ -136,17 +145,22 @@ pub struct Walked {
 }
 
 /// Walk `chain` (rotation frames, in version order) from `pinned`: frames
-/// of versions already pinned are skipped, the others applied one by one;
-/// the first that does not verify stops the walk (later ones cannot verify
-/// without it).
+/// of versions already pinned are skipped, the others applied one by one
+/// (at most [`MAX_CHAIN`]); the first that does not verify stops the walk
+/// (later ones cannot verify without it), and is named by the version it
+/// says it is.
 pub fn apply_chain(pinned: &TrustAnchors, chain: &[Vec<u8>]) -> Walked {
     let mut anchors = pinned.clone();
     let mut applied = 0;
-    for frame in chain.iter().take(MAX_CHAIN) {
-        if let Some(version) = version_of(frame)
-            && version <= anchors.version
-        {
+    for frame in chain {
+        let version = version_of(frame);
+        if version.is_some_and(|v| v <= anchors.version) {
             continue;
+        }
+        // At most MAX_CHAIN verified in one walk (the next session walks
+        // on from there).
+        if applied == MAX_CHAIN {
+            break;
         }
         match verify_rotation(frame, &anchors) {
             Ok(r) => {
@@ -155,7 +169,7 @@ pub fn apply_chain(pinned: &TrustAnchors, chain: &[Vec<u8>]) -> Walked {
             }
             Err(e) => {
                 return Walked {
-                    refused: Some((anchors.version + 1, e)),
+                    refused: Some((version.unwrap_or(anchors.version + 1), e)),
                     anchors,
                     applied,
                 };

@@ -332,7 +332,8 @@ fn with_require_signed_commits_only_commits_an_admin_signed_are_enforced() {
         "the unsigned commit refused",
         || {
             status().contains(&format!(
-            "policy error (the last good version stays in force): commit {unsigned} is not enforced: it is not signed (--require-signed-commits)"
+            "policy error (the last good version stays in force): commit {unsigned} is not enforced: it is not signed (--require-signed-commits {})",
+            signers.display()
         ))
         },
     );
@@ -361,6 +362,34 @@ fn with_require_signed_commits_only_commits_an_admin_signed_are_enforced() {
     assert!(
         s.contains(&format!("policies at git commit {first}")),
         "{s}"
+    );
+
+    // A commit carrying a GPG signature: only SSH signatures count (git
+    // would check a GPG one against the operator's keyring instead).
+    let tree = git(&work, &["rev-parse", "HEAD^{tree}"]);
+    let parent = git(&work, &["rev-parse", "HEAD"]);
+    std::fs::write(
+        dir.join("pgp-commit"),
+        format!(
+            "tree {tree}\nparent {parent}\nauthor Mallory <m@x> 1790000000 +0000\ncommitter Mallory <m@x> 1790000000 +0000\ngpgsig -----BEGIN PGP SIGNATURE-----\n \n iQEzBAABCAAdFiEE\n -----END PGP SIGNATURE-----\n\nsigned with gpg\n"
+        ),
+    )
+    .expect("commit object");
+    let pgp = git(
+        &work,
+        &["hash-object", "-t", "commit", "-w", "../pgp-commit"],
+    );
+    git(&work, &["update-ref", "refs/heads/main", &pgp]);
+    git(&work, &["push", "--quiet", "origin", "main"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the GPG-signed commit refused",
+        || {
+            status().contains(&format!(
+            "commit {} is not enforced: it is not signed with SSH (GPG and X.509 signatures do not count)",
+            &pgp[..12]
+        ))
+        },
     );
 
     // Alice signs the next commit: it is enforced.

@@ -361,19 +361,29 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
         installed_out.contains("installed data/trust-2.rotation"),
         "{installed_out}"
     );
-    let shown = ok(&[
-        "trust",
-        "show",
-        "--data",
-        "data",
-        "--admin-key",
-        "admin.key.pub",
-    ]);
+    // Version 1 was recorded at the operator's first start: show needs
+    // no flags.
+    let shown = ok(&["trust", "show", "--data", "data"]);
     assert!(
         shown.starts_with("in force: version 2: 1 of 1 admin key(s)"),
         "{shown}"
     );
     drop(operator);
+    // Swapping the admin key in the operator's flags instead of rotating
+    // is refused.
+    let swapped = Command::new(binary("tenet"))
+        .args(["operator", "--policies", "policies", "--data", "data"])
+        .args(["--admin-key", "admin2.key.pub", "--metrics", "127.0.0.1:0"])
+        .current_dir(dir)
+        .output()
+        .expect("operator");
+    assert_eq!(swapped.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&swapped.stderr)
+            .contains("are not version 1 of the trust anchors recorded in data/trust-1.anchors"),
+        "{}",
+        String::from_utf8_lossy(&swapped.stderr)
+    );
     let dispatch2 = KeyPair::read_file(&dir.join("data/dispatch-2.key")).expect("dispatch 2");
     let (_operator, lines) = start_operator(dir, port);
     next_line(

@@ -11,10 +11,14 @@ use std::path::{Path, PathBuf};
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::host::now_ms;
 use tenet_protocol::rotation::{TrustRotation, verify_rotation};
+use tenet_protocol::wire::MAX_SIGNATURES;
 use tenet_protocol::{KeyPair, Kind, PublicKey, SignedMessage, Signer};
 
 use super::payload::CliError;
-use crate::trust::{TrustChain, dispatch_key_in_force, first_anchors, load_chain, rotation_path};
+use crate::trust::{
+    TrustChain, first_anchors, first_path, has_dispatch_key, load_chain, not_first, recorded_first,
+    rotation_path,
+};
 
 #[derive(clap::Subcommand)]
 pub enum TrustCommand {
@@ -26,8 +30,8 @@ pub enum TrustCommand {
     /// unless --new-dispatch-key). Then K admins of the version in force
     /// and K' of the new set sign it (`tenet trust sign`).
     Rotate(RotateArgs),
-    /// Add an admin's signature to a rotation file, after printing what it
-    /// changes.
+    /// Add an admin's signature to a rotation file, after printing the
+    /// trust anchors it names (check them before you sign).
     Sign {
         /// The rotation file (`tenet trust rotate --out`).
         file: PathBuf,
@@ -47,18 +51,23 @@ pub enum TrustCommand {
     },
 }
 
-/// Where the trust anchors in force come from: the operator's own settings.
+/// Where the trust anchors in force come from: version 1 as the operator
+/// recorded it (DATA/trust-1.anchors) or as its flags give it, and the
+/// rotations in DATA.
 #[derive(clap::Args)]
 pub struct ChainArgs {
-    /// The operator's data directory.
+    /// The operator's data directory (only public files are read).
     #[arg(long)]
     pub data: PathBuf,
     /// The admin keys the operator is started with (repeat): version 1.
-    #[arg(long = "admin-key", required = true)]
+    /// Needed only where the operator could not record version 1
+    /// (DATA/trust-1.anchors); when given, they must match it.
+    #[arg(long = "admin-key")]
     pub admin_keys: Vec<PathBuf>,
-    /// The threshold the operator is started with.
-    #[arg(long, default_value_t = 1)]
-    pub admin_threshold: u8,
+    /// The threshold the operator is started with (with --admin-key;
+    /// default: the recorded one, else 1).
+    #[arg(long)]
+    pub admin_threshold: Option<u8>,
 }
 
 #[derive(clap::Args)]
@@ -110,15 +119,33 @@ fn read_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>, CliError> {
         .collect()
 }
 
-/// The chain in force, as the operator started with `args` walks it.
+/// The chain in force, as the operator walks it.
 fn chain(args: &ChainArgs) -> Result<TrustChain, CliError> {
-    let dispatch = KeyPair::read_file(&args.data.join("dispatch.key"))?;
-    let first = first_anchors(
-        read_keys(&args.admin_keys)?,
-        args.admin_threshold,
-        dispatch.public_key(),
-    )
-    .map_err(CliError::Usage)?;
+    let recorded = recorded_first(&args.data).map_err(CliError::Usage)?;
+    let first = match recorded {
+        Some(r) if args.admin_keys.is_empty() => r,
+        recorded => {
+            if args.admin_keys.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "{} is not there: give the operator's --admin-key and --admin-threshold",
+                    first_path(&args.data).display()
+                )));
+            }
+            let dispatch = PublicKey::read_pem_file(&args.data.join("dispatch.key.pub"))?;
+            let threshold = args
+                .admin_threshold
+                .or(recorded.as_ref().map(|r| r.admin_threshold))
+                .unwrap_or(1);
+            let given = first_anchors(read_keys(&args.admin_keys)?, threshold, dispatch)
+                .map_err(CliError::Usage)?;
+            if let Some(r) = recorded
+                && r != given
+            {
+                return Err(CliError::Usage(not_first(&args.data, &r)));
+            }
+            given
+        }
+    };
     load_chain(&args.data, first).map_err(CliError::Usage)
 }
 
@@ -166,6 +193,21 @@ fn rotate(args: &RotateArgs, out: &mut dyn Write) -> Result<i32, CliError> {
     )
     .map_err(|e| CliError::Usage(e.replace("--admin-key", "--new-admin-key")))?;
     next.version = current.version + 1;
+    let both = current
+        .admin_keys
+        .iter()
+        .filter(|k| next.admin_keys.contains(k))
+        .count();
+    let fewest = usize::from(current.admin_threshold) + usize::from(next.admin_threshold)
+        - both.min(usize::from(
+            current.admin_threshold.min(next.admin_threshold),
+        ));
+    if fewest > MAX_SIGNATURES {
+        return Err(CliError::Usage(format!(
+            "the rotation would need {fewest} signatures ({} of version {} and {} of the new set, {both} key(s) in both), more than the {MAX_SIGNATURES} a frame holds: rotate in two steps",
+            current.admin_threshold, current.version, next.admin_threshold
+        )));
+    }
     let frame = SignedMessage::new(&TrustRotation {
         anchors: next.clone(),
         created_at_ms: now_ms(),
@@ -198,15 +240,25 @@ fn read_rotation(file: &Path) -> Result<(SignedMessage, TrustRotation), CliError
 fn sign(file: &Path, key: &Path, out: &mut dyn Write) -> Result<i32, CliError> {
     let (mut frame, rotation) = read_rotation(file)?;
     let key = KeyPair::read_file(key)?;
+    let _ = writeln!(
+        out,
+        "signing the trust anchors {} names:\n{}",
+        file.display(),
+        describe(&rotation.anchors)
+    );
     frame.sign(&key)?;
+    if frame.signatures.len() > MAX_SIGNATURES {
+        return Err(CliError::Usage(format!(
+            "{}: a frame holds at most {MAX_SIGNATURES} signatures",
+            file.display()
+        )));
+    }
     tenet_protocol::host::write_atomically(file, &frame.encode(), 0o644).map_err(io(file))?;
     let _ = writeln!(
         out,
-        "signed {} with {}: {} signature(s) now\n{}",
-        file.display(),
+        "signed with {}: {} signature(s) now",
         key.public_key().fingerprint(),
-        frame.signatures.len(),
-        describe(&rotation.anchors)
+        frame.signatures.len()
     );
     Ok(0)
 }
@@ -219,7 +271,7 @@ fn install(file: &Path, args: &ChainArgs, out: &mut dyn Write) -> Result<i32, Cl
         message: e.to_string(),
     })?;
     crate::trust::check_one_key(&rotated.anchors).map_err(CliError::Usage)?;
-    dispatch_key_in_force(&args.data, &rotated.anchors).map_err(CliError::Usage)?;
+    has_dispatch_key(&args.data, &rotated.anchors).map_err(CliError::Usage)?;
     let dest = rotation_path(&args.data, rotated.anchors.version);
     write_new(&dest, &bytes)?;
     let _ = writeln!(

@@ -129,12 +129,15 @@ impl Pull {
                     .unwrap_or_else(|e| Err(format!("the fetch failed: {e}"))),
                 None => Ok(()),
             };
+            const FETCHED: &str = "refs/tenet/fetched";
             let result = match (fetched, &self.allowed_signers) {
-                (Ok(()), None) => check_out(&self.checkout).await,
-                (Ok(()), Some(signers)) => match verify_signed(&self.checkout, signers).await {
-                    Ok(()) => check_out(&self.checkout).await,
-                    Err(e) => Err(e),
-                },
+                (Ok(()), None) => check_out(&self.checkout, FETCHED).await,
+                (Ok(()), Some(signers)) => {
+                    match verify_signed(&self.checkout, FETCHED, signers).await {
+                        Ok(commit) => check_out(&self.checkout, &commit).await,
+                        Err(e) => Err(e),
+                    }
+                }
                 (Err(e), _) => Err(e),
             };
             changed = result.is_ok();
@@ -210,51 +213,85 @@ async fn fetch(remote: &GitRemote, dir: &Path) -> Result<(), String> {
     .map_err(|e| format!("cannot fetch {}: {e}", remote.display()))
 }
 
-/// The fetched commit carries an SSH signature by a key of
+/// The commit `revision` names carries an SSH signature by a key of
 /// `allowed_signers` (`git verify-commit` with that file as
-/// `gpg.ssh.allowedSignersFile`). The error names the commit and why: not
-/// signed, or signed by a key the file does not hold, or a signature that
+/// `gpg.ssh.allowedSignersFile`; GPG and X.509 signatures never count).
+/// Returns the full commit name, to check out exactly what was verified.
+/// The error names the commit and why: not signed, signed otherwise than
+/// with SSH, signed by a key the file does not hold, or a signature that
 /// does not verify.
-async fn verify_signed(dir: &Path, allowed_signers: &Path) -> Result<(), String> {
-    const FETCHED: &str = "refs/tenet/fetched";
-    let commit = git_stdout(dir, &["rev-parse", "--short=12", FETCHED]).await?;
-    let commit = commit.trim();
-    let raw = git_stdout(dir, &["cat-file", "commit", FETCHED]).await?;
-    let signed = raw
+async fn verify_signed(
+    dir: &Path,
+    revision: &str,
+    allowed_signers: &Path,
+) -> Result<String, String> {
+    let commit = git_stdout(
+        dir,
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            &format!("{revision}^{{commit}}"),
+        ],
+    )
+    .await?
+    .trim()
+    .to_string();
+    let short = &commit[..commit.len().min(12)];
+    let raw = git_stdout(dir, &["cat-file", "commit", &commit]).await?;
+    let signature = raw
         .lines()
         .take_while(|l| !l.is_empty())
-        .any(|l| l.starts_with("gpgsig"));
-    if !signed {
-        return Err(format!(
-            "commit {commit} is not enforced: it is not signed (--require-signed-commits)"
-        ));
+        .find_map(|l| l.split_once(' ').filter(|(h, _)| h.starts_with("gpgsig")));
+    let not = |why: String| {
+        Err(format!(
+            "commit {short} is not enforced: {why} (--require-signed-commits {})",
+            allowed_signers.display()
+        ))
+    };
+    match signature {
+        None => return not("it is not signed".into()),
+        Some((_, armour)) if armour.trim() != "-----BEGIN SSH SIGNATURE-----" => {
+            return not("it is not signed with SSH (GPG and X.509 signatures do not count)".into());
+        }
+        Some(_) => {}
     }
     let setting = format!("gpg.ssh.allowedSignersFile={}", allowed_signers.display());
-    let out = git_output(dir, &["-c", &setting, "verify-commit", FETCHED]).await?;
+    let out = git_output(
+        dir,
+        &[
+            "-c",
+            &setting,
+            "-c",
+            "gpg.openpgp.program=false",
+            "-c",
+            "gpg.x509.program=false",
+            "verify-commit",
+            &commit,
+        ],
+    )
+    .await?;
     if out.status.success() {
-        return Ok(());
+        return Ok(commit);
     }
     let said = String::from_utf8_lossy(&out.stderr);
-    let why = match said.split_whitespace().skip_while(|w| *w != "key").nth(1) {
-        Some(key) if said.contains("No principal matched") => {
-            format!("it is signed by key {key}, which is not an admin's")
-        }
-        _ => format!(
+    match said.split_whitespace().skip_while(|w| *w != "key").nth(1) {
+        Some(key) if said.contains("No principal matched") => not(format!(
+            "it is signed by key {key}, which is not an admin's"
+        )),
+        _ => not(format!(
             "its signature does not verify: {}",
             said.trim()
                 .lines()
                 .last()
                 .unwrap_or("git verify-commit failed")
-        ),
-    };
-    Err(format!(
-        "commit {commit} is not enforced: {why} (--require-signed-commits {})",
-        allowed_signers.display()
-    ))
+        )),
+    }
 }
 
-/// Check out what the last fetch brought.
-async fn check_out(dir: &Path) -> Result<(), String> {
+/// Check out `revision` (what the last fetch brought, or the very commit
+/// that was verified).
+async fn check_out(dir: &Path, revision: &str) -> Result<(), String> {
     git(
         dir,
         &[
@@ -264,11 +301,27 @@ async fn check_out(dir: &Path) -> Result<(), String> {
             "--quiet",
             "--force",
             "--detach",
-            "refs/tenet/fetched",
+            revision,
         ],
     )
     .await
     .map_err(|e| format!("cannot check out what was fetched: {e}"))
+}
+
+/// With `--require-signed-commits`, at start: a checkout left by an earlier
+/// run whose commit does not verify now (the flag is new, or the allowed
+/// signers changed) is removed, so that nothing unverified is read; the
+/// first fetch brings the branch again.
+pub async fn drop_unverified_checkout(dir: &Path, allowed_signers: &Path) {
+    if !dir.join(".git").exists() {
+        return;
+    }
+    if let Err(e) = verify_signed(dir, "HEAD", allowed_signers).await {
+        tracing::warn!(checkout = %dir.display(), error = %e, "the policy checkout left by the last run is not verified; removed");
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            tracing::error!(checkout = %dir.display(), error = %e, "cannot remove the unverified policy checkout");
+        }
+    }
 }
 
 /// A git host's push notification: `POST /webhook` on the metrics

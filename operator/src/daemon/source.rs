@@ -301,9 +301,12 @@ impl KubeSource {
             }
             Err(e) => tracing::warn!(error = %e, "cannot list Terminals"),
         }
+        self.backend
+            .backfill_labels(|name| store.terminal(name).map(|r| r.labels))
+            .await;
         for (t, labels) in self
             .backend
-            .relabelled(|name, labels| store.labels_differ(name, labels))
+            .relabelled(|name, fingerprint, labels| store.labels_differ(name, fingerprint, labels))
         {
             if store.relabel(&t, &labels) {
                 let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();

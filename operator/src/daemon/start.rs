@@ -33,6 +33,9 @@ impl Daemon {
                 let data = open_data(&self.data, out)?;
                 let mut source = DirectorySource::new(self.policies.clone(), self.data.clone());
                 if let Some(remote) = &self.policy_remote {
+                    if let Some(signers) = &self.allowed_signers {
+                        super::remote::drop_unverified_checkout(&self.policies, signers).await;
+                    }
                     // The checkout exists from the start, for the watcher.
                     std::fs::create_dir_all(&self.policies).map_err(io(&self.policies))?;
                     let mut pull = super::remote::Pull::new(
@@ -222,6 +225,7 @@ impl Daemon {
             first_dispatch_key.public_key(),
         )
         .map_err(DaemonError::Usage)?;
+        crate::trust::check_first(&self.data, &first).map_err(DaemonError::Usage)?;
         let chain = crate::trust::load_chain(&self.data, first).map_err(DaemonError::Usage)?;
         let dispatch_key = if chain.rotations.is_empty() {
             first_dispatch_key.clone()

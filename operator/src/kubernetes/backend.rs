@@ -156,11 +156,22 @@ pub struct KubeBackend {
     published: Mutex<BTreeSet<String>>,
     /// Policy key → uid, for owner references (filled by the policy watcher).
     pub policy_uids: Arc<Mutex<HashMap<String, String>>>,
-    /// Each Terminal's `spec.labels` as last seen (filled by
-    /// [`KubeBackend::watch_terminals`]); unset ones are left out.
-    terminal_labels: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    /// Each Terminal's identity fingerprint and `spec.labels` as last seen
+    /// (filled by [`KubeBackend::watch_terminals`]); unset ones are left out.
+    terminal_labels: Mutex<HashMap<String, SeenLabels>>,
+    /// Terminals seen without `spec.labels` (written by an earlier
+    /// version): given their labels once, so that an edit starts from them.
+    unlabelled: Mutex<BTreeSet<String>>,
     /// Why a Terminal's labels were not taken, as last said (said once).
     refused_labels: Mutex<HashMap<String, String>>,
+}
+
+/// What a Terminal resource says of its terminal's labels.
+#[derive(Debug, Clone)]
+struct SeenLabels {
+    /// Its `spec.identity.fingerprint`: labels count only for that terminal.
+    fingerprint: String,
+    labels: BTreeMap<String, String>,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -189,6 +200,7 @@ impl KubeBackend {
             published: Mutex::default(),
             policy_uids: Arc::default(),
             terminal_labels: Mutex::default(),
+            unlabelled: Mutex::default(),
             refused_labels: Mutex::default(),
         }
     }
@@ -205,10 +217,30 @@ impl KubeBackend {
         let (listed_tx, listed) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let mut listed_tx = Some(listed_tx);
+            // A (re-)list is gathered apart and replaces what was seen at
+            // its end: a Terminal deleted while the watch was down is not
+            // remembered (its labels must not come back to a terminal
+            // enrolled again under its name).
+            let mut listing: Option<HashMap<String, SeenLabels>> = None;
             let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
             while let Some(event) = stream.next().await {
                 match event {
-                    Ok(Event::Apply(t) | Event::InitApply(t)) => me.saw_terminal(&t),
+                    Ok(Event::Init) => listing = Some(HashMap::new()),
+                    Ok(Event::InitApply(t)) => {
+                        if let Some((name, seen)) = me.saw_terminal(&t) {
+                            match listing.as_mut() {
+                                Some(l) => {
+                                    l.insert(name, seen);
+                                }
+                                None => me.remember_labels(name, seen),
+                            }
+                        }
+                    }
+                    Ok(Event::Apply(t)) => {
+                        if let Some((name, seen)) = me.saw_terminal(&t) {
+                            me.remember_labels(name, seen);
+                        }
+                    }
                     Ok(Event::Delete(t)) => {
                         if let (Some(name), Ok(mut l)) =
                             (t.metadata.name.as_ref(), me.terminal_labels.lock())
@@ -217,11 +249,14 @@ impl KubeBackend {
                         }
                     }
                     Ok(Event::InitDone) => {
+                        if let (Some(l), Ok(mut all)) = (listing.take(), me.terminal_labels.lock())
+                        {
+                            *all = l;
+                        }
                         if let Some(tx) = listed_tx.take() {
                             let _ = tx.send(());
                         }
                     }
-                    Ok(Event::Init) => {}
                     Err(e) => tracing::warn!(error = %e, "watching Terminals"),
                 }
                 changed.notify_one();
@@ -230,39 +265,91 @@ impl KubeBackend {
         let _ = listed.await;
     }
 
-    fn saw_terminal(&self, t: &Terminal) {
-        let Some(name) = t.metadata.name.clone() else {
-            return;
-        };
-        if let Some(labels) = &t.spec.labels
-            && let Ok(mut l) = self.terminal_labels.lock()
-        {
-            l.insert(name.clone(), labels.clone());
-        }
+    /// A Terminal is there: it counts as published; its labels, when set,
+    /// are returned to be remembered; unset, it is to be given them.
+    fn saw_terminal(&self, t: &Terminal) -> Option<(String, SeenLabels)> {
+        let name = t.metadata.name.clone()?;
         if let Ok(mut p) = self.published.lock() {
-            p.insert(name);
+            p.insert(name.clone());
+        }
+        match &t.spec.labels {
+            Some(labels) => Some((
+                name,
+                SeenLabels {
+                    fingerprint: t.spec.identity.fingerprint.clone(),
+                    labels: labels.clone(),
+                },
+            )),
+            None => {
+                if let Ok(mut u) = self.unlabelled.lock() {
+                    u.insert(name);
+                }
+                None
+            }
+        }
+    }
+
+    fn remember_labels(&self, name: String, seen: SeenLabels) {
+        if let Ok(mut l) = self.terminal_labels.lock() {
+            l.insert(name, seen);
+        }
+    }
+
+    /// Give each Terminal seen without `spec.labels` the labels `assigned`
+    /// to it (`None`: not enrolled here), once.
+    pub async fn backfill_labels(
+        &self,
+        assigned: impl Fn(&str) -> Option<BTreeMap<String, String>>,
+    ) {
+        let names: Vec<String> = self
+            .unlabelled
+            .lock()
+            .map(|mut u| std::mem::take(&mut *u).into_iter().collect())
+            .unwrap_or_default();
+        let api: Api<Terminal> = Api::namespaced(self.client.clone(), &self.namespace);
+        for name in names {
+            let Some(labels) = assigned(&name) else {
+                continue;
+            };
+            let patch = json!({ "spec": { "labels": labels } });
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => self.count(),
+                Err(e) => {
+                    tracing::warn!(terminal = %name, error = %e, "cannot write the labels of a Terminal")
+                }
+            }
         }
     }
 
     /// Terminals whose `spec.labels` `differs` from the labels the store
-    /// assigned them, with the labels to give them; labels that are not valid
+    /// assigned the terminal of that identity fingerprint, with the labels
+    /// to give them; labels that are not valid
     /// are left out and said once (a warning).
     pub fn relabelled(
         &self,
-        differs: impl Fn(&str, &BTreeMap<String, String>) -> bool,
+        differs: impl Fn(&str, &str, &BTreeMap<String, String>) -> bool,
     ) -> Vec<(String, BTreeMap<String, String>)> {
-        let seen: Vec<(String, BTreeMap<String, String>)> = self
+        // Copied first: the store is not called under this lock.
+        let seen: Vec<(String, SeenLabels)> = self
             .terminal_labels
             .lock()
-            .map(|l| {
-                l.iter()
-                    .filter(|(k, v)| differs(k, v))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
+            .map(|l| l.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
         let mut changed = Vec::new();
-        for (name, labels) in seen {
+        for (
+            name,
+            SeenLabels {
+                fingerprint,
+                labels,
+            },
+        ) in seen
+        {
+            if !differs(&name, &fingerprint, &labels) {
+                continue;
+            }
             match crate::tokens::check_labels(&labels) {
                 Ok(()) => changed.push((name, labels)),
                 Err(why) => {

@@ -284,12 +284,17 @@ impl Store {
         })
     }
 
-    /// Whether `name` is a known terminal whose assigned labels are not `labels`.
-    pub fn labels_differ(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
-        self.mem()
-            .terminals
-            .get(name)
-            .is_some_and(|r| r.labels != *labels)
+    /// Whether `name` is a known terminal, of identity `fingerprint` (hex),
+    /// whose assigned labels are not `labels`.
+    pub fn labels_differ(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> bool {
+        self.mem().terminals.get(name).is_some_and(|r| {
+            r.labels != *labels && r.identity.fingerprint().to_hex() == fingerprint
+        })
     }
 
     /// Changes each time a terminal is relabelled (see [`Store::relabel`]).

@@ -162,3 +162,47 @@ fn two_keys_for_dispatch_and_issuer_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn version_1_is_recorded_and_other_flags_are_refused_later() {
+    let s = setup();
+    assert_eq!(recorded_first(s.dir.path()).expect("read"), None);
+    check_first(s.dir.path(), &s.v1).expect("first start records it");
+    assert_eq!(
+        recorded_first(s.dir.path()).expect("read"),
+        Some(s.v1.clone())
+    );
+    check_first(s.dir.path(), &s.v1).expect("the same flags again");
+    // Restarted with another admin key instead of rotating.
+    let other = first_anchors(vec![s.b.public_key()], 1, seeded(10).public_key()).expect("v1");
+    let e = check_first(s.dir.path(), &other).expect_err("refused");
+    assert_eq!(
+        e,
+        format!(
+            "the admin keys given (--admin-key, --admin-threshold) and DATA/dispatch.key are not version 1 of the trust anchors recorded in {} (1 of 1 admin key(s): {}); agents pinned those: change admin keys by rotation (tenet trust rotate), not by the operator's flags",
+            first_path(s.dir.path()).display(),
+            s.a.public_key().fingerprint()
+        )
+    );
+}
+
+#[test]
+fn the_dispatch_key_is_found_by_its_public_half() {
+    let s = setup();
+    std::fs::write(
+        rotation_path(s.dir.path(), 2),
+        rotation(&s.v2, &[&s.a, &s.b]),
+    )
+    .expect("write");
+    let chain = load_chain(s.dir.path(), s.v1.clone()).expect("chain");
+    has_dispatch_key(s.dir.path(), &chain.anchors).expect("dispatch-2.key.pub");
+    std::fs::remove_file(s.dir.path().join("dispatch-2.key.pub")).expect("rm");
+    assert!(has_dispatch_key(s.dir.path(), &chain.anchors).is_err());
+    // The operator itself still finds the private key.
+    assert_eq!(
+        dispatch_key_in_force(s.dir.path(), &chain.anchors)
+            .expect("key")
+            .public_key(),
+        seeded(11).public_key()
+    );
+}

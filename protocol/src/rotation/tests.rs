@@ -219,3 +219,50 @@ fn once_rotated_the_old_keys_stop_counting() {
         "1 valid signature(s) by trusted keys, 2 required"
     );
 }
+
+#[test]
+fn a_long_chain_is_walked_past_what_is_pinned() {
+    // 299 rotations, each by the one admin; the dispatch key changes each time.
+    let a = seeded(1);
+    let mut chain = Vec::new();
+    let mut all = vec![anchors(1, &[&a], 1, &seeded(10))];
+    for version in 2..=300u64 {
+        let to = anchors(version, &[&a], 1, &seeded((version % 200) as u8 + 20));
+        chain.push(rotation(&to, &[&a]));
+        all.push(to);
+    }
+    // An agent at version 280 skips 279 frames and verifies the last 20.
+    let walked = apply_chain(&all[279], &chain);
+    assert_eq!((walked.anchors.version, walked.applied), (300, 20));
+    assert_eq!(walked.refused, None);
+    // From version 1, at most MAX_CHAIN in one walk; the next goes on.
+    let walked = apply_chain(&all[0], &chain);
+    assert_eq!(walked.applied, MAX_CHAIN);
+    let walked = apply_chain(&walked.anchors, &chain);
+    assert_eq!(walked.anchors.version, 300);
+}
+
+#[test]
+fn a_threshold_no_frame_can_meet_is_refused() {
+    let f = fleet();
+    let keys: Vec<KeyPair> = (100..120).map(seeded).collect();
+    let mut big = anchors(2, &keys.iter().collect::<Vec<_>>(), 17, &seeded(10));
+    let e = verify_rotation(&rotation(&big, &[&f.a, &f.b]), &f.v1).expect_err("refused");
+    assert_eq!(
+        e.to_string(),
+        "the admin threshold is too large: 17 (the limit is 16)"
+    );
+    big.admin_threshold = 16;
+    assert!(check_anchors(&big).is_ok());
+}
+
+#[test]
+fn a_refused_link_is_named_by_the_version_it_claims() {
+    let f = fleet();
+    let mut v5 = f.v2.clone();
+    v5.version = 5;
+    let walked = apply_chain(&f.v1, &[rotation(&v5, &[&f.a, &f.b])]);
+    let (version, why) = walked.refused.expect("refused");
+    assert_eq!(version, 5);
+    assert_eq!(why.reason(), "Malformed");
+}
