@@ -41,6 +41,8 @@ fn inventory() -> Inventory {
                 name: format!("pkg-{i:04}"),
                 version: format!("{}.{}.{}-{}+deb12u1", i % 7, i % 13, i % 100, i % 3 + 1),
                 manager: PackageManager::Dpkg,
+                state: Default::default(),
+                problems: Vec::new(),
             })
             .collect(),
         services: (0..40)

@@ -58,6 +58,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             name: "a".into(),
             version: "1.0".into(),
             manager: PackageManager::Dpkg,
+            state: Default::default(),
+            problems: Vec::new(),
         }],
         ..Inventory::default()
     };

@@ -92,6 +92,126 @@ pub struct Package {
     pub version: String,
     #[serde(default)]
     pub manager: PackageManager,
+    /// How far the package manager got with it; only `installed` counts as
+    /// installed.
+    #[serde(default)]
+    pub state: PackageState,
+    /// What is wrong with it besides its state, as the package manager
+    /// says (`dpkg --audit`, a reinst-required flag); any makes it count as
+    /// not installed.
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+impl Package {
+    /// A fully installed package.
+    pub fn installed(name: &str, version: &str, manager: PackageManager) -> Package {
+        Package {
+            name: name.to_string(),
+            version: version.to_string(),
+            manager,
+            state: PackageState::Installed,
+            problems: Vec::new(),
+        }
+    }
+
+    /// Fully installed, with nothing wrong: the only way a package
+    /// satisfies a requirement that it be there.
+    pub fn is_installed(&self) -> bool {
+        self.state == PackageState::Installed && self.problems.is_empty()
+    }
+
+    /// Any of its files are there (every state but `config-files`): what a
+    /// requirement that it be absent looks at.
+    pub fn is_present(&self) -> bool {
+        self.state != PackageState::ConfigFiles
+    }
+
+    /// Why it does not count as installed, for a person (`jq 1.6-2.1 is
+    /// unpacked but not configured`); `None` when it does.
+    pub fn not_installed_because(&self) -> Option<String> {
+        let (name, version) = (&self.name, &self.version);
+        let state = match self.state {
+            PackageState::Installed => None,
+            PackageState::Unpacked => {
+                Some(format!("{name} {version} is unpacked but not configured"))
+            }
+            PackageState::HalfConfigured => Some(format!(
+                "{name} {version} is half-configured (its configuration failed)"
+            )),
+            PackageState::HalfInstalled => Some(format!(
+                "{name} {version} is half-installed (its installation or removal did not finish)"
+            )),
+            PackageState::TriggersAwaited => Some(format!(
+                "{name} {version} awaits the triggers of another package"
+            )),
+            PackageState::TriggersPending => Some(format!("{name} {version} has triggers pending")),
+            PackageState::ConfigFiles => Some(format!(
+                "{name} is removed; only its configuration files remain"
+            )),
+        };
+        match (state, self.problems.is_empty()) {
+            (None, true) => None,
+            (Some(s), true) => Some(s),
+            (None, false) => Some(format!(
+                "{name} {version} is installed but {}",
+                self.problems.join("; ")
+            )),
+            (Some(s), false) => Some(format!("{s}; {}", self.problems.join("; "))),
+        }
+    }
+}
+
+/// How far dpkg got with a package: the second letter of `dpkg-query`'s
+/// `${db:Status-Abbrev}` (`ii` is installed, `iU` unpacked, and so on).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackageState {
+    /// `i`: unpacked and configured.
+    #[default]
+    Installed,
+    /// `U`: unpacked, not configured (a dependency was missing, say).
+    Unpacked,
+    /// `F`: configuration started and failed.
+    HalfConfigured,
+    /// `H`: installation or removal started and did not finish.
+    HalfInstalled,
+    /// `W`: waits for another package's triggers.
+    TriggersAwaited,
+    /// `t`: its own triggers are pending.
+    TriggersPending,
+    /// `c`: removed; only its configuration files are left.
+    ConfigFiles,
+}
+
+impl PackageState {
+    /// From dpkg's one-letter status; `None` for `n` (not installed) or an
+    /// unknown letter.
+    pub fn from_dpkg(letter: u8) -> Option<PackageState> {
+        Some(match letter {
+            b'i' => PackageState::Installed,
+            b'U' => PackageState::Unpacked,
+            b'F' => PackageState::HalfConfigured,
+            b'H' => PackageState::HalfInstalled,
+            b'W' => PackageState::TriggersAwaited,
+            b't' => PackageState::TriggersPending,
+            b'c' => PackageState::ConfigFiles,
+            _ => return None,
+        })
+    }
+
+    /// The name in inventories and policies (`half-configured`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PackageState::Installed => "installed",
+            PackageState::Unpacked => "unpacked",
+            PackageState::HalfConfigured => "half-configured",
+            PackageState::HalfInstalled => "half-installed",
+            PackageState::TriggersAwaited => "triggers-awaited",
+            PackageState::TriggersPending => "triggers-pending",
+            PackageState::ConfigFiles => "config-files",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -147,10 +267,17 @@ impl Inventory {
         limit("the file list", self.files.len(), MAX_FILES)?;
         limit("the label list", self.labels.len(), 256)?;
         limit("the extra facts", self.facts.extra.len(), 256)?;
+        for p in &self.packages {
+            limit("a package's problem list", p.problems.len(), 16)?;
+        }
         let longest = self
             .packages
             .iter()
-            .flat_map(|p| [p.name.len(), p.version.len()])
+            .flat_map(|p| {
+                [p.name.len(), p.version.len()]
+                    .into_iter()
+                    .chain(p.problems.iter().map(String::len))
+            })
             .chain(self.services.iter().map(|s| s.name.len()))
             .chain(self.files.iter().map(|f| f.path.len()))
             .max()

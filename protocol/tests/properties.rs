@@ -58,7 +58,7 @@ prop_compose! {
         Inventory {
             terminal,
             labels,
-            packages: packages.into_iter().map(|(name, version)| Package { name, version, manager: PackageManager::Dpkg }).collect(),
+            packages: packages.into_iter().map(|(name, version)| Package { name, version, manager: PackageManager::Dpkg, state: Default::default(), problems: Vec::new() }).collect(),
             ..Inventory::default()
         }
     }

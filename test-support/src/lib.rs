@@ -70,12 +70,23 @@ pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
 
 /// A real .deb of an empty package with one file, built with dpkg-deb.
 pub fn build_deb(dir: &Path, name: &str, version: &str) -> PathBuf {
+    build_deb_depending(dir, name, version, "")
+}
+
+/// [`build_deb`] of a package that depends on `depends` (a Debian
+/// `Depends:` field; empty: none).
+pub fn build_deb_depending(dir: &Path, name: &str, version: &str, depends: &str) -> PathBuf {
     let tree = dir.join(format!("{name}_{version}"));
     std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
     std::fs::create_dir_all(tree.join(format!("usr/lib/{name}"))).expect("mkdir");
+    let depends = if depends.is_empty() {
+        String::new()
+    } else {
+        format!("Depends: {depends}\n")
+    };
     std::fs::write(
         tree.join("DEBIAN/control"),
-        format!("Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: Tenet Tests <tests@tenet.invalid>\nDescription: a package for Tenet's tests\n"),
+        format!("Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: Tenet Tests <tests@tenet.invalid>\n{depends}Description: a package for Tenet's tests\n"),
     )
     .expect("control");
     std::fs::write(

@@ -327,7 +327,7 @@ fn tokio_rustls_acceptor(config: tenet::pki::ServerConfig) -> tenet::gateway::Tl
 }
 
 pub use tenet_protocol::host::now_ms;
-pub use tenet_test_support::{Swtpm, build_deb, wait_until};
+pub use tenet_test_support::{Swtpm, build_deb, build_deb_depending, wait_until};
 
 /// A child process killed when dropped.
 pub struct Running(pub std::process::Child);
@@ -647,6 +647,11 @@ pub fn dpkg_root(dir: &Path, debs: &[&Path]) -> PathBuf {
 
 /// The install-deb example payload with `deb` as its artifact, signed by `admin`.
 pub fn install_bundle(admin: &KeyPair, deb: &Path) -> SignedMessage {
+    install_bundle_named(admin, deb, "install-browser-a")
+}
+
+/// [`install_bundle`] under another name (policies name a bundle by it).
+pub fn install_bundle_named(admin: &KeyPair, deb: &Path, name: &str) -> SignedMessage {
     use tenet_protocol::bundle::{Artifact, Capability};
     let artifacts = [
         (
@@ -663,7 +668,7 @@ pub fn install_bundle(admin: &KeyPair, deb: &Path) -> SignedMessage {
     ];
     let bundle = PayloadBundle {
         manifest: Manifest {
-            name: "install-browser-a".into(),
+            name: name.into(),
             version: "1".into(),
             description: String::new(),
             capabilities: vec![Capability::RunArtifact, Capability::Log],

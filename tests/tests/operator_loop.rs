@@ -318,4 +318,53 @@ fn the_operator_brings_a_terminal_to_its_policy() {
             && e["fields"]["policy"] == "hospital-it/browser-a-minimum"),
         "{log}"
     );
+
+    // A package whose dependency the terminal lacks, installed by hand
+    // with the real dpkg: dpkg unpacks it and leaves it unconfigured
+    // (`iU`). That is not installed: a policy requiring it does not say
+    // Compliant (it did before), and status gives dpkg's word for the state.
+    let jq = tenet_e2e::build_deb_depending(dir, "jq", "1.6-2.1", "libjq1 (>= 1.6)");
+    let out = Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(["--log=/dev/null", "-i"])
+        .arg(&jq)
+        .output()
+        .expect("dpkg");
+    assert!(!out.status.success(), "jq's dependency is missing");
+    let state = Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f=${db:Status-Abbrev}", "jq"])
+        .output()
+        .expect("dpkg-query");
+    assert_eq!(String::from_utf8_lossy(&state.stdout).trim(), "iU");
+    std::fs::write(
+        dir.join("policies/jq.yaml"),
+        "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: jq\n  namespace: hospital-it\nspec:\n  selector: { matchLabels: { site: nagoya } }\n  requirements:\n    - package: { name: jq, version: '>= 1.6' }\n",
+    )
+    .expect("policy");
+    sign_policies(&dir.join("policies/jq.yaml"), &dir.join("admin.key"));
+    let jq_line = || {
+        tenet(&["status", "--data", "data", "terminal", "nagoya-ward3-01"])
+            .lines()
+            .find(|l| l.contains("hospital-it/jq"))
+            .map(str::to_string)
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "the jq policy to judge the unpacked jq",
+        || {
+            jq_line().is_some_and(|l| {
+                l.contains("is unpacked but not configured") || l.contains("Compliant")
+            })
+        },
+    );
+    assert_eq!(
+        jq_line().as_deref(),
+        Some(
+            "  Drifted     hospital-it/jq: package jq: jq 1.6-2.1 is unpacked but not configured (needs >= 1.6)"
+        )
+    );
 }

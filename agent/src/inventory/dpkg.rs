@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tenet_protocol::inventory::{
-    Facts, FileEntry, Inventory, Package, PackageManager, Service, ServiceState,
+    Facts, FileEntry, Inventory, Package, PackageManager, PackageState, Service, ServiceState,
 };
 use tenet_protocol::wire::sha256;
 
@@ -44,7 +44,34 @@ impl DpkgInventory {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
-        Ok(parse_dpkg_query(&String::from_utf8_lossy(&out.stdout)))
+        let mut packages = parse_dpkg_query(&String::from_utf8_lossy(&out.stdout));
+        let audit = self.audit();
+        for p in &mut packages {
+            // A state other than installed already says what is wrong.
+            if p.state == PackageState::Installed
+                && let Some(problems) = audit.get(&p.name)
+            {
+                p.problems.extend(problems.iter().cloned());
+            }
+        }
+        Ok(packages)
+    }
+
+    /// What `dpkg --audit` finds wrong, by package (nothing when it cannot
+    /// run: the states dpkg-query gave still count).
+    fn audit(&self) -> BTreeMap<String, Vec<String>> {
+        let admindir = self.root.join("var/lib/dpkg");
+        match Command::new("dpkg")
+            .arg(format!("--admindir={}", admindir.display()))
+            .arg("--audit")
+            .output()
+        {
+            Ok(out) => parse_dpkg_audit(&String::from_utf8_lossy(&out.stdout)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot run dpkg --audit");
+                BTreeMap::new()
+            }
+        }
     }
 
     fn services(&self) -> Vec<Service> {
@@ -162,28 +189,74 @@ pub fn inside(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))
 }
 
-/// Installed packages from `dpkg-query -W` output (`name\tversion\tstatus`):
-/// only those dpkg considers installed (`ii`, or half-configured states
-/// whose files are there: `iU`, `iF`, `iH`, `iW`, `it`).
+/// Packages from `dpkg-query -W` output (`name\tversion\tstatus`), each
+/// with its state: every package dpkg has files or configuration of (all
+/// but `n`, not installed), fully installed (`ii`) or not (`iU` unpacked,
+/// `iF` half-configured, `iH` half-installed, `iW`/`it` triggers, `rc`
+/// configuration files only). A reinst-required flag (`R`) is a problem.
 pub fn parse_dpkg_query(text: &str) -> Vec<Package> {
     let mut packages: Vec<Package> = text
         .lines()
         .filter_map(|line| {
             let mut f = line.split('\t');
             let (name, version, status) = (f.next()?, f.next()?, f.next()?);
-            let installed = status
-                .as_bytes()
-                .get(1)
-                .is_some_and(|s| b"iUFHWt".contains(s));
-            (installed && !version.is_empty()).then(|| Package {
-                name: name.to_string(),
-                version: version.to_string(),
-                manager: PackageManager::Dpkg,
-            })
+            let status = status.as_bytes();
+            let state = PackageState::from_dpkg(*status.get(1)?)?;
+            if version.is_empty() && state != PackageState::ConfigFiles {
+                return None;
+            }
+            let mut package = Package::installed(name, version, PackageManager::Dpkg);
+            package.state = state;
+            if status.get(2) == Some(&b'R') {
+                package
+                    .problems
+                    .push("dpkg marks it reinst-required: it must be reinstalled".into());
+            }
+            Some(package)
         })
         .collect();
     packages.sort_by(|a, b| a.name.cmp(&b.name));
     packages
+}
+
+/// The problems `dpkg --audit` reports, by package: each section's first
+/// sentence ("The following packages are missing the md5sums control file
+/// in the database, ..."), as `dpkg --audit: missing the md5sums control
+/// file in the database, ...`, for every package listed under it.
+pub fn parse_dpkg_audit(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for section in text.split("\n\n") {
+        let mut explanation = Vec::new();
+        let mut listed = Vec::new();
+        for line in section.lines() {
+            if line.starts_with(' ') {
+                if let Some(name) = line.split_whitespace().next() {
+                    listed.push(name.to_string());
+                }
+            } else if listed.is_empty() {
+                explanation.push(line.trim());
+            }
+        }
+        if listed.is_empty() {
+            continue;
+        }
+        let explanation = explanation.join(" ");
+        let sentence = explanation
+            .split(". ")
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches([':', '.'])
+            .trim();
+        let sentence = sentence
+            .strip_prefix("The following packages are ")
+            .or_else(|| sentence.strip_prefix("The following packages "))
+            .unwrap_or(sentence);
+        let problem = format!("dpkg --audit: {sentence}");
+        for name in listed {
+            problems.entry(name).or_default().push(problem.clone());
+        }
+    }
+    problems
 }
 
 impl InventorySource for DpkgInventory {
@@ -223,10 +296,65 @@ mod tests {
     }
 
     #[test]
-    fn only_installed_packages_count() {
-        let text =
-            "browser-a\t120.0-1\tii \ntelnetd\t0.17-44\trc \nhalf\t1.0\tiU \nnothing\t\tun \n";
-        let names: Vec<String> = parse_dpkg_query(text).into_iter().map(|p| p.name).collect();
-        assert_eq!(names, ["browser-a", "half"]);
+    fn each_package_comes_with_its_dpkg_state() {
+        let text = "browser-a\t120.0-1\tii \ntelnetd\t0.17-44\trc \njq\t1.6-2.1\tiU \nzsh\t5.9-4\tiUR\nnothing\t\tun \nlibc\t2.36\tiF \n";
+        let got: Vec<(String, PackageState, Option<String>)> = parse_dpkg_query(text)
+            .into_iter()
+            .map(|p| {
+                let why = p.not_installed_because();
+                (p.name, p.state, why)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("browser-a".into(), PackageState::Installed, None),
+                (
+                    "jq".into(),
+                    PackageState::Unpacked,
+                    Some("jq 1.6-2.1 is unpacked but not configured".into())
+                ),
+                (
+                    "libc".into(),
+                    PackageState::HalfConfigured,
+                    Some("libc 2.36 is half-configured (its configuration failed)".into())
+                ),
+                (
+                    "telnetd".into(),
+                    PackageState::ConfigFiles,
+                    Some("telnetd is removed; only its configuration files remain".into())
+                ),
+                (
+                    "zsh".into(),
+                    PackageState::Unpacked,
+                    Some("zsh 5.9-4 is unpacked but not configured; dpkg marks it reinst-required: it must be reinstalled".into())
+                ),
+            ]
+        );
+    }
+
+    /// What dpkg 1.21 prints for a database with a reinst-required, a
+    /// half-configured and a fully installed package without list files.
+    #[test]
+    fn dpkg_audit_problems_are_read_by_package() {
+        let text = "The following packages are in a mess due to serious problems during\ninstallation.  They must be reinstalled for them (and any packages\nthat depend on them) to function properly:\n zsh                  shell with lots of features\n\nThe following packages are only half configured, probably due to problems\nconfiguring them the first time.  The configuration should be retried using\ndpkg --configure <package> or the configure menu option in dselect:\n jq                   lightweight and flexible command-line JSON processor\n\nThe following packages are missing the list control file in the\ndatabase, they need to be reinstalled:\n hello                example package based on GNU hello\n jq                   lightweight and flexible command-line JSON processor\n\n";
+        let audit = parse_dpkg_audit(text);
+        assert_eq!(
+            audit.get("hello").map(Vec::as_slice),
+            Some(
+                &["dpkg --audit: missing the list control file in the database, they need to be reinstalled".to_string()][..]
+            )
+        );
+        assert_eq!(
+            audit.get("zsh").map(Vec::as_slice),
+            Some(
+                &[
+                    "dpkg --audit: in a mess due to serious problems during installation"
+                        .to_string()
+                ][..]
+            )
+        );
+        assert_eq!(audit.get("jq").map(Vec::len), Some(2));
+        assert!(parse_dpkg_audit("").is_empty());
     }
 }

@@ -94,6 +94,8 @@ impl System for SimSystem {
                         name,
                         version,
                         manager: PackageManager::Dpkg,
+                        state: Default::default(),
+                        problems: Vec::new(),
                     });
                 }
                 0

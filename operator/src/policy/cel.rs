@@ -7,7 +7,7 @@
 //! the terminal), `claims` (what the terminal says of itself: `labels`, the
 //! labels it reports, and `facts`, a map of `os`, `site`, `hardware`,
 //! `extra`), `inventory` (the whole inventory: `packages`, `services`,
-//! `files` as lists of maps) and `packages` (map of installed package name
+//! `files` as lists of maps) and `packages` (map of fully installed package name
 //! to version).
 //!
 //! Functions: `dpkgCompare(a, b)` and `semverCompare(a, b)` return -1, 0 or 1,
@@ -138,9 +138,12 @@ impl<'a> TerminalVars<'a> {
             _ => {
                 // The largest variable on a real terminal (thousands of
                 // packages): borrow names and versions, copy nothing.
+                // Only what is fully installed: an unpacked or
+                // half-configured package is not there for a policy.
                 let map: HashMap<CelMapKey<'a>, Box<dyn Val + 'a>> = inv
                     .packages
                     .iter()
+                    .filter(|p| p.is_installed())
                     .map(|p| {
                         let version: Box<dyn Val + 'a> =
                             Box::new(CelString::from(p.version.as_str()));
@@ -295,11 +298,7 @@ fn samples() -> &'static [Inventory] {
                 },
                 extra: [("sample".to_string(), "sample".to_string())].into(),
             },
-            packages: vec![Package {
-                name: "sample".into(),
-                version: "1.0-1".into(),
-                manager: PackageManager::Dpkg,
-            }],
+            packages: vec![Package::installed("sample", "1.0-1", PackageManager::Dpkg)],
             services: vec![Service {
                 name: "sample".into(),
                 state: ServiceState::Running,

@@ -172,6 +172,14 @@ fn check(check: &Check, view: &TerminalView<'_>) -> Option<String> {
                     None => format!("{name} is not installed"),
                 });
             };
+            // Only a fully installed package counts: a half-installed one
+            // is drift, with dpkg's word for its state.
+            if let Some(why) = pv.package.not_installed_because() {
+                return Some(match constraint {
+                    Some(c) => format!("{why} (needs {c})"),
+                    None => why,
+                });
+            }
             let c = constraint.as_ref()?;
             let installed = &pv.package.version;
             match pv.version(c.scheme) {
@@ -183,12 +191,17 @@ fn check(check: &Check, view: &TerminalView<'_>) -> Option<String> {
                 Some(_) => Some(format!("{name} {installed} does not satisfy {c}")),
             }
         }
-        Check::PackageAbsent { name } => view.packages.get(name.as_str()).map(|pv| {
-            format!(
-                "{name} {} is installed but must be absent",
-                pv.package.version
-            )
-        }),
+        Check::PackageAbsent { name } => view
+            .packages
+            .get(name.as_str())
+            .filter(|pv| pv.package.is_present())
+            .map(|pv| match pv.package.not_installed_because() {
+                None => format!(
+                    "{name} {} is installed but must be absent",
+                    pv.package.version
+                ),
+                Some(why) => format!("{why}, and it must be absent"),
+            }),
         Check::File {
             path,
             sha256,
@@ -298,16 +311,45 @@ mod tests {
                     name: "browser-a".into(),
                     version: "118.0.2-1".into(),
                     manager: PackageManager::Dpkg,
+                    state: Default::default(),
+                    problems: Vec::new(),
                 },
                 Package {
                     name: "agent-x".into(),
                     version: "2.10.0".into(),
                     manager: PackageManager::Other,
+                    state: Default::default(),
+                    problems: Vec::new(),
                 },
                 Package {
                     name: "weird".into(),
                     version: "not a version".into(),
                     manager: PackageManager::Dpkg,
+                    state: Default::default(),
+                    problems: Vec::new(),
+                },
+                // What `dpkg -i` of a new jq left when its library was too
+                // old: unpacked, not configured.
+                Package {
+                    name: "jq".into(),
+                    version: "1.6-2.1".into(),
+                    manager: PackageManager::Dpkg,
+                    state: PackageState::Unpacked,
+                    problems: Vec::new(),
+                },
+                Package {
+                    name: "telnetd".into(),
+                    version: "0.17-44".into(),
+                    manager: PackageManager::Dpkg,
+                    state: PackageState::ConfigFiles,
+                    problems: Vec::new(),
+                },
+                Package {
+                    name: "hello".into(),
+                    version: "2.10-3".into(),
+                    manager: PackageManager::Dpkg,
+                    state: PackageState::Installed,
+                    problems: vec!["dpkg --audit: missing the md5sums control file in the database, they need to be reinstalled".into()],
                 },
             ],
             services: vec![Service {
@@ -331,6 +373,47 @@ mod tests {
         let e = evaluate(&p, &view);
         assert!(e.selected, "the policy should select the terminal");
         e.drift().iter().map(|r| r.reason.clone()).collect()
+    }
+
+    /// Only a fully installed package (`ii`, nothing `dpkg --audit`
+    /// objects to) satisfies a requirement; the others are drift with
+    /// dpkg's word for their state. The CEL `packages` map holds only
+    /// fully installed ones.
+    #[test]
+    fn a_package_dpkg_did_not_finish_is_not_installed() {
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: jq, version: '>= 1.6' }\n"),
+            ["jq 1.6-2.1 is unpacked but not configured (needs >= 1.6)"]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: jq }\n"),
+            ["jq 1.6-2.1 is unpacked but not configured"]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: telnetd }\n"),
+            ["telnetd is removed; only its configuration files remain"]
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: hello }\n"),
+            [
+                "hello 2.10-3 is installed but dpkg --audit: missing the md5sums control file in the database, they need to be reinstalled"
+            ]
+        );
+        // Must be absent: configuration files alone are absent; an
+        // unpacked package is not.
+        assert!(
+            reasons("  requirements:\n    - package: { name: telnetd, absent: true }\n").is_empty()
+        );
+        assert_eq!(
+            reasons("  requirements:\n    - package: { name: jq, absent: true }\n"),
+            ["jq 1.6-2.1 is unpacked but not configured, and it must be absent"]
+        );
+        assert_eq!(
+            reasons(
+                "  requirements:\n    - expression: { cel: \"'jq' in packages || 'telnetd' in packages\", message: neither }\n"
+            ),
+            ["neither"]
+        );
     }
 
     #[test]

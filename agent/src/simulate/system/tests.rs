@@ -22,6 +22,8 @@ fn the_simulated_terminal_installs_removes_and_starts() {
             name: "telnetd".into(),
             version: "0.17".into(),
             manager: PackageManager::Dpkg,
+            state: Default::default(),
+            problems: Vec::new(),
         }],
         ..Inventory::default()
     });

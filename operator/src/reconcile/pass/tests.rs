@@ -99,6 +99,8 @@ fn set_inventory(store: &Store, name: &str, version: &str, sequence: u64, receiv
             name: "browser-a".into(),
             version: version.into(),
             manager: PackageManager::Dpkg,
+            state: Default::default(),
+            problems: Vec::new(),
         }],
         ..Inventory::default()
     };
