@@ -26,6 +26,7 @@ fn inventory() -> Inventory {
                 distribution: "debian".into(),
                 version: "12".into(),
                 kernel: "6.1.0-26-amd64".into(),
+                architecture: "amd64".into(),
             },
             site: Some("nagoya".into()),
             hardware: HardwareFacts {
@@ -33,6 +34,10 @@ fn inventory() -> Inventory {
                 cpu_cores: 4,
                 memory_mib: 8192,
                 tpm: true,
+            },
+            security: SecurityFacts {
+                disk_encrypted: Some(true),
+                firewall: Some(true),
             },
             extra: [("firewall".to_string(), "active".to_string())].into(),
         },

@@ -40,6 +40,8 @@ pub struct Facts {
     pub site: Option<String>,
     #[serde(default)]
     pub hardware: HardwareFacts,
+    #[serde(default)]
+    pub security: SecurityFacts,
     /// Anything else the agent or the admin adds, as strings.
     #[serde(default)]
     pub extra: BTreeMap<String, String>,
@@ -58,6 +60,22 @@ pub struct OsFacts {
     pub version: String,
     #[serde(default)]
     pub kernel: String,
+    /// Debian's name for it: `amd64`, `arm64`, ...
+    #[serde(default)]
+    pub architecture: String,
+}
+
+/// How the terminal protects itself, as the agent finds it; `None` where
+/// it could not tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecurityFacts {
+    /// The root file system sits on an encrypted block device (dm-crypt).
+    #[serde(default)]
+    pub disk_encrypted: Option<bool>,
+    /// A firewall ruleset is loaded (nftables).
+    #[serde(default)]
+    pub firewall: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

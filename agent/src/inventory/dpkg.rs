@@ -264,7 +264,7 @@ impl InventorySource for DpkgInventory {
         Ok(Inventory {
             terminal: self.terminal.clone(),
             labels: self.labels.clone(),
-            facts: self.facts.clone(),
+            facts: super::facts::observe(&self.root, &self.facts),
             packages: self.packages()?,
             services: self.services(),
             files: self.files(),

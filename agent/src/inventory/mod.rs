@@ -2,6 +2,7 @@
 //! a root file system, or a YAML file (for simulated terminals).
 
 pub mod dpkg;
+pub mod facts;
 
 use std::path::{Path, PathBuf};
 

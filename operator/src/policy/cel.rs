@@ -288,6 +288,7 @@ fn samples() -> &'static [Inventory] {
                     distribution: "debian".into(),
                     version: "12".into(),
                     kernel: "6.1.0".into(),
+                    architecture: "amd64".into(),
                 },
                 site: Some("sample".into()),
                 hardware: HardwareFacts {
@@ -295,6 +296,10 @@ fn samples() -> &'static [Inventory] {
                     cpu_cores: 4,
                     memory_mib: 8192,
                     tpm: true,
+                },
+                security: SecurityFacts {
+                    disk_encrypted: Some(true),
+                    firewall: Some(true),
                 },
                 extra: [("sample".to_string(), "sample".to_string())].into(),
             },
