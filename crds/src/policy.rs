@@ -285,6 +285,43 @@ pub struct Rollout {
     #[serde(default = "default_halt_percent")]
     #[schemars(range(max = 100))]
     pub halt_on_failure_percent: u32,
+    /// When remediations may start (none: any time). The operator
+    /// dispatches only inside one, and the terminals refuse to start a
+    /// payload outside all of them (the admins approve them with the
+    /// remediation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub windows: Vec<MaintenanceWindow>,
+}
+
+/// A maintenance window: days of the week, a start and an end time of
+/// day, in a time zone. An end before the start runs past midnight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MaintenanceWindow {
+    /// The days it opens on: `Mon` ... `Sun`.
+    #[schemars(length(min = 1, max = 7))]
+    pub days: Vec<Weekday>,
+    /// When it opens, `HH:MM`.
+    #[schemars(regex(pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"))]
+    pub start: String,
+    /// When it closes, `HH:MM` (`24:00` for midnight).
+    #[schemars(regex(pattern = r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$"))]
+    pub end: String,
+    /// An IANA time zone name (`Asia/Tokyo`, `UTC`).
+    pub time_zone: String,
+}
+
+/// A day of the week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
 }
 
 fn default_halt_percent() -> u32 {
@@ -298,6 +335,7 @@ impl Default for Rollout {
             max_in_flight_percent: None,
             canary: None,
             halt_on_failure_percent: default_halt_percent(),
+            windows: Vec::new(),
         }
     }
 }

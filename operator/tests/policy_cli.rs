@@ -84,6 +84,14 @@ const BROKEN: &[(&str, &str)] = &[
         "7:14: spec.requirements[0]: a requirement sets exactly one of package, file, service, expression (this one sets 2)",
     ),
     (
+        "window-unknown-time-zone.yaml",
+        "10:69: spec.rollout.windows[0].timeZone: \"Asia/Nagoya\" is not a time zone this system knows (an IANA name such as Asia/Tokyo or UTC)",
+    ),
+    (
+        "window-bad-time.yaml",
+        "11:16: spec.rollout.windows[0].start: \"2:00\" is not a time of day (HH:MM, 00:00 to 24:00)",
+    ),
+    (
         "canary-larger-than-batch.yaml",
         "9:13: spec.rollout.canary: canary (20) must not be larger than maxInFlight (5)",
     ),

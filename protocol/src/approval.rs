@@ -64,6 +64,9 @@ pub struct ApprovedRemediation {
     /// The longest an envelope may give the payload: its deadline at most
     /// this long after its issue.
     pub timeout_ms: u64,
+    /// When a payload may start (none: any time); the terminal checks it
+    /// when it starts one.
+    pub windows: Vec<crate::window::Window>,
 }
 
 impl ApprovedRemediation {
@@ -128,6 +131,10 @@ impl Message for PolicyApproval {
                 Capability::ALL.len(),
             )?;
             limit("the write path list", r.write_paths.len(), MAX_ARGS)?;
+            limit("the window list", r.windows.len(), 16)?;
+            for w in &r.windows {
+                limit("a time zone name", w.time_zone.len(), MAX_NAME)?;
+            }
             for p in &r.write_paths {
                 limit("a write path", p.len(), MAX_ARG_BYTES)?;
             }
@@ -141,6 +148,8 @@ impl Message for PolicyApproval {
 pub struct Approved {
     pub signers: Vec<Fingerprint>,
     pub approved_at_ms: u64,
+    /// The maintenance windows approved with the remediation.
+    pub windows: Vec<crate::window::Window>,
 }
 
 /// Check an approval frame against the statement computed from the policy
@@ -179,6 +188,11 @@ pub fn verify_approval(
     Ok(Approved {
         signers,
         approved_at_ms: approval.approved_at_ms,
+        windows: approval
+            .statement
+            .remediation
+            .map(|r| r.windows)
+            .unwrap_or_default(),
     })
 }
 
@@ -228,6 +242,7 @@ pub fn check_envelope(
     Ok(Approved {
         signers,
         approved_at_ms: approval.approved_at_ms,
+        windows: remediation.windows.clone(),
     })
 }
 

@@ -139,6 +139,8 @@ impl EnvelopeState {
                 got: approved.approved_at_ms,
             });
         }
+        // Started only inside a maintenance window the admins approved.
+        crate::window::check(&approved.windows, now_ms).map_err(Rejection::OutsideWindow)?;
         verified.approved_at_ms = approved.approved_at_ms;
         Ok(verified)
     }

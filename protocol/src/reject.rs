@@ -52,6 +52,8 @@ pub enum Rejection {
     ChallengeMismatch,
     #[error("not approved by the admins: {0}")]
     NotApproved(String),
+    #[error("not now: {0}")]
+    OutsideWindow(String),
 }
 
 impl Rejection {
@@ -76,6 +78,7 @@ impl Rejection {
             Rejection::LevelTooLow { .. } => "LevelTooLow",
             Rejection::ChallengeMismatch => "ChallengeMismatch",
             Rejection::NotApproved(_) => "NotApproved",
+            Rejection::OutsideWindow(_) => "OutsideWindow",
         }
     }
 }

@@ -30,6 +30,7 @@ pub fn approve_at(envelope: &mut DispatchEnvelope, admins: &[&KeyPair], approved
             capabilities: envelope.capabilities.clone(),
             write_paths: envelope.write_paths.clone(),
             timeout_ms: envelope.deadline_ms.saturating_sub(envelope.issued_at_ms),
+            windows: Vec::new(),
         }),
     };
     let mut frame = SignedMessage::new(&PolicyApproval {

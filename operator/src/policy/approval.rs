@@ -64,6 +64,13 @@ pub fn remediation(spec: &TerminalPolicySpec) -> Option<ApprovedRemediation> {
         capabilities: r.capabilities.iter().map(|c| capability(*c)).collect(),
         write_paths: r.write_paths.clone(),
         timeout_ms: u64::from(r.timeout_seconds) * 1000,
+        // Windows that do not parse never compile.
+        windows: spec
+            .rollout
+            .windows
+            .iter()
+            .filter_map(|w| super::compile::window(w).ok())
+            .collect(),
     })
 }
 

@@ -7,8 +7,11 @@
 use std::sync::Arc;
 
 use tenet_crds::TerminalPolicy;
-use tenet_crds::policy::{Capability, DesiredServiceState, Requirement, TerminalPolicySpec};
+use tenet_crds::policy::{
+    Capability, DesiredServiceState, MaintenanceWindow, Requirement, TerminalPolicySpec,
+};
 use tenet_protocol::approval::PolicyStatement;
+use tenet_protocol::window::{Window, check_time_zone, parse_time_of_day};
 
 use super::cel::Expression;
 use super::version::Constraint;
@@ -429,6 +432,38 @@ fn check_rollout(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
             format!("canary ({c}) must not be larger than maxInFlight ({m})"),
         ));
     }
+    for (i, w) in r.windows.iter().enumerate() {
+        if let Err((field, message)) = window(w) {
+            errors.push(FieldError::new(
+                format!("spec.rollout.windows[{i}].{field}"),
+                message,
+            ));
+        }
+    }
+}
+
+/// A policy's maintenance window as terminals check it; or the field that
+/// is wrong, and why.
+pub fn window(w: &MaintenanceWindow) -> Result<Window, (&'static str, String)> {
+    if w.days.is_empty() {
+        return Err(("days", "name at least one day (Mon ... Sun)".into()));
+    }
+    let days = w.days.iter().fold(0u8, |bits, d| bits | (1 << (*d as u8)));
+    let start = parse_time_of_day(&w.start).map_err(|e| ("start", e))?;
+    let end = parse_time_of_day(&w.end).map_err(|e| ("end", e))?;
+    if start == 1440 {
+        return Err(("start", "a window opens before 24:00".into()));
+    }
+    if start == end {
+        return Err(("end", format!("the window opens and closes at {}", w.start)));
+    }
+    check_time_zone(&w.time_zone).map_err(|e| ("timeZone", e))?;
+    Ok(Window {
+        days,
+        start_minute: start,
+        end_minute: end % 1440,
+        time_zone: w.time_zone.clone(),
+    })
 }
 
 /// A pinned PCR value: 64 hex digits (an optional `sha256:` prefix).

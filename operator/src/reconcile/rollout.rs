@@ -82,6 +82,7 @@ mod tests {
             max_in_flight_percent: p,
             canary,
             halt_on_failure_percent: halt,
+            windows: Vec::new(),
         }
     }
 

@@ -11,6 +11,7 @@ fn statement() -> PolicyStatement {
             capabilities: vec![Capability::RunArtifact, Capability::Log],
             write_paths: vec![],
             timeout_ms: 600_000,
+            windows: Vec::new(),
         }),
     }
 }
@@ -250,5 +251,68 @@ fn a_terminal_runs_an_envelope_only_under_its_policys_approval() {
             &["browser-a_120.0-1_all.deb"]
         )),
         "not approved by the admins: the admins approved policy hospital-it/browser-a without a remediation"
+    );
+}
+
+#[test]
+fn a_terminal_starts_a_payload_only_inside_an_approved_window() {
+    use crate::enrol::TrustAnchors;
+    use crate::envelope::EnvelopeState;
+    use crate::window::Window;
+    let admin = &admins(1)[0];
+    let dispatch = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    let trust = TrustAnchors {
+        version: 1,
+        admin_keys: vec![admin.public_key()],
+        admin_threshold: 1,
+        dispatch_key: dispatch.public_key(),
+        issuer_key: dispatch.public_key(),
+    };
+    // Tuesdays and Thursdays, 02:00 to 05:00 in Tokyo.
+    let mut approved = statement();
+    if let Some(r) = approved.remediation.as_mut() {
+        r.windows = vec![Window {
+            days: 0b0000_1010,
+            start_minute: 120,
+            end_minute: 300,
+            time_zone: "Asia/Tokyo".into(),
+        }];
+    }
+    // Tue 2026-12-01 03:00 and Wed 2026-12-02 12:00 in Tokyo.
+    let (tuesday_night, wednesday_noon) = (1_796_061_600_000u64, 1_796_180_400_000u64);
+    let signed_at = |now: u64| {
+        let envelope = DispatchEnvelope {
+            terminal: "ward-01".into(),
+            policy: "hospital-it/browser-a".into(),
+            policy_generation: 3,
+            payload_digest: [1; 32],
+            nonce: [9; 32],
+            issued_at_ms: now,
+            deadline_ms: now + 60_000,
+            sequence: 1,
+            args: vec!["browser-a_120.0-1_all.deb".into()],
+            capabilities: vec![Capability::RunArtifact],
+            write_paths: vec![],
+            approval: approve(&approved, &[admin]),
+        };
+        SignedMessage::signed(&envelope, &dispatch)
+            .expect("sign")
+            .encode()
+    };
+    let state = EnvelopeState::new("ward-01");
+    assert!(
+        state
+            .verify_approved(&signed_at(tuesday_night), &trust, tuesday_night)
+            .is_ok()
+    );
+    // The operator (or whoever holds the dispatch key) sends it outside
+    // the window: refused, with when the next opens.
+    let e = state
+        .verify_approved(&signed_at(wednesday_noon), &trust, wednesday_noon)
+        .expect_err("refused");
+    assert_eq!(e.reason(), "OutsideWindow");
+    assert_eq!(
+        e.to_string(),
+        "not now: outside the maintenance windows (the next opens Thu 02:00 Asia/Tokyo)"
     );
 }

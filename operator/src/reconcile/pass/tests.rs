@@ -405,3 +405,24 @@ fn a_terminal_admins_relabel_is_selected_by_its_new_labels() {
     assert_eq!(w.store.pair("a", "it/browser"), None);
     assert_eq!(w.store.assigned_labels("a"), osaka);
 }
+
+#[test]
+fn remediations_start_only_inside_a_maintenance_window() {
+    let mut w = world(&[("a", "118.0-1")], "{}");
+    let digest = digest_string(&[0xab; 32]);
+    w.policy = policy(
+        "{ windows: [{ days: [Tue, Thu], start: \"02:00\", end: \"05:00\", timeZone: Asia/Tokyo }] }",
+        &digest,
+    );
+    // Wed 2026-12-02 12:00 in Tokyo: closed; held, and status says until when.
+    let (out, status) = pass(&w, 1_796_180_400_000, &|_| true);
+    assert!(out.is_empty());
+    assert_eq!(
+        status.held.as_deref(),
+        Some("waiting for a maintenance window (the next opens Thu 02:00 Asia/Tokyo)")
+    );
+    // Thu 2026-12-03 03:00 in Tokyo: open.
+    let (out, status) = pass(&w, 1_796_234_400_000, &|_| true);
+    assert_eq!(out.len(), 1, "{status:?}");
+    assert_eq!(status.held, None);
+}
