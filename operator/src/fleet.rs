@@ -81,6 +81,10 @@ pub fn report_event(outcome: &Outcome, output_tail: &[u8]) -> Event {
         Outcome::TimedOut => Event::Failed {
             reason: "the payload ran out of time".into(),
         },
+        // Not a failure of the payload: it waits for the next window.
+        Outcome::Refused { reason, message } if reason == "OutsideWindow" => Event::NotStarted {
+            reason: format!("the terminal did not start it: {message}"),
+        },
         Outcome::Refused { reason, message } => Event::Failed {
             reason: format!("the terminal refused the dispatch: {message} ({reason})"),
         },

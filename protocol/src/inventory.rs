@@ -172,7 +172,7 @@ impl Package {
             (None, true) => None,
             (Some(s), true) => Some(s),
             (None, false) => Some(format!(
-                "{name} {version} is installed but {}",
+                "{name} {version} is installed, but {}",
                 self.problems.join("; ")
             )),
             (Some(s), false) => Some(format!("{s}; {}", self.problems.join("; "))),

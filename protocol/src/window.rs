@@ -5,6 +5,10 @@
 //! windows with the rest of its remediation; the operator dispatches only
 //! inside one, and the terminal refuses to start a payload outside all of
 //! them ([`check`]).
+//!
+//! Times are civil times in the zone: on the day clocks go forward, a
+//! window wholly inside the skipped hour does not open; on the day they
+//! go back, one inside the repeated hour is open through both.
 
 use jiff::Timestamp;
 use jiff::civil::{Time, Weekday};
@@ -121,15 +125,20 @@ pub fn check(windows: &[Window], at_ms: u64) -> Result<(), String> {
 /// or why it cannot be told.
 pub fn closed(windows: &[Window], at_ms: u64) -> Option<String> {
     let mut open = windows.is_empty();
+    let mut unknown = None;
     for w in windows {
         match w.contains(at_ms) {
             Ok(true) => open = true,
             Ok(false) => {}
-            Err(e) => return Some(e),
+            // A window this system cannot place does not close the others.
+            Err(e) => unknown = Some(e),
         }
     }
     if open {
         return None;
+    }
+    if let Some(e) = unknown {
+        return Some(e);
     }
     Some(match next_opening(windows, at_ms) {
         Ok(Some((w, ms))) => format!("the next opens {}", w.describe_opening(ms)),

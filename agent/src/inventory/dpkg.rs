@@ -31,6 +31,8 @@ impl DpkgInventory {
     fn packages(&self) -> Result<Vec<Package>, InventoryError> {
         let admindir = self.root.join("var/lib/dpkg");
         let out = Command::new("dpkg-query")
+            // dpkg's own words, whatever the terminal's language.
+            .env("LC_ALL", "C")
             .arg(format!("--admindir={}", admindir.display()))
             .args(["-W", "-f=${Package}\\t${Version}\\t${db:Status-Abbrev}\\n"])
             .output()
@@ -62,11 +64,18 @@ impl DpkgInventory {
     fn audit(&self) -> BTreeMap<String, Vec<String>> {
         let admindir = self.root.join("var/lib/dpkg");
         match Command::new("dpkg")
+            .env("LC_ALL", "C")
             .arg(format!("--admindir={}", admindir.display()))
             .arg("--audit")
             .output()
         {
-            Ok(out) => parse_dpkg_audit(&String::from_utf8_lossy(&out.stdout)),
+            Ok(out) if out.status.success() => {
+                parse_dpkg_audit(&String::from_utf8_lossy(&out.stdout))
+            }
+            Ok(out) => {
+                tracing::warn!(status = %out.status, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "dpkg --audit failed");
+                BTreeMap::new()
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot run dpkg --audit");
                 BTreeMap::new()
@@ -216,13 +225,32 @@ pub fn parse_dpkg_query(text: &str) -> Vec<Package> {
         })
         .collect();
     packages.sort_by(|a, b| a.name.cmp(&b.name));
+    // One entry per name: a multi-arch package (libfoo:amd64 and
+    // libfoo:i386 both read as libfoo) is only as installed as its least
+    // installed instance (leaving out the configuration files of a removed
+    // one).
+    packages.dedup_by(|later, kept| {
+        if later.name != kept.name {
+            return false;
+        }
+        let rank = |p: &Package| match (p.state, p.is_installed()) {
+            (PackageState::ConfigFiles, _) => 0,
+            (_, true) => 1,
+            _ => 2,
+        };
+        if rank(later) > rank(kept) {
+            std::mem::swap(later, kept);
+        }
+        true
+    });
     packages
 }
 
-/// The problems `dpkg --audit` reports, by package: each section's first
-/// sentence ("The following packages are missing the md5sums control file
-/// in the database, ..."), as `dpkg --audit: missing the md5sums control
-/// file in the database, ...`, for every package listed under it.
+/// The problems `dpkg --audit` reports, by package (without its `:arch`):
+/// each section's first clause ("The following packages are missing the
+/// md5sums control file in the database, ..."), as `dpkg --audit finds it
+/// missing the md5sums control file in the database`, for every package
+/// listed under it. Read with `LC_ALL=C`.
 pub fn parse_dpkg_audit(text: &str) -> BTreeMap<String, Vec<String>> {
     let mut problems: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for section in text.split("\n\n") {
@@ -251,9 +279,16 @@ pub fn parse_dpkg_audit(text: &str) -> BTreeMap<String, Vec<String>> {
             .strip_prefix("The following packages are ")
             .or_else(|| sentence.strip_prefix("The following packages "))
             .unwrap_or(sentence);
-        let problem = format!("dpkg --audit: {sentence}");
+        // Its first clause: "missing the md5sums control file in the database".
+        let clause = sentence.split(',').next().unwrap_or(sentence).trim();
+        let problem = format!("dpkg --audit finds it {clause}");
         for name in listed {
-            problems.entry(name).or_default().push(problem.clone());
+            // dpkg names a Multi-Arch: same package with its architecture.
+            let name = name.split(':').next().unwrap_or(&name).to_string();
+            let p = problems.entry(name).or_default();
+            if !p.contains(&problem) {
+                p.push(problem.clone());
+            }
         }
     }
     problems
@@ -342,19 +377,39 @@ mod tests {
         assert_eq!(
             audit.get("hello").map(Vec::as_slice),
             Some(
-                &["dpkg --audit: missing the list control file in the database, they need to be reinstalled".to_string()][..]
+                &[
+                    "dpkg --audit finds it missing the list control file in the database"
+                        .to_string()
+                ][..]
             )
         );
         assert_eq!(
             audit.get("zsh").map(Vec::as_slice),
             Some(
                 &[
-                    "dpkg --audit: in a mess due to serious problems during installation"
+                    "dpkg --audit finds it in a mess due to serious problems during installation"
                         .to_string()
                 ][..]
             )
         );
         assert_eq!(audit.get("jq").map(Vec::len), Some(2));
         assert!(parse_dpkg_audit("").is_empty());
+        // A Multi-Arch: same library is named with its architecture.
+        let lib = "The following packages are missing the md5sums control file in the\ndatabase, they need to be reinstalled:\n libssl3:amd64        Secure Sockets Layer toolkit\n";
+        assert_eq!(parse_dpkg_audit(lib).get("libssl3").map(Vec::len), Some(1));
+    }
+
+    /// libfoo:amd64 and libfoo:i386 both read as libfoo: the name is only
+    /// as installed as its least installed instance.
+    #[test]
+    fn a_multi_arch_package_is_as_installed_as_its_worst_instance() {
+        let both = "libfoo\t1.0-1\tii \nlibfoo\t1.0-1\tiU \n";
+        let got = parse_dpkg_query(both);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].state, PackageState::Unpacked);
+        let removed_one = "libfoo\t1.0-1\trc \nlibfoo\t1.0-1\tii \n";
+        let got = parse_dpkg_query(removed_one);
+        assert_eq!(got.len(), 1);
+        assert!(got[0].is_installed());
     }
 }

@@ -95,14 +95,15 @@ pub fn parse_os_release(text: &str) -> OsFacts {
     }
 }
 
-/// Debian's name of a Rust target architecture.
+/// Debian's name of a Rust target architecture (the agent's own, which is
+/// the terminal's); the Rust name where Debian's is not certain from it
+/// (`arm` is armel or armhf).
 pub fn debian_architecture(rust: &str) -> &str {
     match rust {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         "x86" => "i386",
-        "arm" => "armhf",
-        "powerpc64" => "ppc64el",
+        "loongarch64" => "loong64",
         other => other,
     }
 }
@@ -135,23 +136,39 @@ pub fn model(vendor: &str, product: &str) -> String {
 /// device-mapper UUID starting `CRYPT-`. `None` when the root's device is
 /// not found.
 fn root_encrypted(mountinfo: &str) -> Option<bool> {
-    let device = root_device(mountinfo)?;
-    Some(encrypted(&Path::new("/sys/dev/block").join(device), 0))
+    let device = Path::new("/sys/dev/block").join(root_device(mountinfo)?);
+    // A root not on a block device (overlay, btrfs subvolume, ZFS): unknown.
+    device.exists().then(|| encrypted(&device, 0))
 }
 
-/// The `major:minor` of the file system mounted at `/`.
+/// The `major:minor` of the file system mounted at `/` (the last mount
+/// there is the one in force).
 pub fn root_device(mountinfo: &str) -> Option<String> {
-    mountinfo.lines().find_map(|l| {
+    mountinfo.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.get(4) == Some(&"/")).then(|| f.get(2).map(|d| d.to_string()))?
     })
+}
+
+/// Whether a device-mapper UUID is an encryption target's (cryptsetup's
+/// LUKS, plain, TrueCrypt or BitLocker; not dm-verity or dm-integrity,
+/// which it names `CRYPT-VERITY-...` and `CRYPT-INTEGRITY-...`).
+pub fn encrypting_uuid(uuid: &str) -> bool {
+    [
+        "CRYPT-LUKS",
+        "CRYPT-PLAIN-",
+        "CRYPT-TCRYPT-",
+        "CRYPT-BITLK-",
+    ]
+    .iter()
+    .any(|p| uuid.starts_with(p))
 }
 
 fn encrypted(device: &Path, depth: usize) -> bool {
     if depth > 8 {
         return false;
     }
-    if std::fs::read_to_string(device.join("dm/uuid")).is_ok_and(|u| u.starts_with("CRYPT-")) {
+    if std::fs::read_to_string(device.join("dm/uuid")).is_ok_and(|u| encrypting_uuid(&u)) {
         return true;
     }
     std::fs::read_dir(device.join("slaves")).is_ok_and(|entries| {
@@ -173,12 +190,12 @@ fn firewall() -> Option<bool> {
         .then(|| ruleset_loaded(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// A ruleset with at least one base chain (one hooked into the network
-/// stack), not merely empty tables.
+/// A ruleset that filters what comes in: a filter chain hooked on input
+/// (a NAT chain, or empty tables, is not a firewall).
 pub fn ruleset_loaded(ruleset: &str) -> bool {
     ruleset
         .lines()
-        .any(|l| l.trim_start().starts_with("type ") && l.contains(" hook "))
+        .any(|l| l.trim_start().starts_with("type filter hook input "))
 }
 
 #[cfg(test)]
@@ -233,6 +250,9 @@ mod tests {
     fn the_root_device_from_mountinfo() {
         let mountinfo = "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/mapper/vg-root rw\n23 22 0:21 / /proc rw - proc proc rw\n";
         assert_eq!(root_device(mountinfo).as_deref(), Some("254:1"));
+        // Mounted over: the last mount at / is the one in force.
+        let over = format!("{mountinfo}30 22 0:40 / / rw - overlay overlay rw\n");
+        assert_eq!(root_device(&over).as_deref(), Some("0:40"));
         assert_eq!(root_device("23 22 0:21 / /proc rw - proc proc rw\n"), None);
     }
 
@@ -240,8 +260,19 @@ mod tests {
     fn a_firewall_is_a_ruleset_with_a_base_chain() {
         let loaded = "table inet filter {\n\tchain input {\n\t\ttype filter hook input priority filter; policy drop;\n\t}\n}\n";
         assert!(ruleset_loaded(loaded));
+        let nat_only = "table ip nat {\n\tchain POSTROUTING {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t}\n}\n";
+        assert!(!ruleset_loaded(nat_only));
         assert!(!ruleset_loaded("table inet filter {\n}\n"));
         assert!(!ruleset_loaded(""));
+    }
+
+    #[test]
+    fn only_encryption_targets_count_as_encrypted() {
+        assert!(encrypting_uuid("CRYPT-LUKS2-0a1b2c-root"));
+        assert!(encrypting_uuid("CRYPT-PLAIN-swap"));
+        assert!(!encrypting_uuid("CRYPT-VERITY-0a1b2c-root"));
+        assert!(!encrypting_uuid("CRYPT-INTEGRITY-data"));
+        assert!(!encrypting_uuid("LVM-abcdef"));
     }
 
     /// On this machine: what the agent says of it.

@@ -349,7 +349,10 @@ mod tests {
                     version: "2.10-3".into(),
                     manager: PackageManager::Dpkg,
                     state: PackageState::Installed,
-                    problems: vec!["dpkg --audit: missing the md5sums control file in the database, they need to be reinstalled".into()],
+                    problems: vec![
+                        "dpkg --audit finds it missing the md5sums control file in the database"
+                            .into(),
+                    ],
                 },
             ],
             services: vec![Service {
@@ -396,7 +399,7 @@ mod tests {
         assert_eq!(
             reasons("  requirements:\n    - package: { name: hello }\n"),
             [
-                "hello 2.10-3 is installed but dpkg --audit: missing the md5sums control file in the database, they need to be reinstalled"
+                "hello 2.10-3 is installed, but dpkg --audit finds it missing the md5sums control file in the database"
             ]
         );
         // Must be absent: configuration files alone are absent; an

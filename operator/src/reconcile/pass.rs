@@ -350,16 +350,6 @@ impl Pass<'_> {
             status.held = Some("the policy is suspended".into());
             return Ok((status, Vec::new()));
         }
-        // Only inside a maintenance window the admins approved.
-        let windows = policy
-            .statement
-            .remediation
-            .as_ref()
-            .map_or(&[][..], |r| &r.windows[..]);
-        if let Some(next) = tenet_protocol::window::closed(windows, self.now_ms) {
-            status.held = Some(format!("waiting for a maintenance window ({next})"));
-            return Ok((status, Vec::new()));
-        }
         let count = match step(&policy.spec.rollout, &counts) {
             Step::Halted { reason } => {
                 status.held = Some(format!("rollout halted: {reason}"));
@@ -368,6 +358,17 @@ impl Pass<'_> {
             Step::Start { count, .. } => count,
         };
         if count == 0 {
+            return Ok((status, Vec::new()));
+        }
+        // Only inside a maintenance window the admins approved (and said
+        // only when something waits for one).
+        let windows = policy
+            .statement
+            .remediation
+            .as_ref()
+            .map_or(&[][..], |r| &r.windows[..]);
+        if let Some(next) = tenet_protocol::window::closed(windows, self.now_ms) {
+            status.held = Some(format!("waiting for a maintenance window ({next})"));
             return Ok((status, Vec::new()));
         }
         // Only approved policies reach a pass (`policy::approval::Gate`);

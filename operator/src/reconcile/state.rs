@@ -71,6 +71,10 @@ pub enum Event {
     /// The terminal reconnected before the live envelope was delivered: it
     /// gets a fresh envelope, and this attempt does not count.
     Undelivered,
+    /// The terminal did not start the payload, and that is no failure of
+    /// it (outside a maintenance window): it gets a fresh envelope when it
+    /// may, and this attempt does not count.
+    NotStarted { reason: String },
     /// The policy has a new generation: attempts start over.
     PolicyChanged,
 }
@@ -233,6 +237,11 @@ pub fn next(
         (S::Dispatched { attempt, .. }, Event::Expired) => {
             fail(*attempt, "no verified report before the deadline")
         }
+        (S::Dispatched { attempt, .. }, Event::NotStarted { reason }) => S::Drifted {
+            attempts: attempt.saturating_sub(1),
+            retry_at_ms: now_ms,
+            reason: reason.clone(),
+        },
         (S::Dispatched { attempt, .. }, Event::Undelivered) => S::Drifted {
             attempts: attempt.saturating_sub(1),
             retry_at_ms: now_ms,
@@ -474,6 +483,38 @@ mod tests {
         assert!(
             matches!(&s, PairState::Drifted { attempts: 1, reason, .. } if reason == "the payload succeeded but the terminal still drifts: browser-a 118 < 120"),
             "{s:?}"
+        );
+    }
+
+    #[test]
+    fn a_payload_not_started_outside_its_window_does_not_count() {
+        let event = crate::fleet::report_event(
+            &tenet_protocol::report::Outcome::Refused {
+                reason: "OutsideWindow".into(),
+                message:
+                    "not now: outside the maintenance windows (the next opens Thu 02:00 Asia/Tokyo)"
+                        .into(),
+            },
+            b"",
+        );
+        let s = run(&[
+            (0, drift("d")),
+            (
+                0,
+                Event::Started {
+                    sequence: 1,
+                    deadline_ms: 100,
+                },
+            ),
+            (50, event),
+        ]);
+        assert_eq!(
+            s,
+            PairState::Drifted {
+                attempts: 0,
+                retry_at_ms: 50,
+                reason: "the terminal did not start it: not now: outside the maintenance windows (the next opens Thu 02:00 Asia/Tokyo)".into(),
+            }
         );
     }
 
