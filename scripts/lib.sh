@@ -16,6 +16,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 DEBIAN_PACKAGES=(
   git           # the policy directory is a git checkout in the operator tests
   openssh-client  # ssh-keygen: SSH-signed commits (--require-signed-commits)
+  debootstrap   # a real Debian root for the real-terminal tests (scripts/debian-root)
   dpkg          # the package manager terminals run; its ordering is tested against ours
   pkg-config
   gcc           # the linker driver for Rust

@@ -652,20 +652,26 @@ pub fn install_bundle(admin: &KeyPair, deb: &Path) -> SignedMessage {
 
 /// [`install_bundle`] under another name (policies name a bundle by it).
 pub fn install_bundle_named(admin: &KeyPair, deb: &Path, name: &str) -> SignedMessage {
+    install_bundle_of(admin, &[deb], name)
+}
+
+/// A signed `name` bundle of the install-deb payload shipping `debs`
+/// (installed in one dpkg run: the envelope names them all).
+pub fn install_bundle_of(admin: &KeyPair, debs: &[&Path], name: &str) -> SignedMessage {
     use tenet_protocol::bundle::{Artifact, Capability};
-    let artifacts = [
-        (
-            "install-deb.sh".to_string(),
-            std::fs::read(example("install-deb.sh")).expect("script"),
-        ),
-        (
+    let mut artifacts = vec![(
+        "install-deb.sh".to_string(),
+        std::fs::read(example("install-deb.sh")).expect("script"),
+    )];
+    for deb in debs {
+        artifacts.push((
             deb.file_name()
                 .expect("a file")
                 .to_string_lossy()
                 .into_owned(),
             std::fs::read(deb).expect("deb"),
-        ),
-    ];
+        ));
+    }
     let bundle = PayloadBundle {
         manifest: Manifest {
             name: name.into(),
@@ -687,4 +693,58 @@ pub fn install_bundle_named(admin: &KeyPair, deb: &Path, name: &str) -> SignedMe
             .collect(),
     };
     SignedMessage::signed(&bundle, admin).expect("sign")
+}
+
+/// `tenet operator` in `dir` over `policies/` and `data/`, admin key
+/// `admin.key.pub`, the gateway on `port`, JSON logs appended to
+/// `operator.log`; its stdout lines on a channel.
+pub fn start_operator(dir: &Path, port: u16) -> (Running, mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut operator = Command::new(binary("tenet"))
+        .args([
+            "operator",
+            "--policies",
+            "policies",
+            "--data",
+            "data",
+            "--admin-key",
+            "admin.key.pub",
+            "--listen",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--metrics", "127.0.0.1:0", "--log-format", "json"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("operator.log"))
+                .expect("log file"),
+        )
+        .spawn()
+        .expect("operator");
+    let (tx, lines) = mpsc::channel::<String>();
+    let stdout = operator.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(operator), lines)
+}
+
+/// The next line on `lines` holding `want`, within a minute.
+pub fn next_line(lines: &mpsc::Receiver<String>, want: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no operator line with {want:?}"));
+        if line.contains(want) {
+            return line;
+        }
+    }
 }

@@ -5,15 +5,13 @@
 //! restarted `tenet operator` sending the rotation over the agent's
 //! session, and a package installed under the new admin and dispatch keys.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use tenet_e2e::{
     Event, Fixture, Running, agent, binary, build_deb, create_token, dpkg_root, free_port,
-    install_bundle, sign_policies, wait_for, wait_until,
+    install_bundle, next_line, sign_policies, start_operator, wait_for, wait_until,
 };
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::report::{ExecutionReport, Outcome};
@@ -139,55 +137,6 @@ fn the_dispatch_key_cannot_rotate_trust_and_the_admins_can() {
     match next_outcome(&f) {
         Outcome::Refused { reason, .. } => assert_eq!(reason, "NotApproved"),
         other => panic!("an approval by the rotated-out admin counted: {other:?}"),
-    }
-}
-
-/// `tenet operator` in `dir`, with its stdout lines on a channel.
-fn start_operator(dir: &Path, port: u16) -> (Running, mpsc::Receiver<String>) {
-    let mut operator = Command::new(binary("tenet"))
-        .args([
-            "operator",
-            "--policies",
-            "policies",
-            "--data",
-            "data",
-            "--admin-key",
-            "admin.key.pub",
-            "--listen",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--metrics", "127.0.0.1:0", "--log-format", "json"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("operator.log"))
-                .expect("log file"),
-        )
-        .spawn()
-        .expect("operator");
-    let (tx, lines) = mpsc::channel::<String>();
-    let stdout = operator.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (Running(operator), lines)
-}
-
-fn next_line(lines: &mpsc::Receiver<String>, want: &str) -> String {
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no operator line with {want:?}"));
-        if line.contains(want) {
-            return line;
-        }
     }
 }
 

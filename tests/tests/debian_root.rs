@@ -1,0 +1,222 @@
+//! A real Debian terminal: a bookworm root made by debootstrap from
+//! Debian's packages (`scripts/debian-root`, cached), a real agent on it
+//! reporting its real dpkg database, and Debian's own jq with the
+//! libraries it needs. A bundle that lacks one of them fails: dpkg could
+//! not configure jq, the installer takes it back out, `dpkg --audit` is
+//! clean and status says Failed with the reason, never Compliant. The
+//! admins then approve a bundle with the whole closure: jq is installed,
+//! `dpkg --audit` is clean and status says Compliant, as dpkg does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tenet_e2e::{
+    Running, agent, binary, create_token, free_port, install_bundle_of, next_line, sign_policies,
+    start_operator, wait_until,
+};
+use tenet_protocol::wire::digest_string;
+use tenet_protocol::{Algorithm, KeyPair};
+
+/// The cached root and .debs (`scripts/debian-root`), or `None` (skipped)
+/// outside CI when they were never made.
+fn debian() -> Option<(PathBuf, Vec<PathBuf>)> {
+    let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/tenet/debian");
+    let root = cache.join("bookworm");
+    let ready = root.join(".complete").exists() && cache.join("debs/.complete").exists();
+    if !ready {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the Debian root is required under CI (scripts/test makes it with scripts/debian-root)"
+        );
+        eprintln!("skipping: no Debian root (run scripts/debian-root)");
+        return None;
+    }
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(cache.join("debs"))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    debs.sort();
+    Some((root, debs))
+}
+
+fn dpkg_query(root: &Path, format: &str, package: &str) -> String {
+    let out = Command::new("dpkg-query")
+        .env("LC_ALL", "C")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", &format!("-f={format}"), package])
+        .output()
+        .expect("dpkg-query");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn audit(root: &Path) -> String {
+    let out = Command::new("dpkg")
+        .env("LC_ALL", "C")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .arg("--audit")
+        .output()
+        .expect("dpkg --audit");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn policy(dir: &Path, bundle: &tenet_protocol::SignedMessage, debs: &[&Path]) {
+    let args: Vec<String> = debs
+        .iter()
+        .map(|d| d.file_name().expect("name").to_string_lossy().into_owned())
+        .collect();
+    std::fs::write(
+        dir.join("policies/jq.yaml"),
+        format!(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: jq\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: jq, version: '>= 1.6' }}\n  remediation:\n    payload: {{ name: install-jq, digest: '{}' }}\n    args: [{}]\n    capabilities: [run-artifact, log]\n    maxAttempts: 1\n",
+            digest_string(&bundle.body_digest()),
+            args.join(", ")
+        ),
+    )
+    .expect("policy");
+    sign_policies(&dir.join("policies/jq.yaml"), &dir.join("admin.key"));
+}
+
+#[test]
+fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
+    let Some((cached, debs)) = debian() else {
+        return;
+    };
+    let jq = debs
+        .iter()
+        .find(|d| {
+            d.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("jq_"))
+        })
+        .expect("jq's .deb");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    // The terminal: a copy of the cached root.
+    let root = dir.join("root");
+    let copied = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(&cached)
+        .arg(&root)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "");
+    assert_eq!(audit(&root), "", "the debootstrapped root is consistent");
+
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    admin
+        .write_files(&dir.join("admin.key"))
+        .expect("admin key");
+    std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+
+    // First the admins approve a bundle of jq alone: its libraries are not
+    // on a minbase root.
+    let alone = install_bundle_of(&admin, &[jq.as_path()], "install-jq");
+    std::fs::write(dir.join("bundles/install-jq.bundle"), alone.encode()).expect("bundle");
+    policy(dir, &alone, &[jq.as_path()]);
+
+    let port = free_port();
+    let (_operator, lines) = start_operator(dir, port);
+    next_line(&lines, "gateway listening on");
+    let (token, fingerprint) = create_token(
+        dir,
+        &["--terminal", "nagoya-ward3-01", "--label", "site=nagoya"],
+    );
+    std::fs::write(
+        dir.join("agent.yaml"),
+        format!(
+            "terminal: nagoya-ward3-01\ndata: agent-data\nroot: root\ninventory:\n  dpkg: {{}}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n"
+        ),
+    )
+    .expect("config");
+    wait_until(Duration::from_secs(30), "the token to be imported", || {
+        agent(
+            dir,
+            &[
+                "enrol",
+                "--config",
+                "agent.yaml",
+                "--token",
+                &token,
+                "--ca-fingerprint",
+                &fingerprint,
+            ],
+        )
+        .status
+        .success()
+    });
+    let _agent = Running(
+        Command::new(binary("tenet-agent"))
+            .args(["run", "--config", "agent.yaml"])
+            .current_dir(dir)
+            .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    let tenet = |args: &[&str]| {
+        let out = Command::new(binary("tenet"))
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("tenet");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let jq_line = || {
+        tenet(&["status", "--data", "data", "terminal", "nagoya-ward3-01"])
+            .lines()
+            .find(|l| l.contains("hospital-it/jq"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(90),
+        "the incomplete bundle to fail",
+        || jq_line().starts_with("  Failed"),
+    );
+    let line = jq_line();
+    assert!(
+        line.contains("dpkg could not configure every package (a dependency is missing from the terminal and the bundle); removed what was not installed before: jq"),
+        "{line}"
+    );
+    // dpkg is left as it was: no jq, nothing half-configured.
+    assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "");
+    assert_eq!(audit(&root), "");
+
+    // The admins approve the whole closure, Debian's jq, libjq1 and
+    // libonig5: one dpkg run installs them in dependency order.
+    let all: Vec<&Path> = debs.iter().map(PathBuf::as_path).collect();
+    let whole = install_bundle_of(&admin, &all, "install-jq");
+    std::fs::write(dir.join("bundles/install-jq.bundle"), whole.encode()).expect("bundle");
+    policy(dir, &whole, &all);
+    wait_until(
+        Duration::from_secs(90),
+        "jq installed through the loop",
+        || jq_line() == "  Compliant   hospital-it/jq",
+    );
+    // Status says what dpkg says.
+    assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "ii");
+    for lib in ["libjq1", "libonig5"] {
+        assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", lib), "ii", "{lib}");
+    }
+    assert_eq!(audit(&root), "");
+    let version = dpkg_query(&root, "${Version}", "jq");
+    let inventory =
+        String::from_utf8_lossy(&agent(dir, &["inventory", "--config", "agent.yaml"]).stdout)
+            .into_owned();
+    assert!(
+        inventory.contains(&format!(
+            "- name: jq\n  version: {version}\n  manager: dpkg\n  state: installed\n"
+        )),
+        "{inventory}"
+    );
+}
