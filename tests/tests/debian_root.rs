@@ -4,8 +4,10 @@
 //! libraries it needs. A bundle that lacks one of them fails: dpkg could
 //! not configure jq, the installer takes it back out, `dpkg --audit` is
 //! clean and status says Failed with the reason, never Compliant. The
-//! admins then approve a bundle with the whole closure: jq is installed,
-//! `dpkg --audit` is clean and status says Compliant, as dpkg does.
+//! admins then build a bundle with the whole closure (`tenet payload build
+//! --apt jq --target ROOT`, apt from the root's own sources), sign and
+//! approve it: jq is installed, `dpkg --audit` is clean and status says
+//! Compliant, as dpkg does.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,7 +18,7 @@ use tenet_e2e::{
     start_operator, wait_until,
 };
 use tenet_protocol::wire::digest_string;
-use tenet_protocol::{Algorithm, KeyPair};
+use tenet_protocol::{Algorithm, KeyPair, Kind, SignedMessage};
 
 /// The cached root and .debs (`scripts/debian-root`), or `None` (skipped)
 /// outside CI when they were never made.
@@ -68,7 +70,7 @@ fn audit(root: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn policy(dir: &Path, bundle: &tenet_protocol::SignedMessage, debs: &[&Path]) {
+fn policy(dir: &Path, bundle: &SignedMessage, debs: &[&Path]) {
     let args: Vec<String> = debs
         .iter()
         .map(|d| d.file_name().expect("name").to_string_lossy().into_owned())
@@ -192,11 +194,69 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
     assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "");
     assert_eq!(audit(&root), "");
 
-    // The admins approve the whole closure, Debian's jq, libjq1 and
-    // libonig5: one dpkg run installs them in dependency order.
-    let all: Vec<&Path> = debs.iter().map(PathBuf::as_path).collect();
-    let whole = install_bundle_of(&admin, &all, "install-jq");
-    std::fs::write(dir.join("bundles/install-jq.bundle"), whole.encode()).expect("bundle");
+    // The admins build the bundle with the closure apt resolves for a
+    // root like the terminal's (its sources, archive keys and installed
+    // packages; a scratch apt state), sign it and approve the policy: one
+    // dpkg run installs jq, libjq1 and libonig5 in dependency order.
+    let unknown = Command::new(binary("tenet"))
+        .args([
+            "payload",
+            "build",
+            "--apt",
+            "jq-does-not-exist",
+            "--target",
+            "root",
+        ])
+        .args(["--name", "x", "--out", "x.bundle"])
+        .current_dir(dir)
+        .output()
+        .expect("tenet payload build");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stderr),
+        "tenet: apt cannot resolve jq-does-not-exist: E: Unable to locate package jq-does-not-exist\n"
+    );
+    assert!(!dir.join("x.bundle").exists());
+    let built = Command::new(binary("tenet"))
+        .args(["payload", "build", "--apt", "jq", "--target", "root"])
+        .args(["--name", "install-jq", "--out", "install-jq.bundle"])
+        .current_dir(dir)
+        .output()
+        .expect("tenet payload build");
+    let said = String::from_utf8_lossy(&built.stdout).into_owned();
+    assert!(
+        built.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let args = said
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("args: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .expect("the args the policy gives");
+    let shipped: Vec<&str> = args.split(", ").collect();
+    assert_eq!(shipped.len(), 3, "jq, libjq1 and libonig5: {said}");
+    for (deb, package) in shipped.iter().zip(["jq_", "libjq1_", "libonig5_"]) {
+        assert!(deb.starts_with(package), "{said}");
+    }
+    let signed = Command::new(binary("tenet"))
+        .args(["payload", "sign", "install-jq.bundle", "--key", "admin.key"])
+        .current_dir(dir)
+        .output()
+        .expect("tenet payload sign");
+    assert!(signed.status.success());
+    let whole = SignedMessage::decode(
+        &std::fs::read(dir.join("install-jq.bundle")).expect("bundle"),
+        Kind::PayloadBundle,
+    )
+    .expect("a bundle");
+    std::fs::copy(
+        dir.join("install-jq.bundle"),
+        dir.join("bundles/install-jq.bundle"),
+    )
+    .expect("bundle");
+    let names: Vec<PathBuf> = shipped.iter().map(PathBuf::from).collect();
+    let all: Vec<&Path> = names.iter().map(PathBuf::as_path).collect();
     policy(dir, &whole, &all);
     wait_until(
         Duration::from_secs(90),

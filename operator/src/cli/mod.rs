@@ -2,6 +2,7 @@
 //! arguments (clap) and a `run` from them to an exit code and text on
 //! stdout/stderr. `main.rs` only calls [`main`].
 
+pub mod apt;
 pub mod bench;
 pub mod cert;
 pub mod operator;

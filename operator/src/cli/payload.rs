@@ -113,8 +113,20 @@ pub fn keygen(out_path: &Path, algorithm: Algorithm, out: &mut dyn Write) -> Res
 #[derive(clap::Args)]
 pub struct BuildArgs {
     /// The module: WebAssembly text (.wat) or binary (.wasm).
-    #[arg(long)]
-    pub module: PathBuf,
+    #[arg(long, required_unless_present = "apt")]
+    pub module: Option<PathBuf>,
+    /// Instead of --module: the install-deb payload for these Debian
+    /// packages (NAME or NAME=VERSION; repeat), shipping every .deb a
+    /// terminal like --target lacks to install them, dependencies included
+    /// (resolved by apt from the target's own sources and keys, in a
+    /// scratch state). Prints the arguments a policy gives it.
+    #[arg(long = "apt", conflicts_with_all = ["module", "capabilities", "artifacts"], requires = "target")]
+    pub apt: Vec<String>,
+    /// With --apt: a root file system like the terminals' (a debootstrap
+    /// of their release, or an image): its apt sources, archive keys and
+    /// installed packages decide what is fetched.
+    #[arg(long, requires = "apt")]
+    pub target: Option<PathBuf>,
     #[arg(long)]
     pub name: String,
     #[arg(long, default_value = "1.0.0")]
@@ -136,13 +148,36 @@ pub struct BuildArgs {
 
 /// `30d`, `12h`, `90m`: how long a bundle stays runnable.
 pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    // `.wat` text or a `.wasm` binary: the wat crate passes binaries through.
-    let module = wat::parse_file(&args.module).map_err(|e| CliError::Bundle {
-        path: args.module.display().to_string(),
-        message: format!("not a valid WebAssembly module: {e}"),
-    })?;
-    let capabilities = args
-        .capabilities
+    let mut shipped = args.artifacts.clone();
+    let mut capability_names = args.capabilities.clone();
+    // With --apt: the built-in installer and the closure apt fetched (the
+    // scratch directory lives until the bundle is written).
+    let mut _scratch = None;
+    let mut debs = Vec::new();
+    let module = match (&args.module, &args.target) {
+        (_, Some(target)) if !args.apt.is_empty() => {
+            let (dir, fetched) = super::apt::fetch_closure(&args.apt, target)?;
+            let installer = dir.path().join("install-deb.sh");
+            std::fs::write(&installer, super::apt::INSTALLER_SH).map_err(io(&installer))?;
+            shipped = std::iter::once(installer)
+                .chain(fetched.iter().cloned())
+                .collect();
+            debs = fetched;
+            _scratch = Some(dir);
+            capability_names = vec!["run-artifact".into(), "log".into()];
+            wat::parse_str(super::apt::INSTALLER_WAT).map_err(|e| CliError::Bundle {
+                path: "install-deb.wat".into(),
+                message: format!("not a valid WebAssembly module: {e}"),
+            })?
+        }
+        // `.wat` text or a `.wasm` binary: the wat crate passes binaries through.
+        (Some(path), _) => wat::parse_file(path).map_err(|e| CliError::Bundle {
+            path: path.display().to_string(),
+            message: format!("not a valid WebAssembly module: {e}"),
+        })?,
+        (None, _) => return Err(CliError::Usage("give --module or --apt".into())),
+    };
+    let capabilities = capability_names
         .iter()
         .map(|c| {
             Capability::parse(c).ok_or_else(|| {
@@ -155,7 +190,7 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut artifacts = Vec::new();
-    for path in &args.artifacts {
+    for path in &shipped {
         let data = std::fs::read(path).map_err(io(path))?;
         let name = path
             .file_name()
@@ -203,6 +238,19 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
         args.out.display(),
         digest_string(&frame.body_digest())
     );
+    if !debs.is_empty() {
+        let names: Vec<String> = debs
+            .iter()
+            .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let _ = writeln!(
+            out,
+            "the policy's remediation:\n  payload: {{ name: {}, digest: '{}' }}\n  args: [{}]\n  capabilities: [run-artifact, log]",
+            args.name,
+            digest_string(&frame.body_digest()),
+            names.join(", ")
+        );
+    }
     Ok(())
 }
 

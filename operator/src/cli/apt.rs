@@ -1,0 +1,220 @@
+//! `tenet payload build --apt PKG[=VERSION]... --target ROOT`: the .debs a
+//! terminal like ROOT needs to install these packages, their dependency
+//! closure included, fetched by apt in a scratch state of its own.
+//!
+//! The target root decides everything: its apt sources and keys (so the
+//! packages come from the distribution it runs, and verify against its
+//! archive keys) and its dpkg status (so only what it lacks is fetched).
+//! Nothing of the machine the command runs on (its sources, lists, cache
+//! or installed packages) enters the bundle. The .debs are then shipped in
+//! the install-deb payload, digest-pinned under the admins' signatures.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::payload::CliError;
+
+/// The install-deb payload, built into the binary.
+pub const INSTALLER_WAT: &str = include_str!("../../../examples/payloads/install-deb.wat");
+pub const INSTALLER_SH: &str = include_str!("../../../examples/payloads/install-deb.sh");
+
+/// A package as apt takes it: `NAME` or `NAME=VERSION`, in Debian's
+/// grammar (nothing apt could read as an option).
+pub fn check_package(spec: &str) -> Result<(), String> {
+    let (name, version) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let name_ok = name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    let version_ok = version.is_none_or(|v| {
+        v.starts_with(|c: char| c.is_ascii_digit())
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".+~:-".contains(c))
+    });
+    if name_ok && version_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--apt {spec:?}: name a Debian package, NAME or NAME=VERSION (lower-case letters, digits, + - .)"
+        ))
+    }
+}
+
+/// The apt options that make `target` decide the sources, keys,
+/// preferences and installed packages, and `scratch` hold the lists and
+/// the downloads.
+pub fn apt_options(target: &Path, scratch: &Path) -> Vec<String> {
+    let t = |p: &str| target.join(p).display().to_string();
+    let s = |p: &str| scratch.join(p).display().to_string();
+    [
+        ("Dir::Etc::SourceList", t("etc/apt/sources.list")),
+        ("Dir::Etc::SourceParts", t("etc/apt/sources.list.d")),
+        ("Dir::Etc::TrustedParts", t("etc/apt/trusted.gpg.d")),
+        ("Dir::Etc::Preferences", t("etc/apt/preferences")),
+        ("Dir::Etc::PreferencesParts", t("etc/apt/preferences.d")),
+        ("Dir::State::Status", t("var/lib/dpkg/status")),
+        ("Dir::State::Lists", s("lists")),
+        ("Dir::Cache", s("cache")),
+        ("Dir::Cache::Archives", s("archives")),
+        // The scratch state is this command's alone.
+        ("Debug::NoLocking", "1".into()),
+        ("APT::Sandbox::User", "root".into()),
+        ("APT::Install-Recommends", "false".into()),
+        (
+            "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled",
+            "false".into(),
+        ),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| ["-o".to_string(), format!("{k}={v}")])
+    .collect()
+}
+
+/// Fetch the closure of `packages` for `target` into a scratch directory;
+/// the .debs, sorted by file name. The scratch directory is dropped with
+/// the returned guard.
+pub fn fetch_closure(
+    packages: &[String],
+    target: &Path,
+) -> Result<(tempfile::TempDir, Vec<PathBuf>), CliError> {
+    for p in packages {
+        check_package(p).map_err(CliError::Usage)?;
+    }
+    if !target.join("var/lib/dpkg/status").is_file() {
+        return Err(CliError::Usage(format!(
+            "--target {}: not a Debian root (no var/lib/dpkg/status)",
+            target.display()
+        )));
+    }
+    // apt reads a relative path as relative to its own directories.
+    let target = &std::fs::canonicalize(target).map_err(|source| CliError::Io {
+        path: target.display().to_string(),
+        source,
+    })?;
+    let scratch = tempfile::tempdir().map_err(|source| CliError::Io {
+        path: "a scratch directory".into(),
+        source,
+    })?;
+    for d in ["lists/partial", "archives/partial", "cache"] {
+        let p = scratch.path().join(d);
+        std::fs::create_dir_all(&p).map_err(|source| CliError::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
+    let options = apt_options(target, scratch.path());
+    apt(&options, &["update"], "read the target's package lists")?;
+    let mut install = vec!["install", "--download-only", "-y", "--"];
+    install.extend(packages.iter().map(String::as_str));
+    apt(
+        &options,
+        &install,
+        &format!("resolve {}", packages.join(" ")),
+    )?;
+    let archives = scratch.path().join("archives");
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&archives)
+        .map_err(|source| CliError::Io {
+            path: archives.display().to_string(),
+            source,
+        })?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    debs.sort();
+    if debs.is_empty() {
+        return Err(CliError::Usage(format!(
+            "the target already has {}: nothing to ship",
+            packages.join(" ")
+        )));
+    }
+    Ok((scratch, debs))
+}
+
+/// Run apt-get with `options` and `args`; its error lines (`E: ...`) are
+/// the error.
+fn apt(options: &[String], args: &[&str], doing: &str) -> Result<(), CliError> {
+    let out = Command::new("apt-get")
+        .env("LC_ALL", "C")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .arg("-q")
+        .args(options)
+        .args(args)
+        .output()
+        .map_err(|source| CliError::Io {
+            path: "apt-get".into(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = said.lines().filter(|l| l.starts_with("E: ")).collect();
+    Err(CliError::Usage(format!(
+        "apt cannot {doing}: {}",
+        if errors.is_empty() {
+            said.trim()
+                .lines()
+                .last()
+                .unwrap_or("apt-get failed")
+                .to_string()
+        } else {
+            errors.join("; ")
+        }
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packages_follow_debians_grammar() {
+        for ok in [
+            "jq",
+            "libjq1",
+            "jq=1.6-2.1+deb12u3",
+            "g++",
+            "libc6=2.36-9+deb12u14",
+            "xy=1:2.0~rc1",
+        ] {
+            assert_eq!(check_package(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "-oAPT::Get::Foo=1",
+            "Jq",
+            "j",
+            "jq=",
+            "jq=v1",
+            "jq bash",
+            "../jq",
+        ] {
+            assert!(check_package(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            check_package("-oDebug=1"),
+            Err("--apt \"-oDebug=1\": name a Debian package, NAME or NAME=VERSION (lower-case letters, digits, + - .)".into())
+        );
+    }
+
+    #[test]
+    fn the_target_decides_sources_keys_and_installed_packages() {
+        let options = apt_options(Path::new("/r"), Path::new("/s"));
+        let pairs: Vec<&str> = options
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(String::as_str)
+            .collect();
+        assert!(pairs.contains(&"Dir::Etc::SourceList=/r/etc/apt/sources.list"));
+        assert!(pairs.contains(&"Dir::Etc::TrustedParts=/r/etc/apt/trusted.gpg.d"));
+        assert!(pairs.contains(&"Dir::State::Status=/r/var/lib/dpkg/status"));
+        assert!(pairs.contains(&"Dir::State::Lists=/s/lists"));
+        assert!(pairs.contains(&"Dir::Cache::Archives=/s/archives"));
+        assert!(options.iter().step_by(2).all(|o| o == "-o"));
+    }
+}
