@@ -17,6 +17,7 @@ DEBIAN_PACKAGES=(
   git           # the policy directory is a git checkout in the operator tests
   openssh-client  # ssh-keygen: SSH-signed commits (--require-signed-commits)
   debootstrap   # a real Debian root for the real-terminal tests (scripts/debian-root)
+  debian-archive-keyring  # ... verified against Debian's archive keys
   dpkg          # the package manager terminals run; its ordering is tested against ours
   pkg-config
   gcc           # the linker driver for Rust

@@ -1,52 +1,82 @@
 #!/bin/sh
 # The installer the install-deb payload runs: installs the .debs named in
-# its arguments into the terminal's root ($TENET_ROOT, / on a real
-# terminal) in one dpkg run, which unpacks and configures them in the
-# order of their dependencies.
+# its arguments (files of the bundle) into the terminal's root
+# ($TENET_ROOT, / on a real terminal) in one dpkg run, which unpacks and
+# configures them in the order of their dependencies.
 #
 # dpkg is never left half-configured by it: when dpkg cannot configure
-# them all (a dependency neither on the terminal nor in the bundle), the
-# packages this run brought that are not fully installed and were not
-# installed before are removed again, and the last line says which and
-# why. A package that was installed before and is now left unconfigured
-# (an upgrade that failed) cannot be put back without its old .deb: the
-# last line says so.
+# them all, one dpkg run takes out again what this run brought and was not
+# installed before (purged; removed only, when its configuration files
+# were kept before), and the last line says what dpkg said, what went and
+# what stayed. A package that was installed before and is now left
+# unconfigured (an upgrade that failed) cannot be put back without its old
+# .deb: the last line says so.
 set -u
 root="${TENET_ROOT:-/}"
 admindir="$root/var/lib/dpkg"
-export LC_ALL=C
+export LC_ALL=C DEBIAN_FRONTEND=noninteractive
+# dpkg's log is the terminal's audit trail; a test root's goes nowhere.
+log=""
+[ "$root" = / ] || log="--log=/dev/null"
 [ "$#" -ge 1 ] || { echo "no .deb named" >&2; exit 64; }
 
-state() { dpkg-query --admindir="$admindir" -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | cut -c1-2; }
+# The second letter of dpkg's status: i installed, c configuration files
+# only, U unpacked, F half-configured, ... (empty: not known).
+state() { dpkg-query --admindir="$admindir" -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | cut -c2; }
 
+debs=""
 names=""
 before=""
 for deb in "$@"; do
-  name=$(dpkg-deb -f "$deb" Package) || { echo "$deb is not a Debian package" >&2; exit 2; }
+  case "$deb" in
+    -*|*/*) echo "$deb: a file of the bundle is named by its plain name" >&2; exit 2 ;;
+  esac
+  name=$(dpkg-deb -f "./$deb" Package) || { echo "$deb is not a Debian package" >&2; exit 2; }
+  debs="$debs ./$deb"
   names="$names $name"
   before="$before $name=$(state "$name")"
 done
 
-if dpkg --root="$root" --log=/dev/null --force-confold -i "$@"; then
+err=$(mktemp)
+# shellcheck disable=SC2086 # file names of the bundle: no spaces
+if dpkg --root="$root" $log --force-confold -i $debs 2>"$err"; then
+  cat "$err" >&2
+  rm -f "$err"
   exit 0
 fi
+cat "$err" >&2
+said=$(grep -m1 '^dpkg: ' "$err" | cut -c1-300)
+rm -f "$err"
 
-removed=""
-left=""
+purge=""
+remove=""
 for name in $names; do
-  now=$(state "$name")
-  [ "$now" = "ii" ] && continue
+  [ "$(state "$name")" = i ] && continue
   was=""
   for b in $before; do [ "${b%%=*}" = "$name" ] && was="${b#*=}"; done
-  if [ "$was" = "ii" ] || [ "$was" = "hi" ]; then
-    left="$left $name"
-  else
-    dpkg --root="$root" --log=/dev/null --purge "$name" >/dev/null 2>&1 || true
-    removed="$removed $name"
-  fi
+  case "$was" in
+    i) ;;                                # installed before: cannot go back
+    c) remove="$remove $name" ;;         # keep its configuration files
+    *) purge="$purge $name" ;;
+  esac
 done
-msg="dpkg could not configure every package (a dependency is missing from the terminal and the bundle)"
-[ -n "$removed" ] && msg="$msg; removed what was not installed before:$removed"
-[ -n "$left" ] && msg="$msg; left unconfigured, installed before:$left"
+# One run each, so dpkg orders the removals by their dependencies.
+# shellcheck disable=SC2086
+[ -n "$purge" ] && dpkg --root="$root" $log --purge $purge >/dev/null 2>&1
+# shellcheck disable=SC2086
+[ -n "$remove" ] && dpkg --root="$root" $log --remove $remove >/dev/null 2>&1
+
+gone=""
+stayed=""
+for name in $names; do
+  case "$(state "$name")" in
+    i) ;;
+    ""|c|n) case " $purge $remove " in *" $name "*) gone="$gone $name" ;; esac ;;
+    *) stayed="$stayed $name" ;;
+  esac
+done
+msg="dpkg could not install every package${said:+ ($said)}"
+[ -n "$gone" ] && msg="$msg; taken out again, not installed before:$gone"
+[ -n "$stayed" ] && msg="$msg; left not fully installed:$stayed"
 echo "$msg" >&2
 exit 1

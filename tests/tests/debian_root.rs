@@ -23,6 +23,19 @@ use tenet_protocol::{Algorithm, KeyPair, Kind, SignedMessage};
 /// The cached root and .debs (`scripts/debian-root`), or `None` (skipped)
 /// outside CI when they were never made.
 fn debian() -> Option<(PathBuf, Vec<PathBuf>)> {
+    // dpkg into a root, and its maintainer scripts, need root.
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root_user {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the Debian root tests run as root under CI"
+        );
+        eprintln!("skipping: not root");
+        return None;
+    }
     let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/tenet/debian");
     let root = cache.join("bookworm");
     let ready = root.join(".complete").exists() && cache.join("debs/.complete").exists();
@@ -187,7 +200,7 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
     );
     let line = jq_line();
     assert!(
-        line.contains("dpkg could not configure every package (a dependency is missing from the terminal and the bundle); removed what was not installed before: jq"),
+        line.contains("dpkg could not install every package (dpkg: dependency problems prevent configuration of jq:); taken out again, not installed before: jq"),
         "{line}"
     );
     // dpkg is left as it was: no jq, nothing half-configured.
@@ -235,9 +248,9 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
         .and_then(|l| l.strip_suffix(']'))
         .expect("the args the policy gives");
     let shipped: Vec<&str> = args.split(", ").collect();
-    assert_eq!(shipped.len(), 3, "jq, libjq1 and libonig5: {said}");
-    for (deb, package) in shipped.iter().zip(["jq_", "libjq1_", "libonig5_"]) {
-        assert!(deb.starts_with(package), "{said}");
+    // At least jq and the two libraries a minbase root lacks.
+    for package in ["jq_", "libjq1_", "libonig5_"] {
+        assert!(shipped.iter().any(|d| d.starts_with(package)), "{said}");
     }
     let signed = Command::new(binary("tenet"))
         .args(["payload", "sign", "install-jq.bundle", "--key", "admin.key"])

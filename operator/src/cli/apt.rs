@@ -5,8 +5,10 @@
 //! The target root decides everything: its apt sources and keys (so the
 //! packages come from the distribution it runs, and verify against its
 //! archive keys) and its dpkg status (so only what it lacks is fetched).
-//! Nothing of the machine the command runs on (its sources, lists, cache
-//! or installed packages) enters the bundle. The .debs are then shipped in
+//! Nothing of the machine the command runs on (its apt configuration,
+//! sources, keys, lists, cache, architecture or installed packages)
+//! enters the bundle. (A `Signed-By` path in the target's sources is
+//! still read on this machine.) The .debs are then shipped in
 //! the install-deb payload, digest-pinned under the admins' signatures.
 
 use std::path::{Path, PathBuf};
@@ -27,6 +29,9 @@ pub fn check_package(spec: &str) -> Result<(), String> {
     };
     let name_ok = name.len() >= 2
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        // apt reads a trailing - as "remove" (a trailing + is a name's
+        // own, as g++'s, when a package has it).
+        && !name.ends_with('-')
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
@@ -47,12 +52,13 @@ pub fn check_package(spec: &str) -> Result<(), String> {
 /// The apt options that make `target` decide the sources, keys,
 /// preferences and installed packages, and `scratch` hold the lists and
 /// the downloads.
-pub fn apt_options(target: &Path, scratch: &Path) -> Vec<String> {
+pub fn apt_options(target: &Path, scratch: &Path, architecture: &str) -> Vec<String> {
     let t = |p: &str| target.join(p).display().to_string();
     let s = |p: &str| scratch.join(p).display().to_string();
     [
         ("Dir::Etc::SourceList", t("etc/apt/sources.list")),
         ("Dir::Etc::SourceParts", t("etc/apt/sources.list.d")),
+        ("Dir::Etc::Trusted", t("etc/apt/trusted.gpg")),
         ("Dir::Etc::TrustedParts", t("etc/apt/trusted.gpg.d")),
         ("Dir::Etc::Preferences", t("etc/apt/preferences")),
         ("Dir::Etc::PreferencesParts", t("etc/apt/preferences.d")),
@@ -60,10 +66,20 @@ pub fn apt_options(target: &Path, scratch: &Path) -> Vec<String> {
         ("Dir::State::Lists", s("lists")),
         ("Dir::Cache", s("cache")),
         ("Dir::Cache::Archives", s("archives")),
+        // The target's architecture, not this machine's.
+        ("APT::Architecture", architecture.to_string()),
+        ("APT::Architectures", architecture.to_string()),
+        // Only what the target's archive keys sign.
+        ("APT::Get::AllowUnauthenticated", "false".into()),
+        ("Acquire::AllowInsecureRepositories", "false".into()),
+        (
+            "Acquire::AllowDowngradeToInsecureRepositories",
+            "false".into(),
+        ),
         // The scratch state is this command's alone.
         ("Debug::NoLocking", "1".into()),
-        ("APT::Sandbox::User", "root".into()),
         ("APT::Install-Recommends", "false".into()),
+        ("APT::Install-Suggests", "false".into()),
         (
             "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled",
             "false".into(),
@@ -72,6 +88,41 @@ pub fn apt_options(target: &Path, scratch: &Path) -> Vec<String> {
     .into_iter()
     .flat_map(|(k, v)| ["-o".to_string(), format!("{k}={v}")])
     .collect()
+}
+
+/// apt's own configuration for the scratch state: none of this machine's
+/// (`/etc/apt/apt.conf` and `apt.conf.d`: proxies, hooks, settings), read
+/// through `APT_CONFIG` before anything else.
+pub fn apt_config(scratch: &Path) -> String {
+    format!(
+        "Dir::Etc::main \"/dev/null\";\nDir::Etc::parts \"{}\";\n",
+        scratch.join("no-parts").display()
+    )
+}
+
+/// The target's native architecture: that of its dpkg.
+fn target_architecture(target: &Path) -> Result<String, CliError> {
+    let out = Command::new("dpkg-query")
+        .env("LC_ALL", "C")
+        .arg(format!(
+            "--admindir={}",
+            target.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f=${Architecture}", "dpkg"])
+        .output()
+        .map_err(|source| CliError::Io {
+            path: "dpkg-query".into(),
+            source,
+        })?;
+    let arch = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || arch.is_empty() || !arch.chars().all(|c| c.is_ascii_alphanumeric())
+    {
+        return Err(CliError::Usage(format!(
+            "--target {}: cannot tell its architecture (no dpkg installed in it)",
+            target.display()
+        )));
+    }
+    Ok(arch)
 }
 
 /// Fetch the closure of `packages` for `target` into a scratch directory;
@@ -95,37 +146,74 @@ pub fn fetch_closure(
         path: target.display().to_string(),
         source,
     })?;
+    let architecture = target_architecture(target)?;
     let scratch = tempfile::tempdir().map_err(|source| CliError::Io {
         path: "a scratch directory".into(),
         source,
     })?;
-    for d in ["lists/partial", "archives/partial", "cache"] {
-        let p = scratch.path().join(d);
-        std::fs::create_dir_all(&p).map_err(|source| CliError::Io {
+    let made = |p: &Path, r: std::io::Result<()>| {
+        r.map_err(|source| CliError::Io {
             path: p.display().to_string(),
             source,
-        })?;
+        })
+    };
+    // Open to apt's unprivileged download user (its sandbox), who writes
+    // only in the partial directories apt hands it.
+    use std::os::unix::fs::PermissionsExt;
+    made(
+        scratch.path(),
+        std::fs::set_permissions(scratch.path(), std::fs::Permissions::from_mode(0o755)),
+    )?;
+    for d in ["lists/partial", "archives/partial", "cache", "no-parts"] {
+        let p = scratch.path().join(d);
+        made(&p, std::fs::create_dir_all(&p))?;
     }
-    let options = apt_options(target, scratch.path());
-    apt(&options, &["update"], "read the target's package lists")?;
-    let mut install = vec!["install", "--download-only", "-y", "--"];
+    let config = scratch.path().join("apt.conf");
+    made(&config, std::fs::write(&config, apt_config(scratch.path())))?;
+    let options = apt_options(target, scratch.path(), &architecture);
+    apt(
+        &config,
+        &options,
+        &["update"],
+        "read the target's package lists",
+    )?;
+    let mut install = vec!["install", "--download-only", "--no-remove", "-y", "--"];
     install.extend(packages.iter().map(String::as_str));
     apt(
+        &config,
         &options,
         &install,
         &format!("resolve {}", packages.join(" ")),
     )?;
     let archives = scratch.path().join("archives");
-    let mut debs: Vec<PathBuf> = std::fs::read_dir(&archives)
-        .map_err(|source| CliError::Io {
-            path: archives.display().to_string(),
-            source,
-        })?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
+    let mut debs = Vec::new();
+    for entry in std::fs::read_dir(&archives).map_err(|source| CliError::Io {
+        path: archives.display().to_string(),
+        source,
+    })? {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "deb") {
+            continue;
+        }
+        // apt writes an epoch's colon as %3a; an artifact's name holds
+        // no %: `bsdutils_1+2.38.1-5_amd64.deb` (the installer reads the
+        // package from the .deb itself).
+        let name = entry.file_name().to_string_lossy().replace("%3a", "+");
+        let renamed = archives.join(&name);
+        made(&renamed, std::fs::rename(&path, &renamed))?;
+        debs.push(renamed);
+    }
     debs.sort();
+    // The installer is an artifact too.
+    if debs.len() + 1 > tenet_protocol::bundle::MAX_ARTIFACTS {
+        return Err(CliError::Usage(format!(
+            "the closure of {} is {} packages, more than the {} a bundle ships: split it into bundles the terminals install one after another",
+            packages.join(" "),
+            debs.len(),
+            tenet_protocol::bundle::MAX_ARTIFACTS - 1
+        )));
+    }
     if debs.is_empty() {
         return Err(CliError::Usage(format!(
             "the target already has {}: nothing to ship",
@@ -137,8 +225,9 @@ pub fn fetch_closure(
 
 /// Run apt-get with `options` and `args`; its error lines (`E: ...`) are
 /// the error.
-fn apt(options: &[String], args: &[&str], doing: &str) -> Result<(), CliError> {
+fn apt(config: &Path, options: &[String], args: &[&str], doing: &str) -> Result<(), CliError> {
     let out = Command::new("apt-get")
+        .env("APT_CONFIG", config)
         .env("LC_ALL", "C")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .arg("-q")
@@ -186,6 +275,7 @@ mod tests {
         }
         for bad in [
             "-oAPT::Get::Foo=1",
+            "jq-",
             "Jq",
             "j",
             "jq=",
@@ -203,7 +293,7 @@ mod tests {
 
     #[test]
     fn the_target_decides_sources_keys_and_installed_packages() {
-        let options = apt_options(Path::new("/r"), Path::new("/s"));
+        let options = apt_options(Path::new("/r"), Path::new("/s"), "arm64");
         let pairs: Vec<&str> = options
             .iter()
             .skip(1)
@@ -215,6 +305,13 @@ mod tests {
         assert!(pairs.contains(&"Dir::State::Status=/r/var/lib/dpkg/status"));
         assert!(pairs.contains(&"Dir::State::Lists=/s/lists"));
         assert!(pairs.contains(&"Dir::Cache::Archives=/s/archives"));
+        assert!(pairs.contains(&"Dir::Etc::Trusted=/r/etc/apt/trusted.gpg"));
+        assert!(pairs.contains(&"APT::Architecture=arm64"));
+        assert!(pairs.contains(&"Acquire::AllowInsecureRepositories=false"));
+        assert_eq!(
+            apt_config(Path::new("/s")),
+            "Dir::Etc::main \"/dev/null\";\nDir::Etc::parts \"/s/no-parts\";\n"
+        );
         assert!(options.iter().step_by(2).all(|o| o == "-o"));
     }
 }
