@@ -7,7 +7,9 @@
 //! admins then build a bundle with the whole closure (`tenet payload build
 //! --apt jq --target ROOT`, apt from the root's own sources), sign and
 //! approve it: jq is installed, `dpkg --audit` is clean and status says
-//! Compliant, as dpkg does.
+//! Compliant, as dpkg does. Then a real upgrade path Debian published
+//! (bookworm's jq to bookworm-security's), and a purge; after each, dpkg
+//! and status agree and `dpkg --audit` is clean.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -88,10 +90,28 @@ fn policy(dir: &Path, bundle: &SignedMessage, debs: &[&Path]) {
         .iter()
         .map(|d| d.file_name().expect("name").to_string_lossy().into_owned())
         .collect();
+    write_policy(
+        dir,
+        "{ name: jq, version: '>= 1.6' }",
+        "install-jq",
+        bundle,
+        &args,
+    );
+}
+
+/// The jq policy: `requirement` (a package requirement) remediated by the
+/// signed bundle `payload` with `args`; approved by the admin.
+fn write_policy(
+    dir: &Path,
+    requirement: &str,
+    payload: &str,
+    bundle: &SignedMessage,
+    args: &[String],
+) {
     std::fs::write(
         dir.join("policies/jq.yaml"),
         format!(
-            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: jq\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: jq, version: '>= 1.6' }}\n  remediation:\n    payload: {{ name: install-jq, digest: '{}' }}\n    args: [{}]\n    capabilities: [run-artifact, log]\n    maxAttempts: 1\n",
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: jq\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {requirement}\n  remediation:\n    payload: {{ name: {payload}, digest: '{}' }}\n    args: [{}]\n    capabilities: [run-artifact, log]\n    maxAttempts: 1\n",
             digest_string(&bundle.body_digest()),
             args.join(", ")
         ),
@@ -100,8 +120,57 @@ fn policy(dir: &Path, bundle: &SignedMessage, debs: &[&Path]) {
     sign_policies(&dir.join("policies/jq.yaml"), &dir.join("admin.key"));
 }
 
+/// `tenet CLI-ARGS` in `dir`, which must succeed; its standard output.
+fn tenet_ok(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(binary("tenet"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("tenet");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "tenet {args:?}: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
+/// Sign `file` as the admin and put it in the operator's bundles; the
+/// signed bundle.
+fn ship(dir: &Path, file: &str) -> SignedMessage {
+    tenet_ok(dir, &["payload", "sign", file, "--key", "admin.key"]);
+    std::fs::copy(dir.join(file), dir.join("bundles").join(file)).expect("bundle");
+    SignedMessage::decode(
+        &std::fs::read(dir.join(file)).expect("bundle"),
+        Kind::PayloadBundle,
+    )
+    .expect("a bundle")
+}
+
+/// `tenet payload build --apt SPEC --target root`, signed and shipped as
+/// `name`: the bundle and the args the policy gives it.
+fn build_apt(dir: &Path, spec: &str, name: &str) -> (SignedMessage, Vec<String>) {
+    let file = format!("{name}.bundle");
+    let said = tenet_ok(
+        dir,
+        &[
+            "payload", "build", "--apt", spec, "--target", "root", "--name", name, "--out", &file,
+        ],
+    );
+    let args = said
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("args: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("no args in {said}"))
+        .split(", ")
+        .map(str::to_string)
+        .collect();
+    (ship(dir, &file), args)
+}
+
 #[test]
-fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
+fn debians_jq_on_a_debootstrapped_root_fails_whole_installs_upgrades_and_is_purged() {
     let Some((cached, debs)) = debian() else {
         return;
     };
@@ -186,6 +255,21 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
             .expect("tenet");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // The jq policy's generation, and whether its one terminal complies
+    // with it (the summary line of `tenet status`).
+    let generation = || {
+        tenet(&["status", "--data", "data"])
+            .lines()
+            .find(|l| l.starts_with("hospital-it/jq "))
+            .map(|l| {
+                let c: Vec<&str> = l.split_whitespace().collect();
+                (
+                    c.get(1).and_then(|g| g.parse::<u64>().ok()).unwrap_or(0),
+                    c.get(2) == Some(&"1/1"),
+                )
+            })
+            .unwrap_or((0, false))
+    };
     let jq_line = || {
         tenet(&["status", "--data", "data", "terminal", "nagoya-ward3-01"])
             .lines()
@@ -230,47 +314,21 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
         "tenet: apt cannot resolve jq-does-not-exist: E: Unable to locate package jq-does-not-exist\n"
     );
     assert!(!dir.join("x.bundle").exists());
-    let built = Command::new(binary("tenet"))
-        .args(["payload", "build", "--apt", "jq", "--target", "root"])
-        .args(["--name", "install-jq", "--out", "install-jq.bundle"])
-        .current_dir(dir)
-        .output()
-        .expect("tenet payload build");
-    let said = String::from_utf8_lossy(&built.stdout).into_owned();
-    assert!(
-        built.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    let args = said
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("args: ["))
-        .and_then(|l| l.strip_suffix(']'))
-        .expect("the args the policy gives");
-    let shipped: Vec<&str> = args.split(", ").collect();
+    let (whole, shipped) = build_apt(dir, "jq", "install-jq");
     // At least jq and the two libraries a minbase root lacks.
     for package in ["jq_", "libjq1_", "libonig5_"] {
-        assert!(shipped.iter().any(|d| d.starts_with(package)), "{said}");
+        assert!(
+            shipped.iter().any(|d| d.starts_with(package)),
+            "{shipped:?}"
+        );
     }
-    let signed = Command::new(binary("tenet"))
-        .args(["payload", "sign", "install-jq.bundle", "--key", "admin.key"])
-        .current_dir(dir)
-        .output()
-        .expect("tenet payload sign");
-    assert!(signed.status.success());
-    let whole = SignedMessage::decode(
-        &std::fs::read(dir.join("install-jq.bundle")).expect("bundle"),
-        Kind::PayloadBundle,
-    )
-    .expect("a bundle");
-    std::fs::copy(
-        dir.join("install-jq.bundle"),
-        dir.join("bundles/install-jq.bundle"),
-    )
-    .expect("bundle");
-    let names: Vec<PathBuf> = shipped.iter().map(PathBuf::from).collect();
-    let all: Vec<&Path> = names.iter().map(PathBuf::as_path).collect();
-    policy(dir, &whole, &all);
+    write_policy(
+        dir,
+        "{ name: jq, version: '>= 1.6' }",
+        "install-jq",
+        &whole,
+        &shipped,
+    );
     wait_until(
         Duration::from_secs(90),
         "jq installed through the loop",
@@ -292,4 +350,74 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_then_installs_whole() {
         )),
         "{inventory}"
     );
+    // A real upgrade path between two versions Debian published: the
+    // terminal also follows bookworm-security, and the admins require its
+    // jq. The closure is the newer jq and its libjq1 (libonig5 is there).
+    let sources = root.join("etc/apt/sources.list");
+    let mut list = std::fs::read_to_string(&sources).expect("sources");
+    list.push_str("deb http://deb.debian.org/debian-security bookworm-security main\n");
+    std::fs::write(&sources, list).expect("sources");
+    let security = "1.6-2.1+deb12u3";
+    let (upgrade, shipped) = build_apt(dir, &format!("jq={security}"), "upgrade-jq");
+    assert!(
+        !shipped.iter().any(|d| d.starts_with("libonig5_")),
+        "only what the terminal lacks: {shipped:?}"
+    );
+    let (before, _) = generation();
+    write_policy(
+        dir,
+        &format!("{{ name: jq, version: '>= {security}' }}"),
+        "upgrade-jq",
+        &upgrade,
+        &shipped,
+    );
+    // Compliant with the new generation: judged on an inventory after it.
+    wait_until(
+        Duration::from_secs(90),
+        "jq upgraded through the loop",
+        || generation() == (before + 1, true),
+    );
+    assert_eq!(dpkg_query(&root, "${Version}", "jq"), security);
+    assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "ii");
+    assert_eq!(dpkg_query(&root, "${Version}", "libjq1"), security);
+    assert_eq!(audit(&root), "");
+
+    // Then jq must be absent: the remove-packages payload purges it.
+    let payloads = tenet_e2e::example("remove-packages.wat");
+    let payloads = payloads.parent().expect("examples/payloads");
+    tenet_ok(
+        dir,
+        &[
+            "payload",
+            "build",
+            "--module",
+            payloads.join("remove-packages.wat").to_str().expect("path"),
+            "--artifact",
+            payloads.join("remove-packages.sh").to_str().expect("path"),
+            "--capability",
+            "run-artifact",
+            "--capability",
+            "log",
+            "--name",
+            "remove-jq",
+            "--out",
+            "remove-jq.bundle",
+        ],
+    );
+    let remove = ship(dir, "remove-jq.bundle");
+    let (before, _) = generation();
+    write_policy(
+        dir,
+        "{ name: jq, absent: true }",
+        "remove-jq",
+        &remove,
+        &["jq".to_string()],
+    );
+    wait_until(
+        Duration::from_secs(90),
+        "jq purged through the loop",
+        || generation() == (before + 1, true),
+    );
+    assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "");
+    assert_eq!(audit(&root), "");
 }
