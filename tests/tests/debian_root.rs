@@ -8,8 +8,9 @@
 //! --apt jq --target ROOT`, apt from the root's own sources), sign and
 //! approve it: jq is installed, `dpkg --audit` is clean and status says
 //! Compliant, as dpkg does. Then a real upgrade path Debian published
-//! (bookworm's jq to bookworm-security's), and a purge; after each, dpkg
-//! and status agree and `dpkg --audit` is clean.
+//! (bookworm's jq to bookworm-security's), a purge, and a service started
+//! (its state recorded in the root, where no service manager runs); after
+//! each, dpkg and status agree and `dpkg --audit` is clean.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -170,7 +171,7 @@ fn build_apt(dir: &Path, spec: &str, name: &str) -> (SignedMessage, Vec<String>)
 }
 
 #[test]
-fn debians_jq_on_a_debootstrapped_root_fails_whole_installs_upgrades_and_is_purged() {
+fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_service() {
     let Some((cached, debs)) = debian() else {
         return;
     };
@@ -419,5 +420,50 @@ fn debians_jq_on_a_debootstrapped_root_fails_whole_installs_upgrades_and_is_purg
         || generation() == (before + 1, true),
     );
     assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "");
+    assert_eq!(audit(&root), "");
+
+    // A service started: no service manager runs in the root, so the
+    // ensure-service payload records its state where the agent reads it.
+    tenet_ok(
+        dir,
+        &[
+            "payload",
+            "build",
+            "--module",
+            payloads.join("ensure-service.wat").to_str().expect("path"),
+            "--artifact",
+            payloads.join("ensure-service.sh").to_str().expect("path"),
+            "--capability",
+            "run-artifact",
+            "--capability",
+            "log",
+            "--name",
+            "ensure-service",
+            "--out",
+            "ensure-service.bundle",
+        ],
+    );
+    let ensure = ship(dir, "ensure-service.bundle");
+    std::fs::write(
+        dir.join("policies/cron.yaml"),
+        format!(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: cron-running\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - service: {{ name: cron, state: running, enabled: true }}\n  remediation:\n    payload: {{ name: ensure-service, digest: '{}' }}\n    args: [cron]\n    capabilities: [run-artifact, log]\n",
+            digest_string(&ensure.body_digest())
+        ),
+    )
+    .expect("policy");
+    sign_policies(&dir.join("policies/cron.yaml"), &dir.join("admin.key"));
+    wait_until(
+        Duration::from_secs(90),
+        "cron started through the loop",
+        || {
+            tenet(&["status", "--data", "data", "terminal", "nagoya-ward3-01"])
+                .contains("  Compliant   hospital-it/cron-running")
+        },
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("var/lib/tenet/services/cron")).expect("state"),
+        "running enabled\n"
+    );
     assert_eq!(audit(&root), "");
 }
