@@ -149,6 +149,34 @@ fn ship(dir: &Path, file: &str) -> SignedMessage {
     .expect("a bundle")
 }
 
+/// The example payload `payload` (its module and its script) built as the
+/// bundle `name`, signed and shipped.
+fn build_payload(dir: &Path, payload: &str, name: &str) -> SignedMessage {
+    let file = format!("{name}.bundle");
+    let module = tenet_e2e::example(&format!("{payload}.wat"));
+    let script = tenet_e2e::example(&format!("{payload}.sh"));
+    tenet_ok(
+        dir,
+        &[
+            "payload",
+            "build",
+            "--module",
+            module.to_str().expect("path"),
+            "--artifact",
+            script.to_str().expect("path"),
+            "--capability",
+            "run-artifact",
+            "--capability",
+            "log",
+            "--name",
+            name,
+            "--out",
+            &file,
+        ],
+    );
+    ship(dir, &file)
+}
+
 /// `tenet payload build --apt SPEC --target root`, signed and shipped as
 /// `name`: the bundle and the args the policy gives it.
 fn build_apt(dir: &Path, spec: &str, name: &str) -> (SignedMessage, Vec<String>) {
@@ -384,28 +412,7 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     assert_eq!(audit(&root), "");
 
     // Then jq must be absent: the remove-packages payload purges it.
-    let payloads = tenet_e2e::example("remove-packages.wat");
-    let payloads = payloads.parent().expect("examples/payloads");
-    tenet_ok(
-        dir,
-        &[
-            "payload",
-            "build",
-            "--module",
-            payloads.join("remove-packages.wat").to_str().expect("path"),
-            "--artifact",
-            payloads.join("remove-packages.sh").to_str().expect("path"),
-            "--capability",
-            "run-artifact",
-            "--capability",
-            "log",
-            "--name",
-            "remove-jq",
-            "--out",
-            "remove-jq.bundle",
-        ],
-    );
-    let remove = ship(dir, "remove-jq.bundle");
+    let remove = build_payload(dir, "remove-packages", "remove-jq");
     let (before, _) = generation();
     write_policy(
         dir,
@@ -424,26 +431,7 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
 
     // A service started: no service manager runs in the root, so the
     // ensure-service payload records its state where the agent reads it.
-    tenet_ok(
-        dir,
-        &[
-            "payload",
-            "build",
-            "--module",
-            payloads.join("ensure-service.wat").to_str().expect("path"),
-            "--artifact",
-            payloads.join("ensure-service.sh").to_str().expect("path"),
-            "--capability",
-            "run-artifact",
-            "--capability",
-            "log",
-            "--name",
-            "ensure-service",
-            "--out",
-            "ensure-service.bundle",
-        ],
-    );
-    let ensure = ship(dir, "ensure-service.bundle");
+    let ensure = build_payload(dir, "ensure-service", "ensure-service");
     std::fs::write(
         dir.join("policies/cron.yaml"),
         format!(
