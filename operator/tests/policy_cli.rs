@@ -522,3 +522,47 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
         "tenet: --threshold 2 needs between 1 and 1 (the distinct --trust keys given)\n"
     );
 }
+
+/// A policy whose only maintenance window is on another day than today:
+/// the plan says it would hold its dispatch, and until when.
+#[test]
+fn plan_says_when_a_dispatch_waits_for_a_maintenance_window() {
+    let days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    let today = jiff::Zoned::now()
+        .with_time_zone(jiff::tz::TimeZone::UTC)
+        .weekday()
+        .to_monday_zero_offset() as usize;
+    // Two days on: closed all of today, whatever the hour.
+    let day = days[(today + 2) % 7];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let policy = tmp.path().join("browser.yaml");
+    let text =
+        std::fs::read_to_string(root().join("policies/browser-a-nagoya.yaml")).expect("policy");
+    let with_window = text.replacen(
+        "  rollout:",
+        &format!(
+            "  rollout:\n    windows:\n      - {{ days: [{day}], start: \"02:00\", end: \"05:00\", timeZone: UTC }}"
+        ),
+        1,
+    );
+    assert_ne!(
+        with_window, text,
+        "the example policy has a rollout section"
+    );
+    std::fs::write(&policy, with_window).expect("write");
+    let out = tenet(&[
+        "policy",
+        "plan",
+        policy.to_str().expect("path"),
+        "--inventory",
+        "examples/inventories/nagoya-ward3-01.yaml",
+    ]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "(held: waiting for a maintenance window (the next opens {day} 02:00 UTC))"
+        )),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -414,10 +414,10 @@ struct Dispatch<'p> {
     digest: &'p str,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     args: &'p [String],
-    /// Why nothing would be sent: the policy is suspended, or not
-    /// approved (with `--trust`).
+    /// Why nothing would be sent now: the policy is suspended, not
+    /// approved (with `--trust`), or outside its maintenance windows.
     #[serde(skip_serializing_if = "Option::is_none")]
-    held: Option<&'static str>,
+    held: Option<String>,
 }
 
 /// `tenet policy plan DIR --inventory FILE`: what each terminal's drift is
@@ -482,16 +482,23 @@ fn plan(
                             digest: &r.payload.digest,
                             args: &r.args,
                             held: if c.spec.suspend {
-                                Some("the policy is suspended")
+                                Some("the policy is suspended".to_string())
                             } else if approvals.trust.is_some()
                                 && !matches!(
                                     approvals.verdicts.get(&c.key()),
                                     Some(Verdict::Approved { .. })
                                 )
                             {
-                                Some("the policy is not approved")
+                                Some("the policy is not approved".to_string())
                             } else {
-                                None
+                                let windows = c
+                                    .statement
+                                    .remediation
+                                    .as_ref()
+                                    .map_or(&[][..], |r| &r.windows[..]);
+                                tenet_protocol::window::closed(windows, crate::time::now_ms()).map(
+                                    |next| format!("waiting for a maintenance window ({next})"),
+                                )
                             },
                         });
                     PolicyPlan {
@@ -566,7 +573,11 @@ fn print_plan(plans: &[TerminalPlan<'_>], out: &mut dyn Write) -> std::io::Resul
             }
             match &p.dispatch {
                 Some(d) => {
-                    let held = d.held.map(|h| format!(" (held: {h})")).unwrap_or_default();
+                    let held = d
+                        .held
+                        .as_ref()
+                        .map(|h| format!(" (held: {h})"))
+                        .unwrap_or_default();
                     let args = if d.args.is_empty() {
                         String::new()
                     } else {
