@@ -18,16 +18,14 @@
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use tenet_protocol::enrol::{
-    EnrolmentRequest, EnrolmentResponse, TrustAnchors, verify_enrolment_request,
-};
+use tenet_protocol::enrol::{EnrolmentRequest, EnrolmentResponse, verify_enrolment_request};
 use tenet_protocol::session::{ToAgent, ToOperator};
 use tenet_protocol::wire::sha256;
-use tenet_protocol::{KeyPair, Rejection, SignedMessage};
+use tenet_protocol::{Rejection, SignedMessage};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -138,15 +136,22 @@ impl Default for Limits {
     }
 }
 
+/// The message that carries the chain of trust rotations to an agent.
+pub fn rotations_message(rotations: &[Vec<u8>]) -> ToAgent {
+    ToAgent::TrustRotations {
+        rotations: rotations
+            .iter()
+            .map(|r| serde_bytes::ByteBuf::from(r.clone()))
+            .collect(),
+    }
+}
+
 pub struct Gateway {
     pub acceptor: tokio_rustls::TlsAcceptor,
     pub ca: Arc<Ca>,
-    /// What enrolment pins: the trust anchors in force.
-    pub trust: TrustAnchors,
-    /// The rotations from version 2 to the anchors in force, sent first
-    /// on every session (empty: never rotated).
-    pub rotations: Arc<Vec<Vec<u8>>>,
-    pub dispatch_key: Arc<KeyPair>,
+    /// The trust in force: what enrolment pins (signed with its dispatch
+    /// key), and the rotations sent first on every session.
+    pub trust: crate::trust::SharedTrust,
     pub fleet: Arc<dyn Fleet>,
     /// Validity of the client certificates issued at enrolment.
     pub client_cert_validity: Duration,
@@ -337,14 +342,18 @@ impl Gateway {
             TpmTrust::None => {}
         }
         self.fleet.enrol(&request, client_key, tpm)?;
+        let (anchors, key) = {
+            let t = self.trust.read().unwrap_or_else(PoisonError::into_inner);
+            (t.anchors.clone(), t.dispatch_key.clone())
+        };
         let response = EnrolmentResponse {
             terminal: request.terminal,
-            trust: self.trust.clone(),
+            trust: anchors,
             client_certificate_pem: cert,
             ca_certificate_pem: self.ca.cert_pem.clone(),
             issued_at_ms: (self.now_ms)(),
         };
-        SignedMessage::signed(&response, self.dispatch_key.as_ref())
+        SignedMessage::signed(&response, key.as_ref())
             .map(|m| m.encode())
             .map_err(|e| e.to_string())
     }
@@ -362,33 +371,30 @@ impl Gateway {
         // The writer gives up on an agent that does not read what it is sent
         // (one message not taken within the idle timeout), and says so.
         let writer_gone = Arc::new(Notify::new());
-        // Before anything the fleet sends: envelopes signed by a rotated
-        // dispatch key verify only once the rotation is pinned.
-        if !self.rotations.is_empty()
-            && tx
-                .try_send(ToAgent::TrustRotations {
-                    rotations: self
-                        .rotations
-                        .iter()
-                        .map(|r| serde_bytes::ByteBuf::from(r.clone()))
-                        .collect(),
-                })
-                .is_err()
+        // The rotations first, and registered under the same read lock: an
+        // envelope signed by a rotated dispatch key verifies only once the
+        // rotation is pinned, and a rotation installed meanwhile is pushed
+        // to every registered session under the write lock.
         {
-            tracing::error!(
-                terminal,
-                rotations = self.rotations.len(),
-                "the trust rotations do not fit the session's queue; envelopes signed by a rotated key will be refused"
+            let trust = self.trust.read().unwrap_or_else(PoisonError::into_inner);
+            if !trust.rotations.is_empty()
+                && tx.try_send(rotations_message(&trust.rotations)).is_err()
+            {
+                tracing::error!(
+                    terminal,
+                    rotations = trust.rotations.len(),
+                    "the trust rotations do not fit the session's queue; envelopes signed by a rotated key will be refused"
+                );
+            }
+            self.fleet.connected(
+                &terminal,
+                Session {
+                    id,
+                    to_agent: tx.clone(),
+                    replaced: replaced.clone(),
+                },
             );
         }
-        self.fleet.connected(
-            &terminal,
-            Session {
-                id,
-                to_agent: tx.clone(),
-                replaced: replaced.clone(),
-            },
-        );
         let write_timeout = self.limits.idle_timeout;
         let gone = writer_gone.clone();
         let writer_task = tokio::spawn(async move {

@@ -6,9 +6,10 @@
 //! certificates are signed with the one key). Each later version is a
 //! `TrustRotation` the admins signed (K of the old set and K' of the new),
 //! kept as `DATA/trust-N.rotation`, N = 2, 3, ...; the operator walks them
-//! at start, refuses to start when one does not verify, signs with the
-//! dispatch key of the last, and sends the chain first on every agent
-//! session, so each agent pins the same anchors. A rotation's private
+//! at start (refusing to start when one does not verify) and again on
+//! every tick (a new one is taken while it runs), signs with the dispatch
+//! key of the last, pushes a new one to every connected agent and sends
+//! the chain first on every session, so each agent pins the same anchors. A rotation's private
 //! dispatch key is a `dispatch*.key` file in DATA (`tenet keygen --out
 //! DATA/dispatch-2.key`), found by its public key.
 //!
@@ -24,6 +25,30 @@ use std::path::{Path, PathBuf};
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::rotation::{self, Rotated};
 use tenet_protocol::{KeyPair, PublicKey, Signer};
+
+/// The trust in force, as the gateway and the loop share it: the anchors
+/// enrolment pins, the rotations every session gets first, and the key
+/// envelopes and certificates are signed with. The loop replaces it whole,
+/// under the write lock, when a rotation is installed; a session sends the
+/// rotations and registers under the read lock, so no envelope signed by
+/// a rotated key reaches a session before the rotation does.
+pub struct InForce {
+    pub anchors: TrustAnchors,
+    pub rotations: std::sync::Arc<Vec<Vec<u8>>>,
+    pub dispatch_key: std::sync::Arc<KeyPair>,
+}
+
+/// The trust in force, shared.
+pub type SharedTrust = std::sync::Arc<std::sync::RwLock<InForce>>;
+
+/// Shared trust of `anchors` signed with `dispatch_key`, never rotated.
+pub fn shared(anchors: TrustAnchors, dispatch_key: std::sync::Arc<KeyPair>) -> SharedTrust {
+    std::sync::Arc::new(std::sync::RwLock::new(InForce {
+        anchors,
+        rotations: Default::default(),
+        dispatch_key,
+    }))
+}
 
 /// Where the rotation to `version` is kept.
 pub fn rotation_path(data: &Path, version: u64) -> PathBuf {

@@ -292,9 +292,7 @@ impl TestGateway {
         let gw = Arc::new(Gateway {
             acceptor: tokio_rustls_acceptor(tls),
             ca,
-            trust,
-            rotations: Default::default(),
-            dispatch_key,
+            trust: tenet::trust::shared(trust, dispatch_key),
             fleet,
             client_cert_validity: validity,
             now_ms,

@@ -81,16 +81,17 @@ impl Operator {
             acceptor: TlsAcceptor::from(Arc::new(
                 ca.server_config(&["127.0.0.1".into()]).expect("tls"),
             )),
-            trust: TrustAnchors {
-                version: 1,
-                admin_keys: vec![admin.public_key()],
-                admin_threshold: 1,
-                dispatch_key: dispatch_key.public_key(),
-                issuer_key: dispatch_key.public_key(),
-            },
+            trust: tenet::trust::shared(
+                TrustAnchors {
+                    version: 1,
+                    admin_keys: vec![admin.public_key()],
+                    admin_threshold: 1,
+                    dispatch_key: dispatch_key.public_key(),
+                    issuer_key: dispatch_key.public_key(),
+                },
+                dispatch_key,
+            ),
             ca: ca.clone(),
-            rotations: Default::default(),
-            dispatch_key,
             fleet: fleet.clone(),
             client_cert_validity: Duration::from_secs(3600),
             now_ms,

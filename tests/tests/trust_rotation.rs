@@ -1,9 +1,10 @@
 //! Trust rotation with real processes: a real agent refuses a rotation the
 //! operator (or whoever holds the dispatch key) signed without the admins,
 //! and pins one the admins signed, after which only the new keys count;
-//! and the admins' whole workflow through the `tenet trust` commands, a
-//! restarted `tenet operator` sending the rotation over the agent's
-//! session, and a package installed under the new admin and dispatch keys.
+//! and the admins' whole workflow through the `tenet trust` commands, the
+//! running `tenet operator` taking the rotation and sending it over the
+//! connection the agent holds, and a package installed under the new admin
+//! and dispatch keys.
 
 use std::path::Path;
 use std::process::Command;
@@ -317,32 +318,14 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
         shown.starts_with("in force: version 2: 1 of 1 admin key(s)"),
         "{shown}"
     );
-    drop(operator);
-    // Swapping the admin key in the operator's flags instead of rotating
-    // is refused.
-    let swapped = Command::new(binary("tenet"))
-        .args(["operator", "--policies", "policies", "--data", "data"])
-        .args(["--admin-key", "admin2.key.pub", "--metrics", "127.0.0.1:0"])
-        .current_dir(dir)
-        .output()
-        .expect("operator");
-    assert_eq!(swapped.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&swapped.stderr)
-            .contains("are not version 1 of the trust anchors recorded in data/trust-1.anchors"),
-        "{}",
-        String::from_utf8_lossy(&swapped.stderr)
-    );
+    // The running operator takes it: version 2 is in force, and the agent
+    // pins it over the connection it holds (no reconnection).
     let dispatch2 = KeyPair::read_file(&dir.join("data/dispatch-2.key")).expect("dispatch 2");
-    let (_operator, lines) = start_operator(dir, port);
-    next_line(
-        &lines,
-        &format!(
-            "trust anchors version 2: 1 of 1 admin key(s), dispatch key {}",
-            dispatch2.public_key().fingerprint()
-        ),
+    let version_2 = format!(
+        "trust anchors version 2: 1 of 1 admin key(s), dispatch key {}",
+        dispatch2.public_key().fingerprint()
     );
-    // The agent reconnects and pins version 2 from its session.
+    next_line(&lines, &version_2);
     wait_until(
         Duration::from_secs(60),
         "the agent to pin version 2",
@@ -351,6 +334,12 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
     let anchors = pinned(&dir.join("agent-data")).expect("pinned");
     assert_eq!(anchors.admin_keys, vec![admin2.public_key()]);
     assert_eq!(anchors.dispatch_key, dispatch2.public_key());
+    let agent_log = std::fs::read_to_string(dir.join("agent.log")).expect("agent log");
+    assert!(agent_log.contains("trust rotated"), "{agent_log}");
+    assert!(
+        !agent_log.contains("connection lost") && !agent_log.contains("closed the connection"),
+        "{agent_log}"
+    );
 
     // The new admin alone now signs a bundle and approves a policy, and
     // the operator dispatches it with the new dispatch key: it installs.
@@ -367,4 +356,23 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
         "browser-a 121 under version 2",
         || installed(&root).as_deref() == Some("121.0-1"),
     );
+
+    // Restarted, the operator walks the chain again. Swapping the admin
+    // key in its flags instead of rotating is refused.
+    drop(operator);
+    let swapped = Command::new(binary("tenet"))
+        .args(["operator", "--policies", "policies", "--data", "data"])
+        .args(["--admin-key", "admin2.key.pub", "--metrics", "127.0.0.1:0"])
+        .current_dir(dir)
+        .output()
+        .expect("operator");
+    assert_eq!(swapped.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&swapped.stderr)
+            .contains("are not version 1 of the trust anchors recorded in data/trust-1.anchors"),
+        "{}",
+        String::from_utf8_lossy(&swapped.stderr)
+    );
+    let (_operator, lines) = start_operator(dir, port);
+    next_line(&lines, &version_2);
 }

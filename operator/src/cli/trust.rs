@@ -1,8 +1,8 @@
 //! `tenet trust`: rotate the keys agents trust (TUF-style). The admins
 //! write the next version of the trust anchors (`rotate`), K of the admins
 //! in force and K' of the new ones sign it (`sign`), it is put in the
-//! operator's data directory (`install`), and the operator, once restarted,
-//! sends it first on every agent session; each agent checks the
+//! operator's data directory (`install`), and the running operator takes
+//! it and sends it to every agent, first on every session; each agent checks the
 //! signatures against the admin keys it pinned before it pins the new ones.
 
 use std::io::Write;
@@ -40,8 +40,8 @@ pub enum TrustCommand {
         key: PathBuf,
     },
     /// Check a signed rotation against the anchors in force and put it in
-    /// the data directory as DATA/trust-N.rotation; restart the operator
-    /// to enforce it. Refused (exit 1) unless K admins of the version in
+    /// the data directory as DATA/trust-N.rotation, where the running
+    /// operator takes it. Refused (exit 1) unless K admins of the version in
     /// force and K' of the new set signed it.
     Install {
         /// The signed rotation file.
@@ -276,7 +276,7 @@ fn install(file: &Path, args: &ChainArgs, out: &mut dyn Write) -> Result<i32, Cl
     write_new(&dest, &bytes)?;
     let _ = writeln!(
         out,
-        "installed {}\n{}\nsigned by {} admin(s) of version {} and {} of its own; restart the operator: it sends the rotation first on every agent session",
+        "installed {}\n{}\nsigned by {} admin(s) of version {} and {} of its own; the running operator takes it and sends it to every agent",
         dest.display(),
         describe(&rotated.anchors),
         rotated.old_signers.len(),

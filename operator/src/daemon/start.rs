@@ -61,20 +61,19 @@ impl Daemon {
         };
         let mut data = data;
         let Trust {
-            anchors: trust,
+            first,
+            anchors,
             rotations,
             bundles: bundle_trust,
             dispatch_key,
         } = self.trust(&data.dispatch_key)?;
-        data.dispatch_key = dispatch_key;
-        let _ = writeln!(
-            out,
-            "trust anchors version {}: {} of {} admin key(s), dispatch key {}",
-            trust.version,
-            trust.admin_threshold,
-            trust.admin_keys.len(),
-            data.dispatch_key.public_key().fingerprint()
-        );
+        let _ = writeln!(out, "{}", super::steps::describe_trust(&anchors));
+        data.dispatch_key = dispatch_key.clone();
+        let trust = Arc::new(std::sync::RwLock::new(crate::trust::InForce {
+            anchors,
+            rotations,
+            dispatch_key,
+        }));
         let (fleet, changes) = OperatorFleet::new(
             data.store.clone(),
             Retry::default(),
@@ -85,9 +84,7 @@ impl Daemon {
         let gateway = Arc::new(Gateway {
             acceptor: TlsAcceptor::from(Arc::new(data.ca.server_config(&self.names)?)),
             ca: data.ca.clone(),
-            trust,
-            rotations,
-            dispatch_key: data.dispatch_key.clone(),
+            trust: trust.clone(),
             fleet: fleet.clone(),
             client_cert_validity: Duration::from_secs(24 * 3600),
             now_ms,
@@ -146,7 +143,12 @@ impl Daemon {
             source,
             fleet,
             changes,
-            bundle_trust,
+            super::steps::TrustState {
+                first,
+                shared: trust,
+                bundles: bundle_trust,
+                refused: None,
+            },
             metrics,
             files_changed,
             watcher,
@@ -226,7 +228,8 @@ impl Daemon {
         )
         .map_err(DaemonError::Usage)?;
         crate::trust::check_first(&self.data, &first).map_err(DaemonError::Usage)?;
-        let chain = crate::trust::load_chain(&self.data, first).map_err(DaemonError::Usage)?;
+        let chain =
+            crate::trust::load_chain(&self.data, first.clone()).map_err(DaemonError::Usage)?;
         let dispatch_key = if chain.rotations.is_empty() {
             first_dispatch_key.clone()
         } else {
@@ -240,6 +243,7 @@ impl Daemon {
             threshold: usize::from(chain.anchors.admin_threshold),
         };
         Ok(Trust {
+            first,
             anchors: chain.anchors,
             rotations: Arc::new(chain.rotations),
             bundles,
@@ -250,6 +254,7 @@ impl Daemon {
 
 /// The trust in force: see [`Daemon::trust`].
 struct Trust {
+    first: TrustAnchors,
     anchors: TrustAnchors,
     rotations: Arc<Vec<Vec<u8>>>,
     bundles: BundleTrust,

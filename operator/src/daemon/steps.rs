@@ -52,6 +52,46 @@ pub(super) fn with_unapproved(
     statuses
 }
 
+/// The trust the loop keeps: version 1 (to walk the rotations from), the
+/// trust in force it shares with the gateway, what bundles and approvals
+/// need, and the last rotation refused (said once).
+pub(super) struct TrustState {
+    pub first: tenet_protocol::enrol::TrustAnchors,
+    pub shared: crate::trust::SharedTrust,
+    pub bundles: BundleTrust,
+    pub refused: Option<String>,
+}
+
+impl TrustState {
+    fn version(&self) -> u64 {
+        self.shared
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .anchors
+            .version
+    }
+
+    /// The key envelopes and certificates are signed with now.
+    fn dispatch_key(&self) -> Arc<KeyPair> {
+        self.shared
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .dispatch_key
+            .clone()
+    }
+}
+
+/// The line that says which trust is in force.
+pub(super) fn describe_trust(anchors: &tenet_protocol::enrol::TrustAnchors) -> String {
+    format!(
+        "trust anchors version {}: {} of {} admin key(s), dispatch key {}",
+        anchors.version,
+        anchors.admin_threshold,
+        anchors.admin_keys.len(),
+        anchors.dispatch_key.fingerprint()
+    )
+}
+
 /// What one reconcile pass produced.
 pub(super) struct PassResult {
     pub outgoing: Vec<Outgoing>,
@@ -62,7 +102,6 @@ pub(super) struct PassResult {
 pub(super) struct Running {
     settings: Daemon,
     store: Arc<Store>,
-    dispatch_key: Arc<KeyPair>,
     fleet: Arc<OperatorFleet>,
     /// What the gateway saw (a report, a connection): a reason to run now.
     changes: UnboundedReceiver<Wake>,
@@ -70,7 +109,7 @@ pub(super) struct Running {
     files_changed: Arc<tokio::sync::Notify>,
     _watcher: Option<notify::RecommendedWatcher>,
     source: Source,
-    bundle_trust: BundleTrust,
+    trust: TrustState,
     bundle_cache: BundleCache,
     bundle_problems: Vec<String>,
     bundles: HashMap<String, Bundle>,
@@ -96,7 +135,7 @@ impl Running {
         source: Source,
         fleet: Arc<OperatorFleet>,
         changes: UnboundedReceiver<Wake>,
-        bundle_trust: BundleTrust,
+        trust: TrustState,
         metrics: Arc<Metrics>,
         files_changed: Arc<tokio::sync::Notify>,
         watcher: Option<notify::RecommendedWatcher>,
@@ -105,13 +144,12 @@ impl Running {
         Running {
             settings,
             store: data.store,
-            dispatch_key: data.dispatch_key,
             fleet,
             changes,
             files_changed,
             _watcher: watcher,
             source,
-            bundle_trust,
+            trust,
             bundle_cache: BundleCache::default(),
             bundle_problems: Vec::new(),
             bundles: HashMap::new(),
@@ -139,12 +177,13 @@ impl Running {
             return Ok(());
         }
         self.refreshed_at = Some(Instant::now());
+        self.rotate(out);
         self.source
-            .refresh(&self.store, &self.fleet, &self.bundle_trust, out)
+            .refresh(&self.store, &self.fleet, &self.trust.bundles, out)
             .await?;
         let (loaded, problems) =
             self.bundle_cache
-                .load(&self.settings.bundles, &self.bundle_trust, now_ms());
+                .load(&self.settings.bundles, &self.trust.bundles, now_ms());
         if problems != self.bundle_problems {
             for p in &problems {
                 tracing::warn!(problem = %p, "bundle not used");
@@ -155,15 +194,71 @@ impl Running {
         Ok(())
     }
 
+    /// A trust rotation installed in DATA while the operator runs: walked
+    /// from version 1 like at start; when it verifies and its dispatch key
+    /// is there, it is in force from now on, and every connected session
+    /// gets it under the write lock, before anything signed by the new key.
+    /// One that does not verify is said once and changes nothing.
+    fn rotate(&mut self, out: &mut (dyn Write + Send)) {
+        let data = &self.settings.data;
+        let current = self.trust.version();
+        let next = crate::trust::load_chain(data, self.trust.first.clone()).and_then(|chain| {
+            if chain.anchors.version == current {
+                return Ok(None);
+            }
+            let key = crate::trust::dispatch_key_in_force(data, &chain.anchors)?;
+            Ok(Some((chain, key)))
+        });
+        let (chain, key) = match next {
+            Ok(None) => return,
+            Ok(Some(next)) => next,
+            Err(e) => {
+                if self.trust.refused.as_ref() != Some(&e) {
+                    tracing::error!(error = %e, "trust rotation not taken; the trust in force stays");
+                    let _ = writeln!(out, "trust rotation not taken: {e}");
+                    self.trust.refused = Some(e);
+                }
+                return;
+            }
+        };
+        self.trust.refused = None;
+        self.trust.bundles = BundleTrust {
+            admin_keys: chain.anchors.admin_keys.clone(),
+            threshold: usize::from(chain.anchors.admin_threshold),
+        };
+        let _ = writeln!(out, "{}", describe_trust(&chain.anchors));
+        tracing::info!(version = chain.anchors.version, "trust rotated");
+        let rotations = Arc::new(chain.rotations);
+        let mut shared = self
+            .trust
+            .shared
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *shared = crate::trust::InForce {
+            anchors: chain.anchors,
+            rotations: rotations.clone(),
+            dispatch_key: Arc::new(key),
+        };
+        let message = crate::gateway::rotations_message(&rotations);
+        for terminal in self.fleet.connected_terminals() {
+            if let Some(tx) = self.fleet.sender(&terminal)
+                && tx.try_send(message.clone()).is_err()
+            {
+                tracing::warn!(%terminal, "the trust rotation did not fit the session's queue; it gets it on its next session");
+            }
+        }
+    }
+
     /// One pass over every (terminal, policy) pair.
     pub(super) fn reconcile(&mut self) -> Result<PassResult, DaemonError> {
         let started = Instant::now();
+        let dispatch_key = self.trust.dispatch_key();
         let online = |t: &str| self.fleet.sender(t).is_some();
         let (outgoing, statuses) = Pass {
             store: &self.store,
             policies: &self.source.loaded().policies,
             bundles: &self.bundles,
-            dispatch_key: self.dispatch_key.as_ref(),
+            dispatch_key: dispatch_key.as_ref(),
             online: &online,
             retry: Retry::default(),
             now_ms: now_ms(),
@@ -238,10 +333,11 @@ impl Running {
         }
         self.certs_at = Instant::now();
         let online = |t: &str| self.fleet.sender(t).is_some();
+        let issuer = self.trust.dispatch_key();
         let round = crate::posture::reconcile(
             &self.store,
             &self.source.loaded().policies,
-            self.dispatch_key.as_ref(),
+            issuer.as_ref(),
             &online,
             now_ms(),
         )?;
