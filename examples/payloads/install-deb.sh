@@ -10,7 +10,8 @@
 # were kept before), and the last line says what dpkg said, what went and
 # what stayed. A package that was installed before and is now left
 # unconfigured (an upgrade that failed) cannot be put back without its old
-# .deb: the last line says so.
+# .deb: the last line says so. A package the terminal already has at the
+# bundle's version or a newer one is left as it is: never a downgrade.
 set -u
 root="${TENET_ROOT:-/}"
 admindir="$root/var/lib/dpkg"
@@ -27,15 +28,32 @@ state() { dpkg-query --admindir="$admindir" -W -f='${db:Status-Abbrev}' "$1" 2>/
 debs=""
 names=""
 before=""
+kept=""
 for deb in "$@"; do
   case "$deb" in
     -*|*/*) echo "$deb: a file of the bundle is named by its plain name" >&2; exit 2 ;;
   esac
   name=$(dpkg-deb -f "./$deb" Package) || { echo "$deb is not a Debian package" >&2; exit 2; }
+  version=$(dpkg-deb -f "./$deb" Version)
+  was=$(state "$name")
+  # Never a downgrade: a package installed at this version or a newer one
+  # (the terminal is ahead of the root the bundle was built for) stays.
+  if [ "$was" = i ]; then
+    installed=$(dpkg-query --admindir="$admindir" -W -f='${Version}' "$name" 2>/dev/null)
+    if dpkg --compare-versions "$installed" ge "$version"; then
+      kept="$kept $name $installed;"
+      continue
+    fi
+  fi
   debs="$debs ./$deb"
   names="$names $name"
-  before="$before $name=$(state "$name")"
+  before="$before $name=$was"
 done
+if [ -z "$debs" ]; then
+  echo "nothing to install: already at these versions or newer:${kept%;}" >&2
+  exit 0
+fi
+[ -n "$kept" ] && echo "kept, already at these versions or newer:${kept%;}" >&2
 
 err=$(mktemp)
 # shellcheck disable=SC2086 # file names of the bundle: no spaces

@@ -325,7 +325,7 @@ fn tokio_rustls_acceptor(config: tenet::pki::ServerConfig) -> tenet::gateway::Tl
 }
 
 pub use tenet_protocol::host::now_ms;
-pub use tenet_test_support::{Swtpm, build_deb, build_deb_depending, wait_until};
+pub use tenet_test_support::{Swtpm, build_deb, build_deb_depending, have, wait_until};
 
 /// A child process killed when dropped.
 pub struct Running(pub std::process::Child);

@@ -368,3 +368,57 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         )
     );
 }
+
+/// The install-deb installer itself, on a real dpkg root: a package the
+/// terminal has at a newer version than the bundle's is left as it is
+/// (never a downgrade), while the others are installed.
+#[test]
+fn the_installer_never_downgrades() {
+    if !tenet_e2e::have("dpkg-deb") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let newer = build_deb(dir, "browser-a", "121.0-1");
+    let root = dpkg_root(dir, &[&newer]);
+    // The payload's working directory: the script and the bundle's .debs.
+    let work = dir.join("run");
+    std::fs::create_dir_all(&work).expect("mkdir");
+    let older = build_deb(&work, "browser-a", "120.0-1");
+    let helper = build_deb(&work, "helper", "1.0-1");
+    let installer = tenet_e2e::example("install-deb.sh");
+    let run = |debs: &[&Path]| {
+        let out = Command::new("sh")
+            .arg(&installer)
+            .args(debs.iter().map(|d| d.file_name().expect("name")))
+            .env("TENET_ROOT", &root)
+            .current_dir(&work)
+            .output()
+            .expect("sh");
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            said.trim().lines().last().unwrap_or("").to_string(),
+        )
+    };
+    assert_eq!(
+        run(&[&older]),
+        (
+            Some(0),
+            "nothing to install: already at these versions or newer: browser-a 121.0-1".into()
+        )
+    );
+    assert_eq!(installed(&root).as_deref(), Some("121.0-1"));
+    let (code, _) = run(&[&older, &helper]);
+    assert_eq!(code, Some(0));
+    assert_eq!(installed(&root).as_deref(), Some("121.0-1"));
+    let helper_state = Command::new("dpkg-query")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", "-f=${db:Status-Abbrev}", "helper"])
+        .output()
+        .expect("dpkg-query");
+    assert_eq!(String::from_utf8_lossy(&helper_state.stdout).trim(), "ii");
+}
