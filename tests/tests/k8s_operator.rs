@@ -427,9 +427,11 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         "ward-00001 moved to the lab",
         || selected() == (TERMINALS - 1).to_string(),
     );
-    assert!(a.said(
-        "terminal ward-00001 relabelled from its Terminal resource: fleet=lab,site=nagoya,tenet.dev/namespace=hospital-it"
-    ));
+    wait_until(Duration::from_secs(10), "the relabelling said", || {
+        a.said(
+            "terminal ward-00001 relabelled from its Terminal resource: fleet=lab,site=nagoya,tenet.dev/namespace=hospital-it",
+        )
+    });
     relabel(r#""site":"Osaka Bay""#);
     wait_until(Duration::from_secs(30), "the bad label refused", || {
         std::fs::read_to_string(dir.join("op-a.log")).is_ok_and(|l| {
