@@ -746,3 +746,46 @@ pub fn next_line(lines: &mpsc::Receiver<String>, want: &str) -> String {
         }
     }
 }
+
+/// A terminal `nagoya-ward3-01` of the Nagoya site (assigned on its
+/// token) on the dpkg root `dir/root`, its agent enrolled with the
+/// operator whose gateway is on `port` (once the operator imported the
+/// token) and running, logging to `dir/agent.log`.
+pub fn nagoya_agent(dir: &Path, port: u16) -> Running {
+    let (token, fingerprint) = create_token(
+        dir,
+        &["--terminal", "nagoya-ward3-01", "--label", "site=nagoya"],
+    );
+    std::fs::write(
+        dir.join("agent.yaml"),
+        format!(
+            "terminal: nagoya-ward3-01\ndata: agent-data\nroot: root\ninventory:\n  dpkg: {{}}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n"
+        ),
+    )
+    .expect("config");
+    wait_until(Duration::from_secs(30), "the token to be imported", || {
+        agent(
+            dir,
+            &[
+                "enrol",
+                "--config",
+                "agent.yaml",
+                "--token",
+                &token,
+                "--ca-fingerprint",
+                &fingerprint,
+            ],
+        )
+        .status
+        .success()
+    });
+    Running(
+        Command::new(binary("tenet-agent"))
+            .args(["run", "--config", "agent.yaml"])
+            .current_dir(dir)
+            .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("agent"),
+    )
+}

@@ -13,11 +13,11 @@
 //! each, dpkg and status agree and `dpkg --audit` is clean.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use tenet_e2e::{
-    Running, agent, binary, create_token, free_port, install_bundle_of, next_line, sign_policies,
+    agent, binary, free_port, install_bundle_of, nagoya_agent, next_line, sign_policies,
     start_operator, wait_until,
 };
 use tenet_protocol::wire::digest_string;
@@ -240,42 +240,7 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     let port = free_port();
     let (_operator, lines) = start_operator(dir, port);
     next_line(&lines, "gateway listening on");
-    let (token, fingerprint) = create_token(
-        dir,
-        &["--terminal", "nagoya-ward3-01", "--label", "site=nagoya"],
-    );
-    std::fs::write(
-        dir.join("agent.yaml"),
-        format!(
-            "terminal: nagoya-ward3-01\ndata: agent-data\nroot: root\ninventory:\n  dpkg: {{}}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n"
-        ),
-    )
-    .expect("config");
-    wait_until(Duration::from_secs(30), "the token to be imported", || {
-        agent(
-            dir,
-            &[
-                "enrol",
-                "--config",
-                "agent.yaml",
-                "--token",
-                &token,
-                "--ca-fingerprint",
-                &fingerprint,
-            ],
-        )
-        .status
-        .success()
-    });
-    let _agent = Running(
-        Command::new(binary("tenet-agent"))
-            .args(["run", "--config", "agent.yaml"])
-            .current_dir(dir)
-            .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("agent"),
-    );
+    let _agent = nagoya_agent(dir, port);
     let tenet = |args: &[&str]| {
         let out = Command::new(binary("tenet"))
             .args(args)

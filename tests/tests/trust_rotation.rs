@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tenet_e2e::{
-    Event, Fixture, Running, agent, binary, build_deb, create_token, dpkg_root, free_port,
-    install_bundle, next_line, sign_policies, start_operator, wait_for, wait_until,
+    Event, Fixture, binary, build_deb, dpkg_root, free_port, install_bundle, nagoya_agent,
+    next_line, sign_policies, start_operator, wait_for, wait_until,
 };
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::report::{ExecutionReport, Outcome};
@@ -215,42 +215,8 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
     let (operator, lines) = start_operator(dir, port);
     next_line(&lines, "trust anchors version 1: 1 of 1 admin key(s)");
     next_line(&lines, "gateway listening on");
-    let (token, fingerprint) = create_token(
-        dir,
-        &["--terminal", "nagoya-ward3-01", "--label", "site=nagoya"],
-    );
     let root = dpkg_root(dir, &[&old]);
-    std::fs::write(
-        dir.join("agent.yaml"),
-        format!(
-            "terminal: nagoya-ward3-01\ndata: agent-data\nroot: root\ninventory:\n  dpkg: {{}}\noperator: {{ address: \"127.0.0.1:{port}\" }}\ninventoryIntervalSeconds: 1\n"
-        ),
-    )
-    .expect("config");
-    wait_until(Duration::from_secs(30), "the token to be imported", || {
-        agent(
-            dir,
-            &[
-                "enrol",
-                "--config",
-                "agent.yaml",
-                "--token",
-                &token,
-                "--ca-fingerprint",
-                &fingerprint,
-            ],
-        )
-        .status
-        .success()
-    });
-    let _agent = Running(
-        Command::new(binary("tenet-agent"))
-            .args(["run", "--config", "agent.yaml"])
-            .current_dir(dir)
-            .stderr(std::fs::File::create(dir.join("agent.log")).expect("log"))
-            .spawn()
-            .expect("agent"),
-    );
+    let _agent = nagoya_agent(dir, port);
     wait_until(
         Duration::from_secs(60),
         "browser-a 120 under version 1",
