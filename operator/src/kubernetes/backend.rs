@@ -164,6 +164,8 @@ pub struct KubeBackend {
     unlabelled: Mutex<BTreeSet<String>>,
     /// Why a Terminal's labels were not taken, as last said (said once).
     refused_labels: Mutex<HashMap<String, String>>,
+    /// Terminals a person deleted, with the identity fingerprint they had.
+    deleted: Mutex<HashMap<String, String>>,
 }
 
 /// What a Terminal resource says of its terminal's labels.
@@ -202,6 +204,7 @@ impl KubeBackend {
             terminal_labels: Mutex::default(),
             unlabelled: Mutex::default(),
             refused_labels: Mutex::default(),
+            deleted: Mutex::default(),
         }
     }
 
@@ -453,12 +456,42 @@ impl KubeBackend {
             .into_iter()
             .filter(|t| !present.contains(t))
             .collect();
+        // Never created again for the identity a person deleted it with
+        // (a write in flight still sees the record until the store's
+        // forgetting is committed); a terminal enrolled again under the
+        // name has another identity key.
+        let identities: Vec<(String, Option<String>)> = gone
+            .iter()
+            .map(|t| {
+                let fp = self.objects.lock().ok().and_then(|o| {
+                    o.terminals
+                        .get(t)
+                        .map(|r| r.identity.fingerprint().to_hex())
+                });
+                (t.clone(), fp)
+            })
+            .collect();
+        if let Ok(mut d) = self.deleted.lock() {
+            for (t, fp) in identities {
+                if let Some(fp) = fp {
+                    d.insert(t, fp);
+                }
+            }
+        }
         if let Ok(mut p) = self.published.lock() {
             for t in &gone {
                 p.remove(t);
             }
         }
         Ok(gone)
+    }
+
+    /// Whether the Terminal `name` of identity `fingerprint` was deleted by
+    /// a person (and is not to be created again).
+    pub(super) fn deleted_by_a_person(&self, name: &str, fingerprint: &str) -> bool {
+        self.deleted
+            .lock()
+            .is_ok_and(|d| d.get(name).is_some_and(|f| f == fingerprint))
     }
 
     /// A certificate that expired changes its resource (its Ready

@@ -86,6 +86,11 @@ impl KubeBackend {
                 // apply, re-created one deleted in between: the de-enrolment
                 // was lost, about one e2e run in twelve.)
                 let published = self.published.lock().is_ok_and(|p| p.contains(name));
+                if !published
+                    && self.deleted_by_a_person(name, &record.identity.fingerprint().to_hex())
+                {
+                    return Ok(());
+                }
                 let status = objects::terminal_status(
                     &record,
                     &pairs,
