@@ -32,7 +32,7 @@ pub enum CliError {
     Bundle { path: String, message: String },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
     move |source| CliError::Io {
         path: path.display().to_string(),
         source,

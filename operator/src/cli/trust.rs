@@ -14,7 +14,7 @@ use tenet_protocol::rotation::{TrustRotation, verify_rotation};
 use tenet_protocol::wire::MAX_SIGNATURES;
 use tenet_protocol::{KeyPair, Kind, PublicKey, SignedMessage, Signer};
 
-use super::payload::CliError;
+use super::payload::{CliError, io};
 use crate::trust::{
     TrustChain, first_anchors, first_path, has_dispatch_key, load_chain, not_first, recorded_first,
     rotation_path,
@@ -103,13 +103,6 @@ pub fn run(command: TrustCommand, out: &mut dyn Write) -> std::io::Result<i32> {
         eprintln!("tenet: {e}");
         1
     }))
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
-    move |source| CliError::Io {
-        path: path.display().to_string(),
-        source,
-    }
 }
 
 fn read_keys(paths: &[PathBuf]) -> Result<Vec<PublicKey>, CliError> {
