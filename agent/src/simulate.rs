@@ -16,6 +16,7 @@
 //! | `install-deb.sh X.deb...` | installs each named `.deb` artifact, its package name and version read from the Debian file name `NAME_VERSION_ARCH.deb` |
 //! | `remove-packages.sh P...` | removes the named packages |
 //! | `ensure-service.sh S` | marks service `S` running and enabled |
+//! | `tenet-std.sh STEP...` | the standard library's steps (`tenet_protocol::stdlib`), as the real script does them |
 //! | anything else | exits 127: the simulation has no model of it |
 //!
 //! `write_file` records the file's SHA-256 in the inventory. Identities live
@@ -81,7 +82,7 @@ pub struct Counters {
     pub redispatched: AtomicU64,
 }
 
-pub use system::{SimSystem, deb_file_name};
+pub use system::SimSystem;
 
 /// A (policy, generation) a successful report settles.
 type Settles = Option<(String, u64)>;

@@ -207,15 +207,34 @@ pub enum Capability {
     Log,
 }
 
-/// The remediation dispatched to a drifted terminal.
+/// The remediation dispatched to a drifted terminal: `auto` (Tenet
+/// computes it from the requirements) or a `payload` of the admins' own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!has(self.capabilities) || !self.capabilities.exists(c, c == 'write-files') || (has(self.writePaths) && size(self.writePaths) > 0)",
-    "message": "the write-files capability needs at least one writePaths prefix"
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.capabilities) || !self.capabilities.exists(c, c == 'write-files') || (has(self.writePaths) && size(self.writePaths) > 0)",
+        "message": "the write-files capability needs at least one writePaths prefix"
+    },
+    {
+        "rule": "has(self.auto) != has(self.payload)",
+        "message": "a remediation sets exactly one of auto, payload"
+    },
+    {
+        "rule": "!has(self.auto) || (!has(self.args) && !has(self.capabilities) && !has(self.writePaths))",
+        "message": "an auto remediation computes its arguments and capabilities; remove args, capabilities and writePaths"
+    }
+]))]
 pub struct RemediationTemplate {
-    pub payload: PayloadRef,
+    /// Let Tenet remediate the package, file and service requirements
+    /// with its standard library payload: it computes the steps from the
+    /// requirements, and `tenet policy sign --bundles DIR` picks the signed
+    /// standard-library bundle that carries what they need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoRemediation>,
+    /// A payload bundle of the admins' own, pinned by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<PayloadRef>,
     /// Arguments passed to the payload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -242,6 +261,12 @@ fn default_max_attempts() -> u32 {
 fn default_timeout_seconds() -> u32 {
     300
 }
+
+/// Remediation computed by Tenet (no settings yet: the requirements say
+/// what).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AutoRemediation {}
 
 /// A signed payload bundle, named and pinned by digest.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -11,7 +11,10 @@
 # what stayed. A package that was installed before and is now left
 # unconfigured (an upgrade that failed) cannot be put back without its old
 # .deb: the last line says so. A package the terminal already has at the
-# bundle's version or a newer one is left as it is: never a downgrade.
+# bundle's version or a newer one is left as it is: never a downgrade,
+# unless an --allow-downgrade=NAME before the .debs names it (the standard
+# library payload does, for a package whose policy excludes the newer
+# version the terminal has).
 set -u
 root="${TENET_ROOT:-/}"
 admindir="$root/var/lib/dpkg"
@@ -19,6 +22,13 @@ export LC_ALL=C DEBIAN_FRONTEND=noninteractive
 # dpkg's log is the terminal's audit trail; a test root's goes nowhere.
 log=""
 [ "$root" = / ] || log="--log=/dev/null"
+downgradable=" "
+while [ "$#" -ge 1 ]; do
+  case "$1" in
+    --allow-downgrade=*) downgradable="$downgradable${1#--allow-downgrade=} "; shift ;;
+    *) break ;;
+  esac
+done
 [ "$#" -ge 1 ] || { echo "no .deb named" >&2; exit 64; }
 
 # The second letter of dpkg's status: i installed, c configuration files
@@ -38,7 +48,8 @@ for deb in "$@"; do
   was=$(state "$name")
   # Never a downgrade: a package installed at this version or a newer one
   # (the terminal is ahead of the root the bundle was built for) stays.
-  if [ "$was" = i ]; then
+  case "$downgradable" in *" $name "*) was_ok=1 ;; *) was_ok="" ;; esac
+  if [ "$was" = i ] && [ -z "$was_ok" ]; then
     installed=$(dpkg-query --admindir="$admindir" -W -f='${Version}' "$name" 2>/dev/null)
     if dpkg --compare-versions "$installed" ge "$version"; then
       kept="$kept $name $installed;"

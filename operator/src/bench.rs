@@ -111,6 +111,7 @@ fn signed_policy(work: &Path, text: String, admin: &KeyPair) -> Result<String, B
         crate::policy::approval::SignOptions {
             renew: false,
             now_ms,
+            bundles: None,
         },
     )
     .map_err(setup)?;

@@ -360,8 +360,8 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
     let policies = d("policies");
     std::fs::create_dir_all(&policies).expect("mkdir");
     let file = d("policies/browser.yaml");
-    let original =
-        std::fs::read_to_string(root().join("policies/browser-a-nagoya.yaml")).expect("example");
+    let original = std::fs::read_to_string(root().join("examples/policies/custom-payload.yaml"))
+        .expect("example");
     std::fs::write(&file, &original).expect("copy");
     for admin in ["alice", "bob", "carol", "mallory"] {
         let out = tenet(&["keygen", "--out", &d(&format!("{admin}.key"))]);
@@ -536,8 +536,8 @@ fn plan_says_when_a_dispatch_waits_for_a_maintenance_window() {
     let day = days[(today + 2) % 7];
     let tmp = tempfile::tempdir().expect("tempdir");
     let policy = tmp.path().join("browser.yaml");
-    let text =
-        std::fs::read_to_string(root().join("policies/browser-a-nagoya.yaml")).expect("policy");
+    let text = std::fs::read_to_string(root().join("examples/policies/custom-payload.yaml"))
+        .expect("policy");
     let with_window = text.replacen(
         "  rollout:",
         &format!(

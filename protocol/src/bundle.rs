@@ -150,7 +150,7 @@ pub fn safe_file_name(name: &str) -> bool {
         && name != ".."
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-~%".contains(&b))
 }
 
 /// Who may sign bundles, and how many of them must.

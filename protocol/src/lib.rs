@@ -23,6 +23,7 @@ pub mod reject;
 pub mod report;
 pub mod rotation;
 pub mod session;
+pub mod stdlib;
 pub mod window;
 pub mod wire;
 

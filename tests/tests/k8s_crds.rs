@@ -21,7 +21,7 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
     let applied = cp.kubectl_ok(&["apply", "-f", policies.to_str().expect("path")]);
     assert_eq!(
         applied.lines().filter(|l| l.ends_with(" created")).count(),
-        5,
+        6,
         "{applied}"
     );
     let names = cp.kubectl_ok(&[
@@ -38,6 +38,7 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
         names,
         [
             "antivirus-running",
+            "antivirus-signatures",
             "browser-a-minimum",
             "no-cleartext-remote-shells",
             "openssl-patched",

@@ -8,17 +8,13 @@
 //! Nothing of the machine the command runs on (its apt configuration,
 //! sources, keys, lists, cache, architecture or installed packages)
 //! enters the bundle. (A `Signed-By` path in the target's sources is
-//! still read on this machine.) The .debs are then shipped in
-//! the install-deb payload, digest-pinned under the admins' signatures.
+//! still read on this machine.) The .debs are then shipped in a
+//! standard-library bundle, digest-pinned under the admins' signatures.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::payload::CliError;
-
-/// The install-deb payload, built into the binary.
-pub const INSTALLER_WAT: &str = include_str!("../../../examples/payloads/install-deb.wat");
-pub const INSTALLER_SH: &str = include_str!("../../../examples/payloads/install-deb.sh");
 
 /// A package as apt takes it: `NAME` or `NAME=VERSION`, in Debian's
 /// grammar (nothing apt could read as an option).
@@ -196,22 +192,18 @@ pub fn fetch_closure(
         if path.extension().is_none_or(|e| e != "deb") {
             continue;
         }
-        // apt writes an epoch's colon as %3a; an artifact's name holds
-        // no %: `bsdutils_1+2.38.1-5_amd64.deb` (the installer reads the
-        // package from the .deb itself).
-        let name = entry.file_name().to_string_lossy().replace("%3a", "+");
-        let renamed = archives.join(&name);
-        made(&renamed, std::fs::rename(&path, &renamed))?;
-        debs.push(renamed);
+        // apt writes an epoch's colon as %3a, as the standard library
+        // reads it (`bsdutils_1%3a2.38.1-5_amd64.deb`).
+        debs.push(path);
     }
     debs.sort();
-    // The installer is an artifact too.
-    if debs.len() + 1 > tenet_protocol::bundle::MAX_ARTIFACTS {
+    // The standard library's two scripts are artifacts too.
+    if debs.len() + 2 > tenet_protocol::bundle::MAX_ARTIFACTS {
         return Err(CliError::Usage(format!(
             "the closure of {} is {} packages, more than the {} a bundle ships: split it into bundles the terminals install one after another",
             packages.join(" "),
             debs.len(),
-            tenet_protocol::bundle::MAX_ARTIFACTS - 1
+            tenet_protocol::bundle::MAX_ARTIFACTS - 2
         )));
     }
     if debs.is_empty() {

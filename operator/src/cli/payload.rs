@@ -113,14 +113,20 @@ pub fn keygen(out_path: &Path, algorithm: Algorithm, out: &mut dyn Write) -> Res
 #[derive(clap::Args)]
 pub struct BuildArgs {
     /// The module: WebAssembly text (.wat) or binary (.wasm).
-    #[arg(long, required_unless_present = "apt")]
+    #[arg(long, required_unless_present_any = ["apt", "std"])]
     pub module: Option<PathBuf>,
-    /// Instead of --module: the install-deb payload for these Debian
-    /// packages (NAME or NAME=VERSION; repeat), shipping every .deb a
-    /// terminal like --target lacks to install them, dependencies included
-    /// (resolved by apt from the target's own sources and keys, in a
-    /// scratch state). Prints the arguments a policy gives it.
-    #[arg(long = "apt", conflicts_with_all = ["module", "capabilities", "artifacts"], requires = "target")]
+    /// Instead of --module: the standard library payload, which carries
+    /// out the steps Tenet computes for policies with `remediation: {auto:
+    /// {}}` (built into this binary; with SOURCE_DATE_EPOCH set, the same
+    /// inputs build the same bundle, byte for byte). Ship what the steps
+    /// need with --apt (packages) and --artifact (files' contents).
+    #[arg(long, conflicts_with_all = ["module", "capabilities"])]
+    pub std: bool,
+    /// A standard-library bundle (implies --std) carrying these Debian
+    /// packages (NAME or NAME=VERSION; repeat): every .deb a terminal like
+    /// --target lacks to install them, dependencies included (resolved by
+    /// apt from the target's own sources and keys, in a scratch state).
+    #[arg(long = "apt", conflicts_with_all = ["module", "capabilities"], requires = "target")]
     pub apt: Vec<String>,
     /// With --apt: a root file system like the terminals' (a debootstrap
     /// of their release, or an image): its apt sources, archive keys and
@@ -150,32 +156,50 @@ pub struct BuildArgs {
 pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let mut shipped = args.artifacts.clone();
     let mut capability_names = args.capabilities.clone();
-    // With --apt: the built-in installer and the closure apt fetched (the
-    // scratch directory lives until the bundle is written).
+    // The standard library's scripts and the closure apt fetched live in a
+    // scratch directory until the bundle is written.
     let mut _scratch = None;
     let mut debs = Vec::new();
-    let module = match (&args.module, &args.target) {
-        (_, Some(target)) if !args.apt.is_empty() => {
-            let (dir, fetched) = super::apt::fetch_closure(&args.apt, target)?;
-            let installer = dir.path().join("install-deb.sh");
-            std::fs::write(&installer, super::apt::INSTALLER_SH).map_err(io(&installer))?;
-            shipped = std::iter::once(installer)
-                .chain(fetched.iter().cloned())
-                .collect();
+    let module = if args.std || !args.apt.is_empty() {
+        let dir = tempfile::tempdir().map_err(io(Path::new("a scratch directory")))?;
+        let mut fetched_into = None;
+        if let Some(target) = args.target.as_ref().filter(|_| !args.apt.is_empty()) {
+            let (apt_dir, fetched) = super::apt::fetch_closure(&args.apt, target)?;
             debs = fetched;
-            _scratch = Some(dir);
-            capability_names = vec!["run-artifact".into(), "log".into()];
-            wat::parse_str(super::apt::INSTALLER_WAT).map_err(|e| CliError::Bundle {
-                path: "install-deb.wat".into(),
-                message: format!("not a valid WebAssembly module: {e}"),
-            })?
+            fetched_into = Some(apt_dir);
         }
-        // `.wat` text or a `.wasm` binary: the wat crate passes binaries through.
-        (Some(path), _) => wat::parse_file(path).map_err(|e| CliError::Bundle {
-            path: path.display().to_string(),
+        let mut library = Vec::new();
+        for (name, text) in [
+            (tenet_protocol::stdlib::SCRIPT, STD_SH),
+            ("install-deb.sh", INSTALLER_SH),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).map_err(io(&path))?;
+            library.push(path);
+        }
+        shipped = library
+            .into_iter()
+            .chain(debs.iter().cloned())
+            .chain(args.artifacts.iter().cloned())
+            .collect();
+        _scratch = Some((dir, fetched_into));
+        capability_names = crate::policy::auto::CAPABILITIES
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect();
+        wat::parse_str(STD_WAT).map_err(|e| CliError::Bundle {
+            path: "stdlib/tenet-std.wat".into(),
             message: format!("not a valid WebAssembly module: {e}"),
-        })?,
-        (None, _) => return Err(CliError::Usage("give --module or --apt".into())),
+        })?
+    } else {
+        match &args.module {
+            // `.wat` text or a `.wasm` binary: the wat crate passes binaries through.
+            Some(path) => wat::parse_file(path).map_err(|e| CliError::Bundle {
+                path: path.display().to_string(),
+                message: format!("not a valid WebAssembly module: {e}"),
+            })?,
+            None => return Err(CliError::Usage("give --module, --std or --apt".into())),
+        }
     };
     let capabilities = capability_names
         .iter()
@@ -198,7 +222,7 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .unwrap_or_default();
         if !safe_file_name(&name) {
             return Err(CliError::Usage(format!(
-                "{}: artifact file names may hold only letters, digits and . _ + - ~",
+                "{}: artifact file names may hold only letters, digits and . _ + - ~ %",
                 path.display()
             )));
         }
@@ -209,7 +233,7 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
             data,
         });
     }
-    let now = now_ms();
+    let now = build_time_ms()?;
     let bundle = PayloadBundle {
         manifest: Manifest {
             name: args.name.clone(),
@@ -238,20 +262,44 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
         args.out.display(),
         digest_string(&frame.body_digest())
     );
-    if !debs.is_empty() {
-        let names: Vec<String> = debs
+    if args.std || !args.apt.is_empty() {
+        let carried: Vec<String> = debs
             .iter()
             .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
+        if !carried.is_empty() {
+            let _ = writeln!(out, "carries {}", carried.join(" "));
+        }
         let _ = writeln!(
             out,
-            "the policy's remediation:\n  payload: {{ name: {}, digest: '{}' }}\n  args: [{}]\n  capabilities: [run-artifact, log]",
-            args.name,
-            digest_string(&frame.body_digest()),
-            names.join(", ")
+            "a standard-library bundle: once signed and in the operator's bundle directory, `tenet policy sign --bundles DIR` names it in the approval of policies with `remediation: {{auto: {{}}}}` whose steps it can carry out"
         );
     }
     Ok(())
+}
+
+/// The standard library payload, built into the binary.
+pub const STD_WAT: &str = include_str!("../../../stdlib/tenet-std.wat");
+pub const STD_SH: &str = include_str!("../../../stdlib/tenet-std.sh");
+/// Its installer, the install-deb example payload's.
+pub const INSTALLER_SH: &str = include_str!("../../../examples/payloads/install-deb.sh");
+
+/// When the bundle was made: now, or SOURCE_DATE_EPOCH (seconds) when set,
+/// so that a build can be repeated byte for byte
+/// (<https://reproducible-builds.org/specs/source-date-epoch/>).
+fn build_time_ms() -> Result<u64, CliError> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse::<u64>()
+            .map(|s| s.saturating_mul(1000))
+            .map_err(|_| {
+                CliError::Usage(format!(
+                    "SOURCE_DATE_EPOCH={v:?} is not a number of seconds since 1970"
+                ))
+            }),
+        Err(_) => Ok(now_ms()),
+    }
 }
 
 /// Replace `path` whole (mode 0644: a bundle is not secret).

@@ -5,11 +5,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use tenet_protocol::bundle::BundleTrust;
+use tenet_protocol::bundle::{BundleTrust, PayloadBundle};
 use tenet_protocol::keys::{Fingerprint, KeyPair, PublicKey};
+use tenet_protocol::wire::{Kind, SignedMessage};
 
 use super::Output;
 use crate::policy::approval::{SignOptions, Verdict, judge, sign};
+use crate::policy::auto::Contents;
 use crate::policy::{
     LoadError, LoadedPolicy, PolicySet, TerminalView, evaluate, load_dir, load_inventories,
 };
@@ -217,10 +219,18 @@ pub enum PolicyCommand {
         key: PathBuf,
         /// Start a new approval even of an already approved version: how
         /// admins bring back an earlier version of a policy (its old
-        /// approval is refused as older than the one in force). The other
+        /// approval is refused as older than the one in force), or move an
+        /// auto remediation to the best bundle now in --bundles. The other
         /// admins then sign again.
         #[arg(long)]
         renew: bool,
+        /// The payload bundle directory (the operator's --bundles). Needed
+        /// for policies with `remediation: {auto: {}}`: their approval
+        /// names the standard-library bundle that carries out their steps
+        /// (the one it named before, while it still can; otherwise the one
+        /// installing the newest versions).
+        #[arg(long)]
+        bundles: Option<PathBuf>,
     },
     /// Show, for each terminal in an inventory, which policies select it,
     /// which requirements fail and why, and which payload would be sent.
@@ -238,6 +248,10 @@ pub enum PolicyCommand {
         /// How many of the --trust keys must have approved a policy.
         #[arg(long, default_value_t = 1)]
         threshold: usize,
+        /// The payload bundle directory: name the bundles that would be
+        /// sent, and say when one an approval names is not there.
+        #[arg(long)]
+        bundles: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
     },
@@ -258,27 +272,80 @@ pub fn run(
             Ok(approvals) => check(&dir, approvals, output, stdout, stderr),
             Err(e) => usage(stderr, &e),
         },
-        PolicyCommand::Sign { files, key, renew } => sign_files(
-            &files,
-            &key,
-            SignOptions {
-                renew,
-                now_ms: tenet_protocol::host::now_ms(),
-            },
-            stdout,
-            stderr,
-        ),
+        PolicyCommand::Sign {
+            files,
+            key,
+            renew,
+            bundles,
+        } => {
+            let library = match bundles.as_deref().map(read_bundles).transpose() {
+                Ok(l) => l,
+                Err(e) => return usage(stderr, &e),
+            };
+            sign_files(
+                &files,
+                &key,
+                SignOptions {
+                    renew,
+                    now_ms: tenet_protocol::host::now_ms(),
+                    bundles: library.as_deref(),
+                },
+                stdout,
+                stderr,
+            )
+        }
         PolicyCommand::Plan {
             dir,
             inventory,
             trust,
             threshold,
+            bundles,
             output,
-        } => match Approvals::read(&trust, threshold) {
-            Ok(approvals) => plan(&dir, &inventory, approvals, output, stdout, stderr),
-            Err(e) => usage(stderr, &e),
-        },
+        } => {
+            let library = match bundles.as_deref().map(read_bundles).transpose() {
+                Ok(l) => l,
+                Err(e) => return usage(stderr, &e),
+            };
+            match Approvals::read(&trust, threshold) {
+                Ok(approvals) => plan(
+                    &dir,
+                    &inventory,
+                    approvals,
+                    library.as_deref(),
+                    output,
+                    stdout,
+                    stderr,
+                ),
+                Err(e) => usage(stderr, &e),
+            }
+        }
     }
+}
+
+/// The bundles of `dir` (`*.bundle`), as auto remediations choose among
+/// them. Their signatures are not checked here: the operator uses only
+/// bundles the admins signed, and says so when an approval names another.
+fn read_bundles(dir: &Path) -> Result<Vec<Contents>, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("--bundles {}: {e}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .map(|path| {
+            let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let frame = SignedMessage::decode(&bytes, Kind::PayloadBundle)
+                .map_err(|e| format!("{}: not a payload bundle: {e}", path.display()))?;
+            let bundle: PayloadBundle = frame
+                .open()
+                .map_err(|e| format!("{}: not a payload bundle: {e}", path.display()))?;
+            Ok(Contents::of(&bundle, frame.body_digest()))
+        })
+        .collect()
 }
 
 fn usage(err: &mut dyn Write, message: &str) -> std::io::Result<i32> {
@@ -291,7 +358,7 @@ fn usage(err: &mut dyn Write, message: &str) -> std::io::Result<i32> {
 fn sign_files(
     files: &[PathBuf],
     key: &Path,
-    options: SignOptions,
+    options: SignOptions<'_>,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<i32> {
@@ -318,6 +385,17 @@ fn sign_files(
                         s.policy,
                         s.signers.len(),
                     )?;
+                    if let Some(b) = &s.bundle {
+                        writeln!(
+                            out,
+                            "  its auto remediation runs bundle {} ({})",
+                            b.name,
+                            tenet_protocol::wire::digest_string(&b.digest)
+                        )?;
+                        if let Some(n) = &b.note {
+                            writeln!(out, "  note: {n}")?;
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -410,10 +488,18 @@ struct DriftItem<'p> {
 
 #[derive(Serialize)]
 struct Dispatch<'p> {
-    payload: &'p str,
-    digest: &'p str,
+    /// The bundle's name (for an auto remediation: its name in --bundles,
+    /// or "the standard library").
+    payload: String,
+    /// The digest the approval names; empty for an auto policy no admin
+    /// signed yet.
+    digest: String,
+    /// The payload's arguments: for an auto remediation, the steps Tenet
+    /// computed from the requirements.
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     args: &'p [String],
+    /// The remediation is computed by Tenet (`auto`).
+    auto: bool,
     /// Why nothing would be sent now: the policy is suspended, not
     /// approved (with `--trust`), or outside its maintenance windows.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -427,6 +513,7 @@ fn plan(
     dir: &Path,
     inventory: &Path,
     mut approvals: Approvals,
+    library: Option<&[Contents]>,
     output: Output,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -478,9 +565,21 @@ fn plan(
                         .then_some(c.spec.remediation.as_ref())
                         .flatten()
                         .map(|r| Dispatch {
-                            payload: &r.payload.name,
-                            digest: &r.payload.digest,
-                            args: &r.args,
+                            auto: r.auto.is_some(),
+                            payload: payload_name(c, library),
+                            digest: c
+                                .statement
+                                .remediation
+                                .as_ref()
+                                .map(|a| a.payload_digest)
+                                .filter(|d| *d != [0; 32])
+                                .map(|d| tenet_protocol::wire::digest_string(&d))
+                                .unwrap_or_default(),
+                            args: c
+                                .statement
+                                .remediation
+                                .as_ref()
+                                .map_or(&r.args[..], |a| &a.args[..]),
                             held: if c.spec.suspend {
                                 Some("the policy is suspended".to_string())
                             } else if approvals.trust.is_some()
@@ -536,6 +635,32 @@ fn plan(
     Ok(0)
 }
 
+/// How `plan` names the bundle a policy's remediation runs.
+fn payload_name(c: &crate::policy::CompiledPolicy, library: Option<&[Contents]>) -> String {
+    let Some(r) = c.spec.remediation.as_ref() else {
+        return String::new();
+    };
+    if let Some(p) = &r.payload {
+        return p.name.clone();
+    }
+    let digest = c
+        .statement
+        .remediation
+        .as_ref()
+        .map(|a| a.payload_digest)
+        .filter(|d| *d != [0; 32]);
+    match (library, digest) {
+        (_, None) => {
+            "the standard library (no admin signed it yet: `tenet policy sign --bundles DIR` names the bundle)".into()
+        }
+        (None, Some(_)) => "the standard library".into(),
+        (Some(l), Some(d)) => match l.iter().find(|b| b.digest == d) {
+            Some(b) => format!("{} (standard library)", b.name),
+            None => "the standard library (its approved bundle is NOT in --bundles)".into(),
+        },
+    }
+}
+
 fn print_plan(plans: &[TerminalPlan<'_>], out: &mut dyn Write) -> std::io::Result<()> {
     for (i, t) in plans.iter().enumerate() {
         if i > 0 {
@@ -578,6 +703,17 @@ fn print_plan(plans: &[TerminalPlan<'_>], out: &mut dyn Write) -> std::io::Resul
                         .as_ref()
                         .map(|h| format!(" (held: {h})"))
                         .unwrap_or_default();
+                    if d.auto {
+                        writeln!(
+                            out,
+                            "           would remediate automatically with {} {}{held}:",
+                            d.payload, d.digest
+                        )?;
+                        for step in d.args {
+                            writeln!(out, "             {step}")?;
+                        }
+                        continue;
+                    }
                     let args = if d.args.is_empty() {
                         String::new()
                     } else {

@@ -51,18 +51,42 @@ pub fn capability(c: tenet_crds::policy::Capability) -> Capability {
 /// What an envelope of this policy carries: exactly what the approval of
 /// its remediation must name. `None` when it remediates nothing, and while
 /// it is suspended (approving a suspended policy lets nothing run; lifting
-/// the suspension is an edit the admins approve).
-pub fn remediation(spec: &TerminalPolicySpec) -> Option<ApprovedRemediation> {
+/// the suspension is an edit the admins approve). An auto remediation
+/// runs the standard-library bundle `auto_bundle` (the one its approval
+/// names, see `auto`) with the steps computed from the requirements.
+pub fn remediation(
+    spec: &TerminalPolicySpec,
+    auto_bundle: Option<[u8; 32]>,
+) -> Option<ApprovedRemediation> {
     if spec.suspend {
         return None;
     }
     let r = spec.remediation.as_ref()?;
+    // Zeros approve nothing: a digest that does not parse never compiles,
+    // and an auto policy nobody signed names no bundle yet.
+    let (payload_digest, args, capabilities, write_paths) = match (&r.auto, &r.payload) {
+        (Some(_), _) => (
+            auto_bundle.unwrap_or([0; 32]),
+            super::auto::steps(spec)
+                .map(|s| super::auto::args(&s))
+                .unwrap_or_default(),
+            super::auto::CAPABILITIES.to_vec(),
+            Vec::new(),
+        ),
+        (None, Some(p)) => (
+            parse_digest(&p.digest).unwrap_or([0; 32]),
+            r.args.clone(),
+            r.capabilities.iter().map(|c| capability(*c)).collect(),
+            r.write_paths.clone(),
+        ),
+        // Never compiles.
+        (None, None) => return None,
+    };
     Some(ApprovedRemediation {
-        // A digest that does not parse never compiles; zeros approve nothing.
-        payload_digest: parse_digest(&r.payload.digest).unwrap_or([0; 32]),
-        args: r.args.clone(),
-        capabilities: r.capabilities.iter().map(|c| capability(*c)).collect(),
-        write_paths: r.write_paths.clone(),
+        payload_digest,
+        args,
+        capabilities,
+        write_paths,
         timeout_ms: u64::from(r.timeout_seconds) * 1000,
         // Windows that do not parse never compile.
         windows: spec
@@ -74,12 +98,17 @@ pub fn remediation(spec: &TerminalPolicySpec) -> Option<ApprovedRemediation> {
     })
 }
 
-/// The statement the admins approve for the policy `key` (`namespace/name`).
-pub fn statement(key: &str, spec: &TerminalPolicySpec) -> PolicyStatement {
+/// The statement the admins approve for the policy `key` (`namespace/name`);
+/// `auto_bundle` as for [`remediation`].
+pub fn statement(
+    key: &str,
+    spec: &TerminalPolicySpec,
+    auto_bundle: Option<[u8; 32]>,
+) -> PolicyStatement {
     PolicyStatement {
         policy: key.to_string(),
         spec_digest: spec_digest(spec),
-        remediation: remediation(spec),
+        remediation: remediation(spec, auto_bundle),
     }
 }
 

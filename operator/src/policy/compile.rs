@@ -27,7 +27,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+    pub(crate) fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
         FieldError {
             path: path.into(),
             message: message.into(),
@@ -166,12 +166,17 @@ pub fn compile(policy: &TerminalPolicy) -> Result<CompiledPolicy, Vec<FieldError
         .clone()
         .unwrap_or_else(|| "default".into());
     let name = policy.metadata.name.clone().unwrap_or_default();
+    let approval = super::approval::annotation_frame(&policy.metadata);
     Ok(CompiledPolicy {
         statement: Arc::new(super::approval::statement(
             &format!("{namespace}/{name}"),
             spec,
+            approval
+                .as_deref()
+                .ok()
+                .and_then(super::auto::approved_digest),
         )),
-        approval: super::approval::annotation_frame(&policy.metadata).map(Arc::from),
+        approval: approval.map(Arc::from),
         tenant_scoped: false,
         namespace,
         name,
@@ -337,25 +342,29 @@ fn compile_requirement(
 
 fn check_remediation(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
     let Some(r) = &spec.remediation else { return };
-    let digest_ok = r.payload.digest.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    });
-    if !digest_ok {
-        errors.push(FieldError::new(
-            "spec.remediation.payload.digest",
-            format!(
-                "{:?} is not sha256: and 64 lower-case hex digits",
-                r.payload.digest
-            ),
-        ));
-    }
-    if r.payload.name.trim().is_empty() {
-        errors.push(FieldError::new(
-            "spec.remediation.payload.name",
-            "payload name is empty",
-        ));
+    match (&r.auto, &r.payload) {
+        (Some(_), None) => {
+            for (field, set) in [
+                ("args", !r.args.is_empty()),
+                ("capabilities", !r.capabilities.is_empty()),
+                ("writePaths", !r.write_paths.is_empty()),
+            ] {
+                if set {
+                    errors.push(FieldError::new(
+                        format!("spec.remediation.{field}"),
+                        "an auto remediation computes its arguments and capabilities from the requirements; remove this",
+                    ));
+                }
+            }
+            if let Err(e) = super::auto::steps(spec) {
+                errors.extend(e);
+            }
+        }
+        (None, Some(payload)) => check_payload(payload, errors),
+        _ => errors.push(FieldError::new(
+            "spec.remediation",
+            "a remediation sets exactly one of auto (Tenet computes it) and payload (a bundle of your own)",
+        )),
     }
     if r.capabilities.contains(&Capability::WriteFiles) && r.write_paths.is_empty() {
         errors.push(FieldError::new(
@@ -381,6 +390,29 @@ fn check_remediation(spec: &TerminalPolicySpec, errors: &mut Vec<FieldError>) {
         errors.push(FieldError::new(
             "spec.remediation.timeoutSeconds",
             "must be between 1 and 86400",
+        ));
+    }
+}
+
+fn check_payload(payload: &tenet_crds::policy::PayloadRef, errors: &mut Vec<FieldError>) {
+    let digest_ok = payload.digest.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if !digest_ok {
+        errors.push(FieldError::new(
+            "spec.remediation.payload.digest",
+            format!(
+                "{:?} is not sha256: and 64 lower-case hex digits",
+                payload.digest
+            ),
+        ));
+    }
+    if payload.name.trim().is_empty() {
+        errors.push(FieldError::new(
+            "spec.remediation.payload.name",
+            "payload name is empty",
         ));
     }
 }

@@ -12,6 +12,7 @@
 pub const NAMESPACE_LABEL: &str = "tenet.dev/namespace";
 
 pub mod approval;
+pub mod auto;
 pub mod cel;
 pub mod compile;
 pub mod eval;

@@ -233,6 +233,28 @@ impl Constraint {
         Ok(constraint)
     }
 
+    /// The clauses as `dpkg --compare-versions` takes them (what the
+    /// standard library payload checks on the terminal).
+    pub fn dpkg_clauses(&self) -> Vec<(tenet_protocol::stdlib::DpkgOp, String)> {
+        use tenet_protocol::stdlib::DpkgOp;
+        self.clauses
+            .iter()
+            .map(|c| {
+                let op = match c.op {
+                    Op::Eq => DpkgOp::Eq,
+                    Op::Ne => DpkgOp::Ne,
+                    Op::Lt => DpkgOp::Lt,
+                    Op::Le => DpkgOp::Le,
+                    Op::Gt => DpkgOp::Gt,
+                    Op::Ge => DpkgOp::Ge,
+                };
+                // `text` is the operator, a space and the version as written.
+                let version = c.text.split_once(' ').map_or("", |(_, v)| v).trim();
+                (op, version.to_string())
+            })
+            .collect()
+    }
+
     /// Whether `version` satisfies every clause.
     pub fn matches(&self, version: &Version) -> bool {
         self.clauses.iter().all(|c| {

@@ -17,7 +17,6 @@ use tenet_protocol::{SignedMessage, Signer};
 
 use super::rollout::{Counts, Step, step};
 use super::state::{Event, Observed, PairState, Retry, apply_pass, next, unchanged_by_pass};
-use crate::policy::approval::capability;
 use crate::policy::{CompiledPolicy, TerminalView, evaluate};
 use crate::store::{LiveDispatch, PairRecord, Store, StoreError, StoredInventory};
 
@@ -380,22 +379,44 @@ impl Pass<'_> {
                 return Ok((status, Vec::new()));
             }
         };
-        let want = parse_digest(&remediation.payload.digest);
-        let bundle = match self.bundles.get(&remediation.payload.name) {
-            Some(b) if Some(b.digest) == want => b,
-            Some(b) => {
-                status.held = Some(format!(
-                    "bundle {} has digest {}, the policy pins {}",
-                    remediation.payload.name,
-                    digest_string(&b.digest),
-                    remediation.payload.digest
-                ));
-                return Ok((status, Vec::new()));
-            }
-            None => {
-                status.held = Some(format!("bundle {} is missing", remediation.payload.name));
-                return Ok((status, Vec::new()));
-            }
+        // What runs is what the admins approved: the statement's
+        // remediation (for an auto policy, computed by Tenet with the
+        // bundle its approval names).
+        let Some(approved) = policy.statement.remediation.as_ref() else {
+            status.held = Some("nothing to remediate with".into());
+            return Ok((status, Vec::new()));
+        };
+        let bundle = match &remediation.payload {
+            Some(payload) => match self.bundles.get(&payload.name) {
+                Some(b) if Some(b.digest) == parse_digest(&payload.digest) => b,
+                Some(b) => {
+                    status.held = Some(format!(
+                        "bundle {} has digest {}, the policy pins {}",
+                        payload.name,
+                        digest_string(&b.digest),
+                        payload.digest
+                    ));
+                    return Ok((status, Vec::new()));
+                }
+                None => {
+                    status.held = Some(format!("bundle {} is missing", payload.name));
+                    return Ok((status, Vec::new()));
+                }
+            },
+            None => match self
+                .bundles
+                .values()
+                .find(|b| b.digest == approved.payload_digest)
+            {
+                Some(b) => b,
+                None => {
+                    status.held = Some(format!(
+                        "the standard-library bundle its approval names ({}) is not in the bundle directory",
+                        digest_string(&approved.payload_digest)
+                    ));
+                    return Ok((status, Vec::new()));
+                }
+            },
         };
         let mut out = Vec::new();
         // In terminal-name order (the inventories are), online ones only.
@@ -419,13 +440,9 @@ impl Pass<'_> {
                 issued_at_ms: self.now_ms,
                 deadline_ms,
                 sequence,
-                args: remediation.args.clone(),
-                capabilities: remediation
-                    .capabilities
-                    .iter()
-                    .map(|c| capability(*c))
-                    .collect(),
-                write_paths: remediation.write_paths.clone(),
+                args: approved.args.clone(),
+                capabilities: approved.capabilities.clone(),
+                write_paths: approved.write_paths.clone(),
                 approval: approval.to_vec(),
             };
             let frame = SignedMessage::signed(&envelope, self.dispatch_key)?;

@@ -1,21 +1,6 @@
 use super::*;
 
 #[test]
-fn debian_file_names_give_package_and_version() {
-    assert_eq!(
-        deb_file_name("browser-a_120.0-1_all.deb"),
-        Some(("browser-a".into(), "120.0-1".into()))
-    );
-    assert_eq!(
-        deb_file_name("openssl_1%3a3.0.15-1_amd64.deb"),
-        Some(("openssl".into(), "1:3.0.15-1".into()))
-    );
-    assert_eq!(deb_file_name("browser-a.deb"), None);
-    assert_eq!(deb_file_name("a_1_all_x.deb"), None);
-    assert_eq!(deb_file_name("a_1_all.tar"), None);
-}
-
-#[test]
 fn the_simulated_terminal_installs_removes_and_starts() {
     let sys = SimSystem::new(Inventory {
         packages: vec![Package {

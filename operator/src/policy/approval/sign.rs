@@ -16,6 +16,7 @@ use tenet_protocol::approval::PolicyApproval;
 use tenet_protocol::keys::{Fingerprint, KeyError};
 use tenet_protocol::{Kind, SignedMessage, Signer};
 
+use super::super::auto::{Choice, Contents};
 use super::super::load::{LoadError, LoadedPolicy, PolicySet, load_text};
 use super::super::yamlpos::{self, DocPositions, Pos};
 use super::APPROVAL_ANNOTATION;
@@ -31,6 +32,9 @@ pub struct SignedPolicy {
     pub added: bool,
     /// Signatures dropped because they approved an earlier version.
     pub dropped: usize,
+    /// For an auto remediation: the bundle the approval names, and what
+    /// the admin should know about the choice.
+    pub bundle: Option<Choice>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,11 +59,18 @@ pub enum SignError {
     },
     #[error("cannot sign: {0}")]
     Key(#[from] KeyError),
+    /// An auto remediation without a bundle that can carry it out.
+    #[error("{}: {policy}: {message}; nothing was written", file.display())]
+    Auto {
+        file: PathBuf,
+        policy: String,
+        message: String,
+    },
 }
 
 /// How to sign.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SignOptions {
+pub struct SignOptions<'a> {
     /// Start a new approval even when the policy carries one of this very
     /// version (dropping its signatures, with a new approval time): how
     /// admins bring back an earlier version, which the operator and the
@@ -67,6 +78,9 @@ pub struct SignOptions {
     pub renew: bool,
     /// The approval time of a new approval (unix ms).
     pub now_ms: u64,
+    /// The bundles an auto remediation may run (`tenet policy sign
+    /// --bundles DIR`): the approval names the one chosen.
+    pub bundles: Option<&'a [Contents]>,
 }
 
 /// Sign every TerminalPolicy in `file` with `key`, in place (through a
@@ -74,7 +88,7 @@ pub struct SignOptions {
 pub fn sign(
     file: &Path,
     key: &dyn Signer,
-    options: SignOptions,
+    options: SignOptions<'_>,
 ) -> Result<Vec<SignedPolicy>, SignError> {
     let io = |source| SignError::Io {
         path: file.to_path_buf(),
@@ -98,7 +112,7 @@ pub fn sign(
     let mut signed = Vec::new();
     let mut frames = HashMap::new();
     for p in &set.policies {
-        let (frame, report) = approval_for(p, key, options)?;
+        let (frame, report) = approval_for(file, p, key, options)?;
         let encoded = frame.encode();
         let text64 = base64::engine::general_purpose::STANDARD.encode(&encoded);
         let positions = docs.get(p.document).ok_or_else(|| SignError::Place {
@@ -132,18 +146,27 @@ fn load_one(file: &Path, text: &str) -> PolicySet {
 /// carries when that one approves this very version, else to a new one
 /// (the signatures of an earlier version approve nothing now).
 fn approval_for(
+    file: &Path,
     p: &LoadedPolicy,
     key: &dyn Signer,
-    options: SignOptions,
-) -> Result<(SignedMessage, SignedPolicy), KeyError> {
-    let statement = p.compiled.statement.as_ref();
-    let fingerprint = key.public_key().fingerprint();
+    options: SignOptions<'_>,
+) -> Result<(SignedMessage, SignedPolicy), SignError> {
     let existing = p
         .compiled
         .approval
         .as_ref()
         .ok()
         .and_then(|bytes| SignedMessage::decode(bytes, Kind::PolicyApproval).ok());
+    let choice = auto_choice(file, p, options)?;
+    let computed;
+    let statement = match &choice {
+        Some(c) => {
+            computed = super::statement(&p.compiled.key(), &p.compiled.spec, Some(c.digest));
+            &computed
+        }
+        None => p.compiled.statement.as_ref(),
+    };
+    let fingerprint = key.public_key().fingerprint();
     let fresh = || {
         SignedMessage::new(&PolicyApproval {
             statement: statement.clone(),
@@ -168,8 +191,50 @@ fn approval_for(
         signers: frame.signatures.iter().map(|s| s.key).collect(),
         added,
         dropped,
+        bundle: choice,
     };
     Ok((frame, report))
+}
+
+/// For a policy that remediates automatically (and is not suspended),
+/// the standard-library bundle its approval is to name.
+fn auto_choice(
+    file: &Path,
+    p: &LoadedPolicy,
+    options: SignOptions<'_>,
+) -> Result<Option<Choice>, SignError> {
+    let spec = &p.compiled.spec;
+    if spec.suspend || spec.remediation.as_ref().is_none_or(|r| r.auto.is_none()) {
+        return Ok(None);
+    }
+    let refuse = |message: String| SignError::Auto {
+        file: file.to_path_buf(),
+        policy: p.compiled.key(),
+        message,
+    };
+    let Some(bundles) = options.bundles else {
+        return Err(refuse(
+            "its remediation is auto: name the bundle directory with --bundles, so the approval can name the standard-library bundle that carries it out".into(),
+        ));
+    };
+    // It compiled: its steps are valid.
+    let steps = super::super::auto::steps(spec).map_err(|e| {
+        refuse(
+            e.iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    let current = p
+        .compiled
+        .statement
+        .remediation
+        .as_ref()
+        .map(|r| r.payload_digest);
+    super::super::auto::choose(&steps, bundles, current, options.renew)
+        .map(Some)
+        .map_err(refuse)
 }
 
 /// One change to the text, at a 0-based line and character column.
@@ -363,7 +428,9 @@ fn check_edit(
             return Err(fail(p, "it would be gone from the edited file".into()));
         };
         let carried = q.compiled.approval.as_deref().ok();
-        if q.compiled.statement != p.compiled.statement
+        // The spec must read the same; an auto policy's statement also
+        // names the bundle of the new approval, which the frame holds.
+        if q.compiled.statement.spec_digest != p.compiled.statement.spec_digest
             || carried != frames.get(&key).map(Vec::as_slice)
         {
             return Err(fail(p, "the edited file would read differently".into()));

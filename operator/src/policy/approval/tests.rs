@@ -27,10 +27,11 @@ spec:
 ";
 
 /// Sign at `now_ms`.
-fn at(now_ms: u64) -> SignOptions {
+fn at(now_ms: u64) -> SignOptions<'static> {
     SignOptions {
         renew: false,
         now_ms,
+        bundles: None,
     }
 }
 
@@ -254,11 +255,11 @@ fn a_suspended_policy_approves_no_remediation() {
         serde_yaml::from_str(&POLICY.replace("spec:\n", "spec:\n  suspend: true\n"))
             .expect("policy");
     assert_eq!(
-        statement("hospital-it/browser-a-minimum", &p.spec).remediation,
+        statement("hospital-it/browser-a-minimum", &p.spec, None).remediation,
         None
     );
     let p: tenet_crds::TerminalPolicy = serde_yaml::from_str(POLICY).expect("policy");
-    let r = statement("hospital-it/browser-a-minimum", &p.spec)
+    let r = statement("hospital-it/browser-a-minimum", &p.spec, None)
         .remediation
         .expect("remediation");
     assert_eq!(r.args, ["browser-a_120.0-1_all.deb"]);
@@ -298,6 +299,7 @@ fn an_older_approval_never_replaces_a_newer_one() {
         SignOptions {
             renew: true,
             now_ms: 3_000,
+            bundles: None,
         },
     )
     .expect("signed");
