@@ -108,6 +108,18 @@ const BROKEN: &[(&str, &str)] = &[
         "13:12: spec.certificate.expectedPcrs.9: PCR 9 is pinned but not quoted: add it to spec.certificate.pcrs",
     ),
     (
+        "auto-expression.yaml",
+        "8:12: spec.requirements[0].expression: remediation auto cannot make an expression true: move this requirement to a policy without remediation, or give a payload of your own",
+    ),
+    (
+        "auto-and-payload.yaml",
+        "9:9: spec.remediation: a remediation sets exactly one of auto (Tenet computes it) and payload (a bundle of your own)",
+    ),
+    (
+        "auto-with-args.yaml",
+        "10:11: spec.remediation.args: an auto remediation computes its arguments and capabilities from the requirements; remove this",
+    ),
+    (
         "certificate-validity-too-long.yaml",
         "11:15: spec.certificate.validity: \"100000000000h\" is longer than the longest validity the operator issues (720h): security certificates are short-lived",
     ),
@@ -169,14 +181,14 @@ fn the_example_policies_are_valid() {
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert_eq!(stdout(&out), "");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("5 valid policies, 0 error(s)"), "{err}");
+    assert!(err.contains("6 valid policies, 0 error(s)"), "{err}");
 }
 
 #[test]
 fn check_json_lists_policies_and_errors() {
     let ok = tenet(&["policy", "check", "policies", "--output", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).expect("json");
-    assert_eq!(v["policies"].as_array().map(Vec::len), Some(5));
+    assert_eq!(v["policies"].as_array().map(Vec::len), Some(6));
     assert_eq!(v["errors"].as_array().map(Vec::len), Some(0));
 
     let bad = tenet(&[
@@ -282,14 +294,14 @@ fn plan_shows_each_terminals_drift_with_reasons() {
     );
     let text = stdout(&out);
     for line in [
-        "nagoya-ward3-01: 5 policies select it, 2 drifted",
+        "nagoya-ward3-01: 6 policies select it, 2 drifted",
         "  DRIFT  hospital-it/browser-a-minimum",
         "           browser-a: browser-a 118.0.2-1 does not satisfy >= 120.0",
         "           package telnetd absent: telnetd 0.17+2.4-2+deb12u1 is installed but must be absent",
-        "nagoya-reception-02: 4 policies select it, 2 drifted",
+        "nagoya-reception-02: 5 policies select it, 2 drifted",
         "           clamav-running: service clamav-daemon is stopped, must be running",
         "           openssl-fixed: openssl is older than 3.0.15-1~deb12u1",
-        "osaka-visiting-nurse-07: 4 policies select it, 1 drifted",
+        "osaka-visiting-nurse-07: 5 policies select it, 1 drifted",
         "  -      hospital-it/browser-a-minimum: not selected",
         "           firewall-active: the host firewall is not active",
     ] {
@@ -320,7 +332,20 @@ fn plan_json_names_the_payload_that_would_be_dispatched() {
         .expect("browser policy");
     assert_eq!(browser["selected"], true);
     assert_eq!(browser["compliant"], false);
-    assert_eq!(browser["dispatch"]["payload"], "install-browser-a");
+    // Its remediation is auto: the steps Tenet computed; no admin signed
+    // it yet, so no bundle is named.
+    assert_eq!(browser["dispatch"]["auto"], true);
+    assert_eq!(
+        browser["dispatch"]["args"],
+        serde_json::json!(["install browser-a ge 120.0"])
+    );
+    assert_eq!(browser["dispatch"]["digest"], "");
+    assert!(
+        browser["dispatch"]["payload"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("the standard library (no admin signed it yet")),
+        "{browser}"
+    );
     assert_eq!(
         browser["drift"][0]["reason"],
         "browser-a 118.0.2-1 does not satisfy >= 120.0"
@@ -405,7 +430,7 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
     assert_eq!(
         stdout(&out),
         format!(
-            "{file}:5:1: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: not signed by any admin (no tenet.dev/approval annotation; run `tenet policy sign`)\n"
+            "{file}:10:1: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: not signed by any admin (no tenet.dev/approval annotation; run `tenet policy sign`)\n"
         )
     );
 
@@ -415,15 +440,13 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
         format!("{file}: hospital-it/browser-a-minimum signed by 1 key(s)\n")
     );
     let signed = std::fs::read_to_string(&file).expect("read");
-    assert!(
-        signed.starts_with("# Every terminal at the Nagoya site runs browser-a 120.0 or later")
-    );
+    assert!(signed.starts_with("# A policy whose remediation is a payload of the admins' own"));
     let out = check();
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         stdout(&out),
         format!(
-            "{file}:7:5: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: 1 valid signature(s) by trusted keys, 2 required; signed by {alice}\n"
+            "{file}:12:5: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: 1 valid signature(s) by trusted keys, 2 required; signed by {alice}\n"
         )
     );
 
@@ -474,7 +497,7 @@ fn sign_check_and_plan_show_who_approved_and_what_is_missing() {
     assert_eq!(
         stdout(&out),
         format!(
-            "{file}:7:5: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: the approval is for another version of this policy (it changed since it was signed); signed by {alice}, {bob}\n"
+            "{file}:12:5: metadata.annotations.tenet.dev/approval: hospital-it/browser-a-minimum is not approved: the approval is for another version of this policy (it changed since it was signed); signed by {alice}, {bob}\n"
         )
     );
     let text = plan(&policies);
@@ -565,4 +588,143 @@ fn plan_says_when_a_dispatch_waits_for_a_maintenance_window() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A policy that says only what must hold (`remediation: {auto: {}}`):
+/// signing it needs the bundle directory and a standard-library bundle
+/// that carries its steps out, and the approval names that bundle; `plan`
+/// shows the steps Tenet computed; a newer bundle is pointed out and taken
+/// only with --renew. Standard-library bundles build byte for byte the
+/// same with SOURCE_DATE_EPOCH.
+#[test]
+fn an_auto_remediation_is_signed_against_the_bundles_and_planned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    for sub in ["policies", "bundles", "empty"] {
+        std::fs::create_dir_all(d(sub)).expect("mkdir");
+    }
+    let file = d("policies/browser.yaml");
+    let original =
+        std::fs::read_to_string(root().join("policies/browser-a-nagoya.yaml")).expect("example");
+    std::fs::write(&file, &original).expect("copy");
+    assert_eq!(
+        tenet(&["keygen", "--out", &d("admin.key")]).status.code(),
+        Some(0)
+    );
+    let key = d("admin.key");
+    let sign = |extra: &[&str]| {
+        let mut args = vec!["policy", "sign", &file, "--key", &key];
+        args.extend(extra);
+        tenet(&args)
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let out = sign(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{file}: hospital-it/browser-a-minimum: its remediation is auto: name the bundle directory with --bundles, so the approval can name the standard-library bundle that carries it out; nothing was written\n"
+        )
+    );
+    let empty = d("empty");
+    let out = sign(&["--bundles", &empty]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("hospital-it/browser-a-minimum: no standard-library bundle to remediate it with: build one (`tenet payload build --std"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), original);
+
+    // Bundles: the library alone, then with browser-a 120 and 121 (the
+    // choice reads the .deb file names; the terminal reads the .debs).
+    let build = |name: &str, extra: &[&str]| {
+        let out_file = d(&format!("bundles/{name}.bundle"));
+        let mut args = vec![
+            "payload", "build", "--std", "--name", name, "--out", &out_file,
+        ];
+        args.extend(extra);
+        let out = tenet(&args);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix("digest ").map(str::to_string))
+            .expect("digest")
+    };
+    build("tenet-std", &[]);
+    let bundles = d("bundles");
+    let out = sign(&["--bundles", &bundles]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "{file}: hospital-it/browser-a-minimum: no standard-library bundle carries what it needs (tenet-std: it carries no .deb of browser-a); build one with `tenet payload build --std --apt PACKAGE[=VERSION] --target ROOT` and sign it; nothing was written\n"
+        )
+    );
+    let deb = |version: &str| {
+        let path = d(&format!("browser-a_{version}_all.deb"));
+        std::fs::write(&path, version).expect("deb");
+        path
+    };
+    let d120 = build("browser-a-120", &["--artifact", &deb("120.0-1")]);
+    let out = sign(&["--bundles", &bundles]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{file}: hospital-it/browser-a-minimum signed by 1 key(s)\n  its auto remediation runs bundle browser-a-120 ({d120})\n"
+        )
+    );
+
+    let plan = tenet(&[
+        "policy",
+        "plan",
+        &d("policies"),
+        "--inventory",
+        "examples/inventories/nagoya-ward3-01.yaml",
+        "--trust",
+        &d("admin.key.pub"),
+        "--bundles",
+        &bundles,
+    ]);
+    assert_eq!(plan.status.code(), Some(0), "{}", stderr(&plan));
+    assert!(
+        stdout(&plan).contains(&format!(
+            "           would remediate automatically with browser-a-120 (standard library) {d120}:\n             install browser-a ge 120.0\n"
+        )),
+        "{}",
+        stdout(&plan)
+    );
+
+    // A newer bundle: pointed out, not taken, until --renew.
+    let d121 = build("browser-a-121", &["--artifact", &deb("121.0-1")]);
+    let out = sign(&["--bundles", &bundles]);
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "{file}: hospital-it/browser-a-minimum signed by 1 key(s) (this key had signed this version already)\n  its auto remediation runs bundle browser-a-120 ({d120})\n  note: bundle browser-a-121 ({d121}) would install newer versions than the approved browser-a-120; sign with --renew to move to it\n"
+        )
+    );
+    let out = sign(&["--bundles", &bundles, "--renew"]);
+    assert!(
+        stdout(&out).contains(&format!(
+            "its auto remediation runs bundle browser-a-121 ({d121})"
+        )),
+        "{}",
+        stdout(&out)
+    );
+
+    // Reproducible: the same inputs and SOURCE_DATE_EPOCH, the same digest.
+    let again = |name: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tenet"))
+            .env("SOURCE_DATE_EPOCH", "1767225600")
+            .args(["payload", "build", "--std", "--name", "tenet-std", "--out"])
+            .arg(d(name))
+            .output()
+            .expect("tenet");
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        std::fs::read(d(name)).expect("bundle")
+    };
+    assert_eq!(again("a.bundle"), again("b.bundle"));
 }

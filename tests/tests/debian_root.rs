@@ -5,23 +5,23 @@
 //! not configure jq, the installer takes it back out, `dpkg --audit` is
 //! clean and status says Failed with the reason, never Compliant. The
 //! admins then build a bundle with the whole closure (`tenet payload build
-//! --apt jq --target ROOT`, apt from the root's own sources), sign and
-//! approve it: jq is installed, `dpkg --audit` is clean and status says
-//! Compliant, as dpkg does. Then a real upgrade path Debian published
-//! (bookworm's jq to bookworm-security's), a purge, and a service started
-//! (its state recorded in the root, where no service manager runs); after
-//! each, dpkg and status agree and `dpkg --audit` is clean.
+//! --apt jq --target ROOT`, apt from the root's own sources), sign it and
+//! approve the policy again: jq is installed, `dpkg --audit` is clean and
+//! status says Compliant, as dpkg does. Then a real upgrade path Debian
+//! published (bookworm's jq to bookworm-security's), a purge, and a service
+//! started (its state recorded in the root, where no service manager
+//! runs); after each, dpkg and status agree and `dpkg --audit` is clean.
+//!
+//! Every policy says only what must hold (`remediation: {auto: {}}`):
+//! Tenet computes the standard library's steps, and `tenet policy sign
+//! --bundles` names the standard-library bundle that carries them out.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tenet_e2e::{
-    agent, binary, free_port, install_bundle_of, nagoya_agent, next_line, sign_policies,
-    start_operator, wait_until,
-};
-use tenet_protocol::wire::digest_string;
-use tenet_protocol::{Algorithm, KeyPair, Kind, SignedMessage};
+use tenet_e2e::{agent, binary, free_port, nagoya_agent, next_line, start_operator, wait_until};
+use tenet_protocol::{Algorithm, KeyPair};
 
 /// The cached root and .debs (`scripts/debian-root`), or `None` (skipped)
 /// outside CI when they were never made.
@@ -86,39 +86,35 @@ fn audit(root: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn policy(dir: &Path, bundle: &SignedMessage, debs: &[&Path]) {
-    let args: Vec<String> = debs
-        .iter()
-        .map(|d| d.file_name().expect("name").to_string_lossy().into_owned())
-        .collect();
-    write_policy(
-        dir,
-        "{ name: jq, version: '>= 1.6' }",
-        "install-jq",
-        bundle,
-        &args,
-    );
-}
-
-/// The jq policy: `requirement` (a package requirement) remediated by the
-/// signed bundle `payload` with `args`; approved by the admin.
-fn write_policy(
-    dir: &Path,
-    requirement: &str,
-    payload: &str,
-    bundle: &SignedMessage,
-    args: &[String],
-) {
+/// The policy `name` requiring `requirement` (YAML) of the Nagoya
+/// terminal, remediated automatically; approved by the admin, the
+/// approval naming a bundle of `bundles/`. What `tenet policy sign` said.
+fn write_policy(dir: &Path, name: &str, requirement: &str) -> String {
+    let file = format!("policies/{name}.yaml");
     std::fs::write(
-        dir.join("policies/jq.yaml"),
+        dir.join(&file),
         format!(
-            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: jq\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {requirement}\n  remediation:\n    payload: {{ name: {payload}, digest: '{}' }}\n    args: [{}]\n    capabilities: [run-artifact, log]\n    maxAttempts: 1\n",
-            digest_string(&bundle.body_digest()),
-            args.join(", ")
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: {name}\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - {requirement}\n  remediation:\n    auto: {{}}\n    maxAttempts: 1\n"
         ),
     )
     .expect("policy");
-    sign_policies(&dir.join("policies/jq.yaml"), &dir.join("admin.key"));
+    approve(dir, name)
+}
+
+/// The admin signs policy `name` again, against the bundles there now.
+fn approve(dir: &Path, name: &str) -> String {
+    tenet_ok(
+        dir,
+        &[
+            "policy",
+            "sign",
+            &format!("policies/{name}.yaml"),
+            "--key",
+            "admin.key",
+            "--bundles",
+            "bundles",
+        ],
+    )
 }
 
 /// `tenet CLI-ARGS` in `dir`, which must succeed; its standard output.
@@ -137,65 +133,32 @@ fn tenet_ok(dir: &Path, args: &[&str]) -> String {
     said
 }
 
-/// Sign `file` as the admin and put it in the operator's bundles; the
-/// signed bundle.
-fn ship(dir: &Path, file: &str) -> SignedMessage {
+/// Sign `file` as the admin and put it in the operator's bundles.
+fn ship(dir: &Path, file: &str) {
     tenet_ok(dir, &["payload", "sign", file, "--key", "admin.key"]);
     std::fs::copy(dir.join(file), dir.join("bundles").join(file)).expect("bundle");
-    SignedMessage::decode(
-        &std::fs::read(dir.join(file)).expect("bundle"),
-        Kind::PayloadBundle,
-    )
-    .expect("a bundle")
 }
 
-/// The example payload `payload` (its module and its script) built as the
-/// bundle `name`, signed and shipped.
-fn build_payload(dir: &Path, payload: &str, name: &str) -> SignedMessage {
+/// `tenet payload build --std EXTRA...`, signed and shipped as `name`.
+fn build_std(dir: &Path, name: &str, extra: &[&str]) -> String {
     let file = format!("{name}.bundle");
-    let module = tenet_e2e::example(&format!("{payload}.wat"));
-    let script = tenet_e2e::example(&format!("{payload}.sh"));
-    tenet_ok(
-        dir,
-        &[
-            "payload",
-            "build",
-            "--module",
-            module.to_str().expect("path"),
-            "--artifact",
-            script.to_str().expect("path"),
-            "--capability",
-            "run-artifact",
-            "--capability",
-            "log",
-            "--name",
-            name,
-            "--out",
-            &file,
-        ],
-    );
-    ship(dir, &file)
+    let mut args = vec!["payload", "build", "--std", "--name", name, "--out", &file];
+    args.extend(extra);
+    let said = tenet_ok(dir, &args);
+    ship(dir, &file);
+    said
 }
 
 /// `tenet payload build --apt SPEC --target root`, signed and shipped as
-/// `name`: the bundle and the args the policy gives it.
-fn build_apt(dir: &Path, spec: &str, name: &str) -> (SignedMessage, Vec<String>) {
-    let file = format!("{name}.bundle");
-    let said = tenet_ok(
-        dir,
-        &[
-            "payload", "build", "--apt", spec, "--target", "root", "--name", name, "--out", &file,
-        ],
-    );
-    let args = said
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("args: ["))
-        .and_then(|l| l.strip_suffix(']'))
-        .unwrap_or_else(|| panic!("no args in {said}"))
-        .split(", ")
+/// `name`: the .debs it carries.
+fn build_apt(dir: &Path, spec: &str, name: &str) -> Vec<String> {
+    let said = build_std(dir, name, &["--apt", spec, "--target", "root"]);
+    said.lines()
+        .find_map(|l| l.strip_prefix("carries "))
+        .unwrap_or_else(|| panic!("no .debs in {said}"))
+        .split(' ')
         .map(str::to_string)
-        .collect();
-    (ship(dir, &file), args)
+        .collect()
 }
 
 #[test]
@@ -233,9 +196,12 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
 
     // First the admins approve a bundle of jq alone: its libraries are not
     // on a minbase root.
-    let alone = install_bundle_of(&admin, &[jq.as_path()], "install-jq");
-    std::fs::write(dir.join("bundles/install-jq.bundle"), alone.encode()).expect("bundle");
-    policy(dir, &alone, &[jq.as_path()]);
+    build_std(dir, "jq-alone", &["--artifact", jq.to_str().expect("path")]);
+    let said = write_policy(dir, "jq", "package: { name: jq, version: '>= 1.6' }");
+    assert!(
+        said.contains("its auto remediation runs bundle jq-alone"),
+        "{said}"
+    );
 
     let port = free_port();
     let (_operator, lines) = start_operator(dir, port);
@@ -308,7 +274,7 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
         "tenet: apt cannot resolve jq-does-not-exist: E: Unable to locate package jq-does-not-exist\n"
     );
     assert!(!dir.join("x.bundle").exists());
-    let (whole, shipped) = build_apt(dir, "jq", "install-jq");
+    let shipped = build_apt(dir, "jq", "install-jq");
     // At least jq and the two libraries a minbase root lacks.
     for package in ["jq_", "libjq1_", "libonig5_"] {
         assert!(
@@ -316,12 +282,14 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
             "{shipped:?}"
         );
     }
-    write_policy(
-        dir,
-        "{ name: jq, version: '>= 1.6' }",
-        "install-jq",
-        &whole,
-        &shipped,
+    // The incomplete bundle is withdrawn; signed again, the approval names
+    // the whole closure (the spec is the same: a new generation all the
+    // same, so the terminal where the old bundle failed is tried again).
+    std::fs::remove_file(dir.join("bundles/jq-alone.bundle")).expect("withdrawn");
+    let said = approve(dir, "jq");
+    assert!(
+        said.contains("its auto remediation runs bundle install-jq"),
+        "{said}"
     );
     wait_until(
         Duration::from_secs(90),
@@ -352,18 +320,21 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     list.push_str("deb http://deb.debian.org/debian-security bookworm-security main\n");
     std::fs::write(&sources, list).expect("sources");
     let security = "1.6-2.1+deb12u3";
-    let (upgrade, shipped) = build_apt(dir, &format!("jq={security}"), "upgrade-jq");
+    let shipped = build_apt(dir, &format!("jq={security}"), "upgrade-jq");
     assert!(
         !shipped.iter().any(|d| d.starts_with("libonig5_")),
         "only what the terminal lacks: {shipped:?}"
     );
     let (before, _) = generation();
-    write_policy(
+    let said = write_policy(
         dir,
-        &format!("{{ name: jq, version: '>= {security}' }}"),
-        "upgrade-jq",
-        &upgrade,
-        &shipped,
+        "jq",
+        &format!("package: {{ name: jq, version: '>= {security}' }}"),
+    );
+    // bookworm's jq does not satisfy it: the newer bundle is named.
+    assert!(
+        said.contains("its auto remediation runs bundle upgrade-jq"),
+        "{said}"
     );
     // Compliant with the new generation: judged on an inventory after it.
     wait_until(
@@ -376,15 +347,14 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     assert_eq!(dpkg_query(&root, "${Version}", "libjq1"), security);
     assert_eq!(audit(&root), "");
 
-    // Then jq must be absent: the remove-packages payload purges it.
-    let remove = build_payload(dir, "remove-packages", "remove-jq");
+    // Then jq must be absent: the standard library purges it, from the
+    // bundle that ships nothing more than its scripts.
+    build_std(dir, "tenet-std", &[]);
     let (before, _) = generation();
-    write_policy(
-        dir,
-        "{ name: jq, absent: true }",
-        "remove-jq",
-        &remove,
-        &["jq".to_string()],
+    let said = write_policy(dir, "jq", "package: { name: jq, absent: true }");
+    assert!(
+        said.contains("its auto remediation runs bundle tenet-std"),
+        "{said}"
     );
     wait_until(
         Duration::from_secs(90),
@@ -395,17 +365,12 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     assert_eq!(audit(&root), "");
 
     // A service started: no service manager runs in the root, so the
-    // ensure-service payload records its state where the agent reads it.
-    let ensure = build_payload(dir, "ensure-service", "ensure-service");
-    std::fs::write(
-        dir.join("policies/cron.yaml"),
-        format!(
-            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: cron-running\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - service: {{ name: cron, state: running, enabled: true }}\n  remediation:\n    payload: {{ name: ensure-service, digest: '{}' }}\n    args: [cron]\n    capabilities: [run-artifact, log]\n",
-            digest_string(&ensure.body_digest())
-        ),
-    )
-    .expect("policy");
-    sign_policies(&dir.join("policies/cron.yaml"), &dir.join("admin.key"));
+    // standard library records its state where the agent reads it.
+    write_policy(
+        dir,
+        "cron-running",
+        "service: { name: cron, state: running, enabled: true }",
+    );
     wait_until(
         Duration::from_secs(90),
         "cron started through the loop",

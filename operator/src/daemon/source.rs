@@ -95,10 +95,19 @@ impl Source {
 }
 
 /// The envelopes' generation of each policy: the store's, which only goes
-/// up (a file's or a resource's own can start again at 1).
+/// up (a file's or a resource's own can start again at 1). It moves with
+/// the spec and, for an auto remediation, with the bundle the admins
+/// approved: a new bundle for the same spec is a new generation, so the
+/// terminals where the old one failed are tried again.
 fn stamp_generations(store: &Store, policies: &mut [CompiledPolicy]) {
     for p in policies {
-        p.generation = store.policy_generation(&p.key(), p.statement.spec_digest) as i64;
+        let digest = match (&p.spec.remediation, &p.statement.remediation) {
+            (Some(r), Some(approved)) if r.auto.is_some() => tenet_protocol::wire::sha256(
+                &[&p.statement.spec_digest[..], &approved.payload_digest[..]].concat(),
+            ),
+            _ => p.statement.spec_digest,
+        };
+        p.generation = store.policy_generation(&p.key(), digest) as i64;
     }
 }
 

@@ -31,7 +31,7 @@ fn the_crd_rule_and_compile_agree_on_exactly_one_kind() {
                     for r in rules {
                         if r["message"]
                             .as_str()
-                            .is_some_and(|m| m.contains("exactly one of"))
+                            .is_some_and(|m| m.contains("exactly one of package"))
                         {
                             return r["rule"].as_str().map(str::to_string);
                         }
