@@ -24,6 +24,7 @@ DEBIAN_PACKAGES=(
   libtss2-dev   # tss-esapi: the agent's TPM-held identity key
   swtpm         # a software TPM for the TPM tests
   swtpm-tools
+  clang lld wasi-libc libclang-rt-14-dev-wasm32  # payloads written in C (examples/payloads/c)
 )
 
 ensure_debian_packages() {

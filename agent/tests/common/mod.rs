@@ -153,6 +153,8 @@ impl Terminal {
     ) -> (Vec<u8>, [u8; 32]) {
         let module = if wat.ends_with(".wat") {
             wat::parse_file(payloads().join(wat)).expect("payload compiles")
+        } else if wat.ends_with(".wasm") {
+            std::fs::read(wat).expect("a built module")
         } else {
             wat::parse_str(wat).expect("test module compiles")
         };
