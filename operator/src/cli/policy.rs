@@ -704,10 +704,15 @@ fn print_plan(plans: &[TerminalPlan<'_>], out: &mut dyn Write) -> std::io::Resul
                         .map(|h| format!(" (held: {h})"))
                         .unwrap_or_default();
                     if d.auto {
+                        let digest = if d.digest.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {}", d.digest)
+                        };
                         writeln!(
                             out,
-                            "           would remediate automatically with {} {}{held}:",
-                            d.payload, d.digest
+                            "           would remediate automatically with {}{digest}{held}:",
+                            d.payload
                         )?;
                         for step in d.args {
                             writeln!(out, "             {step}")?;
