@@ -231,6 +231,7 @@ pub struct RemediationTemplate {
     /// requirements, and `tenet policy sign --bundles DIR` picks the signed
     /// standard-library bundle that carries what they need.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "auto_schema")]
     pub auto: Option<AutoRemediation>,
     /// A payload bundle of the admins' own, pinned by digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -260,6 +261,18 @@ fn default_max_attempts() -> u32 {
 }
 fn default_timeout_seconds() -> u32 {
     300
+}
+
+/// An empty object in the CRD: a structural schema may not say
+/// `additionalProperties: false`, which schemars writes for a struct
+/// without fields that denies unknown ones (standalone mode still refuses
+/// them; the API server prunes them).
+fn auto_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "description": "Tenet computes the remediation from the requirements (no settings yet)."
+    })
 }
 
 /// Remediation computed by Tenet (no settings yet: the requirements say

@@ -108,6 +108,10 @@ const BROKEN: &[(&str, &str)] = &[
         "13:12: spec.certificate.expectedPcrs.9: PCR 9 is pinned but not quoted: add it to spec.certificate.pcrs",
     ),
     (
+        "service-unit-suffix.yaml",
+        "7:24: spec.requirements[0].service.name: \"sshd.service\": name the service without .service (\"sshd\"), as the inventory lists it",
+    ),
+    (
         "auto-expression.yaml",
         "8:12: spec.requirements[0].expression: remediation auto cannot make an expression true: move this requirement to a policy without remediation, or give a payload of your own",
     ),
@@ -673,7 +677,7 @@ fn an_auto_remediation_is_signed_against_the_bundles_and_planned() {
     assert_eq!(
         stdout(&out),
         format!(
-            "{file}: hospital-it/browser-a-minimum signed by 1 key(s)\n  its auto remediation runs bundle browser-a-120 ({d120})\n"
+            "{file}: hospital-it/browser-a-minimum signed by 1 key(s)\n  its auto remediation runs bundle browser-a-120 ({d120})\n  it carries browser-a 120.0-1\n"
         )
     );
 
@@ -703,7 +707,7 @@ fn an_auto_remediation_is_signed_against_the_bundles_and_planned() {
     assert_eq!(
         stdout(&out),
         format!(
-            "{file}: hospital-it/browser-a-minimum signed by 1 key(s) (this key had signed this version already)\n  its auto remediation runs bundle browser-a-120 ({d120})\n  note: bundle browser-a-121 ({d121}) would install newer versions than the approved browser-a-120; sign with --renew to move to it\n"
+            "{file}: hospital-it/browser-a-minimum signed by 1 key(s) (this key had signed this version already)\n  its auto remediation runs bundle browser-a-120 ({d120})\n  it carries browser-a 120.0-1\n  note: bundle browser-a-121 ({d121}) would install newer versions than the approved browser-a-120; sign with --renew to move to it\n"
         )
     );
     let out = sign(&["--bundles", &bundles, "--renew"]);

@@ -77,7 +77,7 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
     assert!(err.contains("spec.requirements"), "{err}");
     // Nothing of the refused ones was stored.
     let all = cp.kubectl_ok(&["get", "tpol", "-n", "hospital-it", "-o", "name"]);
-    assert_eq!(all.lines().count(), 5, "{all}");
+    assert_eq!(all.lines().count(), 6, "{all}");
 }
 
 /// The deployment manifests apply cleanly to a real API server, and the

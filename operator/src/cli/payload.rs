@@ -170,8 +170,11 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
         let mut library = Vec::new();
         for (name, text) in [
-            (tenet_protocol::stdlib::SCRIPT, STD_SH),
-            ("install-deb.sh", INSTALLER_SH),
+            (tenet_protocol::stdlib::SCRIPT, crate::policy::auto::STD_SH),
+            (
+                crate::policy::auto::INSTALLER,
+                crate::policy::auto::INSTALLER_SH,
+            ),
         ] {
             let path = dir.path().join(name);
             std::fs::write(&path, text).map_err(io(&path))?;
@@ -187,7 +190,7 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
             .iter()
             .map(|c| c.name().to_string())
             .collect();
-        wat::parse_str(STD_WAT).map_err(|e| CliError::Bundle {
+        wat::parse_str(crate::policy::auto::STD_WAT).map_err(|e| CliError::Bundle {
             path: "stdlib/tenet-std.wat".into(),
             message: format!("not a valid WebAssembly module: {e}"),
         })?
@@ -277,12 +280,6 @@ pub fn build(args: &BuildArgs, out: &mut dyn Write) -> Result<(), CliError> {
     }
     Ok(())
 }
-
-/// The standard library payload, built into the binary.
-pub const STD_WAT: &str = include_str!("../../../stdlib/tenet-std.wat");
-pub const STD_SH: &str = include_str!("../../../stdlib/tenet-std.sh");
-/// Its installer, the install-deb example payload's.
-pub const INSTALLER_SH: &str = include_str!("../../../examples/payloads/install-deb.sh");
 
 /// When the bundle was made: now, or SOURCE_DATE_EPOCH (seconds) when set,
 /// so that a build can be repeated byte for byte

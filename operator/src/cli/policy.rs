@@ -392,6 +392,9 @@ fn sign_files(
                             b.name,
                             tenet_protocol::wire::digest_string(&b.digest)
                         )?;
+                        if !b.carries.is_empty() {
+                            writeln!(out, "  it carries {}", b.carries.join(", "))?;
+                        }
                         if let Some(n) = &b.note {
                             writeln!(out, "  note: {n}")?;
                         }

@@ -23,6 +23,28 @@ use tenet_protocol::wire::{Kind, SignedMessage, digest_string};
 use super::compile::FieldError;
 use super::version::{Constraint, compare_dpkg};
 
+/// The standard library payload: its module and its two scripts, built
+/// into the binary (`tenet payload build --std` ships them).
+pub const STD_WAT: &str = include_str!("../../../stdlib/tenet-std.wat");
+pub const STD_SH: &str = include_str!("../../../stdlib/tenet-std.sh");
+/// Its installer, the install-deb example payload's.
+pub const INSTALLER_SH: &str = include_str!("../../../examples/payloads/install-deb.sh");
+/// The installer's file name in the bundle.
+pub const INSTALLER: &str = "install-deb.sh";
+
+/// The bytes of steps the module takes (its page, less where it starts
+/// copying them).
+const MAX_STEP_BYTES: usize = 65_535 - 256;
+
+/// The standard library's module, compiled once.
+pub fn std_module() -> &'static [u8] {
+    static MODULE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    MODULE.get_or_init(|| {
+        // Built into the binary and parsed by a test: it always parses.
+        wat::parse_str(STD_WAT).unwrap_or_default()
+    })
+}
+
 /// What the standard library payload is granted.
 pub const CAPABILITIES: [Capability; 2] = [Capability::RunArtifact, Capability::Log];
 
@@ -107,6 +129,16 @@ pub fn steps(spec: &TerminalPolicySpec) -> Result<Vec<Step>, Vec<FieldError>> {
         }
         steps.push(step);
     }
+    // The standard library's module copies them into its one 64 KiB page.
+    let bytes: usize = steps.iter().map(|s| s.to_string().len() + 1).sum();
+    if bytes > MAX_STEP_BYTES {
+        refuse(
+            "spec.requirements".into(),
+            format!(
+                "remediation auto passes the steps in at most {MAX_STEP_BYTES} bytes; this policy's take {bytes}: split it into policies"
+            ),
+        );
+    }
     if steps.len() > MAX_ARGS {
         refuse(
             "spec.requirements".into(),
@@ -153,10 +185,20 @@ pub struct Contents {
 
 impl Contents {
     pub fn of(bundle: &PayloadBundle, digest: [u8; 32]) -> Contents {
+        let carries = |name: &str, text: &str| {
+            bundle
+                .artifacts
+                .iter()
+                .any(|a| a.name == name && a.data == text.as_bytes())
+        };
         Contents {
             name: bundle.manifest.name.clone(),
             digest,
-            standard: bundle.artifacts.iter().any(|a| a.name == stdlib::SCRIPT),
+            // This Tenet's library, byte for byte: a bundle that merely has
+            // a script of that name runs code of its own.
+            standard: bundle.module == std_module()
+                && carries(stdlib::SCRIPT, STD_SH)
+                && carries(INSTALLER, INSTALLER_SH),
             debs: bundle
                 .artifacts
                 .iter()
@@ -174,13 +216,17 @@ impl Contents {
     /// Why this bundle cannot carry out `steps`, if it cannot.
     pub fn lacks(&self, steps: &[Step]) -> Option<String> {
         if !self.standard {
-            return Some(format!(
-                "it is not a standard-library bundle (no {})",
-                stdlib::SCRIPT
-            ));
+            return Some(
+                "it is not this Tenet's standard library (its module or scripts differ: build it with `tenet payload build --std`)".into(),
+            );
         }
         for step in steps {
             match step {
+                Step::Purge { package } if self.debs.iter().any(|(p, _)| p == package) => {
+                    return Some(format!(
+                        "it carries a .deb of {package}, which the policy purges"
+                    ));
+                }
                 Step::Install {
                     package,
                     constraint,
@@ -212,6 +258,10 @@ impl Contents {
             }
         }
         None
+    }
+
+    fn carried(&self) -> Vec<String> {
+        self.debs.iter().map(|(p, v)| format!("{p} {v}")).collect()
     }
 
     /// The versions it would install for `steps`, in step order.
@@ -250,6 +300,8 @@ fn describe(constraint: &[(stdlib::DpkgOp, String)]) -> String {
 pub struct Choice {
     pub digest: [u8; 32],
     pub name: String,
+    /// The packages it carries (`NAME VERSION`), for the admin to see.
+    pub carries: Vec<String>,
     /// Said to the admin: a better bundle that was not taken, and how to
     /// take it.
     pub note: Option<String>,
@@ -291,12 +343,14 @@ pub fn choose(
         return Ok(Choice {
             digest: kept.digest,
             name: kept.name.clone(),
+            carries: kept.carried(),
             note,
         });
     }
     Ok(Choice {
         digest: best.digest,
         name: best.name.clone(),
+        carries: best.carried(),
         note: None,
     })
 }

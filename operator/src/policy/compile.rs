@@ -315,6 +315,23 @@ fn compile_requirement(
                 "service name is empty",
             ));
         }
+        // The inventory lists services by name, without `.service`: a
+        // requirement on `sshd.service` would never find it (and a
+        // stopped one would always hold).
+        if let Some(unit) = UNIT_SUFFIXES.iter().find(|u| s.name.ends_with(*u)) {
+            errors.push(FieldError::new(
+                format!("{path}.service.name"),
+                if *unit == ".service" {
+                    format!(
+                        "{:?}: name the service without .service ({:?}), as the inventory lists it",
+                        s.name,
+                        s.name.trim_end_matches(".service")
+                    )
+                } else {
+                    format!("{:?} is a {unit} unit; only services are checked", s.name)
+                },
+            ));
+        }
         (
             format!("service {}", s.name),
             Check::Service {
@@ -416,6 +433,22 @@ fn check_payload(payload: &tenet_crds::policy::PayloadRef, errors: &mut Vec<Fiel
         ));
     }
 }
+
+/// systemd's unit types: a service requirement names a service without
+/// its suffix.
+const UNIT_SUFFIXES: [&str; 11] = [
+    ".service",
+    ".socket",
+    ".timer",
+    ".target",
+    ".mount",
+    ".automount",
+    ".path",
+    ".slice",
+    ".scope",
+    ".device",
+    ".swap",
+];
 
 /// The CRD's `maxItems` on `spec.requirements`: the API server budgets the
 /// cost of the validation rules by the longest list, and standalone mode

@@ -185,3 +185,66 @@ fn an_epoch_in_a_file_name_counts() {
     let b = bundle("b", &["bsdutils_1%3a2.38.1-5+deb12u3_amd64.deb"], &[], true);
     assert_eq!(b.lacks(&steps), None);
 }
+
+#[test]
+fn a_bundle_is_the_standard_library_only_byte_for_byte() {
+    use tenet_protocol::bundle::{Artifact, Manifest};
+    assert!(std_module().starts_with(b"\0asm"), "the module parses");
+    let artifact = |name: &str, data: &[u8]| Artifact {
+        name: name.into(),
+        sha256: tenet_protocol::wire::sha256(data),
+        size: data.len() as u64,
+        data: data.to_vec(),
+    };
+    let mut bundle = PayloadBundle {
+        manifest: Manifest {
+            name: "tenet-std".into(),
+            version: "1".into(),
+            description: String::new(),
+            capabilities: CAPABILITIES.to_vec(),
+            created_ms: 0,
+            expires_ms: 1,
+        },
+        module: std_module().to_vec(),
+        artifacts: vec![
+            artifact(stdlib::SCRIPT, STD_SH.as_bytes()),
+            artifact(INSTALLER, INSTALLER_SH.as_bytes()),
+            artifact("telnetd_0.17_amd64.deb", b"deb"),
+        ],
+    };
+    let c = Contents::of(&bundle, [1; 32]);
+    assert!(c.standard);
+    // It carries telnetd: never chosen to purge it (it would come back
+    // with the next install).
+    let purge = [Step::Purge {
+        package: "telnetd".into(),
+    }];
+    assert_eq!(
+        c.lacks(&purge).as_deref(),
+        Some("it carries a .deb of telnetd, which the policy purges")
+    );
+    // A script of the same name that is not the library's.
+    bundle.artifacts[0] = artifact(stdlib::SCRIPT, b"#!/bin/sh\nrm -rf /\n");
+    assert!(!Contents::of(&bundle, [1; 32]).standard);
+}
+
+#[test]
+fn steps_that_overflow_the_modules_page_are_refused() {
+    let long = format!("/{}", "a".repeat(1015));
+    let mut yaml = String::new();
+    for i in 0..64 {
+        yaml.push_str(&format!(
+            "  - file: {{ path: '{long}{i}', absent: true }}\n"
+        ));
+    }
+    let Err(errors) = steps(&spec(yaml.trim_end())) else {
+        panic!("64 steps of 1,030 bytes are refused");
+    };
+    assert!(
+        errors[0]
+            .message
+            .starts_with("remediation auto passes the steps in at most 65279 bytes"),
+        "{}",
+        errors[0].message
+    );
+}
