@@ -315,10 +315,19 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     // A real upgrade path between two versions Debian published: the
     // terminal also follows bookworm-security, and the admins require its
     // jq. The closure is the newer jq and its libjq1 (libonig5 is there).
-    let sources = root.join("etc/apt/sources.list");
-    let mut list = std::fs::read_to_string(&sources).expect("sources");
-    list.push_str("deb http://deb.debian.org/debian-security bookworm-security main\n");
-    std::fs::write(&sources, list).expect("sources");
+    // Its entry names its key by path, a keyring only the terminal has:
+    // apt reads it under the target, not on the admins' machine.
+    std::fs::copy(
+        root.join("usr/share/keyrings/debian-archive-keyring.gpg"),
+        root.join("usr/share/keyrings/tenet-e2e-terminal-only.gpg"),
+    )
+    .expect("keyring");
+    assert!(!Path::new("/usr/share/keyrings/tenet-e2e-terminal-only.gpg").exists());
+    std::fs::write(
+        root.join("etc/apt/sources.list.d/security.list"),
+        "deb [signed-by=/usr/share/keyrings/tenet-e2e-terminal-only.gpg] http://deb.debian.org/debian-security bookworm-security main\n",
+    )
+    .expect("sources");
     let security = "1.6-2.1+deb12u3";
     let shipped = build_apt(dir, &format!("jq={security}"), "upgrade-jq");
     assert!(

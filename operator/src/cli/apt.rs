@@ -7,12 +7,14 @@
 //! archive keys) and its dpkg status (so only what it lacks is fetched).
 //! Nothing of the machine the command runs on (its apt configuration,
 //! sources, keys, lists, cache, architecture or installed packages)
-//! enters the bundle. (A `Signed-By` path in the target's sources is
-//! still read on this machine.) The .debs are then shipped in a
+//! enters the bundle: a key its sources name by path (`signed-by`) is
+//! read under the target ([`sources`]). The .debs are then shipped in a
 //! standard-library bundle, digest-pinned under the admins' signatures.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod sources;
 
 use super::payload::CliError;
 
@@ -52,8 +54,9 @@ pub fn apt_options(target: &Path, scratch: &Path, architecture: &str) -> Vec<Str
     let t = |p: &str| target.join(p).display().to_string();
     let s = |p: &str| scratch.join(p).display().to_string();
     [
-        ("Dir::Etc::SourceList", t("etc/apt/sources.list")),
-        ("Dir::Etc::SourceParts", t("etc/apt/sources.list.d")),
+        // The target's sources, copied with their keys' paths under it.
+        ("Dir::Etc::SourceList", s("sources/sources.list")),
+        ("Dir::Etc::SourceParts", s("sources/sources.list.d")),
         ("Dir::Etc::Trusted", t("etc/apt/trusted.gpg")),
         ("Dir::Etc::TrustedParts", t("etc/apt/trusted.gpg.d")),
         ("Dir::Etc::Preferences", t("etc/apt/preferences")),
@@ -166,6 +169,7 @@ pub fn fetch_closure(
     }
     let config = scratch.path().join("apt.conf");
     made(&config, std::fs::write(&config, apt_config(scratch.path())))?;
+    sources::copy(target, &scratch.path().join("sources"))?;
     let options = apt_options(target, scratch.path(), &architecture);
     apt(
         &config,
@@ -292,7 +296,7 @@ mod tests {
             .step_by(2)
             .map(String::as_str)
             .collect();
-        assert!(pairs.contains(&"Dir::Etc::SourceList=/r/etc/apt/sources.list"));
+        assert!(pairs.contains(&"Dir::Etc::SourceList=/s/sources/sources.list"));
         assert!(pairs.contains(&"Dir::Etc::TrustedParts=/r/etc/apt/trusted.gpg.d"));
         assert!(pairs.contains(&"Dir::State::Status=/r/var/lib/dpkg/status"));
         assert!(pairs.contains(&"Dir::State::Lists=/s/lists"));
