@@ -65,9 +65,9 @@ pub fn apt_options(target: &Path, scratch: &Path, architecture: &str) -> Vec<Str
         ("Dir::State::Lists", s("lists")),
         ("Dir::Cache", s("cache")),
         ("Dir::Cache::Archives", s("archives")),
-        // The target's architecture, not this machine's.
+        // The target's architecture, not this machine's (its foreign
+        // ones are in apt_config).
         ("APT::Architecture", architecture.to_string()),
-        ("APT::Architectures", architecture.to_string()),
         // Only what the target's archive keys sign.
         ("APT::Get::AllowUnauthenticated", "false".into()),
         ("Acquire::AllowInsecureRepositories", "false".into()),
@@ -91,12 +91,31 @@ pub fn apt_options(target: &Path, scratch: &Path, architecture: &str) -> Vec<Str
 
 /// apt's own configuration for the scratch state: none of this machine's
 /// (`/etc/apt/apt.conf` and `apt.conf.d`: proxies, hooks, settings), read
-/// through `APT_CONFIG` before anything else.
-pub fn apt_config(scratch: &Path) -> String {
+/// through `APT_CONFIG` before anything else; the target's architectures,
+/// native first (a list, which `-o` cannot give).
+pub fn apt_config(scratch: &Path, architectures: &[String]) -> String {
+    let list: String = architectures.iter().map(|a| format!("\"{a}\"; ")).collect();
     format!(
-        "Dir::Etc::main \"/dev/null\";\nDir::Etc::parts \"{}\";\n",
+        "Dir::Etc::main \"/dev/null\";\nDir::Etc::parts \"{}\";\nAPT::Architectures {{ {list}}};\n",
         scratch.join("no-parts").display()
     )
+}
+
+/// The foreign architectures the target's dpkg was told of
+/// (`dpkg --add-architecture`, in `var/lib/dpkg/arch`; the native one
+/// may be listed there too).
+fn foreign_architectures(target: &Path, native: &str) -> Vec<String> {
+    std::fs::read_to_string(target.join("var/lib/dpkg/arch"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|a| {
+            !a.is_empty()
+                && *a != native
+                && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// The target's native architecture: that of its dpkg.
@@ -168,7 +187,13 @@ pub fn fetch_closure(
         made(&p, std::fs::create_dir_all(&p))?;
     }
     let config = scratch.path().join("apt.conf");
-    made(&config, std::fs::write(&config, apt_config(scratch.path())))?;
+    let architectures: Vec<String> = std::iter::once(architecture.clone())
+        .chain(foreign_architectures(target, &architecture))
+        .collect();
+    made(
+        &config,
+        std::fs::write(&config, apt_config(scratch.path(), &architectures)),
+    )?;
     sources::copy(target, &scratch.path().join("sources"))?;
     let options = apt_options(target, scratch.path(), &architecture);
     apt(
@@ -305,9 +330,13 @@ mod tests {
         assert!(pairs.contains(&"APT::Architecture=arm64"));
         assert!(pairs.contains(&"Acquire::AllowInsecureRepositories=false"));
         assert_eq!(
-            apt_config(Path::new("/s")),
-            "Dir::Etc::main \"/dev/null\";\nDir::Etc::parts \"/s/no-parts\";\n"
+            apt_config(Path::new("/s"), &["arm64".into(), "armhf".into()]),
+            "Dir::Etc::main \"/dev/null\";\nDir::Etc::parts \"/s/no-parts\";\nAPT::Architectures { \"arm64\"; \"armhf\"; };\n"
         );
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(tmp.path().join("var/lib/dpkg")).expect("mkdir");
+        std::fs::write(tmp.path().join("var/lib/dpkg/arch"), "amd64\ni386\n").expect("arch");
+        assert_eq!(foreign_architectures(tmp.path(), "amd64"), ["i386"]);
         assert!(options.iter().step_by(2).all(|o| o == "-o"));
     }
 }
