@@ -25,6 +25,7 @@ DEBIAN_PACKAGES=(
   swtpm         # a software TPM for the TPM tests
   swtpm-tools
   clang lld wasi-libc libclang-rt-14-dev-wasm32  # payloads written in C (examples/payloads/c)
+  dpkg-dev lintian  # the agent's Debian package: dpkg-shlibdeps, and its check (scripts/agent-deb)
 )
 
 ensure_debian_packages() {

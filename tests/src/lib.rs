@@ -789,3 +789,90 @@ pub fn nagoya_agent(dir: &Path, port: u16) -> Running {
             .expect("agent"),
     )
 }
+
+/// The cache `scripts/debian-root` makes (`bookworm/`, a debootstrapped
+/// root; `debs/`; `agent-deps/`), or `None` (skipped) outside CI when it
+/// was never made or this is not root (dpkg into a root, and its
+/// maintainer scripts, need root).
+pub fn debian_cache() -> Option<PathBuf> {
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root_user {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the Debian root tests run as root under CI"
+        );
+        eprintln!("skipping: not root");
+        return None;
+    }
+    let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/tenet/debian");
+    let ready = ["bookworm", "debs", "agent-deps"]
+        .iter()
+        .all(|d| cache.join(d).join(".complete").exists());
+    if !ready {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the Debian root is required under CI (scripts/test makes it with scripts/debian-root)"
+        );
+        eprintln!("skipping: no Debian root (run scripts/debian-root)");
+        return None;
+    }
+    Some(cache)
+}
+
+/// The `.deb` files in `dir`, sorted.
+pub fn debs_in(dir: &Path) -> Vec<PathBuf> {
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+                .collect()
+        })
+        .unwrap_or_default();
+    debs.sort();
+    debs
+}
+
+/// A copy of the cached Debian root at `to` (reflinked where the file
+/// system can).
+pub fn copy_root(cached: &Path, to: &Path) {
+    let copied = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(cached)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "copying the Debian root");
+}
+
+/// `dpkg-query -W -f=FORMAT PACKAGE` on the dpkg database of `root`.
+pub fn dpkg_query(root: &Path, format: &str, package: &str) -> String {
+    let out = Command::new("dpkg-query")
+        .env("LC_ALL", "C")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .args(["-W", &format!("-f={format}"), package])
+        .output()
+        .expect("dpkg-query");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// What `dpkg --audit` says of `root`'s packages (empty: consistent).
+pub fn audit(root: &Path) -> String {
+    let out = Command::new("dpkg")
+        .env("LC_ALL", "C")
+        .arg(format!(
+            "--admindir={}",
+            root.join("var/lib/dpkg").display()
+        ))
+        .arg("--audit")
+        .output()
+        .expect("dpkg --audit");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

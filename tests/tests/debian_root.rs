@@ -20,70 +20,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tenet_e2e::{agent, binary, free_port, nagoya_agent, next_line, start_operator, wait_until};
+use tenet_e2e::{
+    agent, audit, binary, dpkg_query, free_port, nagoya_agent, next_line, start_operator,
+    wait_until,
+};
 use tenet_protocol::{Algorithm, KeyPair};
 
-/// The cached root and .debs (`scripts/debian-root`), or `None` (skipped)
-/// outside CI when they were never made.
+/// The cached root and Debian's jq (`scripts/debian-root`), or `None`
+/// (skipped) outside CI when they were never made.
 fn debian() -> Option<(PathBuf, Vec<PathBuf>)> {
-    // dpkg into a root, and its maintainer scripts, need root.
-    let root_user = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root_user {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the Debian root tests run as root under CI"
-        );
-        eprintln!("skipping: not root");
-        return None;
-    }
-    let cache = PathBuf::from(std::env::var_os("HOME")?).join(".cache/tenet/debian");
-    let root = cache.join("bookworm");
-    let ready = root.join(".complete").exists() && cache.join("debs/.complete").exists();
-    if !ready {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "the Debian root is required under CI (scripts/test makes it with scripts/debian-root)"
-        );
-        eprintln!("skipping: no Debian root (run scripts/debian-root)");
-        return None;
-    }
-    let mut debs: Vec<PathBuf> = std::fs::read_dir(cache.join("debs"))
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    debs.sort();
-    Some((root, debs))
-}
-
-fn dpkg_query(root: &Path, format: &str, package: &str) -> String {
-    let out = Command::new("dpkg-query")
-        .env("LC_ALL", "C")
-        .arg(format!(
-            "--admindir={}",
-            root.join("var/lib/dpkg").display()
-        ))
-        .args(["-W", &format!("-f={format}"), package])
-        .output()
-        .expect("dpkg-query");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn audit(root: &Path) -> String {
-    let out = Command::new("dpkg")
-        .env("LC_ALL", "C")
-        .arg(format!(
-            "--admindir={}",
-            root.join("var/lib/dpkg").display()
-        ))
-        .arg("--audit")
-        .output()
-        .expect("dpkg --audit");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let cache = tenet_e2e::debian_cache()?;
+    Some((
+        cache.join("bookworm"),
+        tenet_e2e::debs_in(&cache.join("debs")),
+    ))
 }
 
 /// The policy `name` requiring `requirement` (YAML) of the Nagoya
@@ -177,13 +127,7 @@ fn a_debootstrapped_debian_terminal_installs_upgrades_purges_and_starts_a_servic
     let dir = tmp.path();
     // The terminal: a copy of the cached root.
     let root = dir.join("root");
-    let copied = Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(&cached)
-        .arg(&root)
-        .status()
-        .expect("cp");
-    assert!(copied.success());
+    tenet_e2e::copy_root(&cached, &root);
     assert_eq!(dpkg_query(&root, "${db:Status-Abbrev}", "jq"), "");
     assert_eq!(audit(&root), "", "the debootstrapped root is consistent");
 
