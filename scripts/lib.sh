@@ -26,6 +26,7 @@ DEBIAN_PACKAGES=(
   swtpm-tools
   clang lld wasi-libc libclang-rt-14-dev-wasm32  # payloads written in C (examples/payloads/c)
   dpkg-dev lintian  # the agent's Debian package: dpkg-shlibdeps, and its check (scripts/agent-deb)
+  umoci skopeo      # the operator's OCI image, written and read without a container engine
 )
 
 ensure_debian_packages() {

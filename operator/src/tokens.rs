@@ -195,18 +195,29 @@ fn ca_fingerprint(data: &Path) -> Result<String, DaemonError> {
 }
 
 /// Import every `*.token` of the data directory's inbox into the store, and
-/// delete it. A file that is not a token is logged and deleted too.
-pub fn import_inbox(data: &Path, store: &Store) -> Result<(), DaemonError> {
+/// delete it. A file that is not a token is logged and deleted too. A
+/// token the operator cannot read or delete (written by another user, as
+/// `tenet token create` run as root beside an operator that is not) stays
+/// where it is for the next look; what is wrong with each is returned,
+/// for the caller to say once.
+pub fn import_inbox(data: &Path, store: &Store) -> Vec<String> {
     let dir = tokens_dir(data);
+    let mut problems = Vec::new();
     let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(());
+        return problems;
     };
     for e in entries.filter_map(Result::ok) {
         let path = e.path();
         if path.extension().is_none_or(|x| x != "token") {
             continue;
         }
-        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(format!("{}: cannot read it: {e}", path.display()));
+                continue;
+            }
+        };
         // A hash then a record (also one from before tokens had labels).
         let pending = postcard::take_from_bytes::<String>(&bytes)
             .map_err(|e| e.to_string())
@@ -221,9 +232,14 @@ pub fn import_inbox(data: &Path, store: &Store) -> Result<(), DaemonError> {
                 tracing::warn!(file = %path.display(), error = %e, "not a token file; ignored")
             }
         }
-        std::fs::remove_file(&path).map_err(io(&path))?;
+        if let Err(e) = std::fs::remove_file(&path) {
+            problems.push(format!(
+                "{}: imported, cannot delete it: {e}",
+                path.display()
+            ));
+        }
     }
-    Ok(())
+    problems
 }
 
 /// Import the hashes of the token Secret (Kubernetes mode) that the store
@@ -268,5 +284,40 @@ mod label_tests {
             parse_label("tenet.dev/namespace=Hospital_IT"),
             Err("tenet.dev/namespace=\"Hospital_IT\": a namespace name is at most 63 lower-case letters, digits and '-', starting and ending with a letter or digit".into())
         );
+    }
+}
+
+#[cfg(test)]
+mod inbox_tests {
+    use super::*;
+
+    /// One token file the operator cannot read never stops it, nor the
+    /// import of the others: it stays for the next look, and is said.
+    #[test]
+    fn an_unreadable_token_is_left_and_said() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = tokens_dir(data.path());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let store = Store::open(&data.path().join("tenet.redb")).expect("store");
+        let pending = PendingToken {
+            hash: token_key("good"),
+            record: TokenRecord {
+                terminal: None,
+                expires_ms: u64::MAX,
+                uses_left: 1,
+                labels: BTreeMap::new(),
+            },
+        };
+        std::fs::write(dir.join("a.token"), encode(&pending)).expect("token");
+        // Reading a directory fails as reading another user's file does.
+        std::fs::create_dir(dir.join("b.token")).expect("unreadable");
+        let problems = import_inbox(data.path(), &store);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].ends_with("b.token: cannot read it: Is a directory (os error 21)"),
+            "{problems:?}"
+        );
+        assert!(!dir.join("a.token").exists(), "the good one was taken");
+        assert!(dir.join("b.token").exists(), "the other stays");
     }
 }

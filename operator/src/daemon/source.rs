@@ -59,7 +59,13 @@ impl Source {
     ) -> Result<(), DaemonError> {
         match self {
             Source::Directory(d) => {
-                crate::tokens::import_inbox(&d.data, store)?;
+                let problems = crate::tokens::import_inbox(&d.data, store);
+                if problems != d.token_problems {
+                    for p in &problems {
+                        tracing::warn!(problem = %p, "token not imported; looked at again every tick");
+                    }
+                    d.token_problems = problems;
+                }
                 if let Some(pull) = &mut d.pull
                     && pull.sync().await
                 {
@@ -155,6 +161,8 @@ pub struct DirectorySource {
     unreadable: bool,
     /// The errors of the files as last read.
     file_errors: Vec<String>,
+    /// Token files that could not be imported, as last said.
+    token_problems: Vec<String>,
     /// The git remote the directory is a checkout of, if it is one.
     pull: Option<super::remote::Pull>,
     loaded: Loaded,
@@ -170,6 +178,7 @@ impl DirectorySource {
             stamp: None,
             unreadable: false,
             file_errors: Vec::new(),
+            token_problems: Vec::new(),
             pull: None,
             loaded: Loaded::default(),
         }
