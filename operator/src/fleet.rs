@@ -183,7 +183,13 @@ impl OperatorFleet {
         Ok(frame)
     }
 
-    fn take_report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
+    /// Take a report: `Err` when it is refused (nothing taken), `Ok(Err)`
+    /// when it was taken and the attempt failed.
+    fn take_report(
+        &self,
+        terminal: &str,
+        bytes: &[u8],
+    ) -> Result<Result<(), Rejection>, FleetError> {
         let frame = self.verified_frame(terminal, Kind::ExecutionReport, bytes)?;
         let report: ExecutionReport = frame.open()?;
         let now = (self.now_ms)();
@@ -229,6 +235,18 @@ impl OperatorFleet {
             )
             .into());
         }
+        // In the evidence history, as received, with what was made of it.
+        self.store.evidence(
+            now,
+            terminal,
+            tenet_protocol::evidence::Record::Reported {
+                report: bytes.to_vec(),
+                verdict: match &result {
+                    Ok(()) => "verified".into(),
+                    Err(r) => format!("the attempt failed: {r}"),
+                },
+            },
+        );
         let sent = self
             .sent
             .lock()
@@ -250,7 +268,7 @@ impl OperatorFleet {
             terminal: terminal.to_string(),
             policy,
         });
-        result.map_err(FleetError::from)
+        Ok(result)
     }
 
     fn take_inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
@@ -398,8 +416,25 @@ impl Fleet for OperatorFleet {
     }
 
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
-        self.take_report(terminal, bytes)
-            .inspect_err(|r| self.count(r))
+        match self.take_report(terminal, bytes) {
+            Ok(taken) => taken.map_err(FleetError::from),
+            Err(e) => {
+                // A refusal is in the evidence history too, with the
+                // bytes as they came.
+                if let FleetError::Refused(r) = &e {
+                    self.store.evidence(
+                        (self.now_ms)(),
+                        terminal,
+                        tenet_protocol::evidence::Record::Refused {
+                            message: bytes.to_vec(),
+                            reason: r.to_string(),
+                        },
+                    );
+                }
+                Err(e)
+            }
+        }
+        .inspect_err(|r| self.count(r))
     }
 
     fn inventory(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod daemon;
 pub mod data_dir;
+pub mod evidence;
 pub mod fleet;
 pub mod gateway;
 pub mod kubernetes;

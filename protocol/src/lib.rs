@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod certificate;
 pub mod enrol;
 pub mod envelope;
+pub mod evidence;
 #[cfg(feature = "io")]
 pub mod host;
 pub mod inventory;

@@ -251,6 +251,80 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         "{metrics}"
     );
 
+    // What an auditor receives, and checks with only the admins' and the
+    // operator's public keys: the terminal's enrolment, the envelope, the
+    // report that carried its nonce back.
+    let export = tenet(&[
+        "evidence",
+        "export",
+        "--data",
+        "data",
+        "--terminal",
+        "nagoya-ward3-01",
+    ]);
+    std::fs::write(dir.join("evidence.json"), &export).expect("export");
+    let verified = tenet(&[
+        "evidence",
+        "verify",
+        "evidence.json",
+        "--trust",
+        "admin.key.pub",
+        "--dispatch-key",
+        "data/dispatch.key.pub",
+    ]);
+    let lines: Vec<&str> = verified.lines().collect();
+    assert!(
+        lines[0].contains("enrolled with identity key"),
+        "{verified}"
+    );
+    assert!(
+        lines[1].contains("dispatched hospital-it/browser-a-minimum generation 1: payload"),
+        "{verified}"
+    );
+    assert!(lines[1].ends_with("approved by 1 admin(s)"), "{verified}");
+    assert!(lines[2].ends_with(": exited 0 (verified)"), "{verified}");
+    assert_eq!(
+        lines[3],
+        "verified: 3 entries of terminal nagoya-ward3-01 in a chain of 3"
+    );
+    assert!(lines[4].starts_with("head sha256:"), "{verified}");
+    // One byte of the report the terminal signed changed: the auditor
+    // sees which entry and why.
+    let mut file: serde_json::Value = serde_json::from_str(&export).expect("json");
+    let encoded = file["items"][2]["entry"]
+        .as_str()
+        .expect("an entry")
+        .to_string();
+    use base64::Engine;
+    use tenet_protocol::evidence::{Entry, Record};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut entry = Entry::decode(&b64.decode(encoded).expect("base64")).expect("entry");
+    let Record::Reported { report, .. } = &mut entry.record else {
+        panic!("the third entry is the report: {:?}", entry.record)
+    };
+    let middle = report.len() / 2;
+    report[middle] ^= 1;
+    file["items"][2]["entry"] = serde_json::Value::String(b64.encode(entry.encode()));
+    std::fs::write(dir.join("tampered.json"), file.to_string()).expect("write");
+    let out = Command::new(binary("tenet"))
+        .args([
+            "evidence",
+            "verify",
+            "tampered.json",
+            "--trust",
+            "admin.key.pub",
+        ])
+        .args(["--dispatch-key", "data/dispatch.key.pub"])
+        .current_dir(dir)
+        .output()
+        .expect("tenet");
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.starts_with("tenet: tampered.json: entry 2: the report"),
+        "{said}"
+    );
+
     // An edit no admin approved: the args now name a backdoor package
     // lying on the terminal, and the version requirement moves so that the
     // terminal drifts. The approved generation stays in force, nothing is

@@ -5,6 +5,7 @@
 pub mod apt;
 pub mod bench;
 pub mod cert;
+pub mod evidence;
 pub mod operator;
 pub mod payload;
 pub mod policy;
@@ -72,6 +73,10 @@ pub enum Command {
     /// dispatch key, signed by the admins (TUF-style).
     #[command(subcommand)]
     Trust(trust::TrustCommand),
+    /// Export one terminal's evidence history for an auditor, and verify
+    /// an export offline with the admins' and the operator's public keys.
+    #[command(subcommand)]
+    Evidence(evidence::EvidenceCommand),
     /// Benchmarks of the whole system on this machine.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -128,6 +133,7 @@ pub fn main() -> ExitCode {
         Command::Cert(command) => cert::run(command, stdout, stderr),
         Command::Token(command) => token::run(command, stdout),
         Command::Trust(command) => trust::run(command, stdout),
+        Command::Evidence(command) => evidence::run(command, stdout),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -475,13 +475,22 @@ impl Pass<'_> {
             };
             // Recorded before it is sent: a crash now reissues, never duplicates.
             self.store.start_dispatch(terminal, &key, &live, &started);
+            let envelope = frame.encode();
+            // In the evidence history, as sent.
+            self.store.evidence(
+                self.now_ms,
+                terminal,
+                tenet_protocol::evidence::Record::Dispatched {
+                    envelope: envelope.clone(),
+                },
+            );
             status.drifted = status.drifted.saturating_sub(1);
             status.remediating += 1;
             out.push(Outgoing {
                 terminal: terminal.to_string(),
                 policy: key.clone(),
                 envelope_digest: frame.body_digest(),
-                envelope: frame.encode(),
+                envelope,
                 bundle: tenet_protocol::session::SharedBytes(bundle.bytes.clone()),
             });
         }

@@ -30,6 +30,9 @@ pub(super) struct Mem {
     pub(super) certificates: BTreeMap<String, CertRecord>,
     /// Changes in the order they were made, not yet committed.
     pub(super) pending: Vec<Change>,
+    /// Entries for the evidence history, appended before the changes
+    /// they came with are committed (when the store keeps one).
+    pub(super) evidence: Vec<(u64, String, tenet_protocol::evidence::Record)>,
     /// How many changes were ever made (the newest change's number).
     pub(super) written: u64,
     /// Bumped whenever admins relabel a terminal (not stored): what was
@@ -100,6 +103,17 @@ impl Mem {
 
     pub(super) fn write<T: Serialize>(&mut self, table: Table, key: &str, value: &T) {
         self.pending.push(Change::put(table, key, encode(value)));
+        self.written += 1;
+    }
+
+    /// Queue an entry of the evidence history.
+    pub(super) fn evidence(
+        &mut self,
+        at_ms: u64,
+        terminal: &str,
+        record: tenet_protocol::evidence::Record,
+    ) {
+        self.evidence.push((at_ms, terminal.to_string(), record));
         self.written += 1;
     }
 

@@ -35,6 +35,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tenet_protocol::enrol::EnrolmentRequest;
+use tenet_protocol::evidence::Record;
 
 use crate::reconcile::posture::CertRecord;
 use crate::reconcile::state::PairState;
@@ -83,13 +84,47 @@ pub struct Store {
 impl Store {
     /// Open the redb database at `path` (created when there is none) and
     /// load the working set.
+    /// The evidence history is kept beside it (`evidence.log`).
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Store::with_backend(Box::new(Redb::open(path)?))
+        let backend = Box::new(Redb::open(path)?);
+        let log_path = crate::evidence::path_in(path.parent().unwrap_or(Path::new(".")));
+        let (log, created) =
+            crate::evidence::EvidenceLog::open(&log_path).map_err(|e| StoreError::Open {
+                path: log_path.display().to_string(),
+                source: redb::Error::Io(e),
+            })?;
+        let store = Store::build(backend, Some(log))?;
+        if created {
+            // The history begins with every terminal enrolled before it.
+            store.change(|m| {
+                let known: Vec<_> = m
+                    .terminals
+                    .iter()
+                    .map(|(name, r)| (name.clone(), r.identity.clone()))
+                    .collect();
+                for (name, identity) in known {
+                    m.evidence(
+                        tenet_protocol::host::now_ms(),
+                        &name,
+                        Record::Enrolled { identity },
+                    );
+                }
+            });
+        }
+        Ok(store)
     }
 
     /// A store over any backend: load every record, then keep the working
-    /// set in memory and write changes behind.
+    /// set in memory and write changes behind. It keeps no evidence
+    /// history.
     pub fn with_backend(backend: Box<dyn Backend>) -> Result<Store, StoreError> {
+        Store::build(backend, None)
+    }
+
+    fn build(
+        backend: Box<dyn Backend>,
+        evidence: Option<crate::evidence::EvidenceLog>,
+    ) -> Result<Store, StoreError> {
         let mem = Mem::load(backend.load()?)?;
         let inner = Arc::new(Inner {
             backend,
@@ -98,6 +133,7 @@ impl Store {
             wake: (Mutex::new((false, false)), Condvar::new()),
             durable: tokio::sync::watch::Sender::new(Durable::default()),
             commits: std::sync::atomic::AtomicU64::new(0),
+            evidence: evidence.map(Mutex::new),
         });
         let flusher = {
             let inner = inner.clone();
@@ -161,6 +197,14 @@ impl Store {
     /// Commit everything queued, now (tests, and the end of a run).
     pub fn sync(&self) -> Result<(), StoreError> {
         self.inner.commit()
+    }
+
+    /// Record an entry of the evidence history, committed with the
+    /// changes made with it (nothing, when the store keeps no history).
+    pub fn evidence(&self, at_ms: u64, terminal: &str, record: Record) {
+        if self.inner.evidence.is_some() {
+            self.change(|m| m.evidence(at_ms, terminal, record));
+        }
     }
 
     /// Record a one-time bootstrap token (only its hash is kept).
@@ -246,6 +290,13 @@ impl Store {
                         claimed_labels: request.labels.clone(),
                     };
                     m.write(Table::Terminals, &request.terminal, &record);
+                    m.evidence(
+                        now_ms,
+                        &request.terminal,
+                        Record::Enrolled {
+                            identity: record.identity.clone(),
+                        },
+                    );
                     m.terminals.insert(request.terminal.clone(), record);
                     Ok(())
                 }

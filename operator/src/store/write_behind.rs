@@ -28,6 +28,8 @@ pub(super) struct Inner {
     pub(super) durable: tokio::sync::watch::Sender<Durable>,
     /// Commits made (each one fsync).
     pub(super) commits: std::sync::atomic::AtomicU64,
+    /// The evidence history, appended and synced before each commit.
+    pub(super) evidence: Option<Mutex<crate::evidence::EvidenceLog>>,
 }
 
 impl Inner {
@@ -45,14 +47,44 @@ impl Inner {
             .committing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (batch, written) = {
+        let (batch, evidence, written) = {
             let mut m = self.mem();
-            (std::mem::take(&mut m.pending), m.written)
+            (
+                std::mem::take(&mut m.pending),
+                std::mem::take(&mut m.evidence),
+                m.written,
+            )
         };
-        if batch.is_empty() {
+        if batch.is_empty() && evidence.is_empty() {
             return Ok(());
         }
-        let result = self.backend.commit(&batch);
+        // The history first: what the changes imply is in it before they
+        // are committed (after a crash between the two, an entry may come
+        // again, never go missing).
+        if let (Some(log), false) = (&self.evidence, evidence.is_empty()) {
+            let mut log = log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = log.append(&evidence).and_then(|()| log.sync()) {
+                drop(log);
+                let mut m = self.mem();
+                let newer_evidence = std::mem::take(&mut m.evidence);
+                m.evidence = evidence;
+                m.evidence.extend(newer_evidence);
+                let newer = std::mem::take(&mut m.pending);
+                m.pending = batch;
+                m.pending.extend(newer);
+                drop(m);
+                let e = StoreError::Unavailable(format!("the evidence history: {e}"));
+                self.durable.send_modify(|d| d.error = Some(e.to_string()));
+                return Err(e);
+            }
+        }
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.backend.commit(&batch)
+        };
         match result {
             Ok(()) => {
                 self.commits
