@@ -206,8 +206,8 @@ pub fn verify(
     }
     let head = links.last().copied().unwrap_or([0; 32]);
     let mut identity: Option<PublicKey> = None;
-    // Envelopes sent, by body digest: their nonce.
-    let mut sent: Vec<([u8; 32], [u8; 32])> = Vec::new();
+    // Envelopes sent: body digest, nonce, policy.
+    let mut sent: Vec<([u8; 32], [u8; 32], String)> = Vec::new();
     let mut checked = Vec::with_capacity(entries.len());
     for (index, entry) in entries {
         let broken = |message: String| Broken { index, message };
@@ -240,7 +240,7 @@ pub fn verify(
                 }
                 let approved = check_envelope(&env, &keys.admin_keys, keys.threshold)
                     .map_err(|e| broken(format!("the envelope is not approved: {e}")))?;
-                sent.push((frame.body_digest(), env.nonce));
+                sent.push((frame.body_digest(), env.nonce, env.policy.clone()));
                 format!(
                     "dispatched {} generation {}: payload {}, {} argument(s), approved by {} admin(s)",
                     env.policy,
@@ -274,8 +274,11 @@ pub fn verify(
                         r.terminal
                     )));
                 }
-                match sent.iter().find(|(digest, _)| *digest == r.envelope_digest) {
-                    Some((_, nonce)) if *nonce == r.nonce => {}
+                let policy = match sent
+                    .iter()
+                    .find(|(digest, ..)| *digest == r.envelope_digest)
+                {
+                    Some((_, nonce, policy)) if *nonce == r.nonce => policy,
                     Some(_) => {
                         return Err(broken(
                             "the report does not carry its envelope's nonce".into(),
@@ -287,9 +290,9 @@ pub fn verify(
                             digest_string(&r.envelope_digest)
                         )));
                     }
-                }
+                };
                 format!(
-                    "reported {}: {} ({verdict})",
+                    "reported on {policy} (envelope {}, its nonce back): {} ({verdict})",
                     digest_string(&r.envelope_digest),
                     outcome(&r.outcome)
                 )
