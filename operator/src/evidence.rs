@@ -13,16 +13,24 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
+use tenet_protocol::PublicKey;
 use tenet_protocol::evidence::{Entry, Export, Item, Record, link};
 
 /// The largest entry read back (an envelope or a report, with room).
 const MAX_ENTRY: usize = 64 * 1024 * 1024;
 
-/// The log file, open for appending, and the hash of its last entry.
+/// The log file, open for appending, its head, and per terminal the body
+/// digest of its last entry and the identity key it last enrolled with.
 pub struct EvidenceLog {
     path: PathBuf,
     file: File,
+    /// The length of its complete entries.
+    len: u64,
     head: [u8; 32],
+    own: HashMap<String, [u8; 32]>,
+    keys: HashMap<String, PublicKey>,
 }
 
 /// The log beside the database in a data directory.
@@ -44,63 +52,119 @@ impl EvidenceLog {
                 .mode(0o600)
                 .open(path)?
         };
-        let mut head = [0; 32];
-        let mut complete = 0u64;
-        let mut unreadable = None;
-        for_each(path, |bytes, end| match Entry::decode(bytes) {
-            Ok(entry) => {
-                head = link(&head, &entry.body_digest());
-                complete = end;
-                true
+        let mut log = EvidenceLog {
+            path: path.to_path_buf(),
+            file,
+            len: 0,
+            head: [0; 32],
+            own: HashMap::new(),
+            keys: HashMap::new(),
+        };
+        let mut broken = None;
+        let mut last_unreadable = None;
+        for_each(path, |bytes, end| {
+            if let Some(e) = last_unreadable.take() {
+                // Something follows an entry that cannot be read: not a
+                // torn tail.
+                broken = Some(e);
+                return false;
             }
-            Err(e) => {
-                unreadable = Some(e);
-                false
+            match Entry::decode(bytes) {
+                Ok(entry) if entry.prev != log.head => {
+                    broken = Some(format!(
+                        "the entry at offset {} does not link to the one before it",
+                        log.len
+                    ));
+                    false
+                }
+                Ok(entry) => {
+                    log.take(&entry);
+                    log.len = end;
+                    true
+                }
+                Err(e) => {
+                    last_unreadable = Some(format!(
+                        "the entry at offset {} cannot be read ({e})",
+                        log.len
+                    ));
+                    true
+                }
             }
         })?;
-        if let Some(e) = unreadable {
+        if let Some(why) = broken {
             return Err(std::io::Error::other(format!(
-                "{}: an entry at offset {complete} cannot be read ({e}); the log is left as it is",
+                "{}: {why}; the log is left as it is",
                 path.display()
             )));
         }
-        // A torn last entry (a crash in the middle of an append) is cut
-        // off: what follows must link to the last complete one.
-        if file.metadata()?.len() > complete {
-            file.set_len(complete)?;
+        // A torn last entry (a crash in the middle of an append, or a tail
+        // of zeros) is cut off: what follows must link to the last complete
+        // one.
+        if log.file.metadata()?.len() > log.len {
+            log.file.set_len(log.len)?;
         }
-        Ok((
-            EvidenceLog {
-                path: path.to_path_buf(),
-                file,
-                head,
-            },
-            created,
-        ))
+        Ok((log, created))
+    }
+
+    /// Follow one more entry.
+    fn take(&mut self, entry: &Entry) {
+        let body = entry.body_digest();
+        self.head = link(&self.head, &body);
+        self.own.insert(entry.terminal.clone(), body);
+        if let Record::Enrolled { identity } = &entry.record {
+            self.keys.insert(entry.terminal.clone(), identity.clone());
+        }
+    }
+
+    /// The identity key the log last recorded for `terminal`.
+    pub fn key_of(&self, terminal: &str) -> Option<&PublicKey> {
+        self.keys.get(terminal)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Append entries (not yet synced).
+    /// Append entries (not yet synced). On an error nothing of them stays:
+    /// the file is cut back to where it was.
     pub fn append(&mut self, entries: &[(u64, String, Record)]) -> std::io::Result<()> {
         let mut out = Vec::new();
+        let mut next = Vec::with_capacity(entries.len());
         let mut head = self.head;
+        let mut own = HashMap::new();
         for (at_ms, terminal, record) in entries {
             let entry = Entry {
                 prev: head,
+                own_prev: own
+                    .get(terminal)
+                    .or_else(|| self.own.get(terminal))
+                    .copied()
+                    .unwrap_or_default(),
                 at_ms: *at_ms,
                 terminal: terminal.clone(),
                 record: record.clone(),
             };
-            head = link(&head, &entry.body_digest());
             let bytes = entry.encode();
+            if bytes.len() > MAX_ENTRY {
+                return Err(std::io::Error::other(format!(
+                    "an entry of {} bytes for {terminal}: more than the {MAX_ENTRY} an entry may hold",
+                    bytes.len()
+                )));
+            }
+            head = link(&head, &entry.body_digest());
+            own.insert(terminal.clone(), entry.body_digest());
             out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
             out.extend_from_slice(&bytes);
+            next.push(entry);
         }
-        self.file.write_all(&out)?;
-        self.head = head;
+        if let Err(e) = self.file.write_all(&out) {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += out.len() as u64;
+        for entry in &next {
+            self.take(entry);
+        }
         Ok(())
     }
 
@@ -123,6 +187,10 @@ fn for_each(path: &Path, mut f: impl FnMut(&[u8], u64) -> bool) -> std::io::Resu
             Err(e) => return Err(e),
         }
         let len = u32::from_be_bytes(len) as usize;
+        // No entry is empty: zeros are a torn tail.
+        if len == 0 {
+            return Ok(());
+        }
         if len > MAX_ENTRY {
             return Err(std::io::Error::other(format!(
                 "{}: an entry of {len} bytes at offset {offset}: not an evidence log",
@@ -143,13 +211,12 @@ fn for_each(path: &Path, mut f: impl FnMut(&[u8], u64) -> bool) -> std::io::Resu
     }
 }
 
-/// The chain of `terminal` from the log at `path`: its entries whole
-/// (those from `since_ms` on), every other as its hash.
-pub fn export(path: &Path, terminal: &str, since_ms: u64) -> Result<Export, String> {
+/// The chain of `terminal` from the log at `path`: its entries whole,
+/// every other as its body digest.
+pub fn export(path: &Path, terminal: &str) -> Result<Export, String> {
     let mut items = Vec::new();
     let mut problem = None;
     for_each(path, |bytes, _| {
-        // Its enrolments always whole: the keys its reports are checked with.
         let entry = match Entry::decode(bytes) {
             Ok(e) => e,
             Err(e) => {
@@ -157,9 +224,7 @@ pub fn export(path: &Path, terminal: &str, since_ms: u64) -> Result<Export, Stri
                 return false;
             }
         };
-        let whole = entry.terminal == terminal
-            && (entry.at_ms >= since_ms || matches!(entry.record, Record::Enrolled { .. }));
-        items.push(if whole {
+        items.push(if entry.terminal == terminal {
             Item::Entry(bytes.to_vec())
         } else {
             Item::Elided(entry.body_digest())
@@ -213,7 +278,7 @@ mod tests {
             assert!(!created);
             log.append(&[enrolled("a")]).expect("append");
         }
-        let export = export(&path, "a", 0).expect("export");
+        let export = export(&path, "a").expect("export");
         assert_eq!(export.items.len(), 3);
         assert!(matches!(export.items[1], Item::Elided(_)));
         let keys = tenet_protocol::evidence::AuditorKeys {
@@ -224,9 +289,21 @@ mod tests {
         let verified =
             tenet_protocol::evidence::verify(&export, &keys, None).expect("the chain links");
         assert_eq!(verified.checked.len(), 2);
-        // From a time on: the earlier entries elided but the enrolments,
-        // the chain intact.
-        let later = super::export(&path, "a", 1_001).expect("export");
-        assert!(matches!(later.items[0], Item::Entry(_)));
+        // A tail of zeros (a crash on some file systems) is cut off too.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open")
+            .write_all(&[0; 12])
+            .expect("zeros");
+        let (log, _) = EvidenceLog::open(&path).expect("reopen after zeros");
+        assert!(log.key_of("a").is_some());
+        // An entry changed in the middle: the operator does not start on
+        // a log that does not link.
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[40] ^= 1;
+        std::fs::write(&path, &bytes).expect("write");
+        let e = EvidenceLog::open(&path).err().expect("refused");
+        assert!(e.to_string().contains("the log is left as it is"), "{e}");
     }
 }

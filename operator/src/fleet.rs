@@ -225,9 +225,22 @@ impl OperatorFleet {
             updated_ms: now,
             remediated: pair.as_ref().is_some_and(|p| p.remediated),
         };
-        let consumed =
-            self.store
-                .consume_dispatch(terminal, &policy, &report.envelope_digest, &record);
+        // In the evidence history with the change, as received, with what
+        // was made of it.
+        let evidence = tenet_protocol::evidence::Record::Reported {
+            report: bytes.to_vec(),
+            verdict: match &result {
+                Ok(()) => "verified".into(),
+                Err(r) => format!("the attempt failed: {r}"),
+            },
+        };
+        let consumed = self.store.consume_dispatch(
+            terminal,
+            &policy,
+            &report.envelope_digest,
+            &record,
+            Some((now, evidence)),
+        );
         if consumed.is_none() {
             // Another copy of this report got there first.
             return Err(Rejection::Replay(
@@ -235,18 +248,6 @@ impl OperatorFleet {
             )
             .into());
         }
-        // In the evidence history, as received, with what was made of it.
-        self.store.evidence(
-            now,
-            terminal,
-            tenet_protocol::evidence::Record::Reported {
-                report: bytes.to_vec(),
-                verdict: match &result {
-                    Ok(()) => "verified".into(),
-                    Err(r) => format!("the attempt failed: {r}"),
-                },
-            },
-        );
         let sent = self
             .sent
             .lock()
@@ -416,6 +417,9 @@ impl Fleet for OperatorFleet {
     }
 
     fn report(&self, terminal: &str, bytes: &[u8]) -> Result<(), FleetError> {
+        /// What of a refused message the evidence history keeps, besides
+        /// its digest and size.
+        const REFUSED_HEAD: usize = 4096;
         match self.take_report(terminal, bytes) {
             Ok(taken) => taken.map_err(FleetError::from),
             Err(e) => {
@@ -426,7 +430,9 @@ impl Fleet for OperatorFleet {
                         (self.now_ms)(),
                         terminal,
                         tenet_protocol::evidence::Record::Refused {
-                            message: bytes.to_vec(),
+                            sha256: tenet_protocol::wire::sha256(bytes),
+                            size: bytes.len() as u64,
+                            head: bytes[..bytes.len().min(REFUSED_HEAD)].to_vec(),
                             reason: r.to_string(),
                         },
                     );

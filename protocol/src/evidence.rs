@@ -30,8 +30,12 @@ use crate::wire::{Kind, SignedMessage, decode, digest_string, encode, sha256};
 /// One entry of the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// The hash of the entry before it (zeros for the first).
+    /// The chain's link before it (zeros for the first).
     pub prev: [u8; 32],
+    /// The body digest of the same terminal's entry before it (zeros for
+    /// its first): an export cannot leave one of the terminal's own
+    /// entries out as if it were another's.
+    pub own_prev: [u8; 32],
     /// When the operator recorded it (unix ms).
     pub at_ms: u64,
     pub terminal: String,
@@ -56,10 +60,13 @@ pub enum Record {
         report: Vec<u8>,
         verdict: String,
     },
-    /// A message the operator refused, as received, and why.
+    /// A message the operator refused, and why: its digest, its size and
+    /// its first bytes (an agent sending junk cannot fill the log).
     Refused {
+        sha256: [u8; 32],
+        size: u64,
         #[serde(with = "serde_bytes")]
-        message: Vec<u8>,
+        head: Vec<u8>,
         reason: String,
     },
 }
@@ -81,9 +88,15 @@ impl Entry {
         decode(bytes).map_err(|e| e.to_string())
     }
 
-    /// The digest of everything but its link: when, whose, what.
+    /// The digest of everything but its link: when, whose, what, and its
+    /// link to the terminal's entry before it.
     pub fn body_digest(&self) -> [u8; 32] {
-        sha256(&encode(&(self.at_ms, &self.terminal, &self.record)))
+        sha256(&encode(&(
+            &self.own_prev,
+            self.at_ms,
+            &self.terminal,
+            &self.record,
+        )))
     }
 }
 
@@ -139,6 +152,8 @@ type Followed = (Vec<(usize, Entry)>, Vec<[u8; 32]>);
 /// before, and the link after each item.
 fn follow(export: &Export) -> Result<Followed, Broken> {
     let mut prev = [0u8; 32];
+    // The body digest of the terminal's last whole entry.
+    let mut own = [0u8; 32];
     let mut whole = Vec::new();
     let mut links = Vec::with_capacity(export.items.len());
     for (index, item) in export.items.iter().enumerate() {
@@ -161,7 +176,15 @@ fn follow(export: &Export) -> Result<Followed, Broken> {
                         entry.terminal, export.terminal
                     )));
                 }
+                if entry.own_prev != own {
+                    return Err(broken(format!(
+                        "an entry of this terminal's is withheld before it: it follows its entry {}, but the one before it in the export is {}",
+                        digest_string(&entry.own_prev),
+                        digest_string(&own)
+                    )));
+                }
                 let body = entry.body_digest();
+                own = body;
                 whole.push((index, entry));
                 body
             }
@@ -206,8 +229,16 @@ pub fn verify(
     }
     let head = links.last().copied().unwrap_or([0; 32]);
     let mut identity: Option<PublicKey> = None;
-    // Envelopes sent: body digest, nonce, policy.
-    let mut sent: Vec<([u8; 32], [u8; 32], String)> = Vec::new();
+    // Envelopes sent.
+    struct Sent {
+        digest: [u8; 32],
+        nonce: [u8; 32],
+        policy: String,
+        payload: [u8; 32],
+    }
+    let mut sent: Vec<Sent> = Vec::new();
+    // Reports taken, by the envelope they answer: their bytes.
+    let mut answered: Vec<([u8; 32], Vec<u8>)> = Vec::new();
     let mut checked = Vec::with_capacity(entries.len());
     for (index, entry) in entries {
         let broken = |message: String| Broken { index, message };
@@ -240,7 +271,12 @@ pub fn verify(
                 }
                 let approved = check_envelope(&env, &keys.admin_keys, keys.threshold)
                     .map_err(|e| broken(format!("the envelope is not approved: {e}")))?;
-                sent.push((frame.body_digest(), env.nonce, env.policy.clone()));
+                sent.push(Sent {
+                    digest: frame.body_digest(),
+                    nonce: env.nonce,
+                    policy: env.policy.clone(),
+                    payload: env.payload_digest,
+                });
                 format!(
                     "dispatched {} generation {}: payload {}, {} argument(s), approved by {} admin(s)",
                     env.policy,
@@ -274,31 +310,58 @@ pub fn verify(
                         r.terminal
                     )));
                 }
-                let policy = match sent
-                    .iter()
-                    .find(|(digest, ..)| *digest == r.envelope_digest)
-                {
-                    Some((_, nonce, policy)) if *nonce == r.nonce => policy,
-                    Some(_) => {
+                let Some(Sent {
+                    nonce,
+                    policy,
+                    payload,
+                    ..
+                }) = sent.iter().find(|s| s.digest == r.envelope_digest)
+                else {
+                    return Err(broken(format!(
+                        "the report answers envelope {}, which the chain never sent",
+                        digest_string(&r.envelope_digest)
+                    )));
+                };
+                if *nonce != r.nonce {
+                    return Err(broken(
+                        "the report does not carry its envelope's nonce".into(),
+                    ));
+                }
+                if *payload != r.payload_digest {
+                    return Err(broken(format!(
+                        "the report says payload {} ran, not the envelope's {}",
+                        digest_string(&r.payload_digest),
+                        digest_string(payload)
+                    )));
+                }
+                // One report per envelope; the same bytes again are a
+                // crash's duplicate.
+                match answered.iter().find(|(d, _)| *d == r.envelope_digest) {
+                    Some((_, bytes)) if bytes != report => {
                         return Err(broken(
-                            "the report does not carry its envelope's nonce".into(),
+                            "a second, different report for the same envelope".into(),
                         ));
                     }
-                    None => {
-                        return Err(broken(format!(
-                            "the report answers envelope {}, which the chain never sent",
-                            digest_string(&r.envelope_digest)
-                        )));
-                    }
-                };
+                    Some(_) => {}
+                    None => answered.push((r.envelope_digest, report.clone())),
+                }
                 format!(
-                    "reported on {policy} (envelope {}, its nonce back): {} ({verdict})",
+                    "reported on {policy} (envelope {}, its nonce back), finished {} by the terminal's clock: {} (operator's verdict: {verdict:?})",
                     digest_string(&r.envelope_digest),
+                    timestamp(r.finished_at_ms),
                     outcome(&r.outcome)
                 )
             }
-            Record::Refused { message, reason } => {
-                format!("refused a message of {} byte(s): {reason}", message.len())
+            Record::Refused {
+                sha256: digest,
+                size,
+                reason,
+                ..
+            } => {
+                format!(
+                    "refused a message of {size} byte(s), {}: {reason:?}",
+                    digest_string(digest)
+                )
             }
         };
         checked.push(Checked {
@@ -310,13 +373,22 @@ pub fn verify(
     Ok(Verified { checked, head })
 }
 
+/// Text from the entries is quoted (`{:?}`): a verdict or a message cannot
+/// forge lines of the listing.
 fn outcome(o: &Outcome) -> String {
     match o {
         Outcome::Exited { code } => format!("exited {code}"),
-        Outcome::Trapped { message } => format!("trapped: {message}"),
+        Outcome::Trapped { message } => format!("trapped: {message:?}"),
         Outcome::TimedOut => "timed out".into(),
-        Outcome::Refused { reason, .. } => format!("refused by the terminal ({reason})"),
+        Outcome::Refused { reason, .. } => format!("refused by the terminal ({reason:?})"),
     }
+}
+
+fn timestamp(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or_else(|| format!("{ms} ms"), |t| t.to_string())
 }
 
 #[cfg(test)]

@@ -269,6 +269,8 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         "evidence.json",
         "--trust",
         "admin.key.pub",
+        "--threshold",
+        "1",
         "--dispatch-key",
         "data/dispatch.key.pub",
     ]);
@@ -282,7 +284,10 @@ fn the_operator_brings_a_terminal_to_its_policy() {
         "{verified}"
     );
     assert!(lines[1].ends_with("approved by 1 admin(s)"), "{verified}");
-    assert!(lines[2].ends_with(": exited 0 (verified)"), "{verified}");
+    assert!(
+        lines[2].ends_with(": exited 0 (operator's verdict: \"verified\")"),
+        "{verified}"
+    );
     assert_eq!(
         lines[3],
         "verified: 3 entries of terminal nagoya-ward3-01 in a chain of 3"
@@ -314,6 +319,7 @@ fn the_operator_brings_a_terminal_to_its_policy() {
             "--trust",
             "admin.key.pub",
         ])
+        .args(["--threshold", "1"])
         .args(["--dispatch-key", "data/dispatch.key.pub"])
         .current_dir(dir)
         .output()

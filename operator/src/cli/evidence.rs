@@ -24,11 +24,6 @@ pub enum EvidenceCommand {
         data: PathBuf,
         #[arg(long)]
         terminal: String,
-        /// Only entries from this time on (RFC 3339, e.g.
-        /// 2026-12-01T00:00:00Z); earlier ones as their hashes, the
-        /// terminal's enrolments whole.
-        #[arg(long)]
-        since: Option<String>,
     },
     /// Check an export offline: the chain, the operator's signature on
     /// every envelope, the admins' approval each carries, the terminal's
@@ -41,8 +36,9 @@ pub enum EvidenceCommand {
         /// An admin's public key (repeat).
         #[arg(long = "trust", required = true)]
         trust: Vec<PathBuf>,
-        /// How many admins must have approved each envelope.
-        #[arg(long, default_value_t = 1)]
+        /// How many of the --trust admins must have approved each
+        /// envelope (the fleet's admin threshold).
+        #[arg(long)]
         threshold: usize,
         /// The operator's dispatch public key (repeat for each the
         /// operator used: DATA/dispatch*.key.pub).
@@ -76,11 +72,7 @@ const FORMAT: &str = "tenet-evidence-export/1";
 
 pub fn run(command: EvidenceCommand, out: &mut dyn Write) -> std::io::Result<i32> {
     Ok(super::exit_code(match command {
-        EvidenceCommand::Export {
-            data,
-            terminal,
-            since,
-        } => export(&data, &terminal, since.as_deref(), out).map(|()| 0),
+        EvidenceCommand::Export { data, terminal } => export(&data, &terminal, out).map(|()| 0),
         EvidenceCommand::Verify {
             file,
             trust,
@@ -98,19 +90,7 @@ pub fn run(command: EvidenceCommand, out: &mut dyn Write) -> std::io::Result<i32
     }))
 }
 
-fn export(
-    data: &Path,
-    terminal: &str,
-    since: Option<&str>,
-    out: &mut dyn Write,
-) -> Result<(), CliError> {
-    let since_ms = match since {
-        None => 0,
-        Some(t) => t
-            .parse::<jiff::Timestamp>()
-            .map(|t| t.as_millisecond().max(0) as u64)
-            .map_err(|e| CliError::Usage(format!("--since {t:?}: not an RFC 3339 time ({e})")))?,
-    };
+fn export(data: &Path, terminal: &str, out: &mut dyn Write) -> Result<(), CliError> {
     let path = crate::evidence::path_in(data);
     if !path.exists() {
         return Err(CliError::Usage(format!(
@@ -118,7 +98,7 @@ fn export(
             path.display()
         )));
     }
-    let export = crate::evidence::export(&path, terminal, since_ms).map_err(CliError::Usage)?;
+    let export = crate::evidence::export(&path, terminal).map_err(CliError::Usage)?;
     if !export.items.iter().any(|i| matches!(i, Item::Entry(_))) {
         return Err(CliError::Usage(format!(
             "{}: nothing of terminal {terminal:?} in it",

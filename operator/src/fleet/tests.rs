@@ -79,6 +79,7 @@ fn live(s: &Setup, nonce: [u8; 32]) -> DispatchRecord {
             record: record.clone(),
         },
         &pair,
+        None,
     );
     record
 }

@@ -473,16 +473,21 @@ impl Pass<'_> {
                 updated_ms: self.now_ms,
                 ..record
             };
-            // Recorded before it is sent: a crash now reissues, never duplicates.
-            self.store.start_dispatch(terminal, &key, &live, &started);
+            // Recorded before it is sent: a crash now reissues, never
+            // duplicates; with it, the envelope as sent in the evidence
+            // history.
             let envelope = frame.encode();
-            // In the evidence history, as sent.
-            self.store.evidence(
-                self.now_ms,
+            self.store.start_dispatch(
                 terminal,
-                tenet_protocol::evidence::Record::Dispatched {
-                    envelope: envelope.clone(),
-                },
+                &key,
+                &live,
+                &started,
+                Some((
+                    self.now_ms,
+                    tenet_protocol::evidence::Record::Dispatched {
+                        envelope: envelope.clone(),
+                    },
+                )),
             );
             status.drifted = status.drifted.saturating_sub(1);
             status.remediating += 1;

@@ -88,21 +88,32 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let backend = Box::new(Redb::open(path)?);
         let log_path = crate::evidence::path_in(path.parent().unwrap_or(Path::new(".")));
-        let (log, created) =
+        let (log, _created) =
             crate::evidence::EvidenceLog::open(&log_path).map_err(|e| StoreError::Open {
                 path: log_path.display().to_string(),
                 source: redb::Error::Io(e),
             })?;
         let store = Store::build(backend, Some(log))?;
-        if created {
-            // The history begins with every terminal enrolled before it.
-            store.change(|m| {
-                let known: Vec<_> = m
+        // Every enrolled terminal's key is in the history (those enrolled
+        // before it began, or whose entry a crash lost).
+        let missing: Vec<(String, tenet_protocol::PublicKey)> = match &store.inner.evidence {
+            Some(log) => {
+                let log = log
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                store
+                    .mem()
                     .terminals
                     .iter()
+                    .filter(|(name, r)| log.key_of(name) != Some(&r.identity))
                     .map(|(name, r)| (name.clone(), r.identity.clone()))
-                    .collect();
-                for (name, identity) in known {
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        if !missing.is_empty() {
+            store.change(|m| {
+                for (name, identity) in missing {
                     m.evidence(
                         tenet_protocol::host::now_ms(),
                         &name,
@@ -455,9 +466,14 @@ impl Store {
         policy: &str,
         dispatch: &LiveDispatch,
         pair: &PairRecord,
+        evidence: Option<(u64, Record)>,
     ) {
         let key = pair_key(terminal, policy);
         self.change(|m| {
+            // In the evidence history in the same change.
+            if let Some((at_ms, record)) = evidence {
+                m.evidence(at_ms, terminal, record);
+            }
             m.write(Table::Dispatches, &key, dispatch);
             m.write(Table::Pairs, &key, pair);
             m.dispatches.insert(key, dispatch.clone());
@@ -475,12 +491,17 @@ impl Store {
         policy: &str,
         envelope_digest: &[u8; 32],
         pair: &PairRecord,
+        evidence: Option<(u64, Record)>,
     ) -> Option<LiveDispatch> {
         let key = pair_key(terminal, policy);
         self.change(|m| {
             let mut live = m.dispatches.get(&key).cloned()?;
             if live.record.consumed || live.record.envelope_digest != *envelope_digest {
                 return None;
+            }
+            // In the evidence history in the same change.
+            if let Some((at_ms, record)) = evidence {
+                m.evidence(at_ms, terminal, record);
             }
             live.record.consumed = true;
             m.write(Table::Dispatches, &key, &live);

@@ -75,14 +75,17 @@ fn report(w: &World, envelope_digest: [u8; 32], nonce: u8) -> Vec<u8> {
 /// A log of two terminals, and the export of `ward-01`'s chain.
 fn export(w: &World, records: Vec<(&str, Record)>) -> Export {
     let mut prev = [0; 32];
+    let mut own: std::collections::HashMap<&str, [u8; 32]> = Default::default();
     let mut items = Vec::new();
     for (i, (terminal, record)) in records.into_iter().enumerate() {
         let entry = Entry {
             prev,
+            own_prev: own.get(terminal).copied().unwrap_or_default(),
             at_ms: 1_000 + i as u64,
             terminal: terminal.into(),
             record,
         };
+        own.insert(terminal, entry.body_digest());
         prev = link(&prev, &entry.body_digest());
         items.push(if terminal == "ward-01" {
             Item::Entry(entry.encode())
@@ -149,7 +152,11 @@ fn an_honest_history_verifies_with_the_auditors_keys() {
         what[1]
     );
     assert!(what[1].ends_with("1 argument(s), approved by 1 admin(s)"));
-    assert!(what[2].ends_with(": exited 0 (verified)"), "{}", what[2]);
+    assert!(
+        what[2].ends_with(": exited 0 (operator's verdict: \"verified\")"),
+        "{}",
+        what[2]
+    );
     assert_eq!(
         checked.iter().map(|c| c.index).collect::<Vec<_>>(),
         [0, 2, 3]
@@ -296,8 +303,12 @@ fn a_history_rewritten_since_an_earlier_export_is_found() {
     let (env, _) = envelope(&w, 10);
     let mut later = earlier.clone();
     let prev = head;
+    let Item::Entry(last) = &earlier.items[3] else {
+        panic!("an entry")
+    };
     let entry = Entry {
         prev,
+        own_prev: Entry::decode(last).expect("entry").body_digest(),
         at_ms: 9_000,
         terminal: "ward-01".into(),
         record: Record::Dispatched { envelope: env },
@@ -324,6 +335,26 @@ fn a_history_rewritten_since_an_earlier_export_is_found() {
     assert!(
         e.message
             .starts_with("the chain does not pass through the head recorded before"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_entry_of_the_terminals_passed_off_as_anothers_is_found() {
+    let w = world();
+    let mut hidden = history(&w);
+    // The operator elides the terminal's own dispatch as if it were
+    // another terminal's: the chain still links, the terminal's own
+    // links do not.
+    let Item::Entry(bytes) = &hidden.items[2] else {
+        panic!("an entry")
+    };
+    hidden.items[2] = Item::Elided(Entry::decode(bytes).expect("entry").body_digest());
+    let e = verify(&hidden, &keys(&w), None).expect_err("refused");
+    assert_eq!(e.index, 3);
+    assert!(
+        e.message
+            .starts_with("an entry of this terminal's is withheld before it"),
         "{e}"
     );
 }
