@@ -24,7 +24,7 @@ use crate::kubernetes::{KubeBackend, Policies};
 use crate::policy::approval::{Gate, Unapproved};
 use crate::policy::{CompiledPolicy, load_dir, yaml_files};
 use crate::reconcile::pass::PolicyStatus;
-use crate::store::Store;
+use crate::store::{ApprovedPolicy, Store};
 
 /// What a source holds after its last refresh.
 #[derive(Default)]
@@ -128,7 +128,43 @@ fn admit(
     candidates: Vec<CompiledPolicy>,
     before: &BTreeMap<String, Unapproved>,
 ) -> (Vec<CompiledPolicy>, BTreeMap<String, Unapproved>) {
+    if !gate.seeded() {
+        let kept = store
+            .approved_policies()
+            .into_iter()
+            .filter_map(|(key, record)| match approved_version(&record) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    tracing::warn!(policy = %key, reason = %why, "the version approved before the restart cannot be read; not kept");
+                    None
+                }
+            })
+            .collect();
+        gate.seed(kept, trust);
+    }
     let mut admitted = gate.admit(candidates, trust);
+    // What is in force is kept for the next start; what is no longer read
+    // is forgotten.
+    for p in &admitted.policies {
+        if let (Ok(frame), Ok(spec_json)) = (&p.approval, serde_json::to_string(&*p.spec)) {
+            store.set_approved(
+                &p.key(),
+                &ApprovedPolicy {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    spec_json,
+                    approval: frame.to_vec(),
+                    observed_generation: p.observed_generation,
+                    tenant_scoped: p.tenant_scoped,
+                },
+            );
+        }
+    }
+    for (key, _) in store.approved_policies() {
+        if !admitted.policies.iter().any(|p| p.key() == key) {
+            store.forget_approved(&key);
+        }
+    }
     stamp_generations(store, &mut admitted.policies);
     for (key, u) in &mut admitted.unapproved {
         if u.in_force.is_some() {
@@ -143,6 +179,33 @@ fn admit(
         }
     }
     (admitted.policies, admitted.unapproved)
+}
+
+/// A version approved before a restart, compiled again from what the store
+/// kept: its spec and its approval annotation.
+fn approved_version(record: &ApprovedPolicy) -> Result<CompiledPolicy, String> {
+    use base64::Engine;
+    let spec: tenet_crds::policy::TerminalPolicySpec =
+        serde_json::from_str(&record.spec_json).map_err(|e| e.to_string())?;
+    let mut policy = tenet_crds::TerminalPolicy::new(&record.name, spec);
+    policy.metadata.namespace = Some(record.namespace.clone());
+    policy.metadata.generation = Some(record.observed_generation);
+    policy.metadata.annotations = Some(
+        [(
+            tenet_protocol::approval::APPROVAL_ANNOTATION.to_string(),
+            base64::engine::general_purpose::STANDARD.encode(&record.approval),
+        )]
+        .into(),
+    );
+    let mut compiled = crate::policy::compile(&policy).map_err(|errors| {
+        errors
+            .iter()
+            .map(|e| format!("{}: {}", e.path, e.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    compiled.tenant_scoped = record.tenant_scoped;
+    Ok(compiled)
 }
 
 /// A policy directory and the token inbox of the data directory.
@@ -357,5 +420,89 @@ impl KubeSource {
             unapproved,
         };
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::approval::{SignOptions, sign};
+    use tenet_protocol::{Algorithm, KeyPair, Signer};
+
+    const POLICY: &str = "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: browser\n  namespace: it\nspec:\n  requirements:\n    - package: { name: browser-a, version: '>= 120.0' }\n";
+
+    /// An edit no admin approved, then a restart: the version approved
+    /// before it stays in force, as it does while the operator runs (the
+    /// store keeps it), and one whose approval no longer verifies does not.
+    #[test]
+    fn the_last_approved_version_outlives_a_restart() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (dir, data) = (tmp.path().join("policies"), tmp.path().join("data"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        let file = dir.join("browser.yaml");
+        std::fs::write(&file, POLICY).expect("policy");
+        let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+        sign(
+            &file,
+            &admin,
+            SignOptions {
+                renew: false,
+                now_ms: 1_000,
+                bundles: None,
+            },
+        )
+        .expect("signed");
+        let trust = BundleTrust {
+            admin_keys: vec![admin.public_key()],
+            threshold: 1,
+        };
+        let constraint = |p: &CompiledPolicy| {
+            p.spec.requirements[0]
+                .package
+                .as_ref()
+                .and_then(|r| r.version.clone())
+                .unwrap_or_default()
+        };
+        {
+            let store = Store::open(&data.join("tenet.redb")).expect("store");
+            let mut source = DirectorySource::new(dir.clone(), data.clone());
+            source.reload(&store, &trust).expect("reload");
+            assert_eq!(source.loaded.policies.len(), 1);
+            store.sync().expect("sync");
+        }
+        // Someone with write access to the directory, not an admin.
+        let signed = std::fs::read_to_string(&file).expect("read");
+        std::fs::write(&file, signed.replace(">= 120.0", ">= 1.0")).expect("edit");
+
+        // The restart: a new store and source over the same files.
+        let store = Store::open(&data.join("tenet.redb")).expect("store");
+        let mut source = DirectorySource::new(dir.clone(), data.clone());
+        source.reload(&store, &trust).expect("reload");
+        let loaded = &source.loaded;
+        assert_eq!(loaded.policies.len(), 1, "the approved version is in force");
+        assert_eq!(constraint(&loaded.policies[0]), ">= 120.0");
+        let u = loaded
+            .unapproved
+            .get("it/browser")
+            .expect("the edit is not approved");
+        assert_eq!(
+            u.message(),
+            "the latest edit is not approved (the approval is for another version of this policy (it changed since it was signed)); generation 1, the last approved, stays in force"
+        );
+        drop(source);
+        drop(store);
+
+        // Admins who rotated the old key away: the kept version does not
+        // verify, and nothing of the policy is in force.
+        let other = KeyPair::generate(Algorithm::Ed25519).expect("key");
+        let rotated = BundleTrust {
+            admin_keys: vec![other.public_key()],
+            threshold: 1,
+        };
+        let store = Store::open(&data.join("tenet.redb")).expect("store");
+        let mut source = DirectorySource::new(dir, data);
+        source.reload(&store, &rotated).expect("reload");
+        assert!(source.loaded.policies.is_empty());
     }
 }

@@ -73,6 +73,7 @@ fn table_code(t: Table) -> u8 {
         Table::Inventories => 5,
         Table::Policies => 6,
         Table::Certificates => 7,
+        Table::Approved => 8,
     }
 }
 
@@ -688,7 +689,7 @@ impl KubeBackend {
                         dirty.insert(Dirty::Terminal(key.clone()));
                     }
                 }
-                Table::Tokens | Table::Policies => {}
+                Table::Tokens | Table::Policies | Table::Approved => {}
             }
         }
         drop((o, dirty));

@@ -209,6 +209,8 @@ pub struct Admitted {
 /// they ran).
 #[derive(Default)]
 pub struct Gate {
+    /// Given the versions approved before a restart (`seed`).
+    seeded: bool,
     /// The version in force and when it was approved.
     approved: BTreeMap<String, (CompiledPolicy, u64)>,
     /// The last verdict per policy, with the statement and frame it was
@@ -221,6 +223,29 @@ pub struct Gate {
 type Judged = (Arc<PolicyStatement>, Result<Arc<[u8]>, String>, Verdict);
 
 impl Gate {
+    /// Whether [`Gate::seed`] was called.
+    pub fn seeded(&self) -> bool {
+        self.seeded
+    }
+
+    /// Start from the versions approved before a restart (kept by the
+    /// store): each whose approval still verifies is in force until a
+    /// newer approved version is read. Those that do not (the admin keys
+    /// were rotated since) are dropped, and said.
+    pub fn seed(&mut self, versions: Vec<CompiledPolicy>, trust: &BundleTrust) {
+        self.seeded = true;
+        for p in versions {
+            match judge(&p, trust) {
+                Verdict::Approved { approved_at_ms, .. } => {
+                    self.approved.insert(p.key(), (p, approved_at_ms));
+                }
+                Verdict::Unapproved { reason, .. } => {
+                    tracing::warn!(policy = %p.key(), reason = %reason, "the version approved before the restart is not approved now; not kept");
+                }
+            }
+        }
+    }
+
     /// Take the policies as read now; return those in force and why the
     /// others are not. A policy no longer read is forgotten.
     pub fn admit(&mut self, candidates: Vec<CompiledPolicy>, trust: &BundleTrust) -> Admitted {

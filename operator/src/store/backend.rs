@@ -16,10 +16,12 @@ pub enum Table {
     Inventories,
     Policies,
     Certificates,
+    /// The last approved version of each policy.
+    Approved,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Terminals,
         Table::Tokens,
         Table::Pairs,
@@ -27,6 +29,7 @@ impl Table {
         Table::Inventories,
         Table::Policies,
         Table::Certificates,
+        Table::Approved,
     ];
 }
 

@@ -15,6 +15,7 @@ const DISPATCHES: TableDefinition<&str, &[u8]> = TableDefinition::new("dispatche
 const INVENTORIES: TableDefinition<&str, &[u8]> = TableDefinition::new("inventories");
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
+const APPROVED: TableDefinition<&str, &[u8]> = TableDefinition::new("approved");
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
@@ -25,6 +26,7 @@ fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [
         Table::Inventories => INVENTORIES,
         Table::Policies => POLICIES,
         Table::Certificates => CERTIFICATES,
+        Table::Approved => APPROVED,
     }
 }
 

@@ -12,7 +12,8 @@ use tenet_protocol::wire::{decode, encode};
 use super::StoreError;
 use super::backend::{Change, Table};
 use super::records::{
-    LiveDispatch, PairRecord, StoredInventory, TerminalRecord, TokenRecord, token_key,
+    ApprovedPolicy, LiveDispatch, PairRecord, StoredInventory, TerminalRecord, TokenRecord,
+    token_key,
 };
 use crate::reconcile::posture::CertRecord;
 
@@ -28,6 +29,8 @@ pub(super) struct Mem {
     pub(super) inventories: HashMap<String, Arc<StoredInventory>>,
     pub(super) policies: HashMap<String, ([u8; 32], u64)>,
     pub(super) certificates: BTreeMap<String, CertRecord>,
+    /// The last approved version of each policy, by `namespace/name`.
+    pub(super) approved: BTreeMap<String, ApprovedPolicy>,
     /// Changes in the order they were made, not yet committed.
     pub(super) pending: Vec<Change>,
     /// Entries for the evidence history, appended before the changes
@@ -81,6 +84,9 @@ impl Mem {
                 }
                 Table::Certificates => {
                     mem.certificates.insert(key.clone(), decoded(&key, &bytes)?);
+                }
+                Table::Approved => {
+                    mem.approved.insert(key.clone(), decoded(&key, &bytes)?);
                 }
             }
         }

@@ -46,7 +46,8 @@ pub use disk::Redb;
 use memory::{Mem, token_verdict};
 use records::pair_key;
 pub use records::{
-    LiveDispatch, PairRecord, StoredInventory, TerminalRecord, TokenRecord, token_key,
+    ApprovedPolicy, LiveDispatch, PairRecord, StoredInventory, TerminalRecord, TokenRecord,
+    token_key,
 };
 pub(crate) use write_behind::off_runtime;
 use write_behind::{Durable, Inner, flusher};
@@ -216,6 +217,35 @@ impl Store {
         if self.inner.evidence.is_some() {
             self.change(|m| m.evidence(at_ms, terminal, record));
         }
+    }
+
+    /// The last approved version of each policy, by `namespace/name`.
+    pub fn approved_policies(&self) -> Vec<(String, ApprovedPolicy)> {
+        self.mem()
+            .approved
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Keep `record` as the last approved version of policy `key` (nothing
+    /// is written when it is that already).
+    pub fn set_approved(&self, key: &str, record: &ApprovedPolicy) {
+        self.change(|m| {
+            if m.approved.get(key) != Some(record) {
+                m.write(Table::Approved, key, record);
+                m.approved.insert(key.to_string(), record.clone());
+            }
+        });
+    }
+
+    /// Forget the approved version of a policy no longer read.
+    pub fn forget_approved(&self, key: &str) {
+        self.change(|m| {
+            if m.approved.remove(key).is_some() {
+                m.delete(Table::Approved, key.to_string());
+            }
+        });
     }
 
     /// Record a one-time bootstrap token (only its hash is kept).

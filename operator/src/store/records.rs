@@ -162,6 +162,24 @@ pub struct PairRecord {
     pub remediated: bool,
 }
 
+/// The last version of a policy the admins approved, as it was read: kept
+/// so that after a restart an edit nobody approved does not take the
+/// policy out of force (the gate keeps it in force, as while running).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedPolicy {
+    pub namespace: String,
+    pub name: String,
+    /// Its spec as JSON: what its approval's spec digest covers.
+    pub spec_json: String,
+    /// Its approval frame.
+    #[serde(with = "serde_bytes")]
+    pub approval: Vec<u8>,
+    /// The resource's own generation when it was read.
+    pub observed_generation: i64,
+    /// It selects only its namespace's terminals (Kubernetes mode).
+    pub tenant_scoped: bool,
+}
+
 /// The key of a pair's records: terminal, NUL, policy.
 pub(super) fn pair_key(terminal: &str, policy: &str) -> String {
     format!("{terminal}\u{0}{policy}")
