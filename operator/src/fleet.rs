@@ -256,14 +256,20 @@ impl OperatorFleet {
         if let (Some(at), Ok(mut r)) = (sent, self.round_trips.lock()) {
             r.push(at.elapsed());
         }
-        // What the terminal observed after a verified run is its newest inventory.
+        // What the terminal observed after a verified run is its newest
+        // inventory; unless one it collected after the run reached the
+        // operator first, which then counts as received now (otherwise the
+        // pair would wait for the agent's next routine inventory).
         if let (Ok(()), Some(inventory)) = (&result, report.observed) {
             let stored = StoredInventory {
                 sequence: report.finished_at_ms,
                 received_ms: now,
                 inventory,
             };
-            self.store.put_inventory(terminal, stored);
+            if !self.store.put_inventory(terminal, stored) {
+                self.store
+                    .restamp_inventory_after(terminal, report.finished_at_ms, now);
+            }
         }
         let _ = self.changes.send(Wake::Report {
             terminal: terminal.to_string(),

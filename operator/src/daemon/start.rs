@@ -269,17 +269,36 @@ fn watch_dirs(
     wake: Arc<tokio::sync::Notify>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |_event| wake.notify_one())
-        .inspect_err(
-            |e| tracing::warn!(error = %e, "cannot watch the policy directory; polling only"),
-        )
-        .ok()?;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the directories (what a wake-up does) must not wake the
+        // loop again: only changes count. An error may hide a change.
+        if event.as_ref().map_or(true, |e| changes_content(&e.kind)) {
+            wake.notify_one();
+        }
+    })
+    .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the policy directory; polling only"))
+    .ok()?;
     for dir in dirs {
         if let Err(e) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch; polling only");
         }
     }
     Some(watcher)
+}
+
+/// Whether a file system event may change what the operator reads: not a
+/// read (an open, an access, a close without writing, a new access time),
+/// which the operator's own scan of the directories makes.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, MetadataKind, ModifyKind};
+    match kind {
+        // A file closed after writing: its new content is complete.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_)
+        | EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)) => false,
+        _ => true,
+    }
 }
 
 /// The webhook secret shared with the git host: the file's content,
@@ -294,4 +313,36 @@ fn read_secret(path: &Path) -> Result<Vec<u8>, DaemonError> {
         )));
     }
     Ok(secret.as_bytes().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::changes_content;
+    use notify::EventKind;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, ModifyKind, RemoveKind,
+        RenameMode,
+    };
+
+    #[test]
+    fn reads_do_not_wake_the_loop_changes_do() {
+        for read in [
+            EventKind::Access(AccessKind::Open(AccessMode::Read)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime)),
+        ] {
+            assert!(!changes_content(&read), "{read:?}");
+        }
+        for change in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+        ] {
+            assert!(changes_content(&change), "{change:?}");
+        }
+    }
 }

@@ -232,3 +232,95 @@ fn only_the_newest_inventory_is_kept() {
         "the older one announces nothing"
     );
 }
+
+/// The operator's clock for the next test: it moves.
+static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(NOW);
+
+fn clock() -> u64 {
+    CLOCK.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// An inventory the agent collected after the run, arriving before the
+/// run's report, shows the state after the run: once the report verifies
+/// it counts as received then, so the Verifying pair takes it at once
+/// instead of waiting for the agent's next routine inventory (up to ten
+/// intervals).
+#[test]
+fn an_inventory_that_beats_its_report_counts_after_the_report() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
+    store.add_token(
+        "tok",
+        &TokenRecord {
+            terminal: None,
+            expires_ms: u64::MAX,
+            uses_left: 1,
+            labels: BTreeMap::new(),
+        },
+    );
+    let (fleet, _changes) = OperatorFleet::new(store, Retry::default(), clock, || 0.0);
+    let terminal = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
+    let request = EnrolmentRequest {
+        token: "tok".into(),
+        terminal: "ward-01".into(),
+        labels: BTreeMap::new(),
+        identity: terminal.public_key(),
+        tpm: true,
+        attestation_key: None,
+        ek_certificate: None,
+        tls_csr_pem: String::new(),
+        requested_at_ms: NOW,
+    };
+    assert_eq!(fleet.enrol(&request, [0; 32], TpmTrust::None), Ok(()));
+    let s = Setup {
+        _dir: dir,
+        fleet,
+        changes: mpsc::unbounded_channel().1,
+        terminal,
+    };
+    live(&s, [1; 32]);
+    // The run finished at NOW + 10 (the agent's clock); the agent's 1 s
+    // inventory, collected at NOW + 500, arrives at NOW + 600.
+    CLOCK.store(NOW + 600, Ordering::SeqCst);
+    let inventory = SignedMessage::signed(
+        &InventoryReport {
+            terminal: "ward-01".into(),
+            sequence: NOW + 500,
+            collected_at_ms: NOW + 500,
+            inventory: tenet_protocol::inventory::Inventory {
+                terminal: "ward-01".into(),
+                ..Default::default()
+            },
+        },
+        &s.terminal,
+    )
+    .expect("sign")
+    .encode();
+    assert_eq!(s.fleet.inventory("ward-01", &inventory), Ok(()));
+    // Its report, observing the state at NOW + 10, arrives at NOW + 900.
+    CLOCK.store(NOW + 900, Ordering::SeqCst);
+    let mut r = report([1; 32], Outcome::Exited { code: 0 });
+    r.observed = Some(tenet_protocol::inventory::Inventory {
+        terminal: "ward-01".into(),
+        ..Default::default()
+    });
+    let bytes = SignedMessage::signed(&r, &s.terminal)
+        .expect("sign")
+        .encode();
+    assert_eq!(s.fleet.report("ward-01", &bytes), Ok(()));
+    assert_eq!(
+        state(&s),
+        PairState::Verifying {
+            attempt: 1,
+            since_ms: NOW + 900
+        }
+    );
+    let stored = s.fleet.store.inventory("ward-01").expect("inventory");
+    assert_eq!(stored.sequence, NOW + 500, "the newer one is kept");
+    assert_eq!(
+        stored.received_ms,
+        NOW + 900,
+        "and counts from the report on: the Verifying pair takes it"
+    );
+}

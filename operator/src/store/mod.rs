@@ -558,6 +558,32 @@ impl Store {
         })
     }
 
+    /// A verified run's report came after an inventory the terminal
+    /// collected once the run had finished (its sequence, the agent's
+    /// collection time, at or after `finished_at_ms`): that inventory shows
+    /// the state after the run, so it counts as received now, which is
+    /// what a Verifying pair waits for. Whether it did.
+    pub fn restamp_inventory_after(
+        &self,
+        terminal: &str,
+        finished_at_ms: u64,
+        now_ms: u64,
+    ) -> bool {
+        self.change(|m| {
+            let Some(old) = m.inventories.get(terminal) else {
+                return false;
+            };
+            if old.sequence < finished_at_ms || old.received_ms >= now_ms {
+                return false;
+            }
+            let mut stored = (**old).clone();
+            stored.received_ms = now_ms;
+            m.write(Table::Inventories, terminal, &stored);
+            m.inventories.insert(terminal.to_string(), Arc::new(stored));
+            true
+        })
+    }
+
     /// The latest verified inventory of a terminal.
     pub fn inventory(&self, terminal: &str) -> Option<Arc<StoredInventory>> {
         self.mem().inventories.get(terminal).cloned()
