@@ -13,6 +13,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(|| NOW)
+}
+
+/// A fleet whose clock is `now`, with terminal `ward-01` enrolled.
+fn setup_with(now: fn() -> u64) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
     store.add_token(
@@ -24,7 +29,7 @@ fn setup() -> Setup {
             labels: BTreeMap::new(),
         },
     );
-    let (fleet, changes) = OperatorFleet::new(store, Retry::default(), || NOW, || 0.0);
+    let (fleet, changes) = OperatorFleet::new(store, Retry::default(), now, || 0.0);
     let terminal = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
     let request = EnrolmentRequest {
         token: "tok".into(),
@@ -248,37 +253,7 @@ fn clock() -> u64 {
 #[test]
 fn an_inventory_that_beats_its_report_counts_after_the_report() {
     use std::sync::atomic::Ordering;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Arc::new(Store::open(&dir.path().join("db")).expect("store"));
-    store.add_token(
-        "tok",
-        &TokenRecord {
-            terminal: None,
-            expires_ms: u64::MAX,
-            uses_left: 1,
-            labels: BTreeMap::new(),
-        },
-    );
-    let (fleet, _changes) = OperatorFleet::new(store, Retry::default(), clock, || 0.0);
-    let terminal = KeyPair::generate(Algorithm::EcdsaP256).expect("key");
-    let request = EnrolmentRequest {
-        token: "tok".into(),
-        terminal: "ward-01".into(),
-        labels: BTreeMap::new(),
-        identity: terminal.public_key(),
-        tpm: true,
-        attestation_key: None,
-        ek_certificate: None,
-        tls_csr_pem: String::new(),
-        requested_at_ms: NOW,
-    };
-    assert_eq!(fleet.enrol(&request, [0; 32], TpmTrust::None), Ok(()));
-    let s = Setup {
-        _dir: dir,
-        fleet,
-        changes: mpsc::unbounded_channel().1,
-        terminal,
-    };
+    let s = setup_with(clock);
     live(&s, [1; 32]);
     // The run finished at NOW + 10 (the agent's clock); the agent's 1 s
     // inventory, collected at NOW + 500, arrives at NOW + 600.
