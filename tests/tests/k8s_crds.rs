@@ -45,6 +45,22 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
             "posture-certificate"
         ]
     );
+    // `remediation: {auto: {}}` survives the API server's pruning: the
+    // operator reads an auto remediation, not a remediation of neither kind.
+    let remediation = cp.kubectl_ok(&[
+        "get",
+        "tpol",
+        "browser-a-minimum",
+        "-n",
+        "hospital-it",
+        "-o",
+        "jsonpath={.spec.remediation}",
+    ]);
+    let remediation: serde_json::Value =
+        serde_json::from_str(&remediation).expect("the remediation as JSON");
+    assert_eq!(remediation["auto"], serde_json::json!({}), "{remediation}");
+    assert_eq!(remediation["maxAttempts"], 3, "{remediation}");
+
     // The short name and the printer columns work.
     let table = cp.kubectl_ok(&["get", "tpol", "-n", "hospital-it"]);
     assert!(table.starts_with("NAME"), "{table}");
@@ -65,6 +81,28 @@ fn crds_install_policies_apply_and_bad_ones_are_refused() {
         err.contains("set maxInFlight or maxInFlightPercent, not both"),
         "{err}"
     );
+    // The CRD's rules on remediation: auto and a payload of one's own
+    // together; auto with arguments it computes itself.
+    for (policy, says) in [
+        (
+            "remediation: { auto: {}, payload: { name: x, digest: 'sha256:0000000000000000000000000000000000000000000000000000000000000000' } }",
+            "a remediation sets exactly one of auto, payload",
+        ),
+        (
+            "remediation: { auto: {}, args: ['; reboot'] }",
+            "an auto remediation computes its arguments and capabilities",
+        ),
+    ] {
+        std::fs::write(
+            &bad_path,
+            format!("apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata: {{ name: bad-auto, namespace: hospital-it }}\nspec:\n  requirements:\n    - package: {{ name: telnetd, absent: true }}\n  {policy}\n"),
+        )
+        .expect("write");
+        let out = cp.kubectl(&["apply", "-f", bad_path.to_str().expect("path")]);
+        assert!(!out.status.success(), "{policy}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
     // A schema error: a requirement that is not an object.
     std::fs::write(
         &bad_path,
