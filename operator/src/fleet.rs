@@ -267,8 +267,12 @@ impl OperatorFleet {
                 inventory,
             };
             if !self.store.put_inventory(terminal, stored) {
-                self.store
-                    .restamp_inventory_after(terminal, report.finished_at_ms, now);
+                self.store.restamp_inventory_after(
+                    terminal,
+                    report.finished_at_ms,
+                    live.issued_ms,
+                    now,
+                );
             }
         }
         let _ = self.changes.send(Wake::Report {

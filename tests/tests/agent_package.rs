@@ -126,7 +126,7 @@ fn the_agent_package_installs_waits_for_enrolment_runs_and_purges() {
     let unit =
         std::fs::read_to_string(root.join("lib/systemd/system/tenet-agent.service")).expect("unit");
     assert!(
-        unit.contains("ConditionPathExists=/var/lib/tenet-agent/trust-anchors"),
+        unit.contains("ConditionPathExists=|/var/lib/tenet-agent/trust-anchors"),
         "{unit}"
     );
     assert!(!state.join("trust-anchors").exists());

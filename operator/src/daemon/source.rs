@@ -121,18 +121,24 @@ fn stamp_generations(store: &Store, policies: &mut [CompiledPolicy]) {
 /// (stamped with their generation) and why the others are not. Only the
 /// approved are stamped, so an unapproved edit does not move a policy's
 /// generation.
+/// `tenant_scoped`: the source's mode (Kubernetes namespaces are tenants),
+/// which a kept version takes from the source, not from the store.
+/// `incomplete`: some files or resources could not be read now, so a kept
+/// version whose policy is not among the candidates is not forgotten.
 fn admit(
     gate: &mut Gate,
     store: &Store,
     trust: &BundleTrust,
     candidates: Vec<CompiledPolicy>,
     before: &BTreeMap<String, Unapproved>,
+    tenant_scoped: bool,
+    incomplete: bool,
 ) -> (Vec<CompiledPolicy>, BTreeMap<String, Unapproved>) {
     if !gate.seeded() {
         let kept = store
             .approved_policies()
             .into_iter()
-            .filter_map(|(key, record)| match approved_version(&record) {
+            .filter_map(|(key, record)| match approved_version(&record, tenant_scoped) {
                 Ok(p) => Some(p),
                 Err(why) => {
                     tracing::warn!(policy = %key, reason = %why, "the version approved before the restart cannot be read; not kept");
@@ -160,9 +166,11 @@ fn admit(
             );
         }
     }
-    for (key, _) in store.approved_policies() {
-        if !admitted.policies.iter().any(|p| p.key() == key) {
-            store.forget_approved(&key);
+    if !incomplete {
+        for (key, _) in store.approved_policies() {
+            if !admitted.policies.iter().any(|p| p.key() == key) {
+                store.forget_approved(&key);
+            }
         }
     }
     stamp_generations(store, &mut admitted.policies);
@@ -183,7 +191,10 @@ fn admit(
 
 /// A version approved before a restart, compiled again from what the store
 /// kept: its spec and its approval annotation.
-fn approved_version(record: &ApprovedPolicy) -> Result<CompiledPolicy, String> {
+fn approved_version(
+    record: &ApprovedPolicy,
+    tenant_scoped: bool,
+) -> Result<CompiledPolicy, String> {
     use base64::Engine;
     let spec: tenet_crds::policy::TerminalPolicySpec =
         serde_json::from_str(&record.spec_json).map_err(|e| e.to_string())?;
@@ -204,7 +215,7 @@ fn approved_version(record: &ApprovedPolicy) -> Result<CompiledPolicy, String> {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    compiled.tenant_scoped = record.tenant_scoped;
+    compiled.tenant_scoped = tenant_scoped;
     Ok(compiled)
 }
 
@@ -304,6 +315,8 @@ impl DirectorySource {
             trust,
             candidates,
             &self.loaded.unapproved,
+            false,
+            !set.errors.is_empty(),
         );
         let errors: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
         if errors != self.file_errors {
@@ -407,6 +420,8 @@ impl KubeSource {
             trust,
             candidates,
             &self.loaded.unapproved,
+            true,
+            !errors.is_empty(),
         );
         if errors != self.loaded.errors {
             for e in &errors {
@@ -490,6 +505,25 @@ mod tests {
             u.message(),
             "the latest edit is not approved (the approval is for another version of this policy (it changed since it was signed)); generation 1, the last approved, stays in force"
         );
+        drop(source);
+        drop(store);
+
+        // A restart while the file does not even load: the kept version is
+        // not forgotten, and is back in force once the file loads again.
+        let edited = std::fs::read_to_string(&file).expect("read");
+        std::fs::write(&file, "spec: [").expect("broken");
+        let store = Store::open(&data.join("tenet.redb")).expect("store");
+        let mut source = DirectorySource::new(dir.clone(), data.clone());
+        source.reload(&store, &trust).expect("reload");
+        assert!(source.loaded.policies.is_empty());
+        store.sync().expect("sync");
+        drop(source);
+        drop(store);
+        std::fs::write(&file, &edited).expect("loads again");
+        let store = Store::open(&data.join("tenet.redb")).expect("store");
+        let mut source = DirectorySource::new(dir.clone(), data.clone());
+        source.reload(&store, &trust).expect("reload");
+        assert_eq!(constraint(&source.loaded.policies[0]), ">= 120.0");
         drop(source);
         drop(store);
 

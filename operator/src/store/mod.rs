@@ -563,17 +563,23 @@ impl Store {
     /// collection time, at or after `finished_at_ms`): that inventory shows
     /// the state after the run, so it counts as received now, which is
     /// what a Verifying pair waits for. Whether it did.
+    /// Only one received after the dispatch was issued (`issued_ms`, the
+    /// operator's own clock) counts: the agent's clock alone does not decide.
     pub fn restamp_inventory_after(
         &self,
         terminal: &str,
         finished_at_ms: u64,
+        issued_ms: u64,
         now_ms: u64,
     ) -> bool {
         self.change(|m| {
             let Some(old) = m.inventories.get(terminal) else {
                 return false;
             };
-            if old.sequence < finished_at_ms || old.received_ms >= now_ms {
+            if old.sequence < finished_at_ms
+                || old.received_ms < issued_ms
+                || old.received_ms >= now_ms
+            {
                 return false;
             }
             let mut stored = (**old).clone();
