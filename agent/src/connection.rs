@@ -230,16 +230,19 @@ impl Agent {
     }
 
     fn inventory_report(&self) -> Result<Vec<u8>, ConnError> {
+        // Stamped when collection starts: a collection that overlaps the
+        // end of a payload's run is not taken for the state after it
+        // (the operator compares the stamp with the run's finish).
+        let started = now_ms();
         let inventory = self
             .config
             .inventory_source()
             .collect()
             .map_err(|e| ConnError::Io(std::io::Error::other(e.to_string())))?;
-        let now = now_ms();
         let report = InventoryReport {
             terminal: self.config.terminal.clone(),
-            sequence: now,
-            collected_at_ms: now,
+            sequence: started,
+            collected_at_ms: started,
             inventory,
         };
         Ok(SignedMessage::signed(&report, self.identity.as_ref())?.encode())
