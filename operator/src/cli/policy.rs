@@ -326,15 +326,8 @@ pub fn run(
 /// them. Their signatures are not checked here: the operator uses only
 /// bundles the admins signed, and says so when an approval names another.
 fn read_bundles(dir: &Path) -> Result<Vec<Contents>, String> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| format!("--bundles {}: {e}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
-        .collect();
-    paths.sort();
-    paths
+    crate::daemon::bundle_files(dir)
+        .map_err(|e| format!("--bundles {}: {e}", dir.display()))?
         .iter()
         .map(|path| {
             let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -10,6 +10,17 @@ use tenet_protocol::bundle::{BundleTrust, verify_bundle};
 
 use crate::reconcile::pass::Bundle;
 
+/// The `*.bundle` files of a directory, in name order.
+pub fn bundle_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 /// The signed bundles of a directory, verified against the admin keys. A
 /// file is read and verified again only when its size or modification time
 /// changes: the operator looks every tick, and bundles can be large.
@@ -35,7 +46,7 @@ impl BundleCache {
     ) -> (HashMap<String, Bundle>, Vec<String>) {
         let mut bundles = HashMap::new();
         let mut problems = Vec::new();
-        let Ok(entries) = std::fs::read_dir(dir) else {
+        let Ok(paths) = bundle_files(dir) else {
             return (
                 bundles,
                 vec![format!(
@@ -44,12 +55,6 @@ impl BundleCache {
                 )],
             );
         };
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
-            .collect();
-        paths.sort();
         self.files.retain(|p, _| paths.contains(p));
         for path in paths {
             let Ok(meta) = std::fs::metadata(&path) else {

@@ -31,7 +31,7 @@ use std::time::Duration;
 use crate::reconcile::pass::PolicyStatus;
 use crate::store::Store;
 
-pub use bundles::BundleCache;
+pub use bundles::{BundleCache, bundle_files};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
