@@ -274,12 +274,14 @@ impl Terminal for Simulated {
     }
 
     fn inventory(&self) -> Result<Vec<u8>, ConnError> {
+        // Stamped before it is read, as a real agent's: a copy taken while
+        // a payload runs is never taken for the state after the run.
+        let started = now_ms();
         let inventory = self.system.with(|i| i.clone());
-        let now = now_ms();
         let report = InventoryReport {
             terminal: self.name.clone(),
-            sequence: now,
-            collected_at_ms: now,
+            sequence: started,
+            collected_at_ms: started,
             inventory,
         };
         Ok(SignedMessage::signed(&report, self.identity.as_ref())?.encode())
