@@ -25,19 +25,12 @@ pub fn check_package(spec: &str) -> Result<(), String> {
         Some((n, v)) => (n, Some(v)),
         None => (spec, None),
     };
-    let name_ok = name.len() >= 2
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        // apt reads a trailing - as "remove" (a trailing + is a name's
-        // own, as g++'s, when a package has it).
-        && !name.ends_with('-')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
-    let version_ok = version.is_none_or(|v| {
-        v.starts_with(|c: char| c.is_ascii_digit())
-            && v.chars()
-                .all(|c| c.is_ascii_alphanumeric() || ".+~:-".contains(c))
-    });
+    use tenet_protocol::stdlib::{package_name_ok, version_ok};
+    // Debian's grammar, as the standard library's steps take it; apt also
+    // reads a trailing - as "remove" (a trailing + is a name's own, as
+    // g++'s).
+    let name_ok = package_name_ok(name) && !name.ends_with('-');
+    let version_ok = version.is_none_or(version_ok);
     if name_ok && version_ok {
         Ok(())
     } else {

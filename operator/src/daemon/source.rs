@@ -152,7 +152,12 @@ fn admit(
     // What is in force is kept for the next start; what is no longer read
     // is forgotten.
     for p in &admitted.policies {
-        if let (Ok(frame), Ok(spec_json)) = (&p.approval, serde_json::to_string(&*p.spec)) {
+        // The frame covers the spec: the same frame, the same version kept.
+        let Ok(frame) = &p.approval else { continue };
+        if store.approved_is(&p.key(), frame) {
+            continue;
+        }
+        if let Ok(spec_json) = serde_json::to_string(&*p.spec) {
             store.set_approved(
                 &p.key(),
                 &ApprovedPolicy {
@@ -167,7 +172,7 @@ fn admit(
         }
     }
     if !incomplete {
-        for (key, _) in store.approved_policies() {
+        for key in store.approved_keys() {
             if !admitted.policies.iter().any(|p| p.key() == key) {
                 store.forget_approved(&key);
             }

@@ -228,6 +228,21 @@ impl Store {
             .collect()
     }
 
+    /// Whether the kept approved version of policy `key` is the one this
+    /// approval frame approves (cheap: the caller builds a record only
+    /// when it is not).
+    pub fn approved_is(&self, key: &str, frame: &[u8]) -> bool {
+        self.mem()
+            .approved
+            .get(key)
+            .is_some_and(|r| r.approval == frame)
+    }
+
+    /// The policies whose approved version is kept.
+    pub fn approved_keys(&self) -> Vec<String> {
+        self.mem().approved.keys().cloned().collect()
+    }
+
     /// Keep `record` as the last approved version of policy `key` (nothing
     /// is written when it is that already).
     pub fn set_approved(&self, key: &str, record: &ApprovedPolicy) {
