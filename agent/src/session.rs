@@ -77,6 +77,9 @@ pub trait Terminal {
     fn pin_trust(&self, anchors: &TrustAnchors) -> Result<(), String>;
     /// A security certificate the issuer sent (`None`: withdrawn).
     fn hold(&self, _certificate: Option<Vec<u8>>) {}
+    /// The operator accepted the session and said its version (operators
+    /// of release 0.2 or later, first on every session).
+    fn welcomed(&self, _operator_version: &str) {}
     /// Whether the client certificate should be renewed now.
     fn renewal_due(&self) -> bool {
         false
@@ -266,6 +269,10 @@ impl<T: Terminal> Session<'_, T> {
                 }
             }
             ToAgent::SecurityCertificate { certificate } => terminal.hold(certificate),
+            ToAgent::Welcome { operator_version } => {
+                tracing::info!(operator = %operator_version, "the operator welcomed this agent");
+                terminal.welcomed(&operator_version);
+            }
             ToAgent::TrustRotations { rotations } => {
                 let rotations: Vec<Vec<u8>> = rotations.into_iter().map(|r| r.into_vec()).collect();
                 if let Err(e) = rotate_trust(terminal, &rotations) {

@@ -399,9 +399,15 @@ impl Fleet for OperatorFleet {
     }
 
     fn connected(&self, terminal: &str, session: Session) {
-        tracing::info!(terminal, session = session.id, "connected");
+        tracing::info!(
+            terminal,
+            session = session.id,
+            agent = %session.agent_version,
+            "connected"
+        );
+        let agent_version = session.agent_version.clone();
         let replaced = self.sessions.insert_then(terminal, session, || {
-            self.store.set_offline_since(terminal, 0);
+            self.store.set_connected(terminal, &agent_version);
         });
         if replaced {
             tracing::warn!(

@@ -23,6 +23,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tenet_protocol::enrol::{EnrolmentRequest, EnrolmentResponse, verify_enrolment_request};
+use tenet_protocol::release::{self, Release};
 use tenet_protocol::session::{ToAgent, ToOperator};
 use tenet_protocol::wire::sha256;
 use tenet_protocol::{Rejection, SignedMessage};
@@ -282,7 +283,22 @@ impl Gateway {
                 drop(opening);
                 Ok(())
             }
-            ToOperator::Hello { terminal, .. } => {
+            ToOperator::Hello {
+                terminal,
+                agent_version,
+            } => {
+                let agent = match release::serves(Release::this(), &agent_version) {
+                    Ok(agent) => agent,
+                    Err(unserved) => {
+                        tracing::warn!(
+                            terminal,
+                            agent_version,
+                            reason = unserved.reason(),
+                            "{unserved}"
+                        );
+                        return Err(GatewayError::Refused(unserved.to_string()));
+                    }
+                };
                 let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
                 let key = certs.first().and_then(|c| client_key(c));
                 let Some(key) = key.filter(|k| self.fleet.admit(&terminal, k)) else {
@@ -299,7 +315,9 @@ impl Gateway {
                     return Err(GatewayError::Refused("too many sessions".into()));
                 };
                 drop(opening);
-                let result = self.session(tls, terminal, key).await;
+                let result = self
+                    .session(tls, terminal, key, (agent, agent_version))
+                    .await;
                 drop(slot);
                 result
             }
@@ -363,6 +381,7 @@ impl Gateway {
         tls: S,
         terminal: String,
         key: ClientKey,
+        (agent, agent_version): (Release, String),
     ) -> Result<(), GatewayError> {
         let (mut reader, mut writer) = tokio::io::split(tls);
         let (tx, mut rx) = SessionTx::channel(QUEUED_MESSAGES, self.limits.max_queued_bytes);
@@ -375,6 +394,12 @@ impl Gateway {
         // envelope signed by a rotated dispatch key verifies only once the
         // rotation is pinned, and a rotation installed meanwhile is pushed
         // to every registered session under the write lock.
+        // The operator's version first, to the agents that read it.
+        if release::knows(agent, release::WELCOME) {
+            let _ = tx.try_send(ToAgent::Welcome {
+                operator_version: release::THIS.to_string(),
+            });
+        }
         {
             let trust = self.trust.read().unwrap_or_else(PoisonError::into_inner);
             if !trust.rotations.is_empty()
@@ -392,6 +417,7 @@ impl Gateway {
                     id,
                     to_agent: tx.clone(),
                     replaced: replaced.clone(),
+                    agent_version,
                 },
             );
         }

@@ -44,6 +44,10 @@ pub struct TerminalLine {
     /// Its TPM: `none`, `proven`, or `claimed: <why not proven>`.
     #[serde(default)]
     pub tpm: String,
+    /// The version its agent said on its latest session (absent: none
+    /// since the operator's upgrade to 0.2).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub agent_version: String,
     pub policies: Vec<PairLine>,
     /// Its security certificate, when a policy asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +156,7 @@ pub fn collect(
                 crate::tpm_trust::TpmTrust::Claimed { reason } => format!("claimed: {reason}"),
             },
             policies: by_terminal.remove(&name).unwrap_or_default(),
+            agent_version: record.agent_version,
             terminal: name,
         });
     }
@@ -265,6 +270,9 @@ pub fn print_terminal(status: &Status, name: &str, out: &mut dyn Write) -> std::
             .map(|ms| format!(", last inventory {}", crate::time::rfc3339(ms)))
             .unwrap_or_default()
     )?;
+    if !t.agent_version.is_empty() {
+        writeln!(out, "  agent {}", t.agent_version)?;
+    }
     if t.tpm != "none" && !t.tpm.is_empty() {
         writeln!(out, "  TPM {}", t.tpm)?;
     }

@@ -21,6 +21,7 @@ pub mod listen;
 pub mod present_tls;
 pub mod presentation;
 pub mod reject;
+pub mod release;
 pub mod report;
 pub mod rotation;
 pub mod session;

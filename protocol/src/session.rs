@@ -111,6 +111,12 @@ pub enum ToAgent {
     TrustRotations {
         rotations: Vec<serde_bytes::ByteBuf>,
     },
+    /// First on a session of an agent of release 0.2 or later (older ones
+    /// cannot decode it): the operator's version, so the agent writes
+    /// nothing that release does not read (`release`).
+    Welcome {
+        operator_version: String,
+    },
 }
 
 /// Bytes shared between messages (a bundle sent to many terminals):

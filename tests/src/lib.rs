@@ -697,9 +697,14 @@ pub fn install_bundle_of(admin: &KeyPair, debs: &[&Path], name: &str) -> SignedM
 /// `admin.key.pub`, the gateway on `port`, JSON logs appended to
 /// `operator.log`; its stdout lines on a channel.
 pub fn start_operator(dir: &Path, port: u16) -> (Running, mpsc::Receiver<String>) {
+    start_operator_of(&binary("tenet"), dir, port)
+}
+
+/// [`start_operator`] with another `tenet` binary (an earlier release's).
+pub fn start_operator_of(tenet: &Path, dir: &Path, port: u16) -> (Running, mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let mut operator = Command::new(binary("tenet"))
+    let mut operator = Command::new(tenet)
         .args([
             "operator",
             "--policies",
@@ -875,4 +880,33 @@ pub fn audit(root: &Path) -> String {
         .output()
         .expect("dpkg --audit");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The directory holding `tenet` and `tenet-agent` of an earlier release
+/// (`v0.1.0`), built once by `scripts/old-release` and cached.
+pub fn old_release(tag: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/old-release");
+    let out = Command::new(&script)
+        .arg(tag)
+        .output()
+        .expect("scripts/old-release runs");
+    assert!(
+        out.status.success(),
+        "scripts/old-release {tag}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// `policies/browser.yaml`: browser-a at `version` or later on the Nagoya
+/// terminals, remediated by the install-deb `bundle` installing `deb`.
+pub fn write_browser_policy(dir: &Path, version: &str, bundle: &SignedMessage, deb: &str) {
+    std::fs::write(
+        dir.join("policies/browser.yaml"),
+        format!(
+            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: browser-a\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{}' }}\n    args: [{deb}]\n    capabilities: [run-artifact, log]\n",
+            tenet_protocol::wire::digest_string(&bundle.body_digest())
+        ),
+    )
+    .expect("policy");
 }

@@ -109,7 +109,7 @@ fn the_agent_package_installs_waits_for_enrolment_runs_and_purges() {
     );
     assert_eq!(
         dpkg_query(&root, "${db:Status-Abbrev} ${Version}", "tenet-agent"),
-        "ii  0.1.0"
+        format!("ii  {}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(audit(&root), "");
     use std::os::unix::fs::PermissionsExt;

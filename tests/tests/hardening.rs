@@ -218,6 +218,24 @@ impl Device {
             .await
     }
 
+    /// A session of this device's own terminal whose agent says it is of
+    /// `version`.
+    async fn hello_of_version(&self, op: &Operator, version: &str) -> Tls {
+        let mut tls = connect(op, self.tls(&self.cert_pem, &self.tls_key))
+            .await
+            .expect("TLS");
+        write_frame(
+            &mut tls,
+            &ToOperator::Hello {
+                terminal: self.name.clone(),
+                agent_version: version.into(),
+            },
+        )
+        .await
+        .expect("hello");
+        tls
+    }
+
     async fn hello_with(
         &self,
         op: &Operator,
@@ -232,7 +250,7 @@ impl Device {
             &mut tls,
             &ToOperator::Hello {
                 terminal: claimed.into(),
-                agent_version: "test".into(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
             },
         )
         .await
@@ -341,6 +359,54 @@ fn a_session_needs_the_key_enrolled_for_that_terminal() {
         let mut s = new.hello_as(&op, "nagoya-ward3-01").await;
         assert!(serves(&mut s, new.inventory("nagoya-ward3-01")).await);
     });
+}
+
+#[test]
+fn agents_more_than_a_release_away_are_refused_and_the_others_welcomed() {
+    let op = Operator::start(Limits::default());
+    let this = tenet_protocol::release::Release::this();
+    let too_new = format!("{}.{}.0", this.major, this.minor + 2);
+    op.run(async {
+        let device = enrol(&op, "nagoya-ward3-01", "batch").await.expect("enrol");
+        for version in ["0.0.9", too_new.as_str(), "test"] {
+            let mut s = device.hello_of_version(&op, version).await;
+            assert!(
+                !serves(&mut s, device.inventory("nagoya-ward3-01")).await,
+                "agent {version} served"
+            );
+        }
+        assert!(op.fleet.connected_terminals().is_empty());
+        // The previous release: served, never sent Welcome (it could not
+        // decode it), and its version recorded.
+        let mut s = device.hello_of_version(&op, "0.1.0").await;
+        assert!(serves(&mut s, device.inventory("nagoya-ward3-01")).await);
+        assert_eq!(
+            op.store
+                .terminal("nagoya-ward3-01")
+                .expect("there")
+                .agent_version,
+            "0.1.0"
+        );
+        drop(s);
+        // This release: Welcome comes first, naming the operator's version.
+        let mut s = device.hello_as(&op, "nagoya-ward3-01").await;
+        assert_eq!(
+            read_frame::<_, ToAgent>(&mut s, 1 << 20)
+                .await
+                .expect("a frame"),
+            ToAgent::Welcome {
+                operator_version: env!("CARGO_PKG_VERSION").into()
+            }
+        );
+        assert!(serves(&mut s, device.inventory("nagoya-ward3-01")).await);
+    });
+    assert_eq!(
+        op.store
+            .terminal("nagoya-ward3-01")
+            .expect("there")
+            .agent_version,
+        env!("CARGO_PKG_VERSION")
+    );
 }
 
 #[test]
@@ -520,7 +586,7 @@ fn connections_that_never_authenticate_do_not_lock_out_terminals() {
             &mut s,
             &ToOperator::Hello {
                 terminal: d.name.clone(),
-                agent_version: "test".into(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
             },
         )
         .await
@@ -538,6 +604,10 @@ fn a_silent_session_is_pinged_then_closed() {
     op.run(async {
         let d = enrol(&op, "ward-01", "batch").await.expect("enrol");
         let mut s = d.hello_as(&op, &d.name).await;
+        assert!(matches!(
+            read_frame::<_, ToAgent>(&mut s, 1 << 20).await,
+            Ok(ToAgent::Welcome { .. })
+        ));
         // Answering pings keeps it open.
         for _ in 0..3 {
             assert_eq!(

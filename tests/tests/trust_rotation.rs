@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use tenet_e2e::{
     Event, Fixture, binary, build_deb, dpkg_root, free_port, install_bundle, nagoya_agent,
-    next_line, sign_policies, start_operator, wait_for, wait_until,
+    next_line, sign_policies, start_operator, wait_for, wait_until, write_browser_policy,
 };
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::report::{ExecutionReport, Outcome};
 use tenet_protocol::rotation::TrustRotation;
 use tenet_protocol::session::ToAgent;
-use tenet_protocol::wire::{decode, digest_string};
+use tenet_protocol::wire::decode;
 use tenet_protocol::{Algorithm, KeyPair, Kind, SignedMessage, Signer};
 
 const NOOP: &str =
@@ -155,17 +155,6 @@ fn installed(root: &Path) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn write_policy(dir: &Path, version: &str, bundle: &SignedMessage, deb: &str) {
-    std::fs::write(
-        dir.join("policies/browser.yaml"),
-        format!(
-            "apiVersion: tenet.dev/v1alpha1\nkind: TerminalPolicy\nmetadata:\n  name: browser-a\n  namespace: hospital-it\nspec:\n  selector: {{ matchLabels: {{ site: nagoya }} }}\n  requirements:\n    - package: {{ name: browser-a, version: '>= {version}' }}\n  remediation:\n    payload: {{ name: install-browser-a, digest: '{}' }}\n    args: [{deb}]\n    capabilities: [run-artifact, log]\n",
-            digest_string(&bundle.body_digest())
-        ),
-    )
-    .expect("policy");
-}
-
 #[test]
 fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
     if Command::new("dpkg-deb").arg("--version").output().is_err() {
@@ -207,7 +196,7 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
         bundle.encode(),
     )
     .expect("bundle");
-    write_policy(dir, "120.0", &bundle, "browser-a_120.0-1_all.deb");
+    write_browser_policy(dir, "120.0", &bundle, "browser-a_120.0-1_all.deb");
     sign_policies(&dir.join("policies"), &dir.join("admin.key"));
 
     // Version 1: the operator's flags. A terminal enrols and converges.
@@ -321,7 +310,7 @@ fn admins_rotate_the_keys_with_the_tenet_trust_commands() {
         bundle.encode(),
     )
     .expect("bundle");
-    write_policy(dir, "121.0", &bundle, "browser-a_121.0-1_all.deb");
+    write_browser_policy(dir, "121.0", &bundle, "browser-a_121.0-1_all.deb");
     sign_policies(&dir.join("policies"), &dir.join("admin2.key"));
     wait_until(
         Duration::from_secs(60),

@@ -16,6 +16,8 @@ pub struct Session {
     pub to_agent: SessionTx,
     /// Notified when a newer session of the same terminal replaces it.
     pub replaced: Arc<Notify>,
+    /// The version its agent said in `Hello`.
+    pub agent_version: String,
 }
 
 /// The live sessions by terminal: one each. A newer session replaces the
@@ -132,6 +134,7 @@ fn queued_size(m: &ToAgent) -> usize {
             secret,
         } => credential_blob.len() + secret.len(),
         ToAgent::TrustRotations { rotations } => rotations.iter().map(|r| r.len()).sum(),
+        ToAgent::Welcome { operator_version } => operator_version.len(),
         ToAgent::Ack { .. } | ToAgent::InventoryWanted | ToAgent::Ping => 0,
     }
 }

@@ -49,6 +49,7 @@ fn a_replaced_session_ends_and_its_end_changes_nothing() {
             id,
             to_agent,
             replaced: Arc::new(Notify::new()),
+            agent_version: "0.2.0".into(),
         }
     };
     let (older, newer) = (session(1), session(2));

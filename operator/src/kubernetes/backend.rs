@@ -45,6 +45,9 @@ pub const TOKENS_SECRET: &str = "tenet-tokens";
 /// Ledger shards.
 pub const SHARDS: usize = 16;
 const LEDGER_LABEL: &str = "tenet.dev/ledger";
+/// The store format of a shard's entries (`crate::store::migrate`); a
+/// shard without it was written by release 0.1 (format 1).
+const FORMAT_ANNOTATION: &str = "tenet.dev/ledger-format";
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -563,7 +566,11 @@ impl KubeBackend {
                 continue;
             }
             let cm: ConfigMap = serde_json::from_value(json!({
-                "metadata": { "name": name, "labels": { LEDGER_LABEL: "true" } },
+                "metadata": {
+                    "name": name,
+                    "labels": { LEDGER_LABEL: "true" },
+                    "annotations": { FORMAT_ANNOTATION: crate::store::migrate::FORMAT.to_string() },
+                },
             }))
             .map_err(err)?;
             match api.create(&kube::api::PostParams::default(), &cm).await {
@@ -571,6 +578,51 @@ impl KubeBackend {
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(err(e)),
             }
+        }
+        Ok(())
+    }
+
+    /// The oldest format among the ledger's shards (the current one when
+    /// there are none yet).
+    async fn ledger_format(&self) -> Result<u32, StoreError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let list = api
+            .list_metadata(&ListParams::default().labels(&format!("{LEDGER_LABEL}=true")))
+            .await
+            .map_err(err)?;
+        let mut oldest = None;
+        for cm in &list {
+            let format = match cm
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(FORMAT_ANNOTATION))
+            {
+                None => crate::store::migrate::UNMARKED,
+                Some(v) => v.parse().map_err(|_| StoreError::Corrupt {
+                    key: cm.metadata.name.clone().unwrap_or_default(),
+                    message: format!("{FORMAT_ANNOTATION} is {v:?}, not a number"),
+                })?,
+            };
+            oldest = Some(oldest.map_or(format, |o: u32| o.min(format)));
+        }
+        Ok(oldest.unwrap_or(crate::store::migrate::FORMAT))
+    }
+
+    /// Mark every shard as holding `format`.
+    async fn mark_format(&self, format: u32) -> Result<(), StoreError> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        for shard in 0..SHARDS {
+            let body =
+                json!({ "metadata": { "annotations": { FORMAT_ANNOTATION: format.to_string() } } });
+            api.patch(
+                &shard_name(shard),
+                &PatchParams::default(),
+                &Patch::Merge(&body),
+            )
+            .await
+            .map_err(err)?;
+            self.count();
         }
         Ok(())
     }
@@ -608,7 +660,7 @@ impl KubeBackend {
             let value = value.as_ref();
             match table {
                 Table::Terminals => {
-                    match decode(value) {
+                    match value.and_then(|v| TerminalRecord::decode(v).ok()) {
                         Some(r) => {
                             o.terminals.insert(key.clone(), r);
                             dirty.insert(Dirty::Terminal(key.clone()));
@@ -764,6 +816,26 @@ impl Backend for Arc<KubeBackend> {
         self.last_commit_ms.store(now_ms(), Ordering::Relaxed);
         self.remember(batch);
         Ok(())
+    }
+
+    fn format(&self) -> Result<u32, StoreError> {
+        let me = self.clone();
+        wait_on(&self.handle, async move { me.ledger_format().await })
+    }
+
+    /// The records, then the shards' markers: a migration cut short is
+    /// done again at the next start (records of either format decode).
+    fn migrate(&self, batch: &[Change], format: u32) -> Result<(), StoreError> {
+        self.commit(batch)?;
+        let me = self.clone();
+        wait_on(&self.handle, async move { me.mark_format(format).await })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "the Kubernetes ledger (ConfigMaps tenet-ledger-NN in namespace {})",
+            self.namespace
+        )
     }
 }
 

@@ -70,4 +70,18 @@ pub trait Backend: Send + Sync + 'static {
     fn load(&self) -> Result<Vec<Change>, StoreError>;
     /// Store a batch of changes atomically and durably.
     fn commit(&self, batch: &[Change]) -> Result<(), StoreError>;
+    /// The store format its records are in (`super::migrate`); a store
+    /// without a marker is [`super::migrate::UNMARKED`].
+    fn format(&self) -> Result<u32, StoreError> {
+        Ok(super::migrate::FORMAT)
+    }
+    /// Write `batch` (an older store's records in the current format) and
+    /// mark the store as `format`.
+    fn migrate(&self, batch: &[Change], _format: u32) -> Result<(), StoreError> {
+        self.commit(batch)
+    }
+    /// What people call this store in an error.
+    fn describe(&self) -> String {
+        "the store".into()
+    }
 }

@@ -16,6 +16,10 @@ const INVENTORIES: TableDefinition<&str, &[u8]> = TableDefinition::new("inventor
 const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 const CERTIFICATES: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
 const APPROVED: TableDefinition<&str, &[u8]> = TableDefinition::new("approved");
+/// The store format (`super::migrate`), under the key `format`; a file
+/// without it was written by release 0.1 (format 1).
+const META: TableDefinition<&str, u32> = TableDefinition::new("meta");
+const FORMAT_KEY: &str = "format";
 
 fn definition(table: Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match table {
@@ -41,6 +45,53 @@ const PAGE_CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// commit).
 pub struct Redb {
     db: Database,
+    path: std::path::PathBuf,
+}
+
+/// The store format of an open database: the marker, or for a file that
+/// has tables but no marker, format 1. `None`: a new, empty file.
+fn format_of(db: &impl ReadableDatabase) -> Result<Option<u32>, StoreError> {
+    let tx = db.begin_read().map_err(err)?;
+    let marked = match tx.open_table(META) {
+        Ok(t) => t.get(FORMAT_KEY).map_err(err)?.map(|v| v.value()),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(err(e)),
+    };
+    if marked.is_some() {
+        return Ok(marked);
+    }
+    let has_tables = tx.list_tables().map_err(err)?.next().is_some();
+    Ok(has_tables.then_some(super::migrate::UNMARKED))
+}
+
+/// Refuse a database of a newer format; copy one of an older format
+/// aside (unless a copy is there already, from an interrupted start).
+/// `true` once done.
+fn set_aside(path: &Path, found: u32) -> Result<bool, StoreError> {
+    super::migrate::check(&path.display().to_string(), found)?;
+    if found == super::migrate::FORMAT {
+        return Ok(true);
+    }
+    let backup = backup_path(path, found);
+    if !backup.exists() {
+        std::fs::copy(path, &backup).map_err(|e| StoreError::Open {
+            path: backup.display().to_string(),
+            source: redb::Error::Io(e),
+        })?;
+        tracing::info!(
+            from = %path.display(),
+            to = %backup.display(),
+            "the database of an earlier release is copied aside before its migration"
+        );
+    }
+    Ok(true)
+}
+
+/// Where an older database is copied before it is migrated.
+pub fn backup_path(path: &Path, format: u32) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".format-{format}"));
+    path.with_file_name(name)
 }
 
 impl Redb {
@@ -53,17 +104,52 @@ impl Redb {
         };
         // The working set lives in memory already; redb's page cache
         // (1 GiB by default) would hold a second copy of it.
-        let db = redb::Builder::new()
-            .set_cache_size(PAGE_CACHE_BYTES)
-            .create(path)
-            .map_err(open_err)?;
-        // Create the tables, so readers never meet a missing one.
+        let open = || {
+            redb::Builder::new()
+                .set_cache_size(PAGE_CACHE_BYTES)
+                .create(path)
+                .map_err(open_err)
+        };
+        // The format is read without writing to the file (a read-write
+        // open writes to it): a newer file is refused exactly as it is,
+        // and an older one copied aside as it is. A file that needs a
+        // repair (a crash) opens only read-write: it is copied after.
+        let existing = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+        let mut copied = false;
+        if existing
+            && let Ok(read_only) = redb::Builder::new().open_read_only(path)
+            && let Some(found) = format_of(&read_only)?
+        {
+            drop(read_only);
+            copied = set_aside(path, found)?;
+        }
+        let mut db = open()?;
+        let format = format_of(&db)?;
+        if let Some(found) = format
+            && !copied
+        {
+            drop(db);
+            set_aside(path, found)?;
+            db = open()?;
+        }
+        // Create the tables, so readers never meet a missing one; a new
+        // file is in the current format from the start.
         let tx = db.begin_write().map_err(err)?;
         for t in Table::ALL {
             tx.open_table(definition(t)).map_err(err)?;
         }
+        {
+            let mut meta = tx.open_table(META).map_err(err)?;
+            if format.is_none() {
+                meta.insert(FORMAT_KEY, super::migrate::FORMAT)
+                    .map_err(err)?;
+            }
+        }
         tx.commit().map_err(err)?;
-        Ok(Redb { db })
+        Ok(Redb {
+            db,
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -107,5 +193,26 @@ impl Backend for Redb {
             }
         }
         tx.commit().map_err(err)
+    }
+
+    fn format(&self) -> Result<u32, StoreError> {
+        Ok(format_of(&self.db)?.unwrap_or(super::migrate::FORMAT))
+    }
+
+    /// The records, then the marker: a crash in between leaves the old
+    /// marker, and the next start migrates again (records of either
+    /// format decode).
+    fn migrate(&self, batch: &[Change], format: u32) -> Result<(), StoreError> {
+        self.commit(batch)?;
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(META)
+            .map_err(err)?
+            .insert(FORMAT_KEY, format)
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
     }
 }

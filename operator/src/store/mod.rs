@@ -27,6 +27,7 @@
 mod backend;
 mod disk;
 mod memory;
+pub mod migrate;
 mod records;
 mod write_behind;
 
@@ -66,6 +67,13 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("the database cannot commit now: {0}")]
     Unavailable(String),
+    #[error(
+        "{store} holds store format {found}, written by a newer Tenet: this one ({}) reads formats 1 to {}. \
+         Run the newer release, or restore the copy taken before it migrated the store; nothing was changed",
+        tenet_protocol::release::THIS,
+        migrate::FORMAT
+    )]
+    NewerFormat { store: String, found: u32 },
 }
 
 /// The pairs of one policy, read under the store's lock.
@@ -137,7 +145,21 @@ impl Store {
         backend: Box<dyn Backend>,
         evidence: Option<crate::evidence::EvidenceLog>,
     ) -> Result<Store, StoreError> {
-        let mem = Mem::load(backend.load()?)?;
+        let format = backend.format()?;
+        migrate::check(&backend.describe(), format)?;
+        let records = backend.load()?;
+        if format < migrate::FORMAT {
+            let changes = migrate::upgrade(format, &records)?;
+            backend.migrate(&changes, migrate::FORMAT)?;
+            tracing::info!(
+                store = %backend.describe(),
+                from = format,
+                to = migrate::FORMAT,
+                records = changes.len(),
+                "store migrated"
+            );
+        }
+        let mem = Mem::load(records)?;
         let inner = Arc::new(Inner {
             backend,
             mem: Mutex::new(mem),
@@ -344,6 +366,7 @@ impl Store {
                         client_keys: vec![client_key],
                         tpm_trust,
                         claimed_labels: request.labels.clone(),
+                        agent_version: String::new(),
                     };
                     m.write(Table::Terminals, &request.terminal, &record);
                     m.evidence(
@@ -409,7 +432,19 @@ impl Store {
         self.mem().labels_epoch
     }
 
-    /// Record that a terminal's connection ended at `now_ms` (0: it is connected).
+    /// Record that a terminal is connected, with an agent of `agent_version`.
+    pub fn set_connected(&self, name: &str, agent_version: &str) {
+        self.change(|m| {
+            if let Some(mut r) = m.terminals.get(name).cloned() {
+                r.offline_since_ms = 0;
+                r.agent_version = agent_version.to_string();
+                m.write(Table::Terminals, name, &r);
+                m.terminals.insert(name.to_string(), r);
+            }
+        });
+    }
+
+    /// Record that a terminal's connection ended at `now_ms`.
     pub fn set_offline_since(&self, name: &str, now_ms: u64) {
         self.change(|m| {
             if let Some(mut r) = m.terminals.get(name).cloned() {

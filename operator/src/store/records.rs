@@ -38,6 +38,24 @@ pub struct TerminalRecord {
     /// The labels it claimed in its enrolment request (kept for people to
     /// read; nothing selects on them).
     pub claimed_labels: BTreeMap<String, String>,
+    /// The version its agent said on its latest session (empty: none
+    /// since this operator's store format 2).
+    pub agent_version: String,
+}
+
+/// A terminal as store format 1 (release 0.1) wrote it: no agent version.
+#[derive(Serialize, Deserialize)]
+struct TerminalRecordFormat1 {
+    identity: PublicKey,
+    labels: BTreeMap<String, String>,
+    tpm: bool,
+    attestation_key: Option<PublicKey>,
+    enrolled_at_ms: u64,
+    last_sequence: u64,
+    offline_since_ms: u64,
+    client_keys: Vec<[u8; 32]>,
+    tpm_trust: TpmTrust,
+    claimed_labels: BTreeMap<String, String>,
 }
 
 /// A terminal as written before labels were assigned by admins: its
@@ -56,13 +74,30 @@ struct TerminalRecordBeforeAssignedLabels {
 }
 
 impl TerminalRecord {
-    /// Decode a terminal record, also one written before labels were
-    /// assigned: the labels it claimed then are only claims now, and it has
-    /// none assigned (admins assign them by enrolling it again with a
-    /// labelled token).
+    /// Decode a terminal record of any store format. Format 1's has no
+    /// agent version. One written before labels were assigned (an earlier
+    /// shape of format 1) has the labels it claimed then, claims only now,
+    /// and none assigned: admins assign them by enrolling it again with a
+    /// labelled token. The canonical encoding tells the shapes apart: a
+    /// record decodes as exactly one.
     pub fn decode(bytes: &[u8]) -> Result<TerminalRecord, tenet_protocol::Rejection> {
         use tenet_protocol::wire::decode;
         decode::<TerminalRecord>(bytes).or_else(|e| {
+            if let Ok(old) = decode::<TerminalRecordFormat1>(bytes) {
+                return Ok(TerminalRecord {
+                    identity: old.identity,
+                    labels: old.labels,
+                    tpm: old.tpm,
+                    attestation_key: old.attestation_key,
+                    enrolled_at_ms: old.enrolled_at_ms,
+                    last_sequence: old.last_sequence,
+                    offline_since_ms: old.offline_since_ms,
+                    client_keys: old.client_keys,
+                    tpm_trust: old.tpm_trust,
+                    claimed_labels: old.claimed_labels,
+                    agent_version: String::new(),
+                });
+            }
             decode::<TerminalRecordBeforeAssignedLabels>(bytes)
                 .map(|old| TerminalRecord {
                     identity: old.identity,
@@ -75,6 +110,7 @@ impl TerminalRecord {
                     client_keys: old.client_keys,
                     tpm_trust: old.tpm_trust,
                     claimed_labels: old.labels,
+                    agent_version: String::new(),
                 })
                 .map_err(|_| e)
         })

@@ -441,3 +441,160 @@ fn a_token_record_from_before_labels_still_reads() {
     );
     assert!(TokenRecord::decode(b"\x01").is_err());
 }
+
+/// A terminal as release 0.1 (store format 1) encoded it: every field of
+/// today's but the agent version.
+fn format_1_terminal(identity: &tenet_protocol::PublicKey) -> Vec<u8> {
+    let labels: BTreeMap<String, String> = [("site".to_string(), "nagoya".to_string())].into();
+    tenet_protocol::wire::encode(&(
+        identity.clone(),
+        labels,
+        false,
+        Option::<tenet_protocol::PublicKey>::None,
+        5u64,
+        9u64,
+        0u64,
+        vec![[1u8; 32]],
+        TpmTrust::None,
+        BTreeMap::<String, String>::new(),
+    ))
+}
+
+/// A database without a format marker, as release 0.1 wrote it.
+fn write_format_1(path: &Path, terminal: &[u8]) {
+    use redb::TableDefinition;
+    let db = redb::Database::create(path).expect("create");
+    let tx = db.begin_write().expect("tx");
+    for name in [
+        "tokens",
+        "pairs",
+        "dispatches",
+        "inventories",
+        "policies",
+        "certificates",
+        "approved",
+    ] {
+        tx.open_table(TableDefinition::<&str, &[u8]>::new(name))
+            .expect("table");
+    }
+    tx.open_table(TableDefinition::<&str, &[u8]>::new("terminals"))
+        .expect("table")
+        .insert("ward-01", terminal)
+        .expect("insert");
+    tx.commit().expect("commit");
+}
+
+fn raw_terminal(path: &Path) -> Vec<u8> {
+    use redb::{ReadableDatabase, TableDefinition};
+    let db = redb::Database::open(path).expect("open");
+    let tx = db.begin_read().expect("tx");
+    let t = tx
+        .open_table(TableDefinition::<&str, &[u8]>::new("terminals"))
+        .expect("table");
+    t.get("ward-01")
+        .expect("get")
+        .expect("there")
+        .value()
+        .to_vec()
+}
+
+#[test]
+fn a_database_of_release_0_1_is_copied_aside_then_migrated_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tenet.redb");
+    let identity = KeyPair::generate(Algorithm::Ed25519)
+        .expect("key")
+        .public_key();
+    let old = format_1_terminal(&identity);
+    write_format_1(&path, &old);
+    let before = std::fs::read(&path).expect("read");
+
+    let store = Store::open(&path).expect("a format 1 database opens");
+    let t = store.terminal("ward-01").expect("kept");
+    assert_eq!((t.identity.clone(), t.last_sequence), (identity, 9));
+    assert_eq!(t.agent_version, "");
+    store.set_connected("ward-01", "0.1.0");
+    store.sync().expect("sync");
+    drop(store);
+
+    let backup = disk::backup_path(&path, 1);
+    assert_eq!(backup.file_name().expect("a name"), "tenet.redb.format-1");
+    let copy = std::fs::read(&backup).expect("the copy");
+    assert!(copy == before, "copied as it was");
+    let now = raw_terminal(&path);
+    assert_ne!(now, old, "written again in the current format");
+    assert_eq!(
+        TerminalRecord::decode(&now).expect("reads").agent_version,
+        "0.1.0"
+    );
+    // Marked: a second open migrates nothing and copies nothing again.
+    std::fs::remove_file(&backup).expect("rm");
+    let store = Store::open(&path).expect("reopens");
+    assert_eq!(
+        store.terminal("ward-01").expect("kept").agent_version,
+        "0.1.0"
+    );
+    drop(store);
+    assert!(!backup.exists());
+}
+
+#[test]
+fn a_database_of_a_newer_format_is_refused_unchanged() {
+    use redb::TableDefinition;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tenet.redb");
+    {
+        let db = redb::Database::create(&path).expect("create");
+        let tx = db.begin_write().expect("tx");
+        tx.open_table(TableDefinition::<&str, u32>::new("meta"))
+            .expect("table")
+            .insert("format", migrate::FORMAT + 1)
+            .expect("insert");
+        tx.commit().expect("commit");
+    }
+    let before = std::fs::read(&path).expect("read");
+    let err = Store::open(&path).err().expect("refused").to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{} holds store format {}, written by a newer Tenet: this one ({}) reads formats 1 to {}. \
+             Run the newer release, or restore the copy taken before it migrated the store; nothing was changed",
+            path.display(),
+            migrate::FORMAT + 1,
+            tenet_protocol::release::THIS,
+            migrate::FORMAT
+        )
+    );
+    assert!(
+        std::fs::read(&path).expect("read") == before,
+        "left as it was"
+    );
+}
+
+#[test]
+fn an_upgrade_rewrites_only_the_records_whose_encoding_changed() {
+    let identity = KeyPair::generate(Algorithm::Ed25519)
+        .expect("key")
+        .public_key();
+    let old = format_1_terminal(&identity);
+    let current = tenet_protocol::wire::encode(&TerminalRecord::decode(&old).expect("reads"));
+    let records = vec![
+        Change::put(Table::Terminals, "old", old.clone()),
+        Change::put(Table::Terminals, "new", current.clone()),
+        Change::put(
+            Table::Tokens,
+            "t",
+            tenet_protocol::wire::encode(&token(None, 9)),
+        ),
+        Change::put(Table::Pairs, "p", vec![1, 2, 3]),
+    ];
+    assert_eq!(
+        migrate::upgrade(1, &records).expect("upgrades"),
+        vec![Change::put(Table::Terminals, "old", current)]
+    );
+    let broken = [Change::put(Table::Terminals, "ward-09", vec![0xff])];
+    assert!(matches!(
+        migrate::upgrade(1, &broken),
+        Err(StoreError::Corrupt { key, .. }) if key == "ward-09"
+    ));
+}

@@ -45,6 +45,7 @@ fn terminal(offline_since_ms: u64) -> TerminalRecord {
         client_keys: vec![[1; 32]],
         tpm_trust: crate::tpm_trust::TpmTrust::None,
         claimed_labels: BTreeMap::new(),
+        agent_version: String::new(),
     }
 }
 

@@ -24,6 +24,7 @@ fn a_terminal_shows_its_level_only_while_its_certificate_is_valid() {
         client_keys: vec![[1; 32]],
         tpm_trust: crate::tpm_trust::TpmTrust::None,
         claimed_labels: BTreeMap::new(),
+        agent_version: String::new(),
     };
     let mut certificate = CertRecord::new("it/posture");
     certificate.issued = Some(Issued {
