@@ -12,6 +12,7 @@
 //!   tpm: { tcti: "device:/dev/tpmrm0" }              # omit for a file key
 //! operator: { address: "tenet.example:7443" }        # the gateway
 //! inventoryIntervalSeconds: 60
+//! selfUpdate: { deadlineSeconds: 60 }   # a new agent binary's time to reach the operator
 //! ```
 
 use std::collections::BTreeMap;
@@ -62,6 +63,28 @@ pub struct AgentConfig {
     /// Answer peers' certificate challenges (`tenet cert verify`) here.
     #[serde(default)]
     pub presentation: Option<PresentationConfig>,
+    /// How a new agent binary, installed by a payload, is proven
+    /// (`crate::self_update`).
+    #[serde(default)]
+    pub self_update: SelfUpdateConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SelfUpdateConfig {
+    /// How long the new binary has to reach the operator before the
+    /// previous one is put back (default 60).
+    #[serde(default)]
+    pub deadline_seconds: Option<u64>,
+}
+
+impl SelfUpdateConfig {
+    pub fn deadline(&self) -> std::time::Duration {
+        self.deadline_seconds
+            .map_or(crate::self_update::DEFAULT_DEADLINE, |s| {
+                std::time::Duration::from_secs(s.max(1))
+            })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,12 +221,15 @@ impl AgentConfig {
     pub fn inventory_source(&self) -> Arc<dyn InventorySource> {
         match (&self.inventory.file, &self.inventory.dpkg) {
             (Some(path), _) => Arc::new(FileInventory { path: path.clone() }),
-            (None, dpkg) => Arc::new(DpkgInventory {
-                terminal: self.terminal.clone(),
-                root: self.root.clone(),
-                labels: self.labels.clone(),
-                facts: self.facts.clone(),
-                watched_files: dpkg.clone().unwrap_or_default().watched_files,
+            (None, dpkg) => Arc::new(crate::inventory::RollbackAware {
+                inner: DpkgInventory {
+                    terminal: self.terminal.clone(),
+                    root: self.root.clone(),
+                    labels: self.labels.clone(),
+                    facts: self.facts.clone(),
+                    watched_files: dpkg.clone().unwrap_or_default().watched_files,
+                },
+                data: self.data.clone(),
             }),
         }
     }

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::AgentConfig;
 use crate::dispatch;
+use crate::self_update;
 use crate::session::{Runs, Taken, Terminal};
 use crate::store::{LocalState, StoreError, write_atomically};
 pub use crate::tls::{enrolment_tls, session_tls};
@@ -126,6 +127,30 @@ pub struct Agent {
     pub exe: PathBuf,
     /// The payloads running and waiting.
     pub runs: Runs,
+    /// The binary this process runs, to see a run replace it (`None`: not
+    /// known, no self-update).
+    pub running: Arc<std::sync::Mutex<Option<self_update::Exe>>>,
+    /// Runs that replaced the binary ask the connection loop to hand over
+    /// ([`Agent::hand_over`]); each waits for its answer.
+    pub handovers: Handovers,
+}
+
+/// The way from a payload run to the connection loop: a run that replaced
+/// the agent's binary asks for the handover and waits until it is done
+/// (the new agent runs in this process by then, or the old one goes on).
+pub struct Handovers {
+    tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Default for Handovers {
+    fn default() -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Handovers {
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
 }
 
 impl Agent {
@@ -271,19 +296,187 @@ impl Agent {
                 Err(e) => tracing::error!(error = %e, "no presentation listener"),
             }
         }
+        // Reports a handover cut short held back: this binary runs now.
+        match self.store.release_held() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                reports = n,
+                "reports held for a handover are sent as they are"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot release the reports held for a handover"),
+        }
+        let mut handovers = self.handovers.rx.lock().await;
         let mut failures: u32 = 0;
         loop {
             let started = Instant::now();
-            match self.session().await {
-                Ok(()) => tracing::warn!("the operator closed the connection"),
-                Err(e) => tracing::warn!(error = %e, "connection lost"),
+            let connected = async {
+                match self.session().await {
+                    Ok(()) => tracing::warn!("the operator closed the connection"),
+                    Err(e) => tracing::warn!(error = %e, "connection lost"),
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    failures = 0;
+                }
+                let delay = backoff(failures, jitter());
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(delay).await;
+            };
+            tokio::select! {
+                () = connected => {}
+                // The session ends here (its connection is dropped).
+                Some(done) = handovers.recv() => {
+                    self.hand_over().await;
+                    let _ = done.send(());
+                }
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                failures = 0;
+        }
+    }
+
+    /// A run replaced this agent's binary: prove the new one, then run it
+    /// in this process, or put the previous one back
+    /// ([`crate::self_update`]). Returns only when rolled back.
+    pub async fn hand_over(&self) {
+        let data = self.store.dir().to_path_buf();
+        let previous = data.join("agent-previous");
+        let kept = self_update::keep_running_binary(&previous);
+        if let Err(e) = &kept {
+            tracing::error!(error = %e, to = %previous.display(), "cannot keep the running binary; the new one cannot be rolled back");
+        }
+        let deadline = self.config.self_update.deadline();
+        tracing::info!(new = %self.exe.display(), deadline_s = deadline.as_secs(), "the agent's binary was replaced: proving the new one");
+        let end = self_update::probe(&self.exe, &self.config_path, deadline).await;
+        let reason = match self_update::rollback_reason(&end, &self.exe, deadline) {
+            None => {
+                if let Err(e) = self.store.release_held() {
+                    tracing::error!(error = %e, "cannot release the held reports");
+                }
+                let _ = std::fs::remove_file(data.join("rolled-back"));
+                tracing::info!(new = %self.exe.display(), ?end, "handing over to the new agent");
+                let err = {
+                    use std::os::unix::process::CommandExt;
+                    std::process::Command::new(&self.exe)
+                        .args(std::env::args_os().skip(1))
+                        .exec()
+                };
+                // Only when it could not be executed.
+                format!(
+                    "the new agent ({}) does not start: {err}",
+                    self.exe.display()
+                )
             }
-            let delay = backoff(failures, jitter());
-            failures = failures.saturating_add(1);
-            tokio::time::sleep(delay).await;
+            Some(reason) => reason,
+        };
+        if kept.is_err() {
+            tracing::error!(%reason, "the new agent failed and the previous binary was not kept: nothing to roll back to");
+            if let Err(e) = self.store.release_held() {
+                tracing::error!(error = %e, "cannot release the held reports");
+            }
+            return;
+        }
+        self.roll_back(&previous, &reason);
+    }
+
+    /// Put `previous` back at the agent's path, flag the package, and
+    /// rewrite the held reports as rolled back.
+    fn roll_back(&self, previous: &std::path::Path, reason: &str) {
+        let reason = match self_update::restore(previous, &self.exe) {
+            Ok(()) => format!(
+                "{reason}; the previous agent ({}) runs again",
+                env!("CARGO_PKG_VERSION")
+            ),
+            Err(e) => format!(
+                "{reason}; the previous agent could not be put back at {}: {e}",
+                self.exe.display()
+            ),
+        };
+        tracing::warn!(%reason, "self-update rolled back");
+        *self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = self_update::Exe::at(&self.exe);
+        let source = self.config.inventory_source();
+        let mut observed = source.collect().ok();
+        if let Some(version) = observed.as_ref().and_then(|inv| {
+            inv.packages
+                .iter()
+                .find(|p| p.name == self_update::PACKAGE)
+                .map(|p| p.version.clone())
+        }) {
+            let record = self_update::RolledBack {
+                package_version: version,
+                reason: reason.clone(),
+                at_ms: now_ms(),
+            };
+            if let Err(e) = self_update::write_record(self.store.dir(), &record) {
+                tracing::error!(error = %e, "cannot record the rollback");
+            }
+            if let Some(inv) = observed.as_mut() {
+                self_update::flag(inv, &record);
+            }
+        }
+        let held = match self.store.held_reports() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the held reports");
+                return;
+            }
+        };
+        for (path, bytes) in held {
+            let rewritten = SignedMessage::decode(&bytes, Kind::ExecutionReport)
+                .and_then(|f| f.open::<tenet_protocol::report::ExecutionReport>())
+                .map_err(|e| e.to_string())
+                .and_then(|report| {
+                    let report = self_update::rolled_back_report(
+                        report,
+                        &reason,
+                        observed.clone(),
+                        now_ms(),
+                    );
+                    SignedMessage::signed(&report, self.identity.as_ref())
+                        .map(|m| m.encode())
+                        .map_err(|e| e.to_string())
+                });
+            let sequence = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or_else(now_ms);
+            let queued = match rewritten {
+                Ok(report) => self.store.push_report(sequence, &report),
+                // Sent as it is rather than lost.
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rewrite a held report");
+                    self.store.push_report(sequence, &bytes)
+                }
+            };
+            match queued {
+                Ok(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(e) => tracing::error!(error = %e, "cannot queue a held report"),
+            }
+        }
+    }
+
+    /// Connect, say hello, and wait to be welcomed (`tenet-agent probe`,
+    /// run by an agent that is handing over to this binary). The
+    /// operator's version.
+    pub async fn probe(&self) -> Result<String, ConnError> {
+        let mut tls = self.connect(self.session_tls()?).await?;
+        write_frame(
+            &mut tls,
+            &ToOperator::Hello {
+                terminal: self.config.terminal.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            },
+        )
+        .await?;
+        loop {
+            match read_frame::<_, ToAgent>(&mut tls, MAX_SESSION_FRAME).await? {
+                ToAgent::Welcome { operator_version } => return Ok(operator_version),
+                // Nothing else is taken: the agent handing over does it.
+                _ => continue,
+            }
         }
     }
 
@@ -370,15 +563,37 @@ impl Terminal for Agent {
         };
         let (exe, config) = (self.exe.clone(), self.config_path.clone());
         let (policy, sequence) = (prepared.policy.clone(), prepared.sequence);
+        let running = self.running.clone();
+        let handovers = self.handovers.tx.clone();
         Ok(Taken::Run {
             policy,
             sequence,
             run: Box::new(move |stop| {
                 Box::pin(async move {
-                    if let Err(e) =
-                        dispatch::run_loader(&exe, &config, &store, prepared, stop).await
+                    let agent = running
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone();
+                    match dispatch::run_loader(
+                        &exe,
+                        &config,
+                        &store,
+                        prepared,
+                        stop,
+                        agent.as_ref(),
+                    )
+                    .await
                     {
-                        tracing::error!(error = %e, "a dispatch failed");
+                        // Nothing else starts until the handover is over:
+                        // this run holds the terminal's one run slot.
+                        Ok(d) if d.held => {
+                            let (done, over) = tokio::sync::oneshot::channel();
+                            if handovers.send(done).is_ok() {
+                                let _ = over.await;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "a dispatch failed"),
                     }
                 })
             }),

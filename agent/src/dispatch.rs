@@ -59,11 +59,15 @@ pub enum DispatchError {
     Superseded { sequence: u64, policy: String },
 }
 
-/// A finished dispatch: the signed report (already queued in the outbox).
+/// A finished dispatch: the signed report (already queued in the outbox,
+/// or held back when the run replaced the agent's own binary).
 pub struct Dispatched {
     pub report: Vec<u8>,
     pub outcome: Outcome,
     pub queued: PathBuf,
+    /// Held back (`DATA/handover/`) for the self-update to release or
+    /// rewrite ([`crate::self_update`]).
+    pub held: bool,
 }
 
 /// A verified envelope, recorded as used, ready for a loader.
@@ -104,11 +108,13 @@ pub fn prepare(
     }))
 }
 
-/// Read the loader's answer and queue its report.
+/// Read the loader's answer and queue its report, or hold it back when
+/// `hold` (the run replaced the agent's binary).
 pub fn finish(
     store: &LocalState,
     sequence: u64,
     stdout: &[u8],
+    hold: bool,
 ) -> Result<Dispatched, DispatchError> {
     let response: LoadResponse =
         decode(stdout).map_err(|e| DispatchError::Loader(format!("unreadable answer: {e}")))?;
@@ -117,11 +123,16 @@ pub fn finish(
     let report: ExecutionReport = frame
         .open()
         .map_err(|e| DispatchError::Loader(format!("unreadable report: {e}")))?;
-    let queued = store.push_report(sequence, &response.report)?;
+    let queued = if hold {
+        store.hold_report(sequence, &response.report)?
+    } else {
+        store.push_report(sequence, &response.report)?
+    };
     Ok(Dispatched {
         report: response.report,
         outcome: report.outcome,
         queued,
+        held: hold,
     })
 }
 
@@ -142,6 +153,7 @@ fn refuse(
         report: bytes,
         outcome,
         queued,
+        held: false,
     })
 }
 
@@ -161,13 +173,15 @@ pub fn loader_command(exe: &Path, config: &Path, sequence: u64) -> Command {
 
 /// Run a loader for `prepared` to its end and queue its report; stop it
 /// when `stop` fires (a newer dispatch for the same policy). A dropped
-/// sender does not stop it.
+/// sender does not stop it. When the run replaced `agent`, the binary the
+/// agent runs, the report is held back for the self-update.
 pub async fn run_loader(
     exe: &Path,
     config: &Path,
     store: &LocalState,
     prepared: Prepared,
     mut stop: oneshot::Receiver<()>,
+    agent: Option<&crate::self_update::Exe>,
 ) -> Result<Dispatched, DispatchError> {
     let mut child = tokio::process::Command::from(loader_command(exe, config, prepared.sequence))
         .kill_on_drop(true)
@@ -212,7 +226,8 @@ pub async fn run_loader(
     if !status.success() {
         return Err(DispatchError::Loader(format!("exited with {status}")));
     }
-    finish(store, prepared.sequence, &out)
+    let replaced = agent.is_some_and(crate::self_update::Exe::replaced);
+    finish(store, prepared.sequence, &out, replaced)
 }
 
 /// Verify one dispatch and run it through a loader to its end (the
@@ -232,7 +247,7 @@ pub async fn dispatch(
         Ok(prepared) => {
             // Nothing supersedes a run from the command line.
             let (_never, stop) = oneshot::channel();
-            run_loader(exe, config, store, prepared, stop).await
+            run_loader(exe, config, store, prepared, stop, None).await
         }
         Err(refused) => Ok(refused),
     }

@@ -14,6 +14,7 @@ pub mod exec;
 pub mod inventory;
 pub mod load;
 pub mod run_queue;
+pub mod self_update;
 pub mod session;
 pub mod simulate;
 pub mod store;

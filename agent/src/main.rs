@@ -82,6 +82,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Connect to the operator, authenticate, and exit 0 once it welcomes
+    /// this agent (printing its version). An agent upgrading itself runs
+    /// the new binary this way before handing over to it.
+    Probe {
+        #[arg(long)]
+        config: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Benchmark certificate presentation (the second paper's experiment):
     /// latency p50/p99 against concurrent peer connections, with the audit
     /// done beforehand (async) and on every request (sync; a TPM quote
@@ -166,8 +176,12 @@ fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Ag
         identity,
         tpm,
         presenter,
+        running: std::sync::Arc::new(std::sync::Mutex::new(tenet_agent::self_update::Exe::at(
+            &exe_path(),
+        ))),
         exe: exe_path(),
         runs: Default::default(),
+        handovers: Default::default(),
     })
 }
 
@@ -301,6 +315,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(agent.run());
+        }
+        Command::Probe { config, timeout } => {
+            let agent = agent(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let welcomed = runtime.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(timeout), agent.probe()).await
+            });
+            match welcomed {
+                Ok(Ok(version)) => println!("{}{version}", tenet_agent::self_update::WELCOMED),
+                Ok(Err(e)) => anyhow::bail!("{e}"),
+                Err(_) => anyhow::bail!("not welcomed by the operator within {timeout} s"),
+            }
         }
         Command::BenchPresent {
             connections,

@@ -127,15 +127,26 @@ where
             }
         }
     });
+    // Aborted however the session ends, also when this future is dropped
+    // (an agent handing over to a new binary drops it): the task holds
+    // the connection's read half, and the operator would otherwise see the
+    // session live until the new one replaced it.
+    let _reader = AbortOnDrop(reader_task);
     let mut session = Session {
         terminal,
         unacked: HashMap::new(),
         renewing: None,
         last_inventory: None,
     };
-    let result = session.converse(&mut writer, &mut msg_rx, settings).await;
-    reader_task.abort();
-    result
+    session.converse(&mut writer, &mut msg_rx, settings).await
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The state of one session.

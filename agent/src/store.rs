@@ -11,6 +11,11 @@
 //!                        anchors had versions, read as version 1)
 //! DATA/envelope-state    EnvelopeState
 //! DATA/outbox/NNNN.report signed reports waiting for the operator
+//! DATA/handover/NNNN.report the report of a run that replaced the agent's
+//!                        own binary, held until the new agent is proven
+//!                        (`crate::self_update`)
+//! DATA/agent-previous    the binary that ran before the last self-update
+//! DATA/rolled-back       the last self-update rolled back: why
 //! DATA/run/              private 0700 working directories of loaders
 //! ```
 //! Every file is replaced atomically (write, fsync, rename).
@@ -81,7 +86,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Stor
 impl LocalState {
     /// Open (creating, mode 0700) a data directory.
     pub fn open(dir: &Path) -> Result<LocalState, StoreError> {
-        for d in [dir.to_path_buf(), dir.join("outbox"), dir.join("run")] {
+        for d in [
+            dir.to_path_buf(),
+            dir.join("outbox"),
+            dir.join("run"),
+            dir.join("handover"),
+        ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -181,9 +191,43 @@ impl LocalState {
         Ok(path)
     }
 
+    /// Hold a report back (not in the outbox, so not sent): the run
+    /// replaced the agent's binary, and the report goes out once the new
+    /// agent is proven, or is rewritten when it is rolled back.
+    pub fn hold_report(&self, sequence: u64, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+        let path = self
+            .dir
+            .join("handover")
+            .join(format!("{sequence:020}.report"));
+        write_atomically(&path, bytes, 0o600)?;
+        Ok(path)
+    }
+
+    /// Reports held back, oldest first.
+    pub fn held_reports(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
+        self.reports_in("handover")
+    }
+
+    /// Move the held reports to the outbox, as they are.
+    pub fn release_held(&self) -> Result<usize, StoreError> {
+        let held = self.held_reports()?;
+        for (path, _) in &held {
+            let to = self
+                .dir
+                .join("outbox")
+                .join(path.file_name().unwrap_or_default());
+            std::fs::rename(path, &to).map_err(io(path))?;
+        }
+        Ok(held.len())
+    }
+
     /// Reports waiting, oldest first.
     pub fn pending_reports(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
-        let dir = self.dir.join("outbox");
+        self.reports_in("outbox")
+    }
+
+    fn reports_in(&self, name: &str) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
+        let dir = self.dir.join(name);
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(io(&dir))?
             .filter_map(Result::ok)

@@ -85,6 +85,12 @@ pub fn report_event(outcome: &Outcome, output_tail: &[u8]) -> Event {
         Outcome::Refused { reason, message } if reason == "OutsideWindow" => Event::NotStarted {
             reason: format!("the terminal did not start it: {message}"),
         },
+        // The payload installed a new agent, which did not prove itself.
+        Outcome::Refused { reason, message } if reason == tenet_protocol::report::ROLLED_BACK => {
+            Event::Failed {
+                reason: format!("the terminal rolled its agent back: {message}"),
+            }
+        }
         Outcome::Refused { reason, message } => Event::Failed {
             reason: format!("the terminal refused the dispatch: {message} ({reason})"),
         },

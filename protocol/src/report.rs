@@ -24,6 +24,11 @@ pub enum Outcome {
     Refused { reason: String, message: String },
 }
 
+/// The refusal reason of a report whose payload installed a new agent
+/// binary that did not prove itself and was rolled back (the agent's
+/// self-update).
+pub const ROLLED_BACK: &str = "RolledBack";
+
 impl Outcome {
     pub fn succeeded(&self) -> bool {
         matches!(self, Outcome::Exited { code: 0 })

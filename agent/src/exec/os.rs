@@ -106,6 +106,9 @@ impl System for Os {
             .env("PATH", ARTIFACT_PATH)
             .env("LANG", "C.UTF-8")
             .env("TENET_ROOT", &self.root)
+            // Maintainer scripts see it: the agent's own package does not
+            // restart the agent under a payload (it hands over itself).
+            .env("TENET_PAYLOAD", "1")
             .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(log)

@@ -28,6 +28,24 @@ pub trait InventorySource: Send + Sync {
     fn collect(&self) -> Result<Inventory, InventoryError>;
 }
 
+/// A source whose agent may have rolled a self-update back: the agent's
+/// package at the version rolled back is flagged ([`crate::self_update`]).
+pub struct RollbackAware<S> {
+    pub inner: S,
+    /// The agent's data directory (`rolled-back`).
+    pub data: PathBuf,
+}
+
+impl<S: InventorySource> InventorySource for RollbackAware<S> {
+    fn collect(&self) -> Result<Inventory, InventoryError> {
+        let mut inventory = self.inner.collect()?;
+        if let Some(record) = crate::self_update::read_record(&self.data) {
+            crate::self_update::flag(&mut inventory, &record);
+        }
+        Ok(inventory)
+    }
+}
+
 /// A terminal described by a YAML file (the format of
 /// `examples/inventories/`), re-read on every collection so a test or a
 /// simulation can change it.
