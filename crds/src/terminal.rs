@@ -27,7 +27,8 @@ use crate::common::Condition;
     printcolumn = r#"{"name":"Connected","type":"boolean","jsonPath":".status.connected"}"#,
     printcolumn = r#"{"name":"Compliant","type":"string","jsonPath":".status.compliance"}"#,
     printcolumn = r#"{"name":"Level","type":"integer","jsonPath":".status.securityLevel"}"#,
-    printcolumn = r#"{"name":"Last-Report","type":"date","jsonPath":".status.lastReportTime"}"#
+    printcolumn = r#"{"name":"Last-Report","type":"date","jsonPath":".status.lastReportTime"}"#,
+    printcolumn = r#"{"name":"Agent","type":"string","priority":1,"jsonPath":".status.agentVersion"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TerminalSpec {
@@ -87,6 +88,9 @@ pub struct TerminalStatus {
     pub offline_since: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<String>,
+    /// The version its agent said on its latest session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
     /// `3/4`: policies complied with out of policies selecting the terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compliance: Option<String>,

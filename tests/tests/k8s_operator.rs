@@ -34,7 +34,12 @@ struct Replica {
 
 impl Replica {
     fn start(cp: &ControlPlane, dir: &Path, name: &str, port: u16) -> Replica {
-        let mut child = Command::new(binary("tenet"))
+        Replica::start_of(&binary("tenet"), cp, dir, name, port)
+    }
+
+    /// A replica of another `tenet` binary (an earlier release's).
+    fn start_of(tenet: &Path, cp: &ControlPlane, dir: &Path, name: &str, port: u16) -> Replica {
+        let mut child = Command::new(tenet)
             .args([
                 "operator",
                 "--kubernetes",
@@ -600,4 +605,124 @@ fn two_replicas_reconcile_policies_in_the_api_server() {
         },
     );
     drop(b);
+}
+
+/// A ledger the previous release (v0.1.0, built by `scripts/old-release`)
+/// wrote, without format markers, is migrated by HEAD's operator when it
+/// takes the Lease: every shard is marked format 2, the terminals it holds
+/// are kept, and they come back to it (their agents' versions recorded).
+#[test]
+fn a_ledger_of_the_previous_release_is_migrated_when_the_operator_opens_it() {
+    let Some(cp) = control_plane_or_skip() else {
+        return;
+    };
+    let previous = tenet_e2e::old_release("v0.1.0");
+    cp.install_crds();
+    cp.kubectl_ok(&["create", "namespace", "tenet-system"]);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+    std::fs::write(dir.join("admin.pub"), admin.public_key().to_pem()).expect("pub");
+    std::fs::create_dir_all(dir.join("bundles")).expect("mkdir");
+    std::fs::write(dir.join("template.yaml"), tenet::bench::template()).expect("template");
+
+    let port = free_port();
+    let old = Replica::start_of(&previous.join("tenet"), &cp, dir, "op-old", port);
+    wait_until(
+        Duration::from_secs(60),
+        "the old operator listening",
+        || old.said("gateway listening"),
+    );
+    let out = Command::new(previous.join("tenet"))
+        .args(["token", "create", "--data", "data", "--uses", "3"])
+        .args(["--kubernetes", "tenet-system", "--label", "fleet=bench"])
+        .env("KUBECONFIG", &cp.kubeconfig)
+        .current_dir(dir)
+        .output()
+        .expect("tenet token create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .expect("token output")
+            .trim()
+            .to_string()
+    };
+    let _agents = Running(
+        Command::new(binary("tenet-agent"))
+            .args(["simulate", "--count", "3", "--prefix", "ward"])
+            .arg("--operator")
+            .arg(format!("127.0.0.1:{port}"))
+            .args([
+                "--ca-fingerprint",
+                &field("ca-fingerprint "),
+                "--inventory",
+                "template.yaml",
+            ])
+            .env("TENET_BOOTSTRAP_TOKEN", field("token "))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("simulate.log")).expect("log"))
+            .spawn()
+            .expect("simulate"),
+    );
+    let connected = || {
+        jsonpath(
+            &cp,
+            &["terminals", "-n", "tenet-system"],
+            "{.items[*].status.connected}",
+        )
+        .split_whitespace()
+        .filter(|c| *c == "true")
+        .count()
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "3 terminals connected to the old operator",
+        || connected() == 3,
+    );
+    let formats = || {
+        jsonpath(
+            &cp,
+            &[
+                "configmaps",
+                "-n",
+                "tenet-system",
+                "-l",
+                "tenet.dev/ledger=true",
+            ],
+            "{range .items[*]}{.metadata.annotations.tenet\\.dev/ledger-format}{\",\"}{end}",
+        )
+    };
+    assert_eq!(
+        formats(),
+        ",".repeat(16),
+        "the previous release marks no format"
+    );
+    drop(old);
+
+    let new = Replica::start(&cp, dir, "op-new", port);
+    wait_until(Duration::from_secs(60), "HEAD's operator listening", || {
+        new.said("gateway listening")
+    });
+    assert_eq!(formats(), "2,".repeat(16));
+    let log = std::fs::read_to_string(dir.join("op-new.log")).expect("log");
+    assert!(log.contains("store migrated"), "{log}");
+    wait_until(
+        Duration::from_secs(60),
+        "the 3 terminals back, with their agents' versions",
+        || {
+            connected() == 3
+                && jsonpath(
+                    &cp,
+                    &["terminals", "-n", "tenet-system"],
+                    "{.items[*].status.agentVersion}",
+                ) == [concat!(env!("CARGO_PKG_VERSION"), "-simulated"); 3].join(" ")
+        },
+    );
 }

@@ -77,6 +77,7 @@ pub(super) fn terminal_status(
         connected: record.offline_since_ms == 0,
         offline_since: (record.offline_since_ms > 0).then(|| rfc3339(record.offline_since_ms)),
         last_report_time: last_report_ms(certificate, inventory_ms).map(rfc3339),
+        agent_version: Some(record.agent_version.clone()).filter(|v| !v.is_empty()),
         compliance: Some(format!("{compliant}/{}", policies.len())),
         policies,
         security_level: certificate
