@@ -9,7 +9,7 @@
 //! present a chain ending in that CA. Afterwards the CA certificate itself
 //! is pinned in the data directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,6 +133,10 @@ pub struct Agent {
     /// Runs that replaced the binary ask the connection loop to hand over
     /// ([`Agent::hand_over`]); each waits for its answer.
     pub handovers: Handovers,
+    /// The version the operator said in its last `Welcome` (`None`: an
+    /// operator of 0.1, or not connected yet). Nothing this agent writes
+    /// differs by it yet; a future format will (`protocol/README.md`).
+    pub operator_version: std::sync::Mutex<Option<String>>,
 }
 
 /// The way from a payload run to the connection loop: a run that replaced
@@ -296,15 +300,8 @@ impl Agent {
                 Err(e) => tracing::error!(error = %e, "no presentation listener"),
             }
         }
-        // Reports a handover cut short held back: this binary runs now.
-        match self.store.release_held() {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                reports = n,
-                "reports held for a handover are sent as they are"
-            ),
-            Err(e) => tracing::error!(error = %e, "cannot release the reports held for a handover"),
-        }
+        // A handover a crash or a restart cut short ends here.
+        self.at_start().await;
         let mut handovers = self.handovers.rx.lock().await;
         let mut failures: u32 = 0;
         loop {
@@ -334,31 +331,46 @@ impl Agent {
 
     /// A run replaced this agent's binary: prove the new one, then run it
     /// in this process, or put the previous one back
-    /// ([`crate::self_update`]). Returns only when rolled back.
+    /// ([`crate::self_update`]). Returns only when rolled back. Each step
+    /// is recorded first (`DATA/handover/state`), so an agent that starts
+    /// in the middle ends it ([`Agent::at_start`]).
     pub async fn hand_over(&self) {
         let data = self.store.dir().to_path_buf();
         let previous = data.join("agent-previous");
-        let kept = self_update::keep_running_binary(&previous);
-        if let Err(e) = &kept {
-            tracing::error!(error = %e, to = %previous.display(), "cannot keep the running binary; the new one cannot be rolled back");
+        if let Err(e) = self_update::keep_running_binary(&previous) {
+            // Nothing to roll back to: the new binary stays, and nothing
+            // says it works. The run's report says so, not that it worked.
+            let reason = format!(
+                "the running agent could not be kept ({e}) to roll back to, so the new agent ({}) was not tried; it stays at its path and runs at the agent's next start",
+                self.exe.display()
+            );
+            tracing::error!(%reason, "self-update not handed over");
+            self.rewrite_held(&reason, None);
+            return;
         }
         let deadline = self.config.self_update.deadline();
-        tracing::info!(new = %self.exe.display(), deadline_s = deadline.as_secs(), "the agent's binary was replaced: proving the new one");
+        if let Err(e) = self_update::write_state(
+            &data,
+            &self_update::Handover::Proving { since_ms: now_ms() },
+        ) {
+            tracing::error!(error = %e, "cannot record the handover");
+        }
+        tracing::info!(
+            new = %self.exe.display(),
+            deadline_s = deadline.as_secs(),
+            "the agent's binary was replaced: proving the new one"
+        );
         let end = self_update::probe(&self.exe, &self.config_path, deadline).await;
         let reason = match self_update::rollback_reason(&end, &self.exe, deadline) {
             None => {
-                if let Err(e) = self.store.release_held() {
-                    tracing::error!(error = %e, "cannot release the held reports");
+                // The held reports stay held: the new agent sends them as
+                // it starts (or, when it cannot be executed, they are
+                // rewritten below).
+                if let Err(e) = self_update::clear_state(&data) {
+                    tracing::error!(error = %e, "cannot record the end of the handover");
                 }
-                let _ = std::fs::remove_file(data.join("rolled-back"));
                 tracing::info!(new = %self.exe.display(), ?end, "handing over to the new agent");
-                let err = {
-                    use std::os::unix::process::CommandExt;
-                    std::process::Command::new(&self.exe)
-                        .args(std::env::args_os().skip(1))
-                        .exec()
-                };
-                // Only when it could not be executed.
+                let err = self.execute();
                 format!(
                     "the new agent ({}) does not start: {err}",
                     self.exe.display()
@@ -366,26 +378,45 @@ impl Agent {
             }
             Some(reason) => reason,
         };
-        if kept.is_err() {
-            tracing::error!(%reason, "the new agent failed and the previous binary was not kept: nothing to roll back to");
-            if let Err(e) = self.store.release_held() {
-                tracing::error!(error = %e, "cannot release the held reports");
-            }
-            return;
-        }
-        self.roll_back(&previous, &reason);
+        self.roll_back(&reason);
     }
 
-    /// Put `previous` back at the agent's path, flag the package, and
-    /// rewrite the held reports as rolled back.
-    fn roll_back(&self, previous: &std::path::Path, reason: &str) {
-        let reason = match self_update::restore(previous, &self.exe) {
-            Ok(()) => format!(
-                "{reason}; the previous agent ({}) runs again",
-                env!("CARGO_PKG_VERSION")
-            ),
+    /// Execute the binary at the agent's path in this process, with this
+    /// process's arguments; returns only when that fails.
+    fn execute(&self) -> std::io::Error {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(&self.exe)
+            .args(std::env::args_os().skip(1))
+            .exec()
+    }
+
+    /// Roll back: recorded first, then the previous binary put back at the
+    /// agent's path, the package flagged, the held reports rewritten.
+    fn roll_back(&self, reason: &str) {
+        let reason = format!(
+            "{reason}; the previous agent ({}) runs again",
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Err(e) = self_update::write_state(
+            self.store.dir(),
+            &self_update::Handover::RollingBack {
+                reason: reason.clone(),
+            },
+        ) {
+            tracing::error!(error = %e, "cannot record the rollback");
+        }
+        self.finish_roll_back(&reason);
+    }
+
+    /// Put the kept binary back at the agent's path (again, if it is there
+    /// already), record the rollback, rewrite the held reports.
+    fn finish_roll_back(&self, reason: &str) {
+        let data = self.store.dir();
+        let previous = data.join("agent-previous");
+        let reason = match self_update::restore(&previous, &self.exe) {
+            Ok(()) => reason.to_string(),
             Err(e) => format!(
-                "{reason}; the previous agent could not be put back at {}: {e}",
+                "{reason} (but it could not be put back at {}: {e})",
                 self.exe.display()
             ),
         };
@@ -394,6 +425,18 @@ impl Agent {
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = self_update::Exe::at(&self.exe);
+        let restored_sha256 = self_update::file_sha256(&previous).unwrap_or_default();
+        self.rewrite_held(&reason, Some(restored_sha256));
+        if let Err(e) = self_update::clear_state(data) {
+            tracing::error!(error = %e, "cannot record the end of the rollback");
+        }
+    }
+
+    /// Flag the agent's package at the version the package database names
+    /// now (`restored`: the SHA-256 of the binary put back, if one was),
+    /// and queue each held report rewritten as refused `RolledBack` with
+    /// `reason`, observing the terminal as it is now.
+    fn rewrite_held(&self, reason: &str, restored: Option<[u8; 32]>) {
         let source = self.config.inventory_source();
         let mut observed = source.collect().ok();
         if let Some(version) = observed.as_ref().and_then(|inv| {
@@ -404,8 +447,9 @@ impl Agent {
         }) {
             let record = self_update::RolledBack {
                 package_version: version,
-                reason: reason.clone(),
+                reason: reason.to_string(),
                 at_ms: now_ms(),
+                restored_sha256: restored.unwrap_or_default(),
             };
             if let Err(e) = self_update::write_record(self.store.dir(), &record) {
                 tracing::error!(error = %e, "cannot record the rollback");
@@ -426,12 +470,8 @@ impl Agent {
                 .and_then(|f| f.open::<tenet_protocol::report::ExecutionReport>())
                 .map_err(|e| e.to_string())
                 .and_then(|report| {
-                    let report = self_update::rolled_back_report(
-                        report,
-                        &reason,
-                        observed.clone(),
-                        now_ms(),
-                    );
+                    let report =
+                        self_update::rolled_back_report(report, reason, observed.clone(), now_ms());
                     SignedMessage::signed(&report, self.identity.as_ref())
                         .map(|m| m.encode())
                         .map_err(|e| e.to_string())
@@ -458,25 +498,105 @@ impl Agent {
         }
     }
 
-    /// Connect, say hello, and wait to be welcomed (`tenet-agent probe`,
-    /// run by an agent that is handing over to this binary). The
-    /// operator's version.
+    /// Before the first session: end a handover a crash or a restart cut
+    /// short ([`self_update::at_start`]).
+    async fn at_start(&self) {
+        let data = self.store.dir().to_path_buf();
+        match self_update::at_start(self_update::read_state(&data)) {
+            self_update::AtStart::ReleaseHeld => match self.store.release_held() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    reports = n,
+                    "the new agent sends the reports held for its handover"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot release the reports held for a handover")
+                }
+            },
+            // Restarted while on probation: this binary proves itself.
+            self_update::AtStart::Prove => {
+                let deadline = self.config.self_update.deadline();
+                match self.probe_until(deadline).await {
+                    Ok(_) => {
+                        tracing::info!("the new agent proved itself after a restart");
+                        let _ = self_update::clear_state(&data);
+                        let _ = self.store.release_held();
+                    }
+                    Err(e) => {
+                        self.roll_back(&format!(
+                            "the new agent ({}) did not reach the operator within {} s after a restart: {e}",
+                            self.exe.display(),
+                            deadline.as_secs()
+                        ));
+                        self.run_previous_if_not_it();
+                    }
+                }
+            }
+            self_update::AtStart::FinishRollBack { reason } => {
+                self.finish_roll_back(&reason);
+                self.run_previous_if_not_it();
+            }
+        }
+    }
+
+    /// After a rollback at start: when this process is not the binary put
+    /// back, execute it.
+    fn run_previous_if_not_it(&self) {
+        let running = self_update::file_sha256(Path::new("/proc/self/exe"));
+        if running.is_some() && running != self_update::file_sha256(&self.exe) {
+            let e = self.execute();
+            tracing::error!(error = %e, "cannot execute the agent put back; this one goes on");
+        }
+    }
+
+    /// Ask until `deadline` whether the operator serves this agent
+    /// ([`Agent::probe`]), trying again after a failure.
+    pub async fn probe_until(&self, deadline: Duration) -> Result<String, ConnError> {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut failures = 0;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let e = match tokio::time::timeout(left, self.probe()).await {
+                Ok(Ok(version)) => return Ok(version),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(ConnError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "not welcomed by the operator within {} s",
+                            deadline.as_secs()
+                        ),
+                    )));
+                }
+            };
+            let delay = backoff(failures, jitter()).min(Duration::from_secs(5));
+            failures += 1;
+            if tokio::time::Instant::now() + delay >= until {
+                return Err(e);
+            }
+            tracing::info!(error = %e, "probe failed; trying again");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Connect, authenticate, and ask whether the operator serves this
+    /// agent (`Probe`: no session starts). The operator's version.
     pub async fn probe(&self) -> Result<String, ConnError> {
         let mut tls = self.connect(self.session_tls()?).await?;
         write_frame(
             &mut tls,
-            &ToOperator::Hello {
+            &ToOperator::Probe {
                 terminal: self.config.terminal.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").into(),
             },
         )
         .await?;
-        loop {
-            match read_frame::<_, ToAgent>(&mut tls, MAX_SESSION_FRAME).await? {
-                ToAgent::Welcome { operator_version } => return Ok(operator_version),
-                // Nothing else is taken: the agent handing over does it.
-                _ => continue,
-            }
+        match read_frame::<_, ToAgent>(&mut tls, MAX_SESSION_FRAME).await? {
+            ToAgent::Welcome { operator_version } => Ok(operator_version),
+            _ => Err(Rejection::Malformed(
+                "the operator answered a probe with something else".into(),
+            )
+            .into()),
         }
     }
 
@@ -574,26 +694,26 @@ impl Terminal for Agent {
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .clone();
-                    match dispatch::run_loader(
-                        &exe,
-                        &config,
-                        &store,
-                        prepared,
-                        stop,
-                        agent.as_ref(),
-                    )
-                    .await
-                    {
-                        // Nothing else starts until the handover is over:
-                        // this run holds the terminal's one run slot.
-                        Ok(d) if d.held => {
-                            let (done, over) = tokio::sync::oneshot::channel();
-                            if handovers.send(done).is_ok() {
-                                let _ = over.await;
-                            }
+                    let ran =
+                        dispatch::run_loader(&exe, &config, &store, prepared, stop, agent.as_ref())
+                            .await;
+                    // However the run ended (its report held, or none: it
+                    // was superseded, or its loader failed), a replaced
+                    // binary is handed over to or rolled back.
+                    let replaced = match &ran {
+                        Ok(d) => d.held,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a dispatch failed");
+                            agent.as_ref().is_some_and(self_update::Exe::replaced)
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "a dispatch failed"),
+                    };
+                    // Nothing else starts until the handover is over: this
+                    // run holds the terminal's one run slot.
+                    if replaced {
+                        let (done, over) = tokio::sync::oneshot::channel();
+                        if handovers.send(done).is_ok() {
+                            let _ = over.await;
+                        }
                     }
                 })
             }),
@@ -602,6 +722,24 @@ impl Terminal for Agent {
 
     fn runs(&self) -> &Runs {
         &self.runs
+    }
+
+    fn welcomed(&self, operator_version: &str) {
+        *self
+            .operator_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(operator_version.to_string());
+        // Another binary than the one put back runs at the agent's path
+        // and reached the operator: the rollback record is history.
+        if let Some(record) = self_update::read_record(self.store.dir())
+            && self_update::file_sha256(&self.exe).is_some_and(|h| h != record.restored_sha256)
+            && self_update::file_sha256(Path::new("/proc/self/exe"))
+                == self_update::file_sha256(&self.exe)
+        {
+            tracing::info!(version = %record.package_version, "the agent at the path runs and reached the operator: its rollback record goes");
+            let _ = std::fs::remove_file(self.store.dir().join("rolled-back"));
+        }
     }
 
     fn audit(&self, request: &crate::audit::AuditRequest) -> Result<Vec<u8>, String> {

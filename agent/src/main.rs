@@ -82,9 +82,10 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Connect to the operator, authenticate, and exit 0 once it welcomes
-    /// this agent (printing its version). An agent upgrading itself runs
-    /// the new binary this way before handing over to it.
+    /// Connect to the operator, authenticate, and exit 0 once it says it
+    /// serves this agent (printing its version); no session starts. An
+    /// agent upgrading itself runs the new binary this way before it hands
+    /// over to it. Tries again until the timeout.
     Probe {
         #[arg(long)]
         config: PathBuf,
@@ -182,6 +183,7 @@ fn agent(config: &std::path::Path) -> anyhow::Result<tenet_agent::connection::Ag
         exe: exe_path(),
         runs: Default::default(),
         handovers: Default::default(),
+        operator_version: Default::default(),
     })
 }
 
@@ -321,14 +323,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let welcomed = runtime.block_on(async {
-                tokio::time::timeout(std::time::Duration::from_secs(timeout), agent.probe()).await
-            });
-            match welcomed {
-                Ok(Ok(version)) => println!("{}{version}", tenet_agent::self_update::WELCOMED),
-                Ok(Err(e)) => anyhow::bail!("{e}"),
-                Err(_) => anyhow::bail!("not welcomed by the operator within {timeout} s"),
-            }
+            let version = runtime
+                .block_on(agent.probe_until(std::time::Duration::from_secs(timeout.max(1))))?;
+            println!("{}{version}", tenet_agent::self_update::WELCOMED);
         }
         Command::BenchPresent {
             connections,

@@ -40,12 +40,49 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 pub use tenet_protocol::report::ROLLED_BACK;
 
 /// A self-update that was rolled back: the version of the agent's package
-/// the package database names since, and why.
+/// the package database names since, why, and the SHA-256 of the binary
+/// put back. Once another binary is at the agent's path and runs (it was
+/// welcomed by the operator), the record no longer applies and goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolledBack {
     pub package_version: String,
     pub reason: String,
     pub at_ms: u64,
+    pub restored_sha256: [u8; 32],
+}
+
+/// Where a handover stands, on disk (`DATA/handover/state`), so that a
+/// crash or a restart at any step ends it the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Handover {
+    /// The binary at the agent's path is on probation; the one before it
+    /// is kept (`DATA/agent-previous`). An agent that starts in this state
+    /// is the binary on probation: it proves itself, or puts the previous
+    /// one back and executes it.
+    Proving { since_ms: u64 },
+    /// The binary on probation failed, for this reason: the previous one
+    /// goes back, and the held reports are rewritten.
+    RollingBack { reason: String },
+}
+
+/// What an agent that starts does about a handover it finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AtStart {
+    /// None in progress: held reports left by one (the new agent runs
+    /// now) go out as they are.
+    ReleaseHeld,
+    /// This binary is on probation: prove it.
+    Prove,
+    /// Finish rolling back.
+    FinishRollBack { reason: String },
+}
+
+pub fn at_start(state: Option<Handover>) -> AtStart {
+    match state {
+        None => AtStart::ReleaseHeld,
+        Some(Handover::Proving { .. }) => AtStart::Prove,
+        Some(Handover::RollingBack { reason }) => AtStart::FinishRollBack { reason },
+    }
 }
 
 /// Flag the agent's package while the package database still names the
@@ -155,12 +192,15 @@ pub fn restore(previous: &Path, exe: &Path) -> std::io::Result<()> {
     tenet_protocol::host::write_atomically(exe, &bytes, 0o755)
 }
 
-/// Run `new probe --config CONFIG` until it ends or the deadline.
+/// Run `new probe --config CONFIG --timeout DEADLINE` (it tries until the
+/// deadline) until it ends; killed a little after the deadline.
 pub async fn probe(new: &Path, config: &Path, deadline: Duration) -> ProbeEnd {
     let child = tokio::process::Command::new(new)
         .arg("probe")
         .arg("--config")
         .arg(config)
+        .arg("--timeout")
+        .arg(deadline.as_secs().max(1).to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -170,7 +210,8 @@ pub async fn probe(new: &Path, config: &Path, deadline: Duration) -> ProbeEnd {
         Ok(c) => c,
         Err(e) => return ProbeEnd::NotStarted(e.to_string()),
     };
-    match tokio::time::timeout(deadline, child.wait_with_output()).await {
+    let grace = Duration::from_secs(5);
+    match tokio::time::timeout(deadline + grace, child.wait_with_output()).await {
         Err(_) => ProbeEnd::TimedOut,
         Ok(Err(e)) => ProbeEnd::NotStarted(e.to_string()),
         Ok(Ok(out)) => {
@@ -209,6 +250,36 @@ fn exit_words(status: &std::process::ExitStatus) -> String {
     }
 }
 
+fn state_path(data: &Path) -> PathBuf {
+    data.join("handover").join("state")
+}
+
+pub fn read_state(data: &Path) -> Option<Handover> {
+    tenet_protocol::wire::decode(&std::fs::read(state_path(data)).ok()?).ok()
+}
+
+pub fn write_state(data: &Path, state: &Handover) -> std::io::Result<()> {
+    tenet_protocol::host::write_atomically(
+        &state_path(data),
+        &tenet_protocol::wire::encode(state),
+        0o600,
+    )
+}
+
+pub fn clear_state(data: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(state_path(data)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The SHA-256 of a file (`None`: unreadable).
+pub fn file_sha256(path: &Path) -> Option<[u8; 32]> {
+    std::fs::read(path)
+        .ok()
+        .map(|b| tenet_protocol::wire::sha256(&b))
+}
+
 /// The rollback record in `data`, if any.
 pub fn read_record(data: &Path) -> Option<RolledBack> {
     tenet_protocol::wire::decode(&std::fs::read(data.join("rolled-back")).ok()?).ok()
@@ -234,6 +305,7 @@ mod tests {
             reason: "the new agent (/usr/bin/tenet-agent) did not reach the operator within 60 s"
                 .into(),
             at_ms: 5,
+            restored_sha256: [7; 32],
         };
         let mut inventory = Inventory {
             packages: vec![
@@ -336,6 +408,32 @@ mod tests {
             rollback_reason(&ProbeEnd::NotStarted("Exec format error".into()), new, d).as_deref(),
             Some("the new agent (/usr/bin/tenet-agent) does not start: Exec format error")
         );
+    }
+
+    #[test]
+    fn an_agent_that_starts_mid_handover_ends_it() {
+        assert_eq!(at_start(None), AtStart::ReleaseHeld);
+        assert_eq!(
+            at_start(Some(Handover::Proving { since_ms: 1 })),
+            AtStart::Prove
+        );
+        assert_eq!(
+            at_start(Some(Handover::RollingBack {
+                reason: "it exited with 1".into()
+            })),
+            AtStart::FinishRollBack {
+                reason: "it exited with 1".into()
+            }
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("handover")).expect("mkdir");
+        assert_eq!(read_state(dir.path()), None);
+        let proving = Handover::Proving { since_ms: 9 };
+        write_state(dir.path(), &proving).expect("write");
+        assert_eq!(read_state(dir.path()), Some(proving));
+        clear_state(dir.path()).expect("clear");
+        clear_state(dir.path()).expect("clearing twice is no error");
+        assert_eq!(read_state(dir.path()), None);
     }
 
     #[test]

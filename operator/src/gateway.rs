@@ -271,15 +271,7 @@ impl Gateway {
                     },
                     Err(reason) => ToAgent::EnrolmentRefused { reason },
                 };
-                let written = async {
-                    write_frame(&mut tls, &answer).await?;
-                    tls.shutdown().await
-                };
-                tokio::time::timeout(self.limits.opening_timeout, written)
-                    .await
-                    .map_err(|_| {
-                        GatewayError::Refused("the answer was not read in time".into())
-                    })??;
+                self.answer_and_close(&mut tls, &answer).await?;
                 drop(opening);
                 Ok(())
             }
@@ -287,25 +279,7 @@ impl Gateway {
                 terminal,
                 agent_version,
             } => {
-                let agent = match release::serves(Release::this(), &agent_version) {
-                    Ok(agent) => agent,
-                    Err(unserved) => {
-                        tracing::warn!(
-                            terminal,
-                            agent_version,
-                            reason = unserved.reason(),
-                            "{unserved}"
-                        );
-                        return Err(GatewayError::Refused(unserved.to_string()));
-                    }
-                };
-                let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-                let key = certs.first().and_then(|c| client_key(c));
-                let Some(key) = key.filter(|k| self.fleet.admit(&terminal, k)) else {
-                    return Err(GatewayError::Refused(format!(
-                        "the client certificate is not the one enrolled or renewed for terminal {terminal:?}"
-                    )));
-                };
+                let (key, agent) = self.admit(&tls, &terminal, &agent_version)?;
                 let Ok(slot) = sessions.clone().try_acquire_owned() else {
                     tracing::warn!(
                         terminal,
@@ -321,9 +295,67 @@ impl Gateway {
                 drop(slot);
                 result
             }
+            // Would this agent be served? Answered, and no session starts:
+            // nothing is dispatched to it, and the terminal's session (if
+            // any) goes on.
+            ToOperator::Probe {
+                terminal,
+                agent_version,
+            } => {
+                self.admit(&tls, &terminal, &agent_version)?;
+                let welcome = ToAgent::Welcome {
+                    operator_version: release::THIS.to_string(),
+                };
+                self.answer_and_close(&mut tls, &welcome).await?;
+                tracing::info!(terminal, agent_version, "probed");
+                drop(opening);
+                Ok(())
+            }
             _ => Err(GatewayError::Refused(
-                "a connection starts with Hello or Enrol".into(),
+                "a connection starts with Hello, Probe or Enrol".into(),
             )),
+        }
+    }
+
+    /// Send the one answer a connection gets, and close it, within the
+    /// opening timeout.
+    async fn answer_and_close<S: AsyncWrite + Unpin>(
+        &self,
+        tls: &mut S,
+        answer: &ToAgent,
+    ) -> Result<(), GatewayError> {
+        let written = async {
+            write_frame(tls, answer).await?;
+            tls.shutdown().await
+        };
+        tokio::time::timeout(self.limits.opening_timeout, written)
+            .await
+            .map_err(|_| GatewayError::Refused("the answer was not read in time".into()))??;
+        Ok(())
+    }
+
+    /// The client key a `Hello` (or `Probe`) of `terminal` comes with, if it
+    /// is the one enrolled or renewed for it; then whether this operator
+    /// serves its agent's version.
+    fn admit(
+        &self,
+        tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        terminal: &str,
+        agent_version: &str,
+    ) -> Result<(ClientKey, Release), GatewayError> {
+        let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        let key = certs.first().and_then(|c| client_key(c));
+        let Some(key) = key.filter(|k| self.fleet.admit(terminal, k)) else {
+            return Err(GatewayError::Refused(format!(
+                "the client certificate is not the one enrolled or renewed for terminal {terminal:?}"
+            )));
+        };
+        match release::serves(Release::this(), agent_version) {
+            Ok(agent) => Ok((key, agent)),
+            Err(unserved) => {
+                tracing::warn!(terminal, reason = unserved.reason(), "{unserved}");
+                Err(GatewayError::Refused(unserved.to_string()))
+            }
         }
     }
 
@@ -509,6 +541,7 @@ impl Gateway {
                 }
                 ToOperator::Pong => continue,
                 ToOperator::Hello { .. }
+                | ToOperator::Probe { .. }
                 | ToOperator::Enrol(_)
                 | ToOperator::CredentialActivated { .. }
                 | ToOperator::ActivationFailed { .. } => {

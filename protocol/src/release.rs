@@ -53,15 +53,35 @@ impl Release {
         Release::of(THIS).expect("the workspace version is MAJOR.MINOR.PATCH")
     }
 
-    /// The release before this one, as far as the rules go: the previous
-    /// minor, or for `N.0` the last of major N-1 (any of its minors).
-    fn previous_allows(self, other: Release) -> bool {
+    /// Whether `other` is the release just before this one: the previous
+    /// minor, or for `N.0` the last minor of major N-1 ([`LAST_MINORS`]).
+    fn follows(self, other: Release) -> bool {
         if self.minor > 0 {
             other.major == self.major && other.minor + 1 == self.minor
         } else {
-            self.major > 0 && other.major + 1 == self.major
+            other.major + 1 == self.major
+                && LAST_MINORS
+                    .iter()
+                    .any(|&(major, minor)| major == other.major && minor == other.minor)
         }
     }
+}
+
+/// The last minor release of each major that has a successor: `N.0`
+/// follows it. Written when a new major is released (none yet).
+pub const LAST_MINORS: &[(u32, u32)] = &[];
+
+/// The longest version string an agent may say.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// Whether `version` is made of what versions are made of (digits,
+/// letters, `.+~-`), at most [`MAX_VERSION_LEN`] long: it is logged and
+/// shown in status, and a terminal chooses it.
+pub fn well_formed(version: &str) -> bool {
+    (1..=MAX_VERSION_LEN).contains(&version.len())
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".+~-".contains(c))
 }
 
 /// Why an operator does not serve an agent, in words for its log and the
@@ -114,12 +134,12 @@ impl Unserved {
 /// the same, or one release ahead (it writes only what the operator's
 /// release reads, having been told that release by `Welcome`).
 pub fn serves(operator: Release, agent: &str) -> Result<Release, Unserved> {
-    let Some(a) = Release::of(agent) else {
+    let Some(a) = Release::of(agent).filter(|_| well_formed(agent)) else {
         return Err(Unserved::Unreadable {
-            agent: agent.to_string(),
+            agent: agent.chars().take(MAX_VERSION_LEN).collect(),
         });
     };
-    if a == operator || operator.previous_allows(a) || a.previous_allows(operator) {
+    if a == operator || operator.follows(a) || a.follows(operator) {
         return Ok(a);
     }
     if a < operator {
@@ -187,11 +207,30 @@ mod tests {
     }
 
     #[test]
-    fn across_a_major_the_last_minor_and_the_first_meet() {
-        assert_eq!(serves(r(1, 0), "0.9.3"), Ok(r(0, 9)));
-        assert_eq!(serves(r(0, 9), "1.0.0"), Ok(r(1, 0)));
-        assert!(serves(r(1, 1), "0.9.3").is_err());
+    fn across_a_major_only_a_listed_last_minor_meets_the_next_major() {
+        // No major has a successor yet: 1.0 follows no 0.x.
+        assert!(LAST_MINORS.is_empty());
+        assert!(serves(r(1, 0), "0.9.3").is_err());
+        assert!(serves(r(0, 2), "1.0.0").is_err());
+        assert!(serves(r(1, 0), "0.1.0").is_err());
         assert!(serves(r(2, 0), "0.9.0").is_err());
+        assert_eq!(serves(r(1, 0), "1.1.0"), Ok(r(1, 1)));
+    }
+
+    #[test]
+    fn a_version_a_terminal_says_is_only_shown_when_well_formed() {
+        for bad in [
+            "0.2.0\n  Compliant   x/y",
+            "0.2.0\u{1b}[2J",
+            "0.2.0 ",
+            &format!("0.2.{}", "0".repeat(70)),
+            "",
+        ] {
+            let refused = serves(r(0, 2), bad).expect_err("refused");
+            assert_eq!(refused.reason(), "AgentVersionUnreadable", "{bad:?}");
+            assert!(refused.to_string().len() < 200);
+        }
+        assert!(well_formed("0.2.0+site1~rc1-simulated"));
     }
 
     #[test]

@@ -47,6 +47,14 @@ pub enum ToOperator {
         reason: String,
     },
     Pong,
+    /// Instead of `Hello`, first on a connection that only asks whether
+    /// this agent would be served (an agent proving a new binary of itself
+    /// before it hands over): the operator answers `Welcome` and closes,
+    /// and no session starts. Operators of 0.2 or later read it.
+    Probe {
+        terminal: String,
+        agent_version: String,
+    },
 }
 
 /// What the gateway sends.

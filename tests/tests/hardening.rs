@@ -377,9 +377,20 @@ fn agents_more_than_a_release_away_are_refused_and_the_others_welcomed() {
         }
         assert!(op.fleet.connected_terminals().is_empty());
         // The previous release: served, never sent Welcome (it could not
-        // decode it), and its version recorded.
+        // decode it: the first frame it gets answers its inventory), and
+        // its version recorded.
         let mut s = device.hello_of_version(&op, "0.1.0").await;
-        assert!(serves(&mut s, device.inventory("nagoya-ward3-01")).await);
+        let inventory = device.inventory("nagoya-ward3-01");
+        let digest = sha256(&inventory);
+        write_frame(&mut s, &ToOperator::Inventory(inventory))
+            .await
+            .expect("inventory");
+        assert_eq!(
+            read_frame::<_, ToAgent>(&mut s, 1 << 20)
+                .await
+                .expect("a frame"),
+            ToAgent::Ack { digest }
+        );
         assert_eq!(
             op.store
                 .terminal("nagoya-ward3-01")
@@ -406,6 +417,59 @@ fn agents_more_than_a_release_away_are_refused_and_the_others_welcomed() {
             .expect("there")
             .agent_version,
         env!("CARGO_PKG_VERSION")
+    );
+}
+
+/// A probe (an agent proving a new binary of itself) is answered and
+/// closed: no session starts, the terminal's session goes on, and nothing
+/// is recorded of it. Only the terminal's own key may probe.
+#[test]
+fn a_probe_is_welcomed_and_starts_no_session() {
+    let op = Operator::start(Limits::default());
+    op.run(async {
+        let device = enrol(&op, "nagoya-ward3-01", "batch").await.expect("enrol");
+        let mallory = enrol(&op, "mallory-01", "batch").await.expect("enrol");
+        let mut live = device.hello_of_version(&op, "0.1.0").await;
+        assert!(serves(&mut live, device.inventory("nagoya-ward3-01")).await);
+        let probe = |d: &Device, version: &str| {
+            let message = ToOperator::Probe {
+                terminal: "nagoya-ward3-01".into(),
+                agent_version: version.into(),
+            };
+            let config = d.tls(&d.cert_pem, &d.tls_key);
+            let op = &op;
+            async move {
+                let mut tls = connect(op, config).await.expect("TLS");
+                write_frame(&mut tls, &message).await.expect("probe");
+                let mut frames = Vec::new();
+                while let Ok(f) = read_frame::<_, ToAgent>(&mut tls, 1 << 20).await {
+                    frames.push(f);
+                }
+                frames
+            }
+        };
+        assert_eq!(
+            probe(&device, env!("CARGO_PKG_VERSION")).await,
+            vec![ToAgent::Welcome {
+                operator_version: env!("CARGO_PKG_VERSION").into()
+            }]
+        );
+        // Another terminal's key, or a version not served: nothing.
+        assert_eq!(probe(&mallory, env!("CARGO_PKG_VERSION")).await, vec![]);
+        assert_eq!(probe(&device, "0.0.1").await, vec![]);
+        // The session it held goes on, with its version as it said it.
+        assert!(serves(&mut live, device.inventory("nagoya-ward3-01")).await);
+    });
+    assert_eq!(
+        op.fleet.connected_terminals(),
+        vec!["nagoya-ward3-01".to_string()]
+    );
+    assert_eq!(
+        op.store
+            .terminal("nagoya-ward3-01")
+            .expect("there")
+            .agent_version,
+        "0.1.0"
     );
 }
 

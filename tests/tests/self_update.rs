@@ -65,6 +65,37 @@ fn agent_deb(dir: &Path, version: &str) -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// The bytes the upgrade's binary ends with: an ELF file runs the same
+/// with bytes after its end, and the process that runs it can be told
+/// from one running the first package's.
+const UPGRADE_MARK: &[u8] = b"\ntenet-test: the upgraded agent\n";
+
+/// `deb` with [`UPGRADE_MARK`] after its binary (its md5sums mended).
+fn marked(deb: &Path) -> PathBuf {
+    let tree = deb.with_extension("tree");
+    let run = |c: &mut Command| {
+        let out = c.output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree));
+    let bin = tree.join("usr/bin/tenet-agent");
+    let mut bytes = std::fs::read(&bin).expect("binary");
+    bytes.extend_from_slice(UPGRADE_MARK);
+    std::fs::write(&bin, &bytes).expect("binary");
+    run(Command::new("sh").arg("-c").arg(
+        "cd \"$0\" && find . -type f ! -path './DEBIAN/*' -printf '%P\\0' | sort -z | xargs -0 md5sum > DEBIAN/md5sums",
+    ).arg(&tree));
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zxz", "-b"])
+        .arg(&tree)
+        .arg(deb));
+    deb.to_path_buf()
+}
+
 /// A `tenet-agent` package whose binary starts and never reaches anyone.
 fn hanging_deb(dir: &Path, version: &str) -> PathBuf {
     let tree = dir.join("hanging");
@@ -216,7 +247,7 @@ fn the_agent_upgrades_itself_and_rolls_back_a_binary_that_cannot_connect() {
     }
     let this = env!("CARGO_PKG_VERSION");
     let first = agent_deb(&dir.join("debs"), this);
-    let upgrade = agent_deb(&dir.join("debs"), &format!("{this}+1"));
+    let upgrade = marked(&agent_deb(&dir.join("debs"), &format!("{this}+1")));
     let hanging = hanging_deb(&dir.join("debs"), &format!("{this}+2"));
     let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
     admin
@@ -257,8 +288,10 @@ fn the_agent_upgrades_itself_and_rolls_back_a_binary_that_cannot_connect() {
         );
         assert!(log.contains("handing over to the new agent"), "{log}");
         // The same process runs the new file (had it kept running the
-        // old one, the kernel would say "(deleted)").
+        // old one, the kernel would say "(deleted)"), the upgrade's.
         assert_eq!(running_file(t.pid()), t.bin().display().to_string());
+        let running = std::fs::read(format!("/proc/{}/exe", t.pid())).expect("its binary");
+        assert!(running.ends_with(UPGRADE_MARK), "the upgraded binary runs");
         assert!(!t.home.join("agent-data/rolled-back").exists());
     }
     let upgraded = std::fs::read(terminals[0].bin()).expect("the binary");
@@ -317,6 +350,15 @@ fn the_agent_upgrades_itself_and_rolls_back_a_binary_that_cannot_connect() {
         "the previous binary is back"
     );
     assert_eq!(running_file(canary.pid()), format!("{bin} (deleted)"));
+    let running = std::fs::read(format!("/proc/{}/exe", canary.pid())).expect("its binary");
+    assert!(
+        running.ends_with(UPGRADE_MARK),
+        "the upgraded binary runs on"
+    );
+    assert!(
+        !canary.home.join("agent-data/handover/state").exists(),
+        "the handover ended"
+    );
     assert!(
         std::fs::read(canary.home.join("agent-data/agent-previous")).expect("kept") == upgraded
     );

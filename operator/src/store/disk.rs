@@ -65,25 +65,37 @@ fn format_of(db: &impl ReadableDatabase) -> Result<Option<u32>, StoreError> {
 }
 
 /// Refuse a database of a newer format; copy one of an older format
-/// aside (unless a copy is there already, from an interrupted start).
-/// `true` once done.
+/// aside as it is now (the migration is one transaction, so an older
+/// format means nothing of it was migrated yet). The copy is written
+/// beside, synced, then renamed: a crash leaves the earlier copy or this
+/// one, never half of one. `true` once done.
 fn set_aside(path: &Path, found: u32) -> Result<bool, StoreError> {
     super::migrate::check(&path.display().to_string(), found)?;
     if found == super::migrate::FORMAT {
         return Ok(true);
     }
     let backup = backup_path(path, found);
-    if !backup.exists() {
-        std::fs::copy(path, &backup).map_err(|e| StoreError::Open {
-            path: backup.display().to_string(),
-            source: redb::Error::Io(e),
-        })?;
-        tracing::info!(
-            from = %path.display(),
-            to = %backup.display(),
-            "the database of an earlier release is copied aside before its migration"
-        );
-    }
+    let copy = || -> std::io::Result<()> {
+        let mut tmp = backup.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        std::fs::copy(path, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &backup)?;
+        if let Some(dir) = backup.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    copy().map_err(|e| StoreError::Open {
+        path: backup.display().to_string(),
+        source: redb::Error::Io(e),
+    })?;
+    tracing::info!(
+        from = %path.display(),
+        to = %backup.display(),
+        "the database of an earlier release is copied aside before its migration"
+    );
     Ok(true)
 }
 
@@ -153,6 +165,32 @@ impl Redb {
     }
 }
 
+/// Write `batch` in `tx`.
+fn write(tx: &redb::WriteTransaction, batch: &[Change]) -> Result<(), StoreError> {
+    let mut tables: Vec<(Table, redb::Table<'_, &str, &[u8]>)> = Vec::new();
+    for Change { table, key, value } in batch {
+        let i = match tables.iter().position(|(t, _)| t == table) {
+            Some(i) => i,
+            None => {
+                tables.push((*table, tx.open_table(definition(*table)).map_err(err)?));
+                tables.len() - 1
+            }
+        };
+        match value {
+            Some(value) => {
+                tables[i]
+                    .1
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(err)?;
+            }
+            None => {
+                tables[i].1.remove(key.as_str()).map_err(err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Backend for Redb {
     fn load(&self) -> Result<Vec<Change>, StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -169,29 +207,7 @@ impl Backend for Redb {
 
     fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut tables: Vec<(Table, redb::Table<'_, &str, &[u8]>)> = Vec::new();
-            for Change { table, key, value } in batch {
-                let i = match tables.iter().position(|(t, _)| t == table) {
-                    Some(i) => i,
-                    None => {
-                        tables.push((*table, tx.open_table(definition(*table)).map_err(err)?));
-                        tables.len() - 1
-                    }
-                };
-                match value {
-                    Some(value) => {
-                        tables[i]
-                            .1
-                            .insert(key.as_str(), value.as_slice())
-                            .map_err(err)?;
-                    }
-                    None => {
-                        tables[i].1.remove(key.as_str()).map_err(err)?;
-                    }
-                }
-            }
-        }
+        write(&tx, batch)?;
         tx.commit().map_err(err)
     }
 
@@ -199,12 +215,11 @@ impl Backend for Redb {
         Ok(format_of(&self.db)?.unwrap_or(super::migrate::FORMAT))
     }
 
-    /// The records, then the marker: a crash in between leaves the old
-    /// marker, and the next start migrates again (records of either
-    /// format decode).
+    /// The records and the marker in one transaction: the file is all of
+    /// the old format or all of the new.
     fn migrate(&self, batch: &[Change], format: u32) -> Result<(), StoreError> {
-        self.commit(batch)?;
         let tx = self.db.begin_write().map_err(err)?;
+        write(&tx, batch)?;
         tx.open_table(META)
             .map_err(err)?
             .insert(FORMAT_KEY, format)
