@@ -457,13 +457,14 @@ fn a_probe_is_welcomed_and_starts_no_session() {
         // Another terminal's key, or a version not served: nothing.
         assert_eq!(probe(&mallory, env!("CARGO_PKG_VERSION")).await, vec![]);
         assert_eq!(probe(&device, "0.0.1").await, vec![]);
-        // The session it held goes on, with its version as it said it.
+        // The session it held goes on (checked while it is held), with its
+        // version as it said it.
         assert!(serves(&mut live, device.inventory("nagoya-ward3-01")).await);
+        assert_eq!(
+            op.fleet.connected_terminals(),
+            vec!["nagoya-ward3-01".to_string()]
+        );
     });
-    assert_eq!(
-        op.fleet.connected_terminals(),
-        vec!["nagoya-ward3-01".to_string()]
-    );
     assert_eq!(
         op.store
             .terminal("nagoya-ward3-01")
