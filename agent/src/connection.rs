@@ -539,6 +539,35 @@ impl Agent {
         }
     }
 
+    /// `tenet-agent resume-handover`, run before the agent starts by the
+    /// binary kept before the last self-update (it worked): end a handover
+    /// a crash or a restart cut short, whatever the binary on probation
+    /// does at its start, even when it does not start at all. What it did.
+    pub async fn resume_handover(&self) -> String {
+        let data = self.store.dir().to_path_buf();
+        match self_update::at_start(self_update::read_state(&data)) {
+            self_update::AtStart::ReleaseHeld => "no handover in progress".into(),
+            self_update::AtStart::Prove => {
+                let deadline = self.config.self_update.deadline();
+                let end = self_update::probe(&self.exe, &self.config_path, deadline).await;
+                match self_update::rollback_reason(&end, &self.exe, deadline) {
+                    None => {
+                        let _ = self_update::clear_state(&data);
+                        format!("the new agent ({}) proved itself", self.exe.display())
+                    }
+                    Some(reason) => {
+                        self.roll_back(&format!("{reason}, proved again after a restart"));
+                        format!("rolled back: {reason}")
+                    }
+                }
+            }
+            self_update::AtStart::FinishRollBack { reason } => {
+                self.finish_roll_back(&reason);
+                format!("rolled back: {reason}")
+            }
+        }
+    }
+
     /// After a rollback at start: when this process is not the binary put
     /// back, execute it.
     fn run_previous_if_not_it(&self) {

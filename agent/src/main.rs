@@ -93,6 +93,17 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// End a self-update a crash or a restart cut short: prove the new
+    /// binary at --exe, or put this one back there. The agent's unit runs
+    /// it before the agent starts, with the binary kept before the last
+    /// self-update (DATA/agent-previous); nothing to do without one.
+    ResumeHandover {
+        #[arg(long)]
+        config: PathBuf,
+        /// The agent's binary (the one on probation).
+        #[arg(long, default_value = "/usr/bin/tenet-agent")]
+        exe: PathBuf,
+    },
     /// Benchmark certificate presentation (the second paper's experiment):
     /// latency p50/p99 against concurrent peer connections, with the audit
     /// done beforehand (async) and on every request (sync; a TPM quote
@@ -326,6 +337,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let version = runtime
                 .block_on(agent.probe_until(std::time::Duration::from_secs(timeout.max(1))))?;
             println!("{}{version}", tenet_agent::self_update::WELCOMED);
+        }
+        Command::ResumeHandover { config, exe } => {
+            let mut agent = agent(&config)?;
+            agent.running = std::sync::Arc::new(std::sync::Mutex::new(
+                tenet_agent::self_update::Exe::at(&exe),
+            ));
+            agent.exe = exe;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            println!("{}", runtime.block_on(agent.resume_handover()));
         }
         Command::BenchPresent {
             connections,

@@ -23,6 +23,13 @@
 //!    version (`DATA/rolled-back`), so it never counts as installed, and
 //!    the rollout halts as for any failed package.
 //!
+//!
+//! Each step is recorded first (`DATA/handover/state`, [`Handover`]). An
+//! agent that starts mid-way ends the handover ([`at_start`]); so does the
+//! binary kept from before it, which the unit runs first
+//! (`tenet-agent resume-handover`), so a new binary that does not start at
+//! all is rolled back after a crash too.
+//!
 //! The decisions are pure functions; the file and process work is at the
 //! bottom.
 

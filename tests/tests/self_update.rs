@@ -258,7 +258,7 @@ fn the_agent_upgrades_itself_and_rolls_back_a_binary_that_cannot_connect() {
     next_line(&lines, "gateway listening on");
     // Two terminals with the agent's package installed, as `apt install`
     // puts it, each running the packaged binary.
-    let terminals = [
+    let mut terminals = [
         Terminal::start(dir, &cache, "ward-01", &first, port),
         Terminal::start(dir, &cache, "ward-02", &first, port),
     ];
@@ -375,7 +375,47 @@ fn the_agent_upgrades_itself_and_rolls_back_a_binary_that_cannot_connect() {
         inventory.contains("rolled back to the previous agent"),
         "{inventory}"
     );
+    // A crash while a binary that does not even start was on probation:
+    // the binary kept before it ends the handover before the agent starts
+    // again (the unit's ExecStartPre), and puts itself back.
     // The halted rollout never reached the other terminal.
     assert_eq!(other.package(), format!("ii  {this}+1"));
     assert!(!other.log().contains("self-update rolled back"));
+    let canary = if std::ptr::eq(canary, &terminals[0]) {
+        0
+    } else {
+        1
+    };
+    let t = &mut terminals[canary];
+    let _ = t.agent.0.kill();
+    let _ = t.agent.0.wait();
+    let (home, root) = (&t.home, &t.root);
+    std::fs::copy(
+        dir.join("debs/hanging/usr/bin/tenet-agent"),
+        root.join("usr/bin/tenet-agent"),
+    )
+    .expect("a binary that never connects");
+    std::fs::create_dir_all(home.join("agent-data/handover")).expect("mkdir");
+    tenet_agent::self_update::write_state(
+        &home.join("agent-data"),
+        &tenet_agent::self_update::Handover::Proving { since_ms: 1 },
+    )
+    .expect("state");
+    let resumed = Command::new(home.join("agent-data/agent-previous"))
+        .args(["resume-handover", "--config", "agent.yaml", "--exe"])
+        .arg(root.join("usr/bin/tenet-agent"))
+        .current_dir(home)
+        .output()
+        .expect("resume-handover");
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&resumed.stdout),
+        format!("rolled back: the new agent ({bin}) did not reach the operator within 5 s\n")
+    );
+    assert!(std::fs::read(root.join("usr/bin/tenet-agent")).expect("the binary") == upgraded);
+    assert!(!home.join("agent-data/handover/state").exists());
 }
