@@ -13,6 +13,7 @@
 //! operator: { address: "tenet.example:7443" }        # the gateway
 //! inventoryIntervalSeconds: 60
 //! selfUpdate: { deadlineSeconds: 60 }   # a new agent binary's time to reach the operator
+//! bundleCacheMiB: 1024                  # bundles kept by digest, least recently used out
 //! ```
 
 use std::collections::BTreeMap;
@@ -67,6 +68,14 @@ pub struct AgentConfig {
     /// (`crate::self_update`).
     #[serde(default)]
     pub self_update: SelfUpdateConfig,
+    /// At most this many MiB of bundles are kept (`DATA/bundles`), the
+    /// least recently used going first (default 1024).
+    #[serde(default = "default_bundle_cache_mib", rename = "bundleCacheMiB")]
+    pub bundle_cache_mib: u64,
+}
+
+fn default_bundle_cache_mib() -> u64 {
+    1024
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

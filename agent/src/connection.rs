@@ -753,6 +753,21 @@ impl Terminal for Agent {
         &self.runs
     }
 
+    fn cached_bundle(&self, digest: &[u8; 32]) -> Option<SharedBytes> {
+        let bundle = self.store.cached_bundle(digest).map(SharedBytes::new);
+        if bundle.is_some() {
+            tracing::info!(digest = %hex::encode(digest), "bundle from the cache");
+        }
+        bundle
+    }
+
+    fn keep_bundle(&self, digest: &[u8; 32], bundle: &SharedBytes) {
+        let limit = self.config.bundle_cache_mib.saturating_mul(1 << 20);
+        if let Err(e) = self.store.keep_bundle(digest, bundle, limit) {
+            tracing::warn!(error = %e, "cannot keep the bundle; it will be asked for again");
+        }
+    }
+
     fn welcomed(&self, operator_version: &str) {
         *self
             .operator_version

@@ -80,6 +80,13 @@ pub trait Terminal {
     /// The operator accepted the session and said its version (operators
     /// of release 0.2 or later, first on every session).
     fn welcomed(&self, _operator_version: &str) {}
+    /// The bundle with this body digest, if the terminal holds it (checked
+    /// against the digest as it is read).
+    fn cached_bundle(&self, _digest: &[u8; 32]) -> Option<SharedBytes> {
+        None
+    }
+    /// Keep a bundle whose body digest is `digest` (asked for, and checked).
+    fn keep_bundle(&self, _digest: &[u8; 32], _bundle: &SharedBytes) {}
     /// Whether the client certificate should be renewed now.
     fn renewal_due(&self) -> bool {
         false
@@ -137,6 +144,7 @@ where
         unacked: HashMap::new(),
         renewing: None,
         last_inventory: None,
+        wanted: HashMap::new(),
     };
     session.converse(&mut writer, &mut msg_rx, settings).await
 }
@@ -157,6 +165,17 @@ struct Session<'a, T: Terminal> {
     /// A renewal in flight: the new transport key, until its certificate.
     renewing: Option<rcgen::KeyPair>,
     last_inventory: Option<Vec<u8>>,
+    /// Envelopes waiting for the bundle they name (asked for), by digest.
+    wanted: HashMap<[u8; 32], Vec<Vec<u8>>>,
+}
+
+/// The bundle body digest a signed envelope names (`None`: unreadable; it
+/// is verified when taken).
+fn named_bundle(envelope: &[u8]) -> Option<[u8; 32]> {
+    SignedMessage::decode(envelope, Kind::DispatchEnvelope)
+        .and_then(|f| f.open::<tenet_protocol::envelope::DispatchEnvelope>())
+        .map(|e| e.payload_digest)
+        .ok()
 }
 
 /// Walk the operator's chain of trust rotations from what `terminal`
@@ -233,18 +252,41 @@ impl<T: Terminal> Session<'_, T> {
     ) -> Result<(), ConnError> {
         let terminal = self.terminal;
         match message {
-            ToAgent::Dispatch { envelope, bundle } => match terminal.take(&envelope, bundle) {
-                Ok(Taken::Run {
-                    policy,
-                    sequence,
-                    run,
-                }) => terminal.runs().submit(policy, sequence, run),
-                Ok(Taken::Refused { queued, report }) => {
-                    self.unacked.insert(sha256(&report), queued);
-                    write_frame(writer, &ToOperator::Report(report)).await?;
+            ToAgent::Dispatch { envelope, bundle } => self.take(writer, &envelope, bundle).await?,
+            // The bundle by digest: from the cache, or asked for (once per
+            // digest; the envelopes wait for it in this session).
+            ToAgent::DispatchRef { envelope } => {
+                let digest = named_bundle(&envelope);
+                match digest.and_then(|d| terminal.cached_bundle(&d)) {
+                    Some(bundle) => self.take(writer, &envelope, bundle).await?,
+                    // Unreadable: taken with no bundle, refused and reported.
+                    None if digest.is_none() => {
+                        self.take(writer, &envelope, SharedBytes::default()).await?
+                    }
+                    None => {
+                        let digest = digest.unwrap_or_default();
+                        let waiting = self.wanted.entry(digest).or_default();
+                        waiting.push(envelope);
+                        if waiting.len() == 1 {
+                            write_frame(writer, &ToOperator::Want { digest }).await?;
+                        }
+                    }
                 }
-                Err(e) => tracing::error!(error = %e, "cannot take the dispatch"),
-            },
+            }
+            ToAgent::Bundle { bundle } => {
+                let digest = SignedMessage::decode(&bundle, Kind::PayloadBundle)
+                    .map(|f| f.body_digest())
+                    .ok();
+                match digest.and_then(|d| self.wanted.remove(&d).map(|w| (d, w))) {
+                    Some((digest, envelopes)) => {
+                        terminal.keep_bundle(&digest, &bundle);
+                        for envelope in envelopes {
+                            self.take(writer, &envelope, bundle.clone()).await?;
+                        }
+                    }
+                    None => tracing::warn!("a bundle nobody asked for; dropped"),
+                }
+            }
             ToAgent::Ack { digest } => {
                 // A digest not sent in this session was acknowledged before.
                 if let Some(queued) = self.unacked.remove(&digest) {
@@ -296,6 +338,29 @@ impl<T: Terminal> Session<'_, T> {
             | ToAgent::ActivateCredential { .. } => {
                 tracing::warn!("an enrolment message within a session; ignored");
             }
+        }
+        Ok(())
+    }
+
+    /// Take a dispatch: run it when its turn comes, or send its signed
+    /// refusal.
+    async fn take<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        envelope: &[u8],
+        bundle: SharedBytes,
+    ) -> Result<(), ConnError> {
+        match self.terminal.take(envelope, bundle) {
+            Ok(Taken::Run {
+                policy,
+                sequence,
+                run,
+            }) => self.terminal.runs().submit(policy, sequence, run),
+            Ok(Taken::Refused { queued, report }) => {
+                self.unacked.insert(sha256(&report), queued);
+                write_frame(writer, &ToOperator::Report(report)).await?;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot take the dispatch"),
         }
         Ok(())
     }

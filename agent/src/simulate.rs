@@ -23,6 +23,7 @@
 //! in memory only: a new simulation enrols new terminals (use another
 //! `--prefix`, or a fresh operator).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -108,6 +109,8 @@ struct Simulated {
     settled: Mutex<std::collections::HashSet<(String, u64)>>,
     runs: Runs,
     shared: Arc<Shared>,
+    /// The bundles this terminal holds (the bytes are shared by all).
+    bundles: Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 struct Shared {
@@ -122,6 +125,8 @@ struct Shared {
     /// Payload runs at once (CPU bound).
     running: Arc<Semaphore>,
     run_delay: Duration,
+    /// Every bundle some terminal holds, by body digest: one copy.
+    bundles: Mutex<HashMap<[u8; 32], SharedBytes>>,
 }
 
 impl Shared {
@@ -258,6 +263,20 @@ impl Terminal for Simulated {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn cached_bundle(&self, digest: &[u8; 32]) -> Option<SharedBytes> {
+        if !lock(&self.bundles).contains(digest) {
+            return None;
+        }
+        lock(&self.shared.bundles).get(digest).cloned()
+    }
+
+    fn keep_bundle(&self, digest: &[u8; 32], bundle: &SharedBytes) {
+        lock(&self.bundles).insert(*digest);
+        lock(&self.shared.bundles)
+            .entry(*digest)
+            .or_insert_with(|| bundle.clone());
     }
 
     fn agent_version(&self) -> String {
@@ -484,6 +503,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
         opening: Semaphore::new(options.connect_parallelism.max(1)),
         running: Arc::new(Semaphore::new(cores)),
         run_delay: options.run_delay,
+        bundles: Mutex::default(),
     });
     for i in 0..options.count {
         let inventory = terminal_inventory(&options.templates, &options.prefix, i);
@@ -499,6 +519,7 @@ pub async fn run(options: Options, report_every: Duration) -> Result<(), ConnErr
             sessions: AtomicU64::new(0),
             runs: Runs::default(),
             shared: shared.clone(),
+            bundles: Mutex::default(),
         });
         tokio::spawn(terminal.live());
     }

@@ -16,6 +16,9 @@
 //!                        (`crate::self_update`)
 //! DATA/agent-previous    the binary that ran before the last self-update
 //! DATA/rolled-back       the last self-update rolled back: why
+//! DATA/bundles/HEX.bundle signed bundles by body digest (after the
+//!                        SHA-256 of the frame), the least recently used
+//!                        going when over the size bound
 //! DATA/run/              private 0700 working directories of loaders
 //! ```
 //! Every file is replaced atomically (write, fsync, rename).
@@ -221,6 +224,78 @@ impl LocalState {
         Ok(held.len())
     }
 
+    fn bundle_path(&self, digest: &[u8; 32]) -> PathBuf {
+        self.dir
+            .join("bundles")
+            .join(format!("{}.bundle", hex::encode(digest)))
+    }
+
+    /// The signed bundle whose body digest is `digest`, if held and still
+    /// that bundle (one that is not any more, corrupted on disk, is
+    /// removed: it is asked for again). Its use is recorded (least
+    /// recently used goes first).
+    pub fn cached_bundle(&self, digest: &[u8; 32]) -> Option<Vec<u8>> {
+        let path = self.bundle_path(digest);
+        let file = std::fs::read(&path).ok()?;
+        // The file is the SHA-256 of the whole frame, then the frame: the
+        // body digest alone would not catch a damaged signature.
+        let (sum, bytes) = file.split_at_checked(32)?;
+        let bytes = bytes.to_vec();
+        let intact = sum == tenet_protocol::wire::sha256(&bytes)
+            && tenet_protocol::SignedMessage::decode(&bytes, tenet_protocol::Kind::PayloadBundle)
+                .is_ok_and(|f| f.body_digest() == *digest);
+        if !intact {
+            tracing::warn!(path = %path.display(), "a cached bundle does not match its digest; removed");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        Some(bytes)
+    }
+
+    /// Keep a signed bundle (its body digest `digest`, checked by the
+    /// caller), then drop the least recently used others while all of them
+    /// take more than `limit` bytes.
+    pub fn keep_bundle(
+        &self,
+        digest: &[u8; 32],
+        bytes: &[u8],
+        limit: u64,
+    ) -> Result<(), StoreError> {
+        let dir = self.dir.join("bundles");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        let kept = self.bundle_path(digest);
+        let mut file = tenet_protocol::wire::sha256(bytes).to_vec();
+        file.extend_from_slice(bytes);
+        write_atomically(&kept, &file, 0o600)?;
+        let mut held: Vec<(std::time::SystemTime, u64, PathBuf)> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "bundle"))
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = held.iter().map(|(_, len, _)| len).sum();
+        held.sort();
+        for (_, len, path) in held {
+            if total <= limit {
+                break;
+            }
+            if path != kept && std::fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        }
+        Ok(())
+    }
+
     /// Reports waiting, oldest first.
     pub fn pending_reports(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, StoreError> {
         self.reports_in("outbox")
@@ -256,5 +331,80 @@ impl LocalState {
             .create(&d)
             .map_err(io(&d))?;
         Ok(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tenet_protocol::bundle::{Manifest, PayloadBundle};
+
+    /// A signed bundle of `module` (whose size sets the bundle's).
+    fn bundle(module: Vec<u8>) -> Vec<u8> {
+        let admin = KeyPair::generate(Algorithm::Ed25519).expect("key");
+        let b = PayloadBundle {
+            manifest: Manifest {
+                name: "b".into(),
+                version: "1".into(),
+                description: String::new(),
+                capabilities: vec![],
+                created_ms: 0,
+                expires_ms: u64::MAX,
+            },
+            module,
+            artifacts: vec![],
+        };
+        tenet_protocol::SignedMessage::signed(&b, &admin)
+            .expect("sign")
+            .encode()
+    }
+
+    fn digest(bytes: &[u8]) -> [u8; 32] {
+        tenet_protocol::SignedMessage::decode(bytes, tenet_protocol::Kind::PayloadBundle)
+            .expect("decodes")
+            .body_digest()
+    }
+
+    #[test]
+    fn bundles_are_kept_by_digest_within_the_bound_least_recently_used_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = LocalState::open(dir.path()).expect("open");
+        let (a, b, c) = (
+            bundle(vec![1; 4000]),
+            bundle(vec![2; 4000]),
+            bundle(vec![3; 4000]),
+        );
+        let limit = 9000;
+        // Kept some minutes ago, a before b.
+        let kept_ago = |bytes: &[u8], seconds: u64| {
+            store
+                .keep_bundle(&digest(bytes), bytes, limit)
+                .expect("keep");
+            std::fs::File::options()
+                .append(true)
+                .open(store.bundle_path(&digest(bytes)))
+                .and_then(|f| {
+                    f.set_modified(
+                        std::time::SystemTime::now() - std::time::Duration::from_secs(seconds),
+                    )
+                })
+                .expect("mtime");
+        };
+        kept_ago(&a, 300);
+        kept_ago(&b, 200);
+        // Using a makes b the least recently used.
+        assert_eq!(store.cached_bundle(&digest(&a)), Some(a.clone()));
+        store.keep_bundle(&digest(&c), &c, limit).expect("keep");
+        assert_eq!(store.cached_bundle(&digest(&b)), None, "b went");
+        assert_eq!(store.cached_bundle(&digest(&a)), Some(a));
+        assert_eq!(store.cached_bundle(&digest(&c)), Some(c.clone()));
+        // One byte changed on disk (a signature's): dropped, not used.
+        let path = store.bundle_path(&digest(&c));
+        let mut file = std::fs::read(&path).expect("read");
+        let last = file.len() - 1;
+        file[last] ^= 1;
+        std::fs::write(&path, file).expect("write");
+        assert_eq!(store.cached_bundle(&digest(&c)), None);
+        assert!(!path.exists());
     }
 }

@@ -52,6 +52,8 @@ pub struct OperatorFleet {
     sent: Mutex<HashMap<[u8; 32], Instant>>,
     /// Dispatch-to-verified-report times not yet collected.
     round_trips: Mutex<Vec<Duration>>,
+    /// Bundle bytes sent to agents.
+    bundle_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The event a verified report means for its pair.
@@ -116,6 +118,7 @@ impl OperatorFleet {
                 changes,
                 sent: Mutex::default(),
                 round_trips: Mutex::default(),
+                bundle_bytes: Default::default(),
             },
             rx,
         )
@@ -132,6 +135,11 @@ impl OperatorFleet {
     }
 
     /// How many terminals are connected now.
+    /// Bundle bytes sent to agents since the start.
+    pub fn bundle_bytes_sent(&self) -> u64 {
+        self.bundle_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn connected_count(&self) -> usize {
         self.sessions.len()
     }
@@ -402,6 +410,11 @@ impl Fleet for OperatorFleet {
 
     fn renewing(&self, terminal: &str, current: &ClientKey, renewed: ClientKey) -> bool {
         self.store.renew_client_key(terminal, current, renewed)
+    }
+
+    fn bundle_sent(&self, bytes: usize) {
+        self.bundle_bytes
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn connected(&self, terminal: &str, session: Session) {

@@ -81,6 +81,8 @@ pub trait Fleet: Send + Sync + 'static {
     fn renewing(&self, terminal: &str, current: &ClientKey, renewed: ClientKey) -> bool;
     /// A terminal's session started; it replaces any older one.
     fn connected(&self, terminal: &str, session: Session);
+    /// `bytes` of bundles were sent to an agent.
+    fn bundle_sent(&self, _bytes: usize) {}
     /// Session `id` of `terminal` ended (a replaced one changes nothing).
     fn disconnected(&self, terminal: &str, id: u64);
     /// A signed execution report; `Ok` means it is stored (and acknowledged).
@@ -417,6 +419,7 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let (mut reader, mut writer) = tokio::io::split(tls);
         let (tx, mut rx) = SessionTx::channel(QUEUED_MESSAGES, self.limits.max_queued_bytes);
+        let tx = tx.of_release(agent);
         let id = next_session_id();
         let replaced = Arc::new(Notify::new());
         // The writer gives up on an agent that does not read what it is sent
@@ -540,6 +543,26 @@ impl Gateway {
                     continue;
                 }
                 ToOperator::Pong => continue,
+                // Only a bundle offered to this session by digest: nothing
+                // else is sent for the asking.
+                ToOperator::Want { digest } => {
+                    match tx.offered(digest) {
+                        Some(bundle) => {
+                            let size = bundle.len();
+                            if tx.send(ToAgent::Bundle { bundle }).await.is_err() {
+                                break Ok(());
+                            }
+                            self.fleet.bundle_sent(size);
+                            tracing::info!(terminal, digest = %hex::encode(digest), bytes = size, "bundle sent");
+                        }
+                        None => tracing::warn!(
+                            terminal,
+                            digest = %hex::encode(digest),
+                            "asked for a bundle not offered to it; nothing sent"
+                        ),
+                    }
+                    continue;
+                }
                 ToOperator::Hello { .. }
                 | ToOperator::Probe { .. }
                 | ToOperator::Enrol(_)

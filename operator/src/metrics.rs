@@ -50,6 +50,9 @@ pub struct Metrics {
     pub undelivered: Counter,
     /// Database commits (each one fsync, or one API write batch).
     pub store_commits: Gauge,
+    /// Bundle bytes sent to agents (whole dispatches, and bundles asked
+    /// for by digest).
+    pub bundle_bytes_sent: Gauge,
     /// Kubernetes mode: writes to the API server so far, of which to the
     /// ledger (Remediation status), and resources not yet written.
     api_writes: Gauge,
@@ -144,6 +147,12 @@ impl Metrics {
             "database commits since the start",
             store_commits.clone(),
         );
+        let bundle_bytes_sent = Gauge::default();
+        registry.register(
+            "bundle_bytes_sent",
+            "bytes of payload bundles sent to agents since the start (a bundle an agent holds is not sent again)",
+            bundle_bytes_sent.clone(),
+        );
         let api_writes = Gauge::default();
         registry.register(
             "kubernetes_writes",
@@ -168,6 +177,7 @@ impl Metrics {
             handed_over,
             undelivered,
             store_commits,
+            bundle_bytes_sent,
             api_writes,
             api_ledger_writes,
             api_pending,

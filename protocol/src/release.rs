@@ -30,6 +30,10 @@ pub const FIRST: Release = Release { major: 0, minor: 1 };
 /// this release or later.
 pub const WELCOME: Release = Release { major: 0, minor: 2 };
 
+/// The release `DispatchRef`, `Want` and `Bundle` came with: bundles by
+/// digest, from the agent's cache.
+pub const BY_DIGEST: Release = Release { major: 0, minor: 2 };
+
 impl Release {
     /// The release of a version string: `MAJOR.MINOR[.PATCH][SUFFIX]`
     /// (`0.1.0`, `0.2.0-simulated`, `0.2.1~rc1`, `1.4`). `None` when it

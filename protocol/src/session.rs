@@ -55,6 +55,11 @@ pub enum ToOperator {
         terminal: String,
         agent_version: String,
     },
+    /// Send the bundle with this digest (the body digest an envelope
+    /// named in `DispatchRef`): this terminal does not hold it.
+    Want {
+        digest: [u8; 32],
+    },
 }
 
 /// What the gateway sends.
@@ -124,6 +129,18 @@ pub enum ToAgent {
     /// nothing that release does not read (`release`).
     Welcome {
         operator_version: String,
+    },
+    /// Run this: a signed envelope whose bundle is not sent along. The
+    /// agent takes the bundle the envelope names (by body digest) from
+    /// its cache, or asks for it (`ToOperator::Want`). To agents of 0.2
+    /// or later; older ones get `Dispatch`.
+    DispatchRef {
+        #[serde(with = "serde_bytes")]
+        envelope: Vec<u8>,
+    },
+    /// A signed bundle an agent asked for (`ToOperator::Want`).
+    Bundle {
+        bundle: SharedBytes,
     },
 }
 

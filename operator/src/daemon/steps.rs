@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use tenet_protocol::KeyPair;
 use tenet_protocol::bundle::BundleTrust;
 use tenet_protocol::host::now_ms;
-use tenet_protocol::session::ToAgent;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::bundles::BundleCache;
@@ -301,11 +300,13 @@ impl Running {
         }
         for o in outgoing {
             let delivered = self.fleet.sender(&o.terminal).is_some_and(|tx| {
-                tx.try_send(ToAgent::Dispatch {
-                    envelope: o.envelope.clone(),
-                    bundle: o.bundle.clone(),
-                })
-                .is_ok()
+                match tx.dispatch(o.envelope.clone(), o.bundle_digest, o.bundle.clone()) {
+                    Ok(bytes) => {
+                        crate::gateway::Fleet::bundle_sent(&*self.fleet, bytes);
+                        true
+                    }
+                    Err(_) => false,
+                }
             });
             if delivered {
                 self.metrics.handed_over.inc();
@@ -377,6 +378,9 @@ impl Running {
             self.metrics.round_trip_seconds.observe(d.as_secs_f64());
         }
         self.metrics.store_commits.set(self.store.commits() as i64);
+        self.metrics
+            .bundle_bytes_sent
+            .set(self.fleet.bundle_bytes_sent() as i64);
         if let Some(p) = &self.settings.probe {
             if let Ok(mut r) = p.round_trips.lock() {
                 r.extend(round_trips);

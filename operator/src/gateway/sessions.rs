@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tenet_protocol::session::ToAgent;
+use tenet_protocol::session::{SharedBytes, ToAgent};
 use tokio::sync::{Notify, mpsc};
 
 /// One live session of a terminal.
@@ -101,6 +101,11 @@ pub struct SessionTx {
     tx: mpsc::Sender<(ToAgent, usize)>,
     queued: Arc<AtomicUsize>,
     limit: usize,
+    /// The agent's release (what it reads), from its `Hello`.
+    pub release: Option<tenet_protocol::release::Release>,
+    /// The bundles offered to it by digest (`DispatchRef`): what it may
+    /// ask for (`Want`), and nothing else.
+    offered: Arc<Mutex<HashMap<[u8; 32], SharedBytes>>>,
 }
 
 /// A message was not queued: the queue is full or the session ended.
@@ -135,6 +140,9 @@ fn queued_size(m: &ToAgent) -> usize {
         } => credential_blob.len() + secret.len(),
         ToAgent::TrustRotations { rotations } => rotations.iter().map(|r| r.len()).sum(),
         ToAgent::Welcome { operator_version } => operator_version.len(),
+        ToAgent::DispatchRef { envelope } => envelope.len(),
+        // Shared, like a dispatch's: counted once however many queue it.
+        ToAgent::Bundle { .. } => 0,
         ToAgent::Ack { .. } | ToAgent::InventoryWanted | ToAgent::Ping => 0,
     }
 }
@@ -149,9 +157,52 @@ impl SessionTx {
                 tx,
                 queued: queued.clone(),
                 limit,
+                release: None,
+                offered: Arc::default(),
             },
             SessionRx { rx, queued },
         )
+    }
+
+    /// The session of an agent of `release`.
+    pub fn of_release(mut self, release: tenet_protocol::release::Release) -> SessionTx {
+        self.release = Some(release);
+        self
+    }
+
+    /// Queue a dispatch of `envelope`, whose bundle is `bundle` (body
+    /// digest `digest`): by reference to an agent that reads `DispatchRef`
+    /// (it holds the bundle, or asks for it), whole to an older one. The
+    /// bundle bytes it queued.
+    pub fn dispatch(
+        &self,
+        envelope: Vec<u8>,
+        digest: [u8; 32],
+        bundle: SharedBytes,
+    ) -> Result<usize, NotQueued> {
+        let by_digest = self
+            .release
+            .is_some_and(|r| tenet_protocol::release::knows(r, tenet_protocol::release::BY_DIGEST));
+        if by_digest {
+            self.offered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(digest, bundle);
+            self.try_send(ToAgent::DispatchRef { envelope }).map(|()| 0)
+        } else {
+            let size = bundle.len();
+            self.try_send(ToAgent::Dispatch { envelope, bundle })
+                .map(|()| size)
+        }
+    }
+
+    /// The bundle with `digest`, if it was offered to this session.
+    pub fn offered(&self, digest: &[u8; 32]) -> Option<SharedBytes> {
+        self.offered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(digest)
+            .cloned()
     }
 
     /// Queue `m` unless the queue is full (in messages or in bytes).

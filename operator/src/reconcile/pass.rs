@@ -38,6 +38,8 @@ pub struct Outgoing {
     pub envelope: Vec<u8>,
     /// Shared with the operator's bundle cache.
     pub bundle: tenet_protocol::session::SharedBytes,
+    /// Its body digest (what the envelope names).
+    pub bundle_digest: [u8; 32],
 }
 
 /// A policy's status after a pass (also what `tenet status` shows).
@@ -497,6 +499,7 @@ impl Pass<'_> {
                 envelope_digest: frame.body_digest(),
                 envelope,
                 bundle: tenet_protocol::session::SharedBytes(bundle.bytes.clone()),
+                bundle_digest: bundle.digest,
             });
         }
         Ok((status, out))
