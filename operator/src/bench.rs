@@ -54,6 +54,9 @@ pub struct Converge {
     /// terminal when nothing was retried), and those that could not be.
     pub dispatches: u64,
     pub undelivered: u64,
+    /// Bundle bytes sent to the terminals during the convergence (a
+    /// terminal that holds the bundle is sent none).
+    pub bytes_sent: u64,
     /// Reconcile passes during the convergence, and their mean duration.
     pub passes: u64,
     pub pass_mean_ms: f64,
@@ -486,6 +489,7 @@ pub async fn converge(
             pass_mean_ms: pass_time.as_secs_f64() * 1000.0 / passes.max(1) as f64,
             dispatches: after.handed_over.saturating_sub(before.handed_over),
             undelivered: after.undelivered.saturating_sub(before.undelivered),
+            bytes_sent: after.bundle_bytes.saturating_sub(before.bundle_bytes),
             cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
             api_writes: kubernetes
                 .as_ref()
@@ -510,6 +514,7 @@ struct Counters {
     commits: u64,
     handed_over: u64,
     undelivered: u64,
+    bundle_bytes: u64,
     passes: u64,
     pass_time: Duration,
     api_writes: u64,
@@ -525,6 +530,7 @@ impl Counters {
             commits: m.store_commits.get() as u64,
             handed_over: m.handed_over.get(),
             undelivered: m.undelivered.get(),
+            bundle_bytes: m.bundle_bytes_sent.get() as u64,
             passes,
             pass_time,
             api_writes,

@@ -12,7 +12,8 @@ pub enum BenchCommand {
     /// this process and comply with a policy; the policy then requires a
     /// newer package, and the clock runs until every terminal's remediation
     /// is verified. Prints terminals, converged, wall_ms, p50_ms/p99_ms
-    /// (envelope sent -> verified report) and operator_rss_bytes.
+    /// (envelope sent -> verified report), operator_rss_bytes and
+    /// bytes_sent (bundle bytes sent to the terminals).
     Converge(ConvergeArgs),
 }
 
@@ -86,7 +87,7 @@ fn converge(args: ConvergeArgs, stdout: &mut dyn Write) -> std::io::Result<i32> 
                 }
                 Output::Text => writeln!(
                     stdout,
-                    "{} terminals: {} converged in {:.0} ms; per terminal p50 {:.1} ms, p99 {:.1} ms; operator RSS {:.1} MiB ({:.1} KiB per terminal over the {:.1} MiB baseline); {} database commits",
+                    "{} terminals: {} converged in {:.0} ms; per terminal p50 {:.1} ms, p99 {:.1} ms; operator RSS {:.1} MiB ({:.1} KiB per terminal over the {:.1} MiB baseline); {} database commits; {} bundle bytes sent",
                     r.terminals,
                     r.converged,
                     r.wall_ms,
@@ -95,7 +96,8 @@ fn converge(args: ConvergeArgs, stdout: &mut dyn Write) -> std::io::Result<i32> 
                     r.operator_rss_bytes as f64 / 1048576.0,
                     r.rss_per_terminal_bytes as f64 / 1024.0,
                     r.operator_rss_baseline_bytes as f64 / 1048576.0,
-                    r.store_commits
+                    r.store_commits,
+                    r.bytes_sent
                 )?,
             }
             rt.shutdown_background();
