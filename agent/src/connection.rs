@@ -629,6 +629,19 @@ impl Agent {
         }
     }
 
+    /// Whether `bytes` is the bundle `digest` names, signed by the pinned
+    /// admins, unexpired, its artifacts whole.
+    fn verify_bundle(&self, digest: &[u8; 32], bytes: &[u8]) -> Result<(), String> {
+        let trust = self.store.trust().map_err(|e| e.to_string())?;
+        let trust = tenet_protocol::bundle::BundleTrust {
+            admin_keys: trust.admin_keys.clone(),
+            threshold: usize::from(trust.admin_threshold),
+        };
+        tenet_protocol::bundle::verify_bundle(bytes, &trust, Some(digest), now_ms())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// One connection, until it ends.
     pub async fn session(&self) -> Result<(), ConnError> {
         let tls = self.connect(self.session_tls()?).await?;
@@ -754,14 +767,24 @@ impl Terminal for Agent {
     }
 
     fn cached_bundle(&self, digest: &[u8; 32]) -> Option<SharedBytes> {
-        let bundle = self.store.cached_bundle(digest).map(SharedBytes::new);
-        if bundle.is_some() {
-            tracing::info!(digest = %hex::encode(digest), "bundle from the cache");
+        let bytes = self.store.cached_bundle(digest)?;
+        // Signed as the pinned admins require now (they may have rotated,
+        // or raised the threshold since): otherwise it goes, and the
+        // operator's copy is asked for.
+        if let Err(e) = self.verify_bundle(digest, &bytes) {
+            tracing::warn!(digest = %hex::encode(digest), error = %e, "a cached bundle no longer verifies; removed");
+            self.store.drop_bundle(digest);
+            return None;
         }
-        bundle
+        tracing::info!(digest = %hex::encode(digest), "bundle from the cache");
+        Some(SharedBytes::new(bytes))
     }
 
     fn keep_bundle(&self, digest: &[u8; 32], bundle: &SharedBytes) {
+        if let Err(e) = self.verify_bundle(digest, bundle) {
+            tracing::warn!(digest = %hex::encode(digest), error = %e, "a bundle that does not verify is not kept");
+            return;
+        }
         let limit = self.config.bundle_cache_mib.saturating_mul(1 << 20);
         if let Err(e) = self.store.keep_bundle(digest, bundle, limit) {
             tracing::warn!(error = %e, "cannot keep the bundle; it will be asked for again");

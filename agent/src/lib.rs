@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod exec;
 pub mod inventory;
 pub mod load;
+pub mod parked;
 pub mod run_queue;
 pub mod self_update;
 pub mod session;

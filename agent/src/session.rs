@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tenet_protocol::enrol::TrustAnchors;
 use tenet_protocol::inventory::InventoryReport;
@@ -29,6 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::audit::AuditRequest;
 use crate::connection::{ConnError, read_frame, write_frame};
+use crate::parked::{Arrival, PATIENCE, Parked};
 use crate::run_queue::{RunQueue, Start};
 
 /// A payload run, started when its turn comes. It queues its report in
@@ -144,7 +145,7 @@ where
         unacked: HashMap::new(),
         renewing: None,
         last_inventory: None,
-        wanted: HashMap::new(),
+        parked: Parked::default(),
     };
     session.converse(&mut writer, &mut msg_rx, settings).await
 }
@@ -165,15 +166,19 @@ struct Session<'a, T: Terminal> {
     /// A renewal in flight: the new transport key, until its certificate.
     renewing: Option<rcgen::KeyPair>,
     last_inventory: Option<Vec<u8>>,
-    /// Envelopes waiting for the bundle they name (asked for), by digest.
-    wanted: HashMap<[u8; 32], Vec<Vec<u8>>>,
+    /// Dispatches waiting for their bundle, and those behind them.
+    parked: Parked,
 }
 
-/// The bundle body digest a signed envelope names (`None`: unreadable; it
-/// is verified when taken).
-fn named_bundle(envelope: &[u8]) -> Option<[u8; 32]> {
-    SignedMessage::decode(envelope, Kind::DispatchEnvelope)
-        .and_then(|f| f.open::<tenet_protocol::envelope::DispatchEnvelope>())
+/// The bundle body digest a signed envelope names, once its signature by
+/// the pinned dispatch key verified (`None`: it did not, or it is
+/// unreadable; taking it refuses it with the reason).
+fn named_bundle<T: Terminal>(terminal: &T, envelope: &[u8]) -> Option<[u8; 32]> {
+    let trust = terminal.pinned_trust().ok()?;
+    let frame = SignedMessage::decode(envelope, Kind::DispatchEnvelope).ok()?;
+    frame.verify_by(&trust.dispatch_key).ok()?;
+    frame
+        .open::<tenet_protocol::envelope::DispatchEnvelope>()
         .map(|e| e.payload_digest)
         .ok()
 }
@@ -237,6 +242,7 @@ impl<T: Terminal> Session<'_, T> {
                     }
                 } => {
                     ticks += 1;
+                    self.take_ready(writer).await?;
                     self.renew_if_due(writer).await?;
                     // On change, and at least every tenth interval.
                     self.send_inventory(writer, ticks.is_multiple_of(10)).await?;
@@ -252,37 +258,30 @@ impl<T: Terminal> Session<'_, T> {
     ) -> Result<(), ConnError> {
         let terminal = self.terminal;
         match message {
-            ToAgent::Dispatch { envelope, bundle } => self.take(writer, &envelope, bundle).await?,
-            // The bundle by digest: from the cache, or asked for (once per
-            // digest; the envelopes wait for it in this session).
+            // Every dispatch goes through the queue of those waiting for a
+            // bundle, so envelopes are taken in the order they came.
+            ToAgent::Dispatch { envelope, bundle } => {
+                self.park(writer, envelope, Ok(bundle)).await?;
+            }
+            // The bundle by digest: from the cache, or asked for.
             ToAgent::DispatchRef { envelope } => {
-                let digest = named_bundle(&envelope);
-                match digest.and_then(|d| terminal.cached_bundle(&d)) {
-                    Some(bundle) => self.take(writer, &envelope, bundle).await?,
-                    // Unreadable: taken with no bundle, refused and reported.
-                    None if digest.is_none() => {
-                        self.take(writer, &envelope, SharedBytes::default()).await?
-                    }
-                    None => {
-                        let digest = digest.unwrap_or_default();
-                        let waiting = self.wanted.entry(digest).or_default();
-                        waiting.push(envelope);
-                        if waiting.len() == 1 {
-                            write_frame(writer, &ToOperator::Want { digest }).await?;
-                        }
-                    }
-                }
+                let named = named_bundle(terminal, &envelope);
+                let bundle = match named {
+                    // Not signed by the pinned dispatch key, or unreadable:
+                    // taken with no bundle, refused and reported.
+                    None => Ok(SharedBytes::default()),
+                    Some(digest) => terminal.cached_bundle(&digest).ok_or(digest),
+                };
+                self.park(writer, envelope, bundle).await?;
             }
             ToAgent::Bundle { bundle } => {
                 let digest = SignedMessage::decode(&bundle, Kind::PayloadBundle)
                     .map(|f| f.body_digest())
                     .ok();
-                match digest.and_then(|d| self.wanted.remove(&d).map(|w| (d, w))) {
-                    Some((digest, envelopes)) => {
+                match digest.filter(|d| self.parked.fill(d, &bundle)) {
+                    Some(digest) => {
                         terminal.keep_bundle(&digest, &bundle);
-                        for envelope in envelopes {
-                            self.take(writer, &envelope, bundle.clone()).await?;
-                        }
+                        self.take_ready(writer).await?;
                     }
                     None => tracing::warn!("a bundle nobody asked for; dropped"),
                 }
@@ -338,6 +337,34 @@ impl<T: Terminal> Session<'_, T> {
             | ToAgent::ActivateCredential { .. } => {
                 tracing::warn!("an enrolment message within a session; ignored");
             }
+        }
+        Ok(())
+    }
+
+    /// Queue a dispatch behind those waiting for a bundle, ask for its
+    /// own when it lacks it, and take what is ready.
+    async fn park<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        envelope: Vec<u8>,
+        bundle: Result<SharedBytes, [u8; 32]>,
+    ) -> Result<(), ConnError> {
+        match self.parked.push(envelope.clone(), bundle, Instant::now()) {
+            Arrival::Ask(digest) => write_frame(writer, &ToOperator::Want { digest }).await?,
+            Arrival::Queued => {}
+            Arrival::Full => {
+                tracing::warn!("too many dispatches wait for their bundles; refused");
+                self.take(writer, &envelope, SharedBytes::default()).await?;
+            }
+        }
+        self.take_ready(writer).await
+    }
+
+    /// Take the dispatches whose turn it is (refused, those that waited for
+    /// their bundle too long).
+    async fn take_ready<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> Result<(), ConnError> {
+        for (envelope, bundle) in self.parked.ready(Instant::now(), PATIENCE) {
+            self.take(writer, &envelope, bundle).await?;
         }
         Ok(())
     }

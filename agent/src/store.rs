@@ -236,11 +236,20 @@ impl LocalState {
     /// recently used goes first).
     pub fn cached_bundle(&self, digest: &[u8; 32]) -> Option<Vec<u8>> {
         let path = self.bundle_path(digest);
-        let file = std::fs::read(&path).ok()?;
+        let len = std::fs::metadata(&path).ok()?.len();
+        if len > 32 + tenet_protocol::Kind::PayloadBundle.max_frame_bytes_const() as u64 {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let mut bytes = std::fs::read(&path).ok()?;
         // The file is the SHA-256 of the whole frame, then the frame: the
         // body digest alone would not catch a damaged signature.
-        let (sum, bytes) = file.split_at_checked(32)?;
-        let bytes = bytes.to_vec();
+        if bytes.len() < 32 {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        let frame = bytes.split_off(32);
+        let (sum, bytes) = (bytes, frame);
         let intact = sum == tenet_protocol::wire::sha256(&bytes)
             && tenet_protocol::SignedMessage::decode(&bytes, tenet_protocol::Kind::PayloadBundle)
                 .is_ok_and(|f| f.body_digest() == *digest);
@@ -253,6 +262,11 @@ impl LocalState {
             let _ = f.set_modified(std::time::SystemTime::now());
         }
         Some(bytes)
+    }
+
+    /// Forget the bundle `digest`.
+    pub fn drop_bundle(&self, digest: &[u8; 32]) {
+        let _ = std::fs::remove_file(self.bundle_path(digest));
     }
 
     /// Keep a signed bundle (its body digest `digest`, checked by the

@@ -134,12 +134,12 @@ impl OperatorFleet {
         self.sessions.names()
     }
 
-    /// How many terminals are connected now.
     /// Bundle bytes sent to agents since the start.
     pub fn bundle_bytes_sent(&self) -> u64 {
         self.bundle_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How many terminals are connected now.
     pub fn connected_count(&self) -> usize {
         self.sessions.len()
     }

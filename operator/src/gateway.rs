@@ -546,7 +546,7 @@ impl Gateway {
                 // Only a bundle offered to this session by digest: nothing
                 // else is sent for the asking.
                 ToOperator::Want { digest } => {
-                    match tx.offered(digest) {
+                    match tx.take_offered(digest) {
                         Some(bundle) => {
                             let size = bundle.len();
                             if tx.send(ToAgent::Bundle { bundle }).await.is_err() {

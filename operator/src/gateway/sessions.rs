@@ -103,10 +103,15 @@ pub struct SessionTx {
     limit: usize,
     /// The agent's release (what it reads), from its `Hello`.
     pub release: Option<tenet_protocol::release::Release>,
-    /// The bundles offered to it by digest (`DispatchRef`): what it may
-    /// ask for (`Want`), and nothing else.
-    offered: Arc<Mutex<HashMap<[u8; 32], SharedBytes>>>,
+    /// The bundles offered to it by digest (`DispatchRef`), the newest
+    /// last: what it may ask for (`Want`), each once per offer, and
+    /// nothing else.
+    offered: Arc<Mutex<std::collections::VecDeque<([u8; 32], SharedBytes)>>>,
 }
+
+/// At most this many bundles are on offer to one session (the newest; a
+/// dispatch of an older one offers it again).
+pub const MAX_OFFERED: usize = 16;
 
 /// A message was not queued: the queue is full or the session ended.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -184,11 +189,17 @@ impl SessionTx {
             .release
             .is_some_and(|r| tenet_protocol::release::knows(r, tenet_protocol::release::BY_DIGEST));
         if by_digest {
-            self.offered
+            self.try_send(ToAgent::DispatchRef { envelope })?;
+            let mut offered = self
+                .offered
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(digest, bundle);
-            self.try_send(ToAgent::DispatchRef { envelope }).map(|()| 0)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            offered.retain(|(d, _)| *d != digest);
+            offered.push_back((digest, bundle));
+            while offered.len() > MAX_OFFERED {
+                offered.pop_front();
+            }
+            Ok(0)
         } else {
             let size = bundle.len();
             self.try_send(ToAgent::Dispatch { envelope, bundle })
@@ -196,13 +207,16 @@ impl SessionTx {
         }
     }
 
-    /// The bundle with `digest`, if it was offered to this session.
-    pub fn offered(&self, digest: &[u8; 32]) -> Option<SharedBytes> {
-        self.offered
+    /// The bundle with `digest`, if it is on offer to this session; taken
+    /// off the offer (a second `Want` gets nothing until it is offered
+    /// again).
+    pub fn take_offered(&self, digest: &[u8; 32]) -> Option<SharedBytes> {
+        let mut offered = self
+            .offered
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(digest)
-            .cloned()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = offered.iter().position(|(d, _)| d == digest)?;
+        offered.remove(i).map(|(_, b)| b)
     }
 
     /// Queue `m` unless the queue is full (in messages or in bytes).

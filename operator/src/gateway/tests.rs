@@ -73,3 +73,29 @@ fn a_replaced_session_ends_and_its_end_changes_nothing() {
     assert!(sessions.remove("ward-01", 2));
     assert!(sessions.is_empty());
 }
+
+/// A bundle is on offer to a session only once dispatched to it by digest,
+/// answers one `Want` per offer, and at most the newest MAX_OFFERED are on
+/// offer; an agent of 0.1 is sent the bundle whole instead.
+#[test]
+fn a_session_is_offered_only_the_bundles_dispatched_to_it_once_each() {
+    use tenet_protocol::release::Release;
+    let (tx, _rx) = SessionTx::channel(64, 1 << 30);
+    let tx = tx.of_release(Release { major: 0, minor: 2 });
+    let bundle = SharedBytes::new(vec![7; 100]);
+    assert_eq!(tx.take_offered(&[1; 32]), None, "nothing offered yet");
+    assert_eq!(tx.dispatch(vec![1], [1; 32], bundle.clone()), Ok(0));
+    assert_eq!(tx.take_offered(&[2; 32]), None, "not that one");
+    assert_eq!(tx.take_offered(&[1; 32]), Some(bundle.clone()));
+    assert_eq!(tx.take_offered(&[1; 32]), None, "once per offer");
+    for i in 0..=sessions::MAX_OFFERED as u8 {
+        tx.dispatch(vec![i], [i + 10; 32], bundle.clone())
+            .expect("queued");
+    }
+    assert_eq!(tx.take_offered(&[10; 32]), None, "the oldest went");
+    assert!(tx.take_offered(&[11; 32]).is_some());
+    let (old, _rx) = SessionTx::channel(64, 1 << 30);
+    let old = old.of_release(Release { major: 0, minor: 1 });
+    assert_eq!(old.dispatch(vec![1], [1; 32], bundle.clone()), Ok(100));
+    assert_eq!(old.take_offered(&[1; 32]), None);
+}
