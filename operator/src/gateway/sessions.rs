@@ -106,8 +106,11 @@ pub struct SessionTx {
     /// The bundles offered to it by digest (`DispatchRef`), the newest
     /// last: what it may ask for (`Want`), each once per offer, and
     /// nothing else.
-    offered: Arc<Mutex<std::collections::VecDeque<([u8; 32], SharedBytes)>>>,
+    offered: Arc<Mutex<Offers>>,
 }
+
+/// Bundles on offer to a session by digest, the newest last.
+type Offers = std::collections::VecDeque<([u8; 32], SharedBytes)>;
 
 /// At most this many bundles are on offer to one session (the newest; a
 /// dispatch of an older one offers it again).

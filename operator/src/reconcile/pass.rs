@@ -250,6 +250,10 @@ impl Pass<'_> {
         let mut changes: Vec<(&str, Option<PairRecord>, PairRecord)> = Vec::new();
         // Terminals ready for a dispatch, in name order.
         let mut candidates: Vec<&str> = Vec::new();
+        // ... of which retries of a remediation already attempted in this
+        // generation: they go first (a canary that failed an attempt holds
+        // its place in the canary batch).
+        let mut retries: Vec<&str> = Vec::new();
         // Every pair of the policy is read under one lock (one lock per
         // pair fought the gateway's threads at 10,000 terminals); the
         // changes are written back together, each only if the pair did
@@ -285,10 +289,16 @@ impl Pass<'_> {
                             status.compliant += 1;
                             counts.succeeded += usize::from(r.remediated);
                         }
-                        PairState::Drifted { .. } => {
+                        PairState::Drifted { attempts, .. } => {
                             status.drifted += 1;
+                            let retry = *attempts > 0;
+                            counts.retrying += usize::from(retry);
                             if r.state.ready(self.now_ms) {
-                                candidates.push(terminal);
+                                if retry {
+                                    retries.push(terminal);
+                                } else {
+                                    candidates.push(terminal);
+                                }
                             }
                         }
                         _ => {
@@ -317,8 +327,15 @@ impl Pass<'_> {
                         counts.failed += 1;
                     }
                 }
+                let retry =
+                    matches!(record.state, PairState::Drifted { attempts, .. } if attempts > 0);
+                counts.retrying += usize::from(retry);
                 if record.state.ready(self.now_ms) {
-                    candidates.push(terminal);
+                    if retry {
+                        retries.push(terminal);
+                    } else {
+                        candidates.push(terminal);
+                    }
                 }
                 if before.as_ref() != Some(&record) {
                     record.updated_ms = self.now_ms;
@@ -333,7 +350,11 @@ impl Pass<'_> {
         if unselected {
             self.store.forget_unselected_pairs(&key, &selected);
         }
-        let ready = candidates.into_iter().filter(|t| !lost.contains(*t));
+        counts.retry_ready = retries.len();
+        let ready = retries
+            .into_iter()
+            .chain(candidates)
+            .filter(|t| !lost.contains(*t));
         status.selected = counts.selected as u32;
         let mut ready = ready.peekable();
         // Only a bound (some may be offline): the rollout never starts

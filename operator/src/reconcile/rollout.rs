@@ -18,6 +18,10 @@ pub struct Counts {
     pub succeeded: usize,
     /// Failed for good.
     pub failed: usize,
+    /// Drifted after a failed attempt in this generation, retrying later
+    /// or now; and of those, how many are ready now.
+    pub retrying: usize,
+    pub retry_ready: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +61,12 @@ pub fn step(rollout: &Rollout, c: &Counts) -> Step {
     let mut canary = false;
     if let Some(size) = rollout.canary.map(|s| s as usize) {
         if finished < size {
-            // The canary batch: start up to `size` in all, then wait for them.
+            // The canary batch: start up to `size` in all, then wait for
+            // them. One that failed an attempt and retries keeps its place
+            // (no other terminal starts in it), and may start its retry.
             canary = true;
-            room = room.min(size.saturating_sub(finished + c.in_flight));
+            let fresh = size.saturating_sub(finished + c.in_flight + c.retrying);
+            room = room.min(fresh + c.retry_ready);
         } else if c.failed > 0 && c.succeeded < size {
             return Step::Halted {
                 reason: format!("{} of the {size} canary remediations failed", c.failed),
@@ -99,7 +106,40 @@ mod tests {
             in_flight,
             succeeded,
             failed,
+            retrying: 0,
+            retry_ready: 0,
         }
+    }
+
+    #[test]
+    fn a_canary_that_retries_keeps_its_place_in_the_batch() {
+        let r = rollout(None, None, Some(1), 20);
+        let retrying = |ready: usize| Counts {
+            retrying: 1,
+            retry_ready: ready,
+            ..counts(10, 10, 0, 0, 0)
+        };
+        // Waiting for its retry: no other terminal starts in its place.
+        assert_eq!(
+            step(&r, &retrying(0)),
+            Step::Start {
+                count: 0,
+                canary: true
+            }
+        );
+        // Its retry is due: it (first in line) starts again, alone.
+        assert_eq!(
+            step(&r, &retrying(1)),
+            Step::Start {
+                count: 1,
+                canary: true
+            }
+        );
+        // Failed for good: halted.
+        assert!(matches!(
+            step(&r, &counts(10, 9, 0, 0, 1)),
+            Step::Halted { .. }
+        ));
     }
 
     #[test]
