@@ -98,7 +98,11 @@ impl Sessions {
 /// counted once per message as its envelope only).
 #[derive(Clone)]
 pub struct SessionTx {
-    tx: mpsc::Sender<(ToAgent, usize)>,
+    /// Boxed: a tokio channel allocates a block of 32 slots up front, and a
+    /// `ToAgent` is 104 bytes; boxed, an idle session's block is 32
+    /// pointers (measured with heaptrack at 3,000 terminals: 3.6 KB per
+    /// session unboxed).
+    tx: mpsc::Sender<Queued>,
     queued: Arc<AtomicUsize>,
     limit: usize,
     /// The agent's release (what it reads), from its `Hello`.
@@ -108,6 +112,9 @@ pub struct SessionTx {
     /// nothing else.
     offered: Arc<Mutex<Offers>>,
 }
+
+/// A queued message and the bytes it holds.
+type Queued = Box<(ToAgent, usize)>;
 
 /// Bundles on offer to a session by digest, the newest last.
 type Offers = std::collections::VecDeque<([u8; 32], SharedBytes)>;
@@ -230,7 +237,7 @@ impl SessionTx {
             self.queued.fetch_sub(size, Ordering::AcqRel);
             return Err(NotQueued);
         }
-        self.tx.try_send((m, size)).map_err(|_| {
+        self.tx.try_send(Box::new((m, size))).map_err(|_| {
             self.queued.fetch_sub(size, Ordering::AcqRel);
             NotQueued
         })
@@ -241,7 +248,7 @@ impl SessionTx {
     pub async fn send(&self, m: ToAgent) -> Result<(), NotQueued> {
         let size = queued_size(&m);
         self.queued.fetch_add(size, Ordering::AcqRel);
-        self.tx.send((m, size)).await.map_err(|_| {
+        self.tx.send(Box::new((m, size))).await.map_err(|_| {
             self.queued.fetch_sub(size, Ordering::AcqRel);
             NotQueued
         })
@@ -255,13 +262,13 @@ impl SessionTx {
 
 /// The receiving side of a [`SessionTx`].
 pub struct SessionRx {
-    rx: mpsc::Receiver<(ToAgent, usize)>,
+    rx: mpsc::Receiver<Queued>,
     queued: Arc<AtomicUsize>,
 }
 
 impl SessionRx {
     pub async fn recv(&mut self) -> Option<ToAgent> {
-        let (m, size) = self.rx.recv().await?;
+        let (m, size) = *self.rx.recv().await?;
         self.queued.fetch_sub(size, Ordering::AcqRel);
         Some(m)
     }
